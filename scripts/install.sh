@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything dynamo_openrlhf needs, from scratch, into the current Python environment:
+# the Rust extension (built by maturin), the trainer stack pinned like OpenRLHF 0.11.2, and the
+# test tools. Idempotent; safe to re-run. Works without a GPU (the CPU backend stands in for
+# flash-attn and vLLM, which cannot be installed without CUDA).
+#   bash scripts/install.sh            # standalone allocator + trainer + tests
+#   DYNAMO_ALLOCATOR_ONLY=1 bash scripts/install.sh   # numpy + the Rust extension only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+command -v cargo >/dev/null || { echo "install.sh: cargo (Rust toolchain) is required to build the extension" >&2; exit 1; }
+
+if [[ "${DYNAMO_ALLOCATOR_ONLY:-0}" == "1" ]]; then
+    $PY -m pip install maturin "numpy>=1.24"
+    $PY -m pip install -e ".[test]"
+    exit 0
+fi
+
+# torch first: DeepSpeed's setup inspects it. PyPI's torch is the CUDA build; it runs on CPU.
+$PY -m pip install torch "numpy>=1.24" maturin
+# DS_BUILD_OPS=0: no JIT/AOT op builds (no nvcc here); the CPU backend uses torch's Adam.
+DS_BUILD_OPS=0 $PY -m pip install -e ".[train,test]"
+# openrlhf pins flash-attn==2.8.3, which cannot be built without CUDA: its other pins are in our
+# `train` extra, so install it without dependency resolution.
+$PY -m pip install --no-deps openrlhf==0.11.2
+if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "install.sh: CUDA found: for the GPU path also run: pip install flash-attn==2.8.3 vllm==0.29.0"
+fi
+$PY -c "import importlib.metadata as m, dynamo_openrlhf; print('install.sh: dynamo_openrlhf', dynamo_openrlhf.__version__, '| openrlhf', m.version('openrlhf'), '| torch', m.version('torch'))"
