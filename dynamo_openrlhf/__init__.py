@@ -1,4 +1,21 @@
-"""DynaMO for OpenRLHF."""
-from dynamo_openrlhf._core import __version__
+"""DynaMO for OpenRLHF.
 
-__all__ = ["__version__"]
+The sequence-level core (rollout allocation and Bayesian pass-rate pools) is the compiled
+module ``dynamo_openrlhf._core``; importing this package needs only NumPy (no torch, ray or
+openrlhf import happens here).
+"""
+from dynamo_openrlhf._core import (
+    FORMAT_VERSION,
+    RULES,
+    PassRatePool,
+    __version__,
+    allocate_rollouts,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "RULES",
+    "PassRatePool",
+    "__version__",
+    "allocate_rollouts",
+]

@@ -1,5 +1,17 @@
-//! DynaMO sequence-level core. Algorithm modules are plain Rust (tested by `cargo test`);
-//! `python` (feature-gated) is the only PyO3 code.
+//! DynaMO sequence-level core: exact variance-minimising rollout allocation and Beta pass-rate
+//! pools. The algorithm modules are plain Rust, tested by `cargo test`; `python`
+//! (feature-gated) is the only PyO3 code and only converts types and errors.
+
+pub mod allocate;
+pub mod error;
+pub mod neyman;
+pub mod parallel;
+pub mod pool;
+pub mod storage;
+
+pub use allocate::{allocate, Options, Rule};
+pub use error::{Error, Result};
+pub use pool::{PassRatePool, PoolAllocateOptions};
 
 #[cfg(feature = "python")]
 mod python;

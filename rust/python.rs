@@ -1,7 +1,470 @@
+//! The PyO3 binding: converts Python arguments to slices, releases the GIL around heavy work,
+//! converts results to NumPy arrays and the core's `Error` to Python exceptions (in `to_py_err`).
+//! No algorithm lives here.
+
+use crate::allocate::{self, Options, Rule};
+use crate::error::Error;
+use crate::pool::{PassRatePool, PoolAllocateOptions};
+use crate::storage;
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use std::path::PathBuf;
+
+type Float64Array<'py> = Bound<'py, PyArray1<f64>>;
+
+/// Inputs at least this long are processed with the GIL released. Shorter calls finish in
+/// microseconds; releasing would only invite a GIL hand-off that costs more.
+const DETACH_MIN_LEN: usize = 1 << 14;
+
+/// The one place where core errors become Python exceptions: bad arguments and bad files are
+/// `ValueError`; operating-system failures are `OSError`, built from the errno so that Python
+/// picks the matching subclass (`FileNotFoundError`, `PermissionError`, ...).
+fn to_py_err(e: Error) -> PyErr {
+    match e {
+        Error::InvalidArgument(_) | Error::BadFile { .. } => PyValueError::new_err(e.to_string()),
+        Error::Io {
+            ref path,
+            action,
+            ref source,
+        } => {
+            let filename = path.to_string_lossy().into_owned();
+            match source.raw_os_error() {
+                Some(errno) => {
+                    let text = source.to_string();
+                    let reason = text.split(" (os error").next().unwrap_or(&text);
+                    PyOSError::new_err((errno, format!("cannot {action} file: {reason}"), filename))
+                }
+                None => PyOSError::new_err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// A float64 view of a 1-D array-like: borrowed when it already is a contiguous float64 array.
+enum Floats<'py> {
+    Borrowed(PyReadonlyArray1<'py, f64>),
+    Owned(Vec<f64>),
+}
+
+impl Floats<'_> {
+    fn as_slice(&self) -> &[f64] {
+        match self {
+            Floats::Borrowed(a) => a.as_slice().expect("checked contiguous"),
+            Floats::Owned(v) => v,
+        }
+    }
+}
+
+enum Ints<'py> {
+    Borrowed(PyReadonlyArray1<'py, i64>),
+    Owned(Vec<i64>),
+}
+
+impl Ints<'_> {
+    fn as_slice(&self) -> &[i64] {
+        match self {
+            Ints::Borrowed(a) => a.as_slice().expect("checked contiguous"),
+            Ints::Owned(v) => v,
+        }
+    }
+}
+
+fn shape_text(arr: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(arr.getattr("shape")?.repr()?.to_string())
+}
+
+/// `numpy.asarray(obj)` checked to be 1-D; returns it with its dtype kind character.
+fn as_1d_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<(Bound<'py, PyAny>, char)> {
+    let np = obj.py().import("numpy")?;
+    let arr = np.call_method1("asarray", (obj,)).map_err(|e| {
+        PyValueError::new_err(format!("{name} must be a 1-D array: {}", e.value(obj.py())))
+    })?;
+    let ndim: usize = arr.getattr("ndim")?.extract()?;
+    if ndim != 1 {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be 1-D, got an array of shape {}",
+            shape_text(&arr)?
+        )));
+    }
+    let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
+    Ok((arr, kind.chars().next().unwrap_or('?')))
+}
+
+fn dtype_text(arr: &Bound<'_, PyAny>) -> PyResult<String> {
+    Ok(arr.getattr("dtype")?.str()?.to_string())
+}
+
+/// Any 1-D real array-like (float64 zero-copy; float32, integers and strided arrays converted).
+fn float_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Floats<'py>> {
+    if let Ok(a) = obj.cast::<PyArray1<f64>>() {
+        let ro = a
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        if ro.as_slice().is_ok() {
+            return Ok(Floats::Borrowed(ro));
+        }
+        return Ok(Floats::Owned(ro.as_array().iter().copied().collect()));
+    }
+    if let Ok(a) = obj.cast::<PyArray1<f32>>() {
+        let ro = a
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        return Ok(Floats::Owned(
+            ro.as_array().iter().map(|&x| x as f64).collect(),
+        ));
+    }
+    let (arr, kind) = as_1d_array(obj, name)?;
+    let size: usize = arr.getattr("size")?.extract()?;
+    if !matches!(kind, 'f' | 'i' | 'u' | 'b') && size > 0 {
+        return Err(PyValueError::new_err(format!(
+            "{name} must hold real numbers, got dtype {}",
+            dtype_text(&arr)?
+        )));
+    }
+    // A fresh contiguous array: borrow it rather than copy it again.
+    let converted = arr.call_method1("astype", ("float64",))?;
+    Ok(Floats::Borrowed(
+        converted.cast::<PyArray1<f64>>()?.readonly(),
+    ))
+}
+
+/// Any 1-D integer array-like as int64 (`allow_bool` also accepts booleans as 0/1).
+fn int_array<'py>(obj: &Bound<'py, PyAny>, name: &str, allow_bool: bool) -> PyResult<Ints<'py>> {
+    if let Ok(a) = obj.cast::<PyArray1<i64>>() {
+        let ro = a
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+        if ro.as_slice().is_ok() {
+            return Ok(Ints::Borrowed(ro));
+        }
+        return Ok(Ints::Owned(ro.as_array().iter().copied().collect()));
+    }
+    let (arr, kind) = as_1d_array(obj, name)?;
+    let size: usize = arr.getattr("size")?.extract()?;
+    if size == 0 {
+        return Ok(Ints::Owned(Vec::new()));
+    }
+    let ok = matches!(kind, 'i' | 'u') || (allow_bool && kind == 'b');
+    if !ok {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be an integer array, got dtype {}",
+            dtype_text(&arr)?
+        )));
+    }
+    if kind == 'u' {
+        let max: u64 = arr.call_method0("max")?.extract()?;
+        if max > i64::MAX as u64 {
+            return Err(PyValueError::new_err(format!(
+                "{name} holds {max}, above the int64 range"
+            )));
+        }
+    }
+    let converted = arr.call_method1("astype", ("int64",))?;
+    Ok(Ints::Borrowed(
+        converted.cast::<PyArray1<i64>>()?.readonly(),
+    ))
+}
+
+fn bool_array(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
+    let (arr, kind) = as_1d_array(obj, name)?;
+    let size: usize = arr.getattr("size")?.extract()?;
+    if kind != 'b' && size > 0 {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a boolean mask, got dtype {}",
+            dtype_text(&arr)?
+        )));
+    }
+    let converted = arr.call_method1("astype", ("bool",))?;
+    let a = converted.cast::<PyArray1<bool>>()?;
+    Ok(a.readonly().as_array().iter().copied().collect())
+}
+
+/// Runs `f` with the GIL released when the input is large.
+fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Send) -> T {
+    if len >= DETACH_MIN_LEN {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
+/// Allocate `budget` rollouts over prompts with the given reward variances.
+///
+/// See the type stub (`_core.pyi`) for the full contract.
+#[pyfunction]
+#[pyo3(signature = (
+    variances, budget, lo, hi, rule = "neyman", *,
+    unseen = None, exploration_rollouts = None, pass_rates = None,
+    mastery_threshold = None, priority_floor = None
+))]
+#[allow(clippy::too_many_arguments)]
+fn allocate_rollouts<'py>(
+    py: Python<'py>,
+    variances: &Bound<'py, PyAny>,
+    budget: i64,
+    lo: i64,
+    hi: i64,
+    rule: &str,
+    unseen: Option<&Bound<'py, PyAny>>,
+    exploration_rollouts: Option<i64>,
+    pass_rates: Option<&Bound<'py, PyAny>>,
+    mastery_threshold: Option<f64>,
+    priority_floor: Option<f64>,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let rule = Rule::parse(rule).map_err(to_py_err)?;
+    let v = float_array(variances, "variances")?;
+    let unseen = unseen.map(|u| bool_array(u, "unseen")).transpose()?;
+    let rates = pass_rates
+        .map(|r| float_array(r, "pass_rates"))
+        .transpose()?;
+    let v = v.as_slice();
+    let options = Options {
+        unseen: unseen.as_deref(),
+        exploration_rollouts,
+        pass_rates: rates.as_ref().map(|r| r.as_slice()),
+        mastery_threshold,
+        priority_floor,
+    };
+    let counts = maybe_detach(py, v.len(), || {
+        allocate::allocate(v, budget, lo, hi, rule, &options)
+    })
+    .map_err(to_py_err)?;
+    Ok(PyArray1::from_vec(py, counts))
+}
+
+/// Beta posteriors of per-prompt pass rates, keyed by int64 prompt id.
+#[pyclass(name = "PassRatePool", module = "dynamo_openrlhf._core")]
+struct PyPassRatePool {
+    inner: PassRatePool,
+}
+
+#[pymethods]
+impl PyPassRatePool {
+    #[new]
+    #[pyo3(
+        signature = (prior = (1.0, 1.0), forget = 1.0, capacity = None),
+        text_signature = "(prior=(1.0, 1.0), forget=1.0, capacity=None)"
+    )]
+    fn new(prior: (f64, f64), forget: f64, capacity: Option<usize>) -> PyResult<Self> {
+        let inner = PassRatePool::new(prior.0, prior.1, forget, capacity.unwrap_or(0))
+            .map_err(to_py_err)?;
+        Ok(PyPassRatePool { inner })
+    }
+
+    /// Record one training step: forget (× forget), then add (successes, trials) per id.
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        prompt_ids: &Bound<'_, PyAny>,
+        successes: &Bound<'_, PyAny>,
+        trials: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let succ = int_array(successes, "successes", true)?;
+        let tri = int_array(trials, "trials", true)?;
+        let (ids, succ, tri) = (ids.as_slice(), succ.as_slice(), tri.as_slice());
+        let pool = &mut self.inner;
+        maybe_detach(py, ids.len(), || pool.update(ids, succ, tri)).map_err(to_py_err)
+    }
+
+    /// Posterior mean pass rate per id (prior mean for unseen ids), float64.
+    fn mean<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        Ok(PyArray1::from_vec(
+            py,
+            maybe_detach(py, ids.len(), || pool.mean(ids)),
+        ))
+    }
+
+    /// Posterior expected Bernoulli variance E[p(1-p)] per id, float64.
+    fn expected_variance<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        Ok(PyArray1::from_vec(
+            py,
+            maybe_detach(py, ids.len(), || pool.expected_variance(ids)),
+        ))
+    }
+
+    /// (successes, failures) evidence above the prior per id, after forgetting.
+    fn evidence<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<(Float64Array<'py>, Float64Array<'py>)> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        let (s, f) = maybe_detach(py, ids.len(), || pool.evidence(ids));
+        Ok((PyArray1::from_vec(py, s), PyArray1::from_vec(py, f)))
+    }
+
+    /// Allocate `budget` rollouts over the batch from the posterior expected variances.
+    #[pyo3(signature = (
+        prompt_ids, budget, lo, hi, rule = "neyman", *,
+        exploration = None, mastery = None, exploration_rollouts = None,
+        mastery_threshold = None, priority_floor = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn allocate<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+        budget: i64,
+        lo: i64,
+        hi: i64,
+        rule: &str,
+        exploration: Option<bool>,
+        mastery: Option<bool>,
+        exploration_rollouts: Option<i64>,
+        mastery_threshold: Option<f64>,
+        priority_floor: Option<f64>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let rule = Rule::parse(rule).map_err(to_py_err)?;
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let options = PoolAllocateOptions {
+            exploration,
+            mastery,
+            exploration_rollouts,
+            mastery_threshold,
+            priority_floor,
+        };
+        let pool = &self.inner;
+        let counts = maybe_detach(py, ids.len(), || {
+            pool.allocate(ids, budget, lo, hi, rule, &options)
+        })
+        .map_err(to_py_err)?;
+        Ok(PyArray1::from_vec(py, counts))
+    }
+
+    /// Empirical-Bayes (method of moments) fit of the prior; sets and returns (alpha0, beta0).
+    fn fit_prior(&mut self, py: Python<'_>) -> PyResult<(f64, f64)> {
+        let pool = &mut self.inner;
+        let len = pool.len();
+        maybe_detach(py, len, || pool.fit_prior()).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn get_prior(&self) -> (f64, f64) {
+        self.inner.prior()
+    }
+
+    #[setter]
+    fn set_prior(&mut self, prior: (f64, f64)) -> PyResult<()> {
+        self.inner.set_prior(prior.0, prior.1).map_err(to_py_err)
+    }
+
+    #[getter]
+    fn get_forget(&self) -> f64 {
+        self.inner.forget()
+    }
+
+    #[setter]
+    fn set_forget(&mut self, forget: f64) -> PyResult<()> {
+        self.inner.set_forget(forget).map_err(to_py_err)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, prompt_id: &Bound<'_, PyAny>) -> bool {
+        prompt_id
+            .extract::<i64>()
+            .is_ok_and(|id| self.inner.contains(id))
+    }
+
+    /// All ids in the pool (storage order).
+    fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        PyArray1::from_vec(py, self.inner.ids())
+    }
+
+    /// Size, memory and evidence totals.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("prompts", s.prompts)?;
+        d.set_item("slots", s.slots)?;
+        d.set_item("load_factor", s.prompts as f64 / s.slots as f64)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("bytes_per_prompt", s.bytes as f64 / s.prompts.max(1) as f64)?;
+        d.set_item("updates", s.updates)?;
+        d.set_item("scale", s.scale)?;
+        d.set_item("prior", self.inner.prior())?;
+        d.set_item("forget", self.inner.forget())?;
+        d.set_item("successes", s.successes)?;
+        d.set_item("failures", s.failures)?;
+        Ok(d)
+    }
+
+    /// Write the pool atomically (temporary file, fsync, rename, fsync of the directory).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let pool = &self.inner;
+        py.detach(|| storage::save(pool, &path)).map_err(to_py_err)
+    }
+
+    /// Read a pool written by `save`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| storage::load(&path)).map_err(to_py_err)?;
+        Ok(PyPassRatePool { inner })
+    }
+
+    /// The file format of `save` as bytes.
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let pool = &self.inner;
+        let bytes = maybe_detach(py, pool.len(), || storage::to_bytes(pool));
+        PyBytes::new(py, &bytes)
+    }
+
+    /// Inverse of `to_bytes`.
+    #[staticmethod]
+    fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let inner =
+            maybe_detach(py, data.len() / 16, || storage::from_bytes(data)).map_err(to_py_err)?;
+        Ok(PyPassRatePool { inner })
+    }
+
+    /// Pickling (e.g. to ship a pool to a Ray actor) goes through the file format.
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let from_bytes = py.get_type::<PyPassRatePool>().getattr("from_bytes")?;
+        let args = PyTuple::new(py, [self.to_bytes(py)])?;
+        Ok((from_bytes, args))
+    }
+
+    fn __repr__(&self) -> String {
+        let (a, b) = self.inner.prior();
+        format!(
+            "PassRatePool(prompts={}, prior=({a:?}, {b:?}), forget={:?})",
+            self.inner.len(),
+            self.inner.forget()
+        )
+    }
+}
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("RULES", PyTuple::new(m.py(), Rule::NAMES)?)?;
+    m.add("FORMAT_VERSION", storage::VERSION)?;
+    m.add_function(wrap_pyfunction!(allocate_rollouts, m)?)?;
+    m.add_class::<PyPassRatePool>()?;
     Ok(())
 }

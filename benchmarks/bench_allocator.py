@@ -1,0 +1,229 @@
+"""Benchmark of the sequence-level core (not a test).
+
+    python benchmarks/bench_allocator.py           # the full table (N up to 10,485,760; ~2 GB RAM)
+    python benchmarks/bench_allocator.py --quick   # smoke run (N up to 262,144, 1M-prompt pool)
+
+Allocation rows, all on the same inputs: budget 16·N, bounds 8..24, variances from the DESIGN
+section 6 pool recipe (30% p=0, 20% p=1, the rest p ~ Beta(0.7, 0.7)); every method is given
+the unbiased 16-rollout estimate P = k(16−k)/(16·15) (what a trainer sees), and the quality
+columns score Σ v/n with the TRUE v = p(1−p), as a ratio to the uniform split.
+
+  (a) ours: dynamo_openrlhf.allocate_rollouts (Rust, exact, rule "neyman")
+  (b) the reference code's procedure (n ∝ max(P, 0.01), water-filling, largest remainder) in NumPy
+  (c) a plain NumPy exact solver (bisection on the Lagrange multiplier, integer fix-up)
+  mem: one memory pass over the input: v.sum() plus writing an int64 array of length N.
+
+With bounds 8..24 this recipe saturates: about 55% of the estimates are 0, so every prompt
+with P > 0 ends at hi and the exact problem reduces to a capacity check. A second table
+(bounds 0..64, skipping allowed, same inputs) exercises the threshold search of (a) and (c).
+There, exact solvers skip prompts whose estimate is 0, so Σ v/n with the TRUE v is infinite
+(p in (0, 1) but 0 or 16 successes seen); that table scores the estimated objective instead.
+
+Times are medians over repeats (wall clock). Pool rows use a pool of 10,485,760 prompts
+(1,048,576 with --quick).
+"""
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _alloc_numpy import neyman_numpy, reference_numpy  # noqa: E402
+
+from dynamo_openrlhf import PassRatePool, allocate_rollouts  # noqa: E402
+
+LO, HI, PER_PROMPT = 8, 24, 16
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def pool_recipe(n, rng):
+    u = rng.random(n)
+    p = rng.beta(0.7, 0.7, n)
+    p[u < 0.3] = 0.0
+    p[(u >= 0.3) & (u < 0.5)] = 1.0
+    k = rng.binomial(16, p)
+    return k * (16 - k) / (16 * 15), p * (1 - p)
+
+
+def quality(truth, counts):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = np.where(truth > 0, truth / counts, 0.0).sum()
+    return score / (truth / PER_PROMPT).sum()
+
+
+def memory_pass(v):
+    v.sum()
+    out = np.empty(len(v), dtype=np.int64)
+    out.fill(PER_PROMPT)
+    return out
+
+
+def repeats_for(n):
+    return 51 if n <= 32_768 else 15 if n <= 262_144 else 7 if n <= 1_048_576 else 3
+
+
+def allocation_table(sizes, rng, lo, hi, with_reference=True, score_estimate=False):
+    rows = []
+    for n, (estimate, truth) in zip(sizes, inputs_for(sizes, rng)):
+        budget = PER_PROMPT * n
+        reps = repeats_for(n)
+        slow_reps = max(1, reps // 3) if n > 1_048_576 else reps
+        ours = allocate_rollouts(estimate, budget, lo, hi)
+        exact = neyman_numpy(estimate, budget, lo, hi)
+        ref = reference_numpy(estimate, budget, lo, hi) if with_reference else None
+        for name, counts in [("ours", ours), ("reference", ref), ("numpy exact", exact)]:
+            if counts is not None:
+                assert counts.sum() == budget and counts.min() >= lo and counts.max() <= hi, name
+        # (a) and (c) are both exact: the same objective on the estimate they were given.
+        est_a, est_c = objective(estimate, ours), objective(estimate, exact)
+        assert abs(est_a - est_c) <= 1e-9 * est_c, (est_a, est_c)
+        if with_reference:  # the reference rule is not better on the objective it is given
+            assert objective(estimate, ref) >= est_a * (1 - 1e-12)
+        t_a = median_time(lambda: allocate_rollouts(estimate, budget, lo, hi), reps)
+        t_b = (median_time(lambda: reference_numpy(estimate, budget, lo, hi), slow_reps)
+               if with_reference else float("nan"))
+        t_c = median_time(lambda: neyman_numpy(estimate, budget, lo, hi), slow_reps)
+        t_m = median_time(lambda: memory_pass(estimate), reps)
+        scored = estimate if score_estimate else truth
+        rows.append((n, t_a, t_b, t_c, t_m, quality(scored, ours),
+                     quality(scored, ref) if with_reference else float("nan"),
+                     quality(scored, exact)))
+        print(f"  bounds {lo}..{hi}, N={n:>10,}: done", file=sys.stderr, flush=True)
+    return rows
+
+
+_INPUTS = {}
+
+
+def inputs_for(sizes, rng):
+    """The same inputs for every table of one run."""
+    for n in sizes:
+        if n not in _INPUTS:
+            _INPUTS[n] = pool_recipe(n, rng)
+        yield _INPUTS[n]
+
+
+def objective(v, counts):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(v > 0, v / counts, 0.0).sum()
+
+
+def print_table(rows, with_reference=True, scored="true v"):
+    ref_head = "(b) reference, numpy ms | " if with_reference else ""
+    ref_q = " (b) |" if with_reference else ""
+    print(f"| N | (a) ours ms | {ref_head}(c) exact, numpy ms | mem pass ms "
+          f"| (c)/(a) | (a)/mem | Σv/n ÷ uniform, {scored} (a) |{ref_q} (c) |")
+    print("|---:" * (10 if with_reference else 8) + "|")
+    for n, t_a, t_b, t_c, t_m, q_a, q_b, q_c in rows:
+        ref_t = f" {t_b * 1e3:.2f} |" if with_reference else ""
+        ref_v = f" {q_b:.4f} |" if with_reference else ""
+        print(f"| {n:,} | {t_a * 1e3:.3f} |{ref_t} {t_c * 1e3:.2f} | {t_m * 1e3:.3f} "
+              f"| {t_c / t_a:.1f}× | {t_a / t_m:.1f}× | {q_a:.4f} |{ref_v} {q_c:.4f} |")
+
+
+def pool_table(pool_size, rng):
+    pool = PassRatePool(prior=(1.0, 1.0), forget=0.99, capacity=pool_size)
+    ids_all = np.arange(pool_size, dtype=np.int64)
+    start = time.perf_counter()
+    for chunk in np.array_split(ids_all, max(1, pool_size // 1_048_576)):
+        trials = np.full(len(chunk), 16)
+        pool.update(chunk, rng.binomial(16, rng.random(len(chunk))), trials)
+    build = time.perf_counter() - start
+
+    batches = [rng.choice(pool_size, 512, replace=False) for _ in range(64)]
+    per_result = [(np.repeat(b, 16), rng.integers(0, 2, 8192), np.ones(8192, np.int64))
+                  for b in batches]
+    per_prompt = [(b, rng.integers(0, 17, 512), np.full(512, 16)) for b in batches]
+
+    def cycle(items):
+        state = {"i": 0}
+
+        def step():
+            args = items[state["i"] % len(items)]
+            state["i"] += 1
+            pool.update(*args)
+        return step
+
+    def alloc_cycle():
+        state = {"i": 0}
+
+        def step():
+            pool.allocate(batches[state["i"] % len(batches)], 8192, LO, HI)
+            state["i"] += 1
+        return step
+
+    t_rows = median_time(cycle(per_result), 201)
+    t_agg = median_time(cycle(per_prompt), 201)
+    t_alloc = median_time(alloc_cycle(), 201)
+    stats = pool.stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pool.bin")
+        t_save = median_time(lambda: pool.save(path), 3)
+        t_load = median_time(lambda: PassRatePool.load(path), 3)
+        size = os.path.getsize(path)
+    return {
+        "pool_size": pool_size,
+        "build": build,
+        "update_rows": t_rows,
+        "update_agg": t_agg,
+        "allocate": t_alloc,
+        "save": t_save,
+        "load": t_load,
+        "file_mb": size / 2**20,
+        "bytes_per_prompt": stats["bytes_per_prompt"],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
+    args = parser.parse_args()
+    sizes = [512, 4_096, 32_768, 262_144]
+    if not args.quick:
+        sizes += [1_048_576, 10_485_760]
+    pool_size = 1_048_576 if args.quick else 10_485_760
+    rng = np.random.default_rng(2026)
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {load[0]:.1f} at start; numpy {np.__version__}; "
+          f"python {platform.python_version()}\n")
+
+    rows = allocation_table(sizes, rng, LO, HI)
+    print(f"Allocation, budget 16·N, bounds {LO}..{HI} (the issue's table):\n")
+    print_table(rows)
+    skipping = allocation_table(sizes, rng, 0, 64, score_estimate=True)
+    print("\nSame inputs, bounds 0..64 (skipping allowed; exercises the threshold search):\n")
+    print_table(skipping, scored="estimated v")
+
+    p = pool_table(pool_size, rng)
+    print(f"\nPassRatePool with {p['pool_size']:,} prompts (built in {p['build']:.2f} s by "
+          f"{max(1, p['pool_size'] // 1_048_576)} updates):\n")
+    print("| operation | median |")
+    print("|---|---:|")
+    print(f"| pool.update, 8,192 results (512 ids × 16 rollouts, one row per result) "
+          f"| {p['update_rows'] * 1e3:.3f} ms |")
+    print(f"| pool.update, 512 rows of 16 trials | {p['update_agg'] * 1e3:.3f} ms |")
+    print(f"| pool.allocate, 512-prompt batch, budget 8,192, 8..24 | {p['allocate'] * 1e3:.3f} ms |")
+    print(f"| one training step: update (8,192 results) + allocate "
+          f"| {(p['update_rows'] + p['allocate']) * 1e3:.3f} ms |")
+    print(f"| pool.save ({p['file_mb']:.0f} MiB, atomic, fsync) | {p['save'] * 1e3:.0f} ms |")
+    print(f"| PassRatePool.load | {p['load'] * 1e3:.0f} ms |")
+    print(f"| memory | {p['bytes_per_prompt']:.1f} bytes/prompt |")
+
+
+if __name__ == "__main__":
+    main()

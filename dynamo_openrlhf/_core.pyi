@@ -1,0 +1,242 @@
+"""Type stub of the compiled module ``dynamo_openrlhf._core`` (Rust, PyO3).
+
+Everything here is re-exported by ``dynamo_openrlhf``; import it from there.
+Array arguments accept any 1-D array-like (lists, NumPy arrays of any stride). Float arrays
+are used as float64 (float32 and integer input is converted; a contiguous float64 array is
+used without a copy). Integer arrays (ids, counts) must have an integer dtype and are used as
+int64. Large inputs are processed with the GIL released and on all cores.
+"""
+
+from os import PathLike
+from typing import Literal, TypedDict, final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["FORMAT_VERSION", "PassRatePool", "RULES", "__version__", "allocate_rollouts"]
+
+__version__: str
+#: The allocation rules, in the order of the ``rule`` argument's documentation.
+RULES: tuple[str, str, str]
+#: Version of the pool file format written by :meth:`PassRatePool.save`.
+FORMAT_VERSION: int
+
+_Rule = Literal["neyman", "proportional", "uniform"]
+_FloatArrayLike = npt.ArrayLike
+_IntArrayLike = npt.ArrayLike
+
+def allocate_rollouts(
+    variances: _FloatArrayLike,
+    budget: int,
+    lo: int,
+    hi: int,
+    rule: _Rule = "neyman",
+    *,
+    unseen: npt.ArrayLike | None = None,
+    exploration_rollouts: int | None = None,
+    pass_rates: _FloatArrayLike | None = None,
+    mastery_threshold: float | None = None,
+    priority_floor: float | None = None,
+) -> npt.NDArray[np.int64]:
+    """Split ``budget`` rollouts over N prompts, each getting between ``lo`` and ``hi``.
+
+    Args:
+        variances: shape (N,), the per-prompt reward variance v_i (e.g. p_i(1 - p_i) of a
+            Bernoulli reward, or an estimate such as k(G-k)/(G(G-1)) from k successes in G
+            rollouts). Finite and >= 0.
+        budget: total number of rollouts B (e.g. prompts x mean rollouts: 512 * 16).
+        lo, hi: per-prompt bounds, 0 <= lo <= hi. ``lo = 0`` lets a prompt be skipped.
+        rule: how to split (below).
+
+    Returns:
+        int64 array of shape (N,) with ``lo <= n_i <= hi`` and ``n.sum() == budget`` exactly,
+        for every rule and option.
+
+    Rules:
+        ``"neyman"`` (default): the exact integer minimiser of sum_i v_i / n_i subject to
+        sum n_i = budget and lo <= n_i <= hi. It equals the greedy that hands out rollouts one
+        at a time by largest marginal gain g_i(n) = v_i/n - v_i/(n+1) = v_i/(n(n+1))
+        (computed in float64 exactly like that); the solver finds the same result in a few
+        vectorised O(N) passes. Tie rule: among equal gains the prompt with fewer rollouts so
+        far goes first, then the lower index. Consequences: with all v_i = 0 the result is the
+        near-uniform spread (the first ``budget % N`` prompts get one more); zero-variance
+        prompts sit at ``lo`` and receive only what the positive-variance prompts cannot
+        absorb at ``hi``.
+
+        With ``lo = 0``, a positive-variance prompt with 0 rollouts would make the objective
+        infinite: if ``budget >= #(v > 0)`` every such prompt gets at least one rollout and the
+        result is the exact finite optimum (zero-variance prompts get 0 unless the budget
+        forces more); if ``budget < #(v > 0)`` the ``budget`` prompts with the largest v get
+        one rollout each (ties: lower index).
+
+        ``"proportional"``: the DynaMO reference code's rule, kept to reproduce the paper.
+        Priorities w_i = max(v_i, priority_floor); continuous n_i = clamp(c * w_i, lo, hi) with
+        c set so that the total is the budget (the fixed point of the reference's iterative
+        water-filling: pin violators at lo/hi, share the rest in proportion, repeat); then
+        largest-remainder rounding (ties: lower index). Unlike the reference code it always
+        keeps the budget and the bounds. If every priority is 0 the prompts share evenly; if
+        the positive-priority prompts cannot absorb the budget at ``hi``, the others share the
+        rest evenly.
+
+        ``"uniform"``: OpenRLHF's baseline: ``budget // N`` each, the remainder one each to
+        the lowest indices. Takes no options.
+
+    Reference options (rules "neyman" and "proportional"; any option with "uniform", and an
+    option that would have no effect, raises ValueError):
+        unseen: bool mask, shape (N,): prompts never seen before. Each gets
+            ``exploration_rollouts`` (default 4) clamped into [lo, hi], and the seen prompts
+            share the rest by the rule. If the seen prompts cannot absorb the rest within their
+            bounds, they sit at lo (or hi) and the unseen prompts share what is left evenly.
+            Variances of unseen prompts are ignored.
+        pass_rates: shape (N,), cumulative pass rates in [0, 1] (entries of unseen prompts are
+            ignored). A seen prompt with pass rate >= ``mastery_threshold`` (default 0.85) is
+            mastered: its priority (proportional) or variance (neyman) becomes
+            ``priority_floor``.
+        priority_floor: default 0.01. Proportional: floor of every priority. Neyman: only the
+            value given to mastered prompts (requires ``pass_rates``).
+
+    Raises:
+        ValueError: naming the argument and the problem: NaN/infinite/negative variances
+            (``"variances[17] is NaN"``), wrong dimensions or dtypes, mismatched lengths,
+            negative lo/hi/budget, lo > hi, a budget outside [N*lo, N*hi]
+            (``"budget 100 is infeasible: must lie in [N*lo, N*hi] = [128, 384] for N=16,
+            lo=8, hi=24"``), an unknown rule, or an option the rule does not take.
+    """
+
+class _PoolStats(TypedDict):
+    prompts: int  #: prompts with evidence
+    slots: int  #: hash-table slots (16 bytes each)
+    load_factor: float  #: prompts / slots, kept at or below 0.8
+    bytes: int  #: heap bytes held by the pool
+    bytes_per_prompt: float
+    updates: int  #: number of update() calls (training steps)
+    scale: float  #: global evidence scale (internal; actual = stored * scale)
+    prior: tuple[float, float]
+    forget: float
+    successes: float  #: total forgotten success evidence over the pool
+    failures: float  #: total forgotten failure evidence over the pool
+
+@final
+class PassRatePool:
+    """Per-prompt Beta posteriors of the pass rate, keyed by int64 prompt id.
+
+    Prompt p has posterior Beta(alpha0 + s_p, beta0 + f_p), where (s_p, f_p) is its evidence
+    (successes, failures) above the prior. Evidence is stored, not alpha/beta, so the prior can
+    be changed (``pool.prior = ...``) or fitted (:meth:`fit_prior`) at any time. Unseen ids get
+    the prior. Ids are arbitrary int64 values (e.g. dataset row indices or a 64-bit hash of the
+    prompt text and label); the whole int64 range is allowed.
+
+    Forgetting: each :meth:`update` call is one training step. It first multiplies all evidence
+    in the pool by ``forget`` (rho in (0, 1]; 1 = plain accumulation), then adds the step's
+    counts. Cost O(batch), not O(pool): a global scale absorbs the multiplication and is folded
+    into the entries (one O(pool) pass) only when it drops below 1e-18.
+
+    Memory: open addressing over 16-byte slots (id int64, evidence 2 x float32), load factor
+    kept in [0.53, 0.8]: 20 to 30 bytes per prompt (``stats()["bytes_per_prompt"]``).
+    Evidence is float32: integer counts are exact up to 2**24 per prompt (with ``forget = 1``).
+
+    Pickling (e.g. to send a pool to a Ray actor) uses the same format as :meth:`save`.
+    """
+
+    def __new__(
+        cls,
+        prior: tuple[float, float] = (1.0, 1.0),
+        forget: float = 1.0,
+        capacity: int | None = None,
+    ) -> PassRatePool:
+        """Empty pool with prior Beta(alpha0, beta0) (both finite, > 0) and forgetting factor
+        ``forget`` in (0, 1]. ``capacity`` pre-sizes the table for that many prompts."""
+    @property
+    def prior(self) -> tuple[float, float]:
+        """(alpha0, beta0). Settable; affects every posterior at once (evidence is kept)."""
+    @prior.setter
+    def prior(self, value: tuple[float, float]) -> None: ...
+    @property
+    def forget(self) -> float:
+        """Forgetting factor rho in (0, 1]. Settable; applies from the next update on."""
+    @forget.setter
+    def forget(self, value: float) -> None: ...
+    def update(
+        self,
+        prompt_ids: _IntArrayLike,
+        successes: _IntArrayLike,
+        trials: _IntArrayLike,
+    ) -> None:
+        """Record one training step: shapes (M,) each, integer dtypes (booleans allowed for
+        the counts). Repeated ids in one call add up; rows with ``trials == 0`` add nothing and
+        create no entry. Raises ValueError for mismatched lengths, non-integer dtypes, negative
+        counts or ``successes > trials``; then the pool is left unchanged."""
+    def mean(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
+        """Posterior mean alpha / (alpha + beta), shape (M,); the prior mean for unseen ids."""
+    def expected_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
+        """Posterior expected Bernoulli variance E[p(1-p)] = alpha*beta / ((alpha+beta)
+        (alpha+beta+1)), shape (M,); defined for unseen ids too (from the prior)."""
+    def evidence(
+        self, prompt_ids: _IntArrayLike
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(successes, failures) evidence above the prior after forgetting, shapes (M,);
+        zeros for unseen ids."""
+    def allocate(
+        self,
+        prompt_ids: _IntArrayLike,
+        budget: int,
+        lo: int,
+        hi: int,
+        rule: _Rule = "neyman",
+        *,
+        exploration: bool | None = None,
+        mastery: bool | None = None,
+        exploration_rollouts: int | None = None,
+        mastery_threshold: float | None = None,
+        priority_floor: float | None = None,
+    ) -> npt.NDArray[np.int64]:
+        """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
+        allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
+        and guarantees (int64, shape (M,), sum == budget, within [lo, hi]).
+
+        ``exploration``: ids not in the pool are "unseen" (fixed ``exploration_rollouts``).
+        ``mastery``: the posterior mean is the pass rate tested against ``mastery_threshold``.
+        Both default to on for rule "proportional" (the reference's behaviour) and off
+        otherwise: for "neyman" the prior already gives unseen ids a sensible variance.
+        Options that cannot apply (e.g. ``exploration_rollouts`` without exploration, any
+        option with "uniform") raise ValueError."""
+    def fit_prior(self) -> tuple[float, float]:
+        """Empirical-Bayes fit of (alpha0, beta0) to the pool, by the method of moments with a
+        binomial-noise correction, over prompts with at least one trial of (forgotten)
+        evidence: with p_i = s_i/n_i, mu = mean p_i, S^2 = their sample variance and
+        c = mean 1/n_i, a Beta prior with phi = 1/(alpha+beta+1) gives
+        E[S^2] ~ mu(1-mu)(c + phi(1-c)); so phi = (S^2/(mu(1-mu)) - c)/(1 - c), clamped to
+        [1e-6, 1/1.001] (alpha+beta between 1e-3 and ~1e6), alpha = mu(1/phi - 1),
+        beta = (1-mu)(1/phi - 1). Sets the prior and returns it. Raises ValueError with fewer
+        than 2 such prompts, when every pass rate is 0 (or every one is 1), or with only one
+        trial per prompt."""
+    def ids(self) -> npt.NDArray[np.int64]:
+        """All ids in the pool, shape (len(pool),), in storage order (unspecified)."""
+    def stats(self) -> _PoolStats:
+        """Size, memory and evidence totals (O(pool))."""
+    def save(self, path: str | PathLike[str]) -> None:
+        """Write the pool atomically: a temporary file in the same directory, fsync, rename
+        over ``path``, fsync of the directory. The round trip through :meth:`load` is bit for
+        bit (ids, evidence, prior, forget, scale, update count). Raises OSError (e.g.
+        FileNotFoundError for a missing directory).
+
+        File format version 1, little-endian: magic ``b"DYNMPOOL"``, u32 version, u32 flags,
+        f64 alpha0, f64 beta0, f64 forget, f64 scale, u64 updates, u64 prompts P, u64 table
+        slots, u32 CRC-32 of the preceding 72 header bytes; then P records of (i64 id,
+        f32 successes, f32 failures) as stored (actual evidence / scale); then a u32 CRC-32
+        of the records. Size: 80 + 16 P bytes."""
+    @staticmethod
+    def load(path: str | PathLike[str]) -> PassRatePool:
+        """Read a pool written by :meth:`save`. Raises FileNotFoundError/OSError when the file
+        cannot be read, and ValueError naming the problem for an empty, foreign (bad magic),
+        newer (unknown version), truncated, over-long or corrupt (checksum mismatch) file."""
+    def to_bytes(self) -> bytes:
+        """The file format of :meth:`save` as bytes."""
+    @staticmethod
+    def from_bytes(data: bytes) -> PassRatePool:
+        """Inverse of :meth:`to_bytes`; the same checks and errors as :meth:`load`."""
+    def __len__(self) -> int:
+        """Number of prompts with an entry."""
+    def __contains__(self, prompt_id: object, /) -> bool:
+        """Whether an int64 id has an entry (False for anything that is not an integer)."""
+    def __reduce__(self) -> tuple[object, tuple[bytes]]: ...

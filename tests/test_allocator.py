@@ -1,0 +1,441 @@
+"""allocate_rollouts: exactness against brute force, each rule's documented behaviour, errors."""
+
+import heapq
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynamo_openrlhf import RULES, allocate_rollouts
+
+
+# ---------------------------------------------------------------- reference solvers (Python)
+
+
+def gain(v, n):
+    """Marginal gain v/n - v/(n+1), computed exactly as documented: v / (n * (n + 1))."""
+    return 0.0 if v == 0 else v / (float(n) * float(n + 1))
+
+
+def greedy(v, budget, lo, hi):
+    """One rollout at a time to the largest gain; ties: fewer rollouts, then lower index."""
+    n = len(v)
+    positive = [i for i in range(n) if v[i] > 0]
+    if lo == 0 and budget < len(positive):
+        chosen = sorted(positive, key=lambda i: (-v[i], i))[:budget]
+        return [1 if i in chosen else 0 for i in range(n)]
+    counts = [max(lo, 1) if v[i] > 0 else lo for i in range(n)]
+    heap = [(-gain(v[i], counts[i]), counts[i], i) for i in range(n) if counts[i] < hi]
+    heapq.heapify(heap)
+    for _ in range(budget - sum(counts)):
+        _, level, i = heapq.heappop(heap)
+        counts[i] = level + 1
+        if counts[i] < hi:
+            heapq.heappush(heap, (-gain(v[i], counts[i]), counts[i], i))
+    return counts
+
+
+def objective(v, counts):
+    total = 0.0
+    for x, k in zip(v, counts):
+        if x > 0:
+            total += math.inf if k == 0 else x / k
+    return total
+
+
+def dp_optimum(v, budget, lo, hi):
+    """Minimum of sum v/n over integer n in [lo, hi] with sum n = budget (dynamic programming)."""
+    best = [0.0] + [math.inf] * budget
+    for x in v:
+        nxt = [math.inf] * (budget + 1)
+        for used, cost in enumerate(best):
+            if cost == math.inf:
+                continue
+            for k in range(lo, hi + 1):
+                if used + k > budget:
+                    break
+                term = 0.0 if x == 0 else (math.inf if k == 0 else x / k)
+                nxt[used + k] = min(nxt[used + k], cost + term)
+        best = nxt
+    return best[budget]
+
+
+def certify_optimal(v, counts, budget, lo, hi):
+    """O(N) certificate for large inputs: the worst taken unit ranks before the best free one
+    (gain descending, then level ascending, then index ascending)."""
+    v = np.asarray(v, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.int64)
+    assert n.sum() == budget
+    lower = np.where(v > 0, max(lo, 1), lo)
+    assert np.all(n >= lower) and np.all(n <= hi)
+    idx = np.arange(len(v))
+
+    def gains(level):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = v / (level.astype(np.float64) * (level + 1).astype(np.float64))
+        return np.where(v == 0, 0.0, g)
+
+    taken = n > lower
+    free = n < hi
+    if not (taken.any() and free.any()):
+        return
+    g_last, l_last, i_last = gains(n - 1)[taken], (n - 1)[taken], idx[taken]
+    g_next, l_next, i_next = gains(n)[free], n[free], idx[free]
+    # Worst taken: smallest gain, then largest level, then largest index.
+    w = np.lexsort((-i_last, -l_last, g_last))[0]
+    # Best free: largest gain, then smallest level, then smallest index.
+    b = np.lexsort((i_next, l_next, -g_next))[0]
+    worst = (-g_last[w], l_last[w], i_last[w])
+    best = (-g_next[b], l_next[b], i_next[b])
+    assert worst < best, (worst, best)
+
+
+def pool_recipe(n, seed, estimate=True):
+    """DESIGN section 6: 30% p=0, 20% p=1, the rest Beta(0.7, 0.7); v from 16 rollouts."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)
+    p = rng.beta(0.7, 0.7, n)
+    p[u < 0.3] = 0.0
+    p[(u >= 0.3) & (u < 0.5)] = 1.0
+    if not estimate:
+        return p * (1 - p)
+    k = rng.binomial(16, p)
+    return k * (16 - k) / (16 * 15)
+
+
+# ---------------------------------------------------------------- exactness (hypothesis)
+
+PALETTE = [0.0, 0.0, 0.25, 0.25, 0.5, 1.0, 2.0, 3.0, 0.1875, 1e-3]
+
+
+@st.composite
+def small_problems(draw):
+    n = draw(st.integers(1, 8))
+    lo = draw(st.integers(0, 3))
+    hi = draw(st.integers(lo, lo + 6))
+    budget = draw(st.integers(n * lo, min(n * hi, max(n * lo, 40))))
+    values = st.one_of(
+        st.sampled_from(PALETTE),
+        st.floats(0.0, 4.0, allow_nan=False, allow_infinity=False),
+    )
+    v = draw(st.lists(values, min_size=n, max_size=n))
+    return v, budget, lo, hi
+
+
+@settings(max_examples=600, deadline=None)
+@given(small_problems())
+def test_neyman_is_the_greedy_and_the_dp_optimum(problem):
+    v, budget, lo, hi = problem
+    got = allocate_rollouts(v, budget, lo, hi)
+    assert got.dtype == np.int64
+    assert got.tolist() == greedy(v, budget, lo, hi)
+    positive = sum(x > 0 for x in v)
+    if lo == 0 and budget < positive:
+        return  # every allocation has an infinite objective; the documented rule decides
+    best = dp_optimum(v, budget, lo, hi)
+    assert objective(v, got) == pytest.approx(best, rel=1e-12, abs=1e-300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(small_problems(), st.sampled_from(RULES))
+def test_every_rule_keeps_budget_and_bounds(problem, rule):
+    v, budget, lo, hi = problem
+    got = allocate_rollouts(v, budget, lo, hi, rule=rule)
+    assert got.dtype == np.int64 and got.shape == (len(v),)
+    assert got.sum() == budget
+    assert got.min() >= lo and got.max() <= hi
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    small_problems(),
+    st.sampled_from(["neyman", "proportional"]),
+    st.data(),
+)
+def test_reference_options_keep_budget_and_bounds(problem, rule, data):
+    v, budget, lo, hi = problem
+    n = len(v)
+    unseen = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    rates = data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n))
+    explore = data.draw(st.integers(0, 10))
+    got = allocate_rollouts(
+        v, budget, lo, hi, rule,
+        unseen=np.array(unseen), exploration_rollouts=explore, pass_rates=rates,
+    )
+    assert got.sum() == budget and got.min() >= lo and got.max() <= hi
+
+
+# ---------------------------------------------------------------- large inputs
+
+@pytest.mark.parametrize("estimate", [True, False])
+@pytest.mark.parametrize("bounds", [(8, 24, 16), (0, 64, 16), (0, 64, 1), (4, 40, 20)])
+def test_large_inputs_are_exactly_optimal(estimate, bounds):
+    lo, hi, per_prompt = bounds
+    n = 200_000  # above the parallel threshold
+    v = pool_recipe(n, seed=3, estimate=estimate)
+    got = allocate_rollouts(v, per_prompt * n, lo, hi)
+    certify_optimal(v, got, per_prompt * n, lo, hi)
+
+
+def test_medium_input_matches_the_greedy_exactly():
+    v = pool_recipe(3000, seed=5)
+    for lo, hi, budget in [(8, 24, 48_000), (0, 64, 30_000), (0, 30, 900)]:
+        assert allocate_rollouts(v, budget, lo, hi).tolist() == greedy(v.tolist(), budget, lo, hi)
+
+
+def test_reproduces_the_design_oracle_figures():
+    """DESIGN section 6: knowing the true p, the exact optimum scores 0.667 of uniform with
+    bounds 8..24 and 0.437 with skipping (0..64). On the 16-rollout estimate, Neyman beats the
+    reference rule on the objective it is given (the estimated one)."""
+    n = 100_000
+    rng = np.random.default_rng(0)
+    u = rng.random(n)
+    p = rng.beta(0.7, 0.7, n)
+    p[u < 0.3] = 0.0
+    p[(u >= 0.3) & (u < 0.5)] = 1.0
+    k = rng.binomial(16, p)
+    estimate, truth = k * (16 - k) / 240, p * (1 - p)
+    budget = 16 * n
+
+    def ratio(scored, counts):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(scored > 0, scored / counts, 0.0).sum()
+        return score / (scored / 16).sum()
+
+    assert ratio(truth, allocate_rollouts(truth, budget, 8, 24)) == pytest.approx(0.667, abs=0.002)
+    assert ratio(truth, allocate_rollouts(truth, budget, 0, 64)) == pytest.approx(0.437, abs=0.002)
+    for lo, hi in [(8, 24), (0, 64), (4, 40)]:
+        ours = ratio(estimate, allocate_rollouts(estimate, budget, lo, hi))
+        reference = ratio(estimate, allocate_rollouts(estimate, budget, lo, hi, "proportional"))
+        assert ours <= reference * (1 + 1e-12)
+
+
+# ---------------------------------------------------------------- documented behaviour
+
+
+def test_ties_go_to_fewer_rollouts_then_lower_index():
+    # Gains tie at 1/2: prompt 0 (v=1) at n=1 and prompt 1 (v=3) at n=2: fewer rollouts wins.
+    assert allocate_rollouts([1.0, 3.0], 4, 1, 10).tolist() == [2, 2]
+    assert allocate_rollouts([0.5, 0.5, 0.5], 7, 1, 10).tolist() == [3, 2, 2]
+
+
+def test_all_zero_variances_give_the_near_uniform_spread():
+    assert allocate_rollouts([0.0] * 4, 10, 0, 5).tolist() == [3, 3, 2, 2]
+    assert allocate_rollouts(np.zeros(5), 43, 8, 24).tolist() == [9, 9, 9, 8, 8]
+
+
+def test_zero_variance_prompts_only_get_what_others_cannot_absorb():
+    assert allocate_rollouts([0.0, 1.0, 0.0], 8, 2, 5).tolist() == [2, 4, 2]
+    assert allocate_rollouts([0.0, 1.0, 0.0], 11, 2, 5).tolist() == [3, 5, 3]
+
+
+def test_lo_zero_skips_solved_prompts():
+    assert allocate_rollouts([0.0, 0.2, 0.0, 0.1], 5, 0, 8).tolist() == [0, 3, 0, 2]
+
+
+def test_lo_zero_budget_below_positive_count_takes_largest_variances():
+    assert allocate_rollouts([0.1, 0.3, 0.2, 0.0], 2, 0, 8).tolist() == [0, 1, 1, 0]
+    assert allocate_rollouts([0.2, 0.3, 0.2], 2, 0, 8).tolist() == [1, 1, 0]
+    assert allocate_rollouts([0.2, 0.3], 0, 0, 8).tolist() == [0, 0]
+
+
+def test_budget_at_the_bounds():
+    assert allocate_rollouts([0.1, 0.0, 0.3], 24, 8, 24).tolist() == [8, 8, 8]
+    assert allocate_rollouts([0.1, 0.0, 0.3], 72, 8, 24).tolist() == [24, 24, 24]
+
+
+def test_empty_input():
+    for rule in RULES:
+        got = allocate_rollouts([], 0, 8, 24, rule)
+        assert got.dtype == np.int64 and got.shape == (0,)
+
+
+def test_uniform_rule():
+    assert allocate_rollouts([0.3] * 5, 13, 0, 10, "uniform").tolist() == [3, 3, 3, 2, 2]
+    assert allocate_rollouts([0.9, 0.0, 0.1], 24, 8, 8, "uniform").tolist() == [8, 8, 8]
+
+
+def test_proportional_rule():
+    v = [0.1, 0.2, 0.3, 0.4]
+    assert allocate_rollouts(v, 10, 0, 10, "proportional").tolist() == [1, 2, 3, 4]
+    # Water-filling: 0.1, 0.2 pinned at lo = 2; 0.3, 0.4 pinned at hi = 3.
+    assert allocate_rollouts(v, 10, 2, 3, "proportional").tolist() == [2, 2, 3, 3]
+    # hi pins the large one, the others share the rest 1 : 3.
+    assert allocate_rollouts([1.0, 0.01, 0.03], 12, 0, 8, "proportional").tolist() == [8, 1, 3]
+    # The floor (0.01) lifts zero variances: 0.1, 0.1, 9.8 -> largest remainder to 9.8.
+    assert allocate_rollouts([0.0, 0.0, 0.98], 10, 0, 10, "proportional").tolist() == [0, 0, 10]
+    assert allocate_rollouts([0.0, 0.0, 0.98], 10, 0, 10, "proportional",
+                             priority_floor=0.49).tolist() == [3, 2, 5]
+    # Equal remainders: lower index first.
+    assert allocate_rollouts([0.5] * 3, 7, 0, 10, "proportional").tolist() == [3, 2, 2]
+
+
+def test_proportional_keeps_bounds_where_the_reference_code_broke_them():
+    # The reference broke its bounds for lo < 4 and changed the budget for n outside [lo, hi].
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(1, 50))
+        lo = int(rng.integers(0, 4))
+        hi = lo + int(rng.integers(0, 30))
+        budget = int(rng.integers(n * lo, n * hi + 1))
+        v = rng.random(n) * (rng.random(n) < 0.7)
+        got = allocate_rollouts(v, budget, lo, hi, "proportional",
+                                unseen=rng.random(n) < 0.4, exploration_rollouts=4)
+        assert got.sum() == budget and got.min() >= lo and got.max() <= hi
+
+
+def test_exploration_budget_for_unseen_prompts():
+    v = [0.2, 0.0, 0.1, 0.05]
+    unseen = np.array([False, True, False, True])
+    # Unseen get 4; the seen share 16 in proportion 2 : 1 (10.67, 5.33 -> 11, 5).
+    assert allocate_rollouts(v, 24, 2, 12, "proportional", unseen=unseen).tolist() == [11, 4, 5, 4]
+    # exploration clamped into [lo, hi] = [6, 12].
+    assert allocate_rollouts(v, 24, 6, 12, "proportional", unseen=unseen).tolist() == [6, 6, 6, 6]
+    # Seen prompts full at hi: unseen ones share the rest evenly.
+    assert allocate_rollouts(v, 40, 2, 12, "proportional", unseen=unseen).tolist() == [12, 8, 12, 8]
+    # Neyman on the seen prompts: exact optimum of 0.2/a + 0.1/b with a + b = 16.
+    assert allocate_rollouts(v, 24, 2, 12, "neyman", unseen=unseen).tolist() == [9, 4, 7, 4]
+    assert allocate_rollouts(v, 14, 2, 12, unseen=np.ones(4, bool),
+                             exploration_rollouts=3).tolist() == [4, 4, 3, 3]
+
+
+def test_mastered_prompts_get_the_floor():
+    v = [0.2, 0.2, 0.2]
+    rates = [0.9, 0.5, 0.85]
+    assert allocate_rollouts(v, 21, 0, 30, "proportional", pass_rates=rates).tolist() == [1, 19, 1]
+    assert allocate_rollouts(v, 21, 1, 30, "neyman", pass_rates=rates,
+                             priority_floor=0.0).tolist() == [1, 19, 1]
+    # Threshold moved above 0.9: nobody is mastered.
+    assert allocate_rollouts(v, 21, 0, 30, "proportional", pass_rates=rates,
+                             mastery_threshold=0.95).tolist() == [7, 7, 7]
+
+
+# ---------------------------------------------------------------- input conversion
+
+
+def test_float32_integer_list_and_strided_inputs_agree():
+    v64 = pool_recipe(1000, seed=9)
+    v32 = v64.astype(np.float32)
+    expected = allocate_rollouts(v32.astype(np.float64), 16_000, 8, 24)
+    assert np.array_equal(allocate_rollouts(v32, 16_000, 8, 24), expected)
+    assert np.array_equal(allocate_rollouts(v32.tolist(), 16_000, 8, 24), expected)
+    wide = np.zeros((1000, 3))
+    wide[:, 1] = v64
+    strided = wide[:, 1]
+    assert not strided.flags.c_contiguous
+    assert np.array_equal(allocate_rollouts(strided, 16_000, 8, 24),
+                          allocate_rollouts(v64.copy(), 16_000, 8, 24))
+    reversed_view = v64[::-1]
+    assert np.array_equal(allocate_rollouts(reversed_view, 16_000, 8, 24),
+                          allocate_rollouts(reversed_view.copy(), 16_000, 8, 24))
+    assert allocate_rollouts(np.array([1, 0, 3]), 9, 1, 5).tolist() == greedy([1, 0, 3], 9, 1, 5)
+    assert allocate_rollouts(np.int64(7) * np.ones(2), 4, 2, 2).tolist() == [2, 2]
+
+
+def test_input_array_is_not_modified():
+    v = pool_recipe(500, seed=2)
+    before = v.copy()
+    allocate_rollouts(v, 8000, 8, 24)
+    assert np.array_equal(v, before)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "variances, budget, lo, hi, message",
+    [
+        ([0.1, float("nan")], 4, 1, 3, r"^variances\[1\] is NaN$"),
+        ([float("inf"), 0.1], 4, 1, 3, r"^variances\[0\] is infinite \(inf\)$"),
+        ([0.1, 0.2, -0.5], 6, 1, 3, r"^variances\[2\] is negative \(-0\.5\)$"),
+        ([[0.1, 0.2]], 4, 1, 3, r"^variances must be 1-D, got an array of shape \(1, 2\)$"),
+        (0.5, 4, 1, 3, r"^variances must be 1-D, got an array of shape \(\)$"),
+        (["a", "b"], 4, 1, 3, r"^variances must hold real numbers, got dtype <U1$"),
+        ([0.1] * 16, 100, 8, 24,
+         r"^budget 100 is infeasible: must lie in \[N\*lo, N\*hi\] = \[128, 384\] "
+         r"for N=16, lo=8, hi=24$"),
+        ([0.1] * 16, 400, 8, 24, r"^budget 400 is infeasible"),
+        ([], 5, 8, 24, r"^budget 5 is infeasible: must lie in \[N\*lo, N\*hi\] = \[0, 0\] for N=0"),
+        ([0.1, 0.2], 4, 3, 1, r"^lo \(3\) must not exceed hi \(1\)$"),
+        ([0.1, 0.2], 4, -1, 3, r"^lo must be non-negative, got -1$"),
+        ([0.1, 0.2], 4, 1, -3, r"^hi must be non-negative, got -3$"),
+        ([0.1, 0.2], -4, 1, 3, r"^budget must be non-negative, got -4$"),
+    ],
+)
+def test_bad_arguments_raise_value_error(variances, budget, lo, hi, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_rollouts(variances, budget, lo, hi)
+
+
+def test_every_rule_validates_variances():
+    for rule in RULES:
+        with pytest.raises(ValueError, match=r"variances\[0\] is NaN"):
+            allocate_rollouts([float("nan")], 1, 1, 1, rule)
+
+
+def test_large_input_reports_the_first_bad_index():
+    v = np.full(300_000, 0.1)
+    v[250_001] = -1.0
+    v[299_999] = np.nan
+    with pytest.raises(ValueError, match=r"^variances\[250001\] is negative \(-1\.0\)$"):
+        allocate_rollouts(v, 16 * 300_000, 8, 24)
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match=r"^rule must be one of 'neyman', 'proportional', "
+                                         r"'uniform', got \"greedy\"$"):
+        allocate_rollouts([0.1], 1, 1, 1, rule="greedy")
+
+
+@pytest.mark.parametrize(
+    "rule, options, message",
+    [
+        ("uniform", {"unseen": [True, False]},
+         r"^unseen does not apply to rule 'uniform' \(it takes no options\)$"),
+        ("uniform", {"priority_floor": 0.1}, r"^priority_floor does not apply to rule 'uniform'"),
+        ("proportional", {"exploration_rollouts": 2},
+         r"^exploration_rollouts has no effect without unseen$"),
+        ("neyman", {"mastery_threshold": 0.9}, r"^mastery_threshold has no effect without pass_rates$"),
+        ("neyman", {"priority_floor": 0.1}, r"^priority_floor .* has no effect without pass_rates$"),
+        ("neyman", {"unseen": [True]}, r"^unseen has length 1 but variances has length 2$"),
+        ("neyman", {"unseen": [1, 0]}, r"^unseen must be a boolean mask, got dtype int64$"),
+        ("proportional", {"unseen": [True, False], "exploration_rollouts": -1},
+         r"^exploration_rollouts must be non-negative, got -1$"),
+        ("proportional", {"pass_rates": [0.5]}, r"^pass_rates has length 1 but variances has length 2$"),
+        ("proportional", {"pass_rates": [0.5, 1.5]}, r"^pass_rates\[1\] = 1\.5 is outside \[0, 1\]$"),
+        ("proportional", {"pass_rates": [float("nan"), 0.5]}, r"^pass_rates\[0\] is NaN$"),
+        ("proportional", {"pass_rates": [0.5, 0.5], "mastery_threshold": float("nan")},
+         r"^mastery_threshold must be finite, got NaN$"),
+        ("proportional", {"priority_floor": -0.1},
+         r"^priority_floor must be a finite non-negative number, got -0\.1$"),
+    ],
+)
+def test_option_errors(rule, options, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_rollouts([0.1, 0.2], 4, 1, 3, rule, **options)
+
+
+def test_pass_rates_of_unseen_prompts_are_ignored():
+    got = allocate_rollouts([0.1, 0.2], 6, 1, 5, "proportional",
+                            unseen=[True, False], pass_rates=[float("nan"), 0.5])
+    assert got.tolist() == [4, 2]
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_import_needs_only_numpy():
+    code = (
+        "import sys, dynamo_openrlhf\n"
+        "from dynamo_openrlhf import allocate_rollouts, PassRatePool\n"
+        "heavy = [m for m in ('torch', 'ray', 'openrlhf', 'deepspeed', 'transformers') "
+        "if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print(allocate_rollouts([0.25, 0.0], 4, 1, 3).tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[3, 1]"

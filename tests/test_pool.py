@@ -1,0 +1,396 @@
+"""PassRatePool: posteriors, forgetting, prior fitting, allocation switches, file format."""
+
+import copy
+import os
+import pickle
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from dynamo_openrlhf import FORMAT_VERSION, PassRatePool, allocate_rollouts
+
+HEADER = 76  # bytes before the records (see PassRatePool.save)
+
+
+def beta_moments(a, b):
+    return a / (a + b), a * b / ((a + b) * (a + b + 1))
+
+
+def sample_pool(forget=0.9):
+    pool = PassRatePool(prior=(0.7, 1.3), forget=forget)
+    rng = np.random.default_rng(4)
+    for step in range(25):
+        ids = rng.integers(-(2**62), 2**62, 300) if step == 0 else rng.integers(0, 5000, 300)
+        trials = rng.integers(0, 17, 300)
+        successes = rng.binomial(trials, 0.4)
+        pool.update(ids, successes, trials)
+    pool.update([np.iinfo(np.int64).min, np.iinfo(np.int64).max], [1, 2], [3, 2])
+    return pool
+
+
+# ---------------------------------------------------------------- posteriors
+
+
+def test_unseen_ids_get_the_prior():
+    pool = PassRatePool(prior=(2.0, 6.0))
+    mean, var = beta_moments(2.0, 6.0)
+    assert pool.mean([5, -7]).tolist() == [mean, mean]
+    assert pool.expected_variance([5]).tolist() == [var]
+    assert pool.evidence([5]) [0].tolist() == [0.0]
+    assert len(pool) == 0 and 5 not in pool
+
+
+def test_update_accumulates_and_repeated_ids_add_up():
+    pool = PassRatePool()
+    pool.update(np.array([3, 4, 3]), np.array([2, 0, 1]), np.array([4, 16, 1]))
+    s, f = pool.evidence([3, 4, 9])
+    assert s.tolist() == [3.0, 0.0, 0.0] and f.tolist() == [2.0, 16.0, 0.0]
+    assert pool.mean([3]).tolist() == [4.0 / 7.0]
+    assert pool.expected_variance([3, 4]).tolist() == [beta_moments(4.0, 3.0)[1],
+                                                       beta_moments(1.0, 17.0)[1]]
+    assert len(pool) == 2 and 3 in pool and np.int64(4) in pool and "3" not in pool
+    assert sorted(pool.ids().tolist()) == [3, 4]
+
+
+def test_boolean_and_narrow_integer_counts():
+    pool = PassRatePool()
+    rewards = np.array([True, False, True, True])
+    pool.update(np.array([1, 1, 2, 2], dtype=np.int32), rewards, np.ones(4, dtype=np.uint8))
+    assert pool.evidence([1, 2])[0].tolist() == [1.0, 2.0]
+    assert pool.evidence([1, 2])[1].tolist() == [1.0, 0.0]
+
+
+def test_zero_trials_create_no_entry():
+    pool = PassRatePool()
+    pool.update([7, 8], [0, 1], [0, 1])
+    assert 7 not in pool and 8 in pool and len(pool) == 1
+
+
+def test_extreme_ids():
+    pool = PassRatePool()
+    lo, hi = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    pool.update(np.array([lo, hi, 0]), [1, 0, 1], [1, 1, 1])
+    assert lo in pool and hi in pool and 0 in pool and len(pool) == 3
+    assert pool.evidence([lo, hi])[0].tolist() == [1.0, 0.0]
+
+
+def test_large_pool_stays_within_32_bytes_per_prompt():
+    pool = PassRatePool()
+    ids = np.arange(1_000_000, dtype=np.int64) * 7919
+    pool.update(ids, np.ones_like(ids), np.full_like(ids, 2))
+    stats = pool.stats()
+    assert stats["prompts"] == 1_000_000
+    assert stats["bytes_per_prompt"] <= 32.0
+    assert stats["load_factor"] <= 0.8
+    assert stats["successes"] == 1_000_000 and stats["failures"] == 1_000_000
+    assert pool.mean(ids[[0, -1]]).tolist() == [0.5, 0.5]
+    presized = PassRatePool(capacity=1_000_000)
+    slots = presized.stats()["slots"]
+    presized.update(ids, np.ones_like(ids), np.ones_like(ids))
+    assert presized.stats()["slots"] == slots  # no growth when pre-sized
+
+
+# ---------------------------------------------------------------- forgetting
+
+
+def test_forgetting_multiplies_old_evidence_each_step():
+    pool = PassRatePool(forget=0.5)
+    pool.update([1], [4], [8])  # nothing to forget yet: exact counts
+    assert pool.evidence([1])[0].tolist() == [4.0]
+    pool.update([2], [1], [1])
+    pool.update([], [], [])  # a step without results still forgets
+    s, f = pool.evidence([1, 2])
+    assert s.tolist() == [1.0, 0.5] and f.tolist() == [1.0, 0.0]
+    assert pool.stats()["updates"] == 3
+
+
+def test_forget_one_is_plain_accumulation():
+    pool = PassRatePool(forget=1.0)
+    for _ in range(100):
+        pool.update([5], [3], [4])
+    assert pool.evidence([5])[0].tolist() == [300.0]
+    assert pool.stats()["scale"] == 1.0
+
+
+def test_long_runs_renormalise_without_losing_evidence():
+    rho = 0.7
+    pool = PassRatePool(forget=rho)
+    expected = 0.0
+    for step in range(400):  # rho**400 ~ 1e-62: several renormalisations
+        pool.update([-1, step], [1, 1], [3, 1])
+        expected = expected * rho + 1.0
+        assert pool.stats()["scale"] >= 1e-18
+    s, f = pool.evidence([-1])
+    assert s[0] == pytest.approx(expected, rel=1e-5)
+    assert f[0] == pytest.approx(2 * expected, rel=1e-5)
+    assert pool.evidence([0])[0][0] < 1e-30 and 0 in pool
+
+
+def test_changing_forget_applies_from_the_next_step():
+    pool = PassRatePool(forget=1.0)
+    pool.update([1], [2], [2])
+    pool.forget = 0.5
+    pool.update([], [], [])
+    assert pool.evidence([1])[0].tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"^forget must lie in \(0, 1\], got 0$"):
+        pool.forget = 0.0
+
+
+# ---------------------------------------------------------------- rejected updates
+
+
+@pytest.mark.parametrize(
+    "ids, successes, trials, message",
+    [
+        ([1, 5], [3, 0], [2, 1], r"^successes\[0\] = 3 exceeds trials\[0\] = 2$"),
+        ([1], [0], [-1], r"^trials\[0\] is negative \(-1\)$"),
+        ([1, 2], [0, -2], [1, 1], r"^successes\[1\] is negative \(-2\)$"),
+        ([1], [0, 1], [1], r"^successes has length 2 but prompt_ids has length 1$"),
+        ([1, 2], [0, 1], [1], r"^trials has length 1 but prompt_ids has length 2$"),
+        ([1.5], [0], [1], r"^prompt_ids must be an integer array, got dtype float64$"),
+        ([True], [0], [1], r"^prompt_ids must be an integer array, got dtype bool$"),
+        ([1], [0.5], [1], r"^successes must be an integer array, got dtype float64$"),
+        ([[1]], [0], [1], r"^prompt_ids must be 1-D, got an array of shape \(1, 1\)$"),
+        (np.array([2**63], dtype=np.uint64), [0], [1], r"^prompt_ids holds 9223372036854775808"),
+    ],
+)
+def test_rejected_update_leaves_the_pool_unchanged(ids, successes, trials, message):
+    pool = sample_pool()
+    before = pool.to_bytes()
+    with pytest.raises(ValueError, match=message):
+        pool.update(ids, successes, trials)
+    assert pool.to_bytes() == before
+
+
+def test_constructor_and_prior_validation():
+    with pytest.raises(ValueError, match=r"^prior alpha0 must be a finite positive number, got 0$"):
+        PassRatePool(prior=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"^prior beta0 must be a finite positive number, got inf$"):
+        PassRatePool(prior=(1.0, float("inf")))
+    with pytest.raises(ValueError, match=r"^forget must lie in \(0, 1\], got 1.5$"):
+        PassRatePool(forget=1.5)
+    pool = PassRatePool()
+    pool.prior = (3.0, 1.0)
+    assert pool.prior == (3.0, 1.0) and pool.mean([1]).tolist() == [0.75]
+    with pytest.raises(ValueError, match="prior alpha0"):
+        pool.prior = (-1.0, 1.0)
+    assert pool.prior == (3.0, 1.0)
+
+
+def test_prior_change_keeps_evidence():
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update([1], [3], [4])
+    pool.prior = (2.0, 2.0)
+    assert pool.mean([1]).tolist() == [5.0 / 8.0]
+
+
+# ---------------------------------------------------------------- fit_prior
+
+
+def test_fit_prior_matches_the_documented_formula():
+    pool = PassRatePool()
+    successes = np.array([0, 3, 5, 9, 2, 7])
+    trials = np.array([10, 10, 8, 12, 4, 9])
+    pool.update(np.arange(6), successes, trials)
+    pool.update([100], [0], [0])  # no evidence: ignored
+    rates = successes / trials
+    mu, s2, c = rates.mean(), rates.var(ddof=1), (1 / trials).mean()
+    phi = np.clip((s2 / (mu * (1 - mu)) - c) / (1 - c), 1e-6, 1 / 1.001)
+    strength = 1 / phi - 1
+    fitted = pool.fit_prior()
+    assert fitted == pytest.approx((mu * strength, (1 - mu) * strength), rel=1e-12)
+    assert pool.prior == fitted
+
+
+def test_fit_prior_recovers_the_generating_beta():
+    rng = np.random.default_rng(11)
+    n = 200_000
+    rates = rng.beta(2.0, 5.0, n)
+    pool = PassRatePool()
+    pool.update(np.arange(n), rng.binomial(20, rates), np.full(n, 20))
+    a, b = pool.fit_prior()
+    assert a == pytest.approx(2.0, rel=0.05) and b == pytest.approx(5.0, rel=0.05)
+
+
+def test_fit_prior_refuses_degenerate_pools():
+    with pytest.raises(ValueError, match=r"at least 2 prompts"):
+        PassRatePool().fit_prior()
+    pool = PassRatePool()
+    pool.update([1, 2], [0, 0], [5, 5])
+    with pytest.raises(ValueError, match=r"both successes and failures"):
+        pool.fit_prior()
+    pool = PassRatePool()
+    pool.update([1, 2], [0, 1], [1, 1])
+    with pytest.raises(ValueError, match=r"one trial per prompt"):
+        pool.fit_prior()
+    assert pool.prior == (1.0, 1.0)
+
+
+# ---------------------------------------------------------------- allocation
+
+
+def test_allocate_is_allocate_rollouts_on_posterior_variances():
+    pool = sample_pool()
+    batch = np.array([1, 2, 3, 10_000, 2, 4999])
+    expected = allocate_rollouts(pool.expected_variance(batch), 96, 8, 24)
+    assert np.array_equal(pool.allocate(batch, budget=96, lo=8, hi=24), expected)
+    uniform = pool.allocate(batch, 100, 8, 24, rule="uniform")
+    assert uniform.tolist() == [17, 17, 17, 17, 16, 16]
+
+
+def test_unseen_ids_get_prior_variance_or_the_exploration_budget():
+    pool = PassRatePool()
+    pool.update([1, 2, 3], [8, 16, 0], [16, 16, 16])
+    ids = [1, 2, 3, 4]
+    neyman = pool.allocate(ids, 64, 8, 24)
+    assert neyman.tolist() == allocate_rollouts(pool.expected_variance(ids), 64, 8, 24).tolist()
+    assert neyman[3] > neyman[1] and neyman[3] > neyman[2]
+    explored = pool.allocate(ids, 64, 2, 40, exploration=True, exploration_rollouts=6)
+    assert explored[3] == 6
+    seen_part = allocate_rollouts(pool.expected_variance([1, 2, 3]), 58, 2, 40)
+    assert explored[:3].tolist() == seen_part.tolist()
+
+
+def test_proportional_uses_the_reference_defaults():
+    pool = PassRatePool()
+    pool.update([1, 2, 3], [8, 4, 15], [16, 16, 16])
+    ids = np.array([1, 2, 3, 4])
+    v, means = pool.expected_variance(ids), pool.mean(ids)
+    unseen = np.array([False, False, False, True])
+    expected = allocate_rollouts(v, 64, 8, 24, "proportional", unseen=unseen, pass_rates=means)
+    assert np.array_equal(pool.allocate(ids, 64, 8, 24, rule="proportional"), expected)
+    assert pool.allocate(ids, 64, 8, 24, rule="proportional")[3] == 8  # 4 clamped into [8, 24]
+    off = pool.allocate(ids, 64, 8, 24, rule="proportional", exploration=False, mastery=False)
+    assert np.array_equal(off, allocate_rollouts(v, 64, 8, 24, "proportional"))
+
+
+@pytest.mark.parametrize(
+    "rule, options, message",
+    [
+        ("uniform", {"mastery": True}, r"^mastery does not apply to rule 'uniform'"),
+        ("neyman", {"exploration_rollouts": 3}, r"^exploration_rollouts has no effect without exploration$"),
+        ("neyman", {"mastery_threshold": 0.9}, r"^mastery_threshold has no effect without mastery$"),
+        ("neyman", {"priority_floor": 0.1}, r"^priority_floor has no effect for rule 'neyman' without mastery$"),
+        ("neyman", {}, r"^budget 1000 is infeasible"),
+        ("bogus", {}, r"^rule must be one of"),
+    ],
+)
+def test_allocate_errors(rule, options, message):
+    pool = sample_pool()
+    budget = 1000 if not options and rule == "neyman" else 40
+    with pytest.raises(ValueError, match=message):
+        pool.allocate([1, 2, 3], budget, 8, 24, rule=rule, **options)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def same_pool(a, b):
+    assert a.prior == b.prior and a.forget == b.forget
+    assert a.stats()["scale"] == b.stats()["scale"] and a.stats()["updates"] == b.stats()["updates"]
+    ids = np.sort(a.ids())
+    assert np.array_equal(ids, np.sort(b.ids()))
+    for x, y in zip(a.evidence(ids), b.evidence(ids)):
+        assert np.array_equal(x.view(np.uint64), y.view(np.uint64))
+
+
+def test_save_load_round_trip_is_bit_for_bit(tmp_path):
+    pool = sample_pool()
+    path = tmp_path / "pool.bin"
+    pool.save(path)
+    assert os.path.getsize(path) == 80 + 16 * len(pool)
+    loaded = PassRatePool.load(str(path))
+    same_pool(pool, loaded)
+    assert loaded.to_bytes() == path.read_bytes() == pool.to_bytes()
+    pool.save(path)  # replacing an existing file
+    assert os.listdir(tmp_path) == ["pool.bin"]  # no temporary file left behind
+    empty = PassRatePool(prior=(0.5, 0.5), forget=0.25)
+    empty.save(tmp_path / "empty.bin")
+    same_pool(empty, PassRatePool.load(tmp_path / "empty.bin"))
+
+
+def test_file_header_layout(tmp_path):
+    pool = sample_pool()
+    data = pool.to_bytes()
+    magic, version, flags, a0, b0, rho, scale, updates, prompts, slots, crc = struct.unpack(
+        "<8sIIddddQQQI", data[:HEADER]
+    )
+    assert magic == b"DYNMPOOL" and version == FORMAT_VERSION == 1 and flags == 0
+    assert (a0, b0, rho) == (0.7, 1.3, 0.9) and prompts == len(pool) and updates == 26
+    assert crc == zlib.crc32(data[:72])
+    assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[HEADER:-4])
+
+
+def test_pickle_and_deepcopy():
+    pool = sample_pool()
+    same_pool(pool, pickle.loads(pickle.dumps(pool)))
+    clone = copy.deepcopy(pool)
+    clone.update([123456], [1], [1])
+    assert 123456 in clone and 123456 not in pool
+
+
+def damaged(data, how):
+    if how == "truncated-header":
+        return data[:40]
+    if how == "truncated-records":
+        return data[: HEADER + 100]
+    if how == "truncated-crc":
+        return data[:-1]
+    if how == "trailing":
+        return data + b"\0"
+    if how == "record-flip":
+        return data[:HEADER + 40] + bytes([data[HEADER + 40] ^ 0x10]) + data[HEADER + 41:]
+    if how == "header-flip":
+        return data[:20] + bytes([data[20] ^ 1]) + data[21:]
+    if how == "version":
+        return data[:8] + struct.pack("<I", 2) + data[12:]
+    if how == "foreign":
+        return b"\x89PNG\r\n\x1a\n" + data[8:]
+    if how == "empty":
+        return b""
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated-header", r"truncated: 40 bytes, shorter than the 76-byte header"),
+        ("truncated-records", r"truncated: \d+ bytes, expected \d+ for \d+ prompts"),
+        ("truncated-crc", r"truncated"),
+        ("trailing", r"1 unexpected bytes after the data"),
+        ("record-flip", r"data checksum mismatch"),
+        ("header-flip", r"header checksum mismatch"),
+        ("version", r"unsupported format version 2 \(this build reads version 1\)"),
+        ("foreign", r"bad magic bytes .*this is not a pool file"),
+        ("empty", r"the file is empty"),
+    ],
+)
+def test_damaged_files_are_refused(tmp_path, how, message):
+    path = tmp_path / "pool.bin"
+    path.write_bytes(damaged(sample_pool().to_bytes(), how))
+    with pytest.raises(ValueError, match=r"is not a valid PassRatePool file: " + message):
+        PassRatePool.load(path)
+    with pytest.raises(ValueError, match=message):
+        PassRatePool.from_bytes(path.read_bytes())
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        PassRatePool.load(tmp_path / "absent.bin")
+    assert info.value.filename == str(tmp_path / "absent.bin")
+    with pytest.raises(IsADirectoryError):
+        PassRatePool.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        sample_pool().save(tmp_path / "no-such-dir" / "pool.bin")
+    assert os.listdir(tmp_path) == []
+
+
+def test_repr_and_stats_keys():
+    pool = sample_pool()
+    assert repr(pool) == f"PassRatePool(prompts={len(pool)}, prior=(0.7, 1.3), forget=0.9)"
+    assert set(pool.stats()) == {
+        "prompts", "slots", "load_factor", "bytes", "bytes_per_prompt", "updates", "scale",
+        "prior", "forget", "successes", "failures",
+    }
