@@ -1,23 +1,86 @@
-"""CPU backend: the one place where stand-ins for GPU-only packages live.
+"""CPU backend: the one place where stand-ins for GPU-only pieces live.
 
-OpenRLHF 0.11.2 imports ``flash_attn`` (packed-sample helpers) and ``vllm`` (rollout engine) at
-module import time. Neither can be installed without CUDA. This module installs minimal
-pure-torch/pure-Python stand-ins into ``sys.modules`` **only** when the real package cannot be
-imported; a working real package is never replaced.
+``python -m dynamo_openrlhf.train`` runs OpenRLHF 0.11.2's own Ray PPO/GRPO loop. Without CUDA
+(``torch.cuda.is_available()`` is False) this module makes that loop run on CPU; with CUDA none of
+it is applied. Each adapter and why it is needed:
 
-Nothing here is imported by ``dynamo_openrlhf/__init__.py``: the standalone allocator never pulls
-torch in.
+Import stand-ins (``install_import_stand_ins``; only when the real package does not import)
+  * ``flash_attn`` — OpenRLHF imports its padding helpers at module import; pure-torch versions.
+  * ``vllm`` — OpenRLHF imports ``SamplingParams``, ``TokensPrompt``, ``random_uuid`` at module
+    import. A real vllm that imports is kept (its types are used; only the engine is replaced).
+
+Process patches (``apply_cpu_patches``; idempotent; in the driver and in every Ray worker)
+  * ``torch.cuda`` no-ops: ``current_device()`` returns ``torch.device("cpu")`` (OpenRLHF moves
+    tensors with ``.to(torch.cuda.current_device())``); ``set_device``/``synchronize``/
+    ``empty_cache`` do nothing.
+  * device mesh on ``cpu``: ``DeepspeedStrategy.setup_distributed`` builds it on ``"cuda"``.
+  * DeepSpeed: the shared-memory comm op (``deepspeed.comm.torch.build_shm_op``) is a JIT C++
+    build — disabled; DeepSpeed then uses gloo on its CPU accelerator. ``"torch_adam": true`` in
+    the optimizer config, so DeepSpeed uses ``torch.optim.AdamW`` instead of building FusedAdam.
+  * replay buffer: ``NaiveReplayBuffer`` targets ``cuda:<device>``; it targets ``cpu`` instead.
+  * EMA: ``moving_average(..., "cuda")`` is given ``"cpu"``.
+  * weight sync actor -> rollout engine: OpenRLHF broadcasts each parameter over NCCL (or CUDA
+    IPC). On CPU, ``ActorPPOTrainer`` skips creating that process group, and
+    ``broadcast_to_vllm`` gathers the parameters (ZeRO-3 aware, on every rank), puts one state dict
+    into the Ray object store and calls ``update_weights`` on every engine.
+  * rollout engines: ``create_vllm_engines`` is replaced by ``create_cpu_rollout_engines`` (same
+    signature and placement), which starts ``CPURolloutActor``.
+
+``CPURolloutActor`` — a Ray actor exposing the methods of OpenRLHF's vLLM ``RolloutRayActor``
+(``generate``, ``generate_responses``, ``get_num_unfinished_requests``, sleep/wake/pause/resume,
+``init_process_group``/``update_weight`` stubs, plus ``update_weights``). ``generate_responses``
+is OpenRLHF's own method and its agent executors (so rewards are computed exactly as on GPU).
+``generate(prompt_token_ids, sampling_params)`` honours ``sampling_params.n`` and returns a
+vLLM-like ``RequestOutput`` with ``n`` completions; concurrent requests (all prompts of a step,
+each with its own ``n``) are batched into one ``transformers`` ``generate`` call per compatible
+sampling setting.
+
+Ray (``ray_init``): connects to ``RAY_ADDRESS`` / a running cluster exactly like ``ray.init()``;
+otherwise starts a local one with as many *fake* GPUs as the run's actors request (Ray only
+schedules them; nothing uses CUDA), no dashboard and no idle pre-started workers. Ray workers
+apply the process patches through the runtime env's ``worker_process_setup_hook``
+(``setup_ray_worker``).
+
+Nothing here is imported by ``dynamo_openrlhf/__init__.py`` and importing this module imports
+neither torch nor openrlhf: the standalone allocator never pulls them in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.machinery
+import logging
+import os
 import sys
+import threading
+import time
 import types
 import uuid
+import warnings
+from typing import Any, Dict, List, Optional
 
-__all__ = ["install_import_stand_ins", "stand_ins_installed"]
+__all__ = [
+    "install_import_stand_ins",
+    "stand_ins_installed",
+    "cuda_available",
+    "apply_cpu_patches",
+    "cpu_patches_applied",
+    "set_cpu_env",
+    "setup_ray_worker",
+    "BACKEND_ENV",
+    "create_cpu_rollout_engines",
+    "CPURolloutActor",
+    "required_gpus",
+    "ray_init",
+]
+
+logger = logging.getLogger("dynamo_openrlhf.cpu_backend")
+
+# Set (to "cpu") in the Ray runtime env by the driver: workers then apply the CPU patches.
+BACKEND_ENV = "DYNAMO_OPENRLHF_BACKEND"
+# Optional override of torch's intra-op threads in CPU workers (default: Ray's, i.e. 1).
+THREADS_ENV = "DYNAMO_OPENRLHF_CPU_THREADS"
 
 # Names of the modules this backend put into sys.modules (empty when the real packages are used).
 _INSTALLED: list[str] = []
@@ -135,3 +198,620 @@ def install_import_stand_ins() -> tuple[str, ...]:
         installer()
         _INSTALLED.append(name)
     return stand_ins_installed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Process patches
+# ----------------------------------------------------------------------------------------------
+
+_PATCH_LOCK = threading.Lock()
+_PATCHED = False
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def cpu_patches_applied() -> bool:
+    return _PATCHED
+
+
+def _set_threads() -> None:
+    """Ray gives each worker OMP_NUM_THREADS = its num_cpus (1 here); keep that unless asked."""
+    want = os.environ.get(THREADS_ENV)
+    if want:
+        import torch
+
+        torch.set_num_threads(int(want))
+
+
+def _patch_torch_cuda() -> None:
+    import torch
+
+    cpu = torch.device("cpu")
+    torch.cuda.current_device = lambda: cpu
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+
+
+def _patch_deepspeed() -> None:
+    # (not ``import deepspeed.comm.torch as m``: ``deepspeed.comm.torch`` is also the name of the
+    # torch module re-exported by ``deepspeed.comm``)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+
+    # A JIT-compiled C++ op; DeepSpeed falls back to plain torch.distributed (gloo) without it.
+    ds_comm_torch.build_shm_op = lambda: None
+
+
+def _patch_openrlhf() -> None:
+    import torch
+
+    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+    from openrlhf.trainer.ppo_utils import replay_buffer
+    from openrlhf.trainer.ray import ppo_actor, vllm_engine
+    import openrlhf.trainer.ray as trainer_ray
+
+    # Device mesh on CPU.
+    orig_mesh = ds_strategy.init_device_mesh
+
+    def init_device_mesh(device_type, *args, **kwargs):
+        return orig_mesh("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    ds_strategy.init_device_mesh = init_device_mesh
+
+    # torch.optim.AdamW inside DeepSpeed (no FusedAdam build).
+    orig_train_cfg = ds_strategy.get_train_ds_config
+
+    def get_train_ds_config(*args, **kwargs):
+        cfg = orig_train_cfg(*args, **kwargs)
+        opt = cfg.get("optimizer")
+        if opt and opt.get("type") in ("Adam", "AdamW"):
+            opt.setdefault("params", {})["torch_adam"] = True
+        return cfg
+
+    ds_strategy.get_train_ds_config = get_train_ds_config
+
+    # EMA updates target "cuda".
+    orig_ema = ds_strategy.DeepspeedStrategy.moving_average
+
+    def moving_average(self, model, model_ema, beta=0.992, device="cpu"):
+        return orig_ema(self, model, model_ema, beta, "cpu" if str(device).startswith("cuda") else device)
+
+    ds_strategy.DeepspeedStrategy.moving_average = moving_average
+
+    # Replay buffer: its constructor formats f"cuda:{torch.cuda.current_device()}".
+    orig_rb_init = replay_buffer.NaiveReplayBuffer.__init__
+
+    def rb_init(self, *args, **kwargs):
+        current = torch.cuda.current_device
+        torch.cuda.current_device = lambda: 0
+        try:
+            orig_rb_init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = current
+        self.target_device = torch.device("cpu")
+
+    replay_buffer.NaiveReplayBuffer.__init__ = rb_init
+
+    # Weight sync through the Ray object store instead of NCCL / CUDA IPC.
+    ppo_actor.ActorPPOTrainer._init_vllm_sync_group = _skip_vllm_sync_group
+    ppo_actor.ActorPPOTrainer.broadcast_to_vllm = _broadcast_to_engines_via_object_store
+
+    # Rollout engines: transformers on CPU.
+    trainer_ray.create_vllm_engines = create_cpu_rollout_engines
+    vllm_engine.create_vllm_engines = create_cpu_rollout_engines
+
+
+def set_cpu_env() -> None:
+    """Environment of a CPU-backend process; call before DeepSpeed is imported."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # explicit: no "unable to detect" warning
+
+
+def apply_cpu_patches() -> bool:
+    """Apply every CPU adapter in this process (idempotent). Returns False (and does nothing)
+    when CUDA is available."""
+    global _PATCHED
+    with _PATCH_LOCK:
+        if _PATCHED:
+            return True
+        if cuda_available():
+            return False
+        set_cpu_env()
+        install_import_stand_ins()
+        _patch_torch_cuda()
+        _patch_deepspeed()
+        _patch_openrlhf()
+        _set_threads()
+        _PATCHED = True
+        return True
+
+
+def setup_ray_worker() -> None:
+    """Ray ``worker_process_setup_hook``: apply the CPU patches when the driver chose the CPU
+    backend (it sets ``DYNAMO_OPENRLHF_BACKEND=cpu`` in the runtime env)."""
+    if os.environ.get(BACKEND_ENV) == "cpu":
+        apply_cpu_patches()
+
+
+def _skip_vllm_sync_group(self, backend: str) -> None:
+    """No NCCL group on CPU: weights travel through the Ray object store."""
+    self._model_update_group = None
+
+
+def _broadcast_to_engines_via_object_store(self) -> None:
+    """CPU replacement of ``ActorPPOTrainer.broadcast_to_vllm``: every rank takes part in the
+    (ZeRO-3 / TP) gathers, rank 0 ships one state dict to all engines through the object store."""
+    import deepspeed
+    import ray
+    import torch
+
+    from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
+
+    args = self.strategy.args
+    model = self.actor.model.module
+    rank0 = torch.distributed.get_rank() == 0
+    is_vlm = getattr(self.actor, "is_vlm", False)
+
+    def gathered(param):
+        if args.ds.tensor_parallel_size > 1:
+            return deepspeed.module_inject.layers.GatherReplacedLayerParams([param], model, enabled=True)
+        return deepspeed.zero.GatheredParameters([param], enabled=args.ds.zero_stage == 3)
+
+    state: Dict[str, Any] = {}
+    for name, param in model.named_parameters():
+        if not (param.requires_grad or not is_vlm):
+            continue
+        with gathered(param):
+            if rank0:
+                state[name] = param.data.detach().to("cpu", copy=True)
+    if rank0:
+        with warnings.catch_warnings():  # the tensors are private copies: zero-copy is safe
+            warnings.simplefilter("ignore")
+            ref = ray.put(state)
+        ray.get([engine.update_weights.remote(ref) for engine in self.vllm_engines])
+    torch_dist_barrier_and_cuda_sync()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU rollout engine
+# ----------------------------------------------------------------------------------------------
+
+
+class _Logprob:
+    __slots__ = ("logprob", "rank", "decoded_token")
+
+    def __init__(self, logprob: float):
+        self.logprob = logprob
+        self.rank = None
+        self.decoded_token = None
+
+
+class CompletionOutput:
+    """The fields of ``vllm.outputs.CompletionOutput`` OpenRLHF reads."""
+
+    def __init__(self, index, token_ids, text, finish_reason, logprobs=None):
+        self.index = index
+        self.token_ids = token_ids
+        self.text = text
+        self.finish_reason = finish_reason  # "stop" (EOS) or "length"
+        self.logprobs = logprobs  # None or [{token_id: Logprob}] per generated token
+        self.cumulative_logprob = None
+        self.stop_reason = None
+
+    def __repr__(self):
+        return f"CompletionOutput(index={self.index}, finish_reason={self.finish_reason!r}, token_ids={self.token_ids})"
+
+
+class RequestOutput:
+    """The fields of ``vllm.outputs.RequestOutput`` OpenRLHF reads: one entry per sample (n)."""
+
+    def __init__(self, request_id, prompt_token_ids, outputs):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.outputs = outputs
+        self.finished = True
+
+    def __repr__(self):
+        return f"RequestOutput(request_id={self.request_id!r}, outputs={self.outputs})"
+
+
+class _Request:
+    __slots__ = ("prompt", "params", "future")
+
+    def __init__(self, prompt, params, future):
+        self.prompt = prompt
+        self.params = params
+        self.future = future
+
+
+def _sampling_key(params) -> tuple:
+    """Requests sharing this key are sampled in one batch (max_tokens may differ: each row is
+    cut at its own limit, which is the same distribution)."""
+    top_k = getattr(params, "top_k", -1)
+    return (
+        float(getattr(params, "temperature", 1.0) or 0.0),
+        float(getattr(params, "top_p", 1.0) or 1.0),
+        int(top_k if top_k is not None else -1),
+        int(getattr(params, "min_tokens", 0) or 0),
+        getattr(params, "logprobs", None) is not None,
+        bool(getattr(params, "skip_special_tokens", True)),
+    )
+
+
+class CPURolloutActor:
+    """A ``transformers`` stand-in for OpenRLHF's vLLM ``RolloutRayActor`` (see module docstring).
+
+    Created through ``create_cpu_rollout_engines`` as an async Ray actor.
+    """
+
+    # Window in which concurrently submitted requests are collected into one batch.
+    BATCH_WINDOW_S = 0.02
+    MAX_BATCH_ROWS = 256
+
+    def __init__(self, *args, bundle_indices=None, agent_func_path: Optional[str] = None,
+                 remote_rm_url=None, mm_pad_token_ids=None, **kwargs):
+        apply_cpu_patches()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # update_weights receives read-only zero-copy tensors and copies them into the model
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+        from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+        model = kwargs.get("model") or (args[0] if args else None)
+        if model is None:
+            raise ValueError("CPURolloutActor needs model=<path>")
+        self.kwargs = kwargs
+        self._seed = int(kwargs.get("seed", 0))
+        torch.manual_seed(self._seed)
+        # float32 on CPU: faster than bf16 matmuls here and closer to the actor's float32 logits.
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, trust_remote_code=True).eval()
+        self.model.config.use_cache = True
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+        self.eos_token_id = self.model.generation_config.eos_token_id
+        if self.eos_token_id is None:
+            self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id if not isinstance(self.eos_token_id, list) else self.eos_token_id[0]
+        self.max_model_len = kwargs.get("max_model_len")
+
+        if agent_func_path:
+            self.executor = _load_agent_executor(agent_func_path)
+        else:
+            self.executor = SingleTurnAgentExecutor(remote_rm_url)
+        self._mm_pad_token_ids = mm_pad_token_ids
+
+        self._queue: List[_Request] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._resumed: Optional[asyncio.Event] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._loop_task = None
+        self._in_flight = 0
+        self.num_batches = 0
+        self.num_weight_updates = 0
+
+    # -- engine control (vLLM interface) ------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._resumed = asyncio.Event()
+            self._resumed.set()
+            self._lock = asyncio.Lock()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def init_process_group(self, *args, **kwargs):
+        """No collective group on CPU (weights arrive through ``update_weights``)."""
+        return None
+
+    async def update_weight(self, name, dtype, shape, empty_cache=False):
+        raise NotImplementedError("CPURolloutActor receives weights through update_weights(state_dict)")
+
+    async def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles, empty_cache=False):
+        raise NotImplementedError("CPURolloutActor receives weights through update_weights(state_dict)")
+
+    async def update_weights(self, state_dict: Dict[str, Any]) -> int:
+        """Load a (partial) state dict of the policy; returns how many tensors were loaded."""
+        self._ensure_loop()
+        async with self._lock:
+            own = self.model.state_dict()
+            unknown = [k for k in state_dict if k not in own]
+            if unknown:
+                raise KeyError(f"weights not in the rollout model: {unknown[:5]}")
+            self.model.load_state_dict(state_dict, strict=False)
+            self.num_weight_updates += 1
+            checksum = float(sum(t.double().sum() for t in state_dict.values()))
+        print(f"[CPURolloutActor] weights update {self.num_weight_updates}: {len(state_dict)} tensors, "
+              f"checksum {checksum:.6f}", flush=True)
+        return len(state_dict)
+
+    async def reset_prefix_cache(self):
+        return None
+
+    async def pause_generation(self):
+        self._ensure_loop()
+        self._resumed.clear()
+
+    async def resume_generation(self):
+        self._ensure_loop()
+        self._resumed.set()
+
+    async def sleep(self, level=1):
+        return None
+
+    async def wake_up(self, tags=None):
+        return None
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._queue) + self._in_flight
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        """One request: ``sampling_params.n`` samples of one prompt -> a ``RequestOutput``."""
+        if multi_modal_data:
+            raise NotImplementedError("CPURolloutActor is text-only")
+        self._ensure_loop()
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(list(prompt_token_ids), sampling_params, fut))
+        self._wake.set()
+        return await fut
+
+    async def generate_responses(self, *args, **kwargs):
+        """OpenRLHF's own ``RolloutRayActor.generate_responses`` (agent executor + reward)."""
+        from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
+
+        return await RolloutRayActor.__ray_actor_class__.generate_responses(self, *args, **kwargs)
+
+    async def _batch_loop(self):
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._resumed.wait()
+            # Collect the burst of requests OpenRLHF sends for one step.
+            deadline = time.monotonic() + self.BATCH_WINDOW_S
+            seen = -1
+            while len(self._queue) != seen and time.monotonic() < deadline:
+                seen = len(self._queue)
+                await asyncio.sleep(self.BATCH_WINDOW_S / 4)
+            batch, self._queue = self._queue, []
+            groups: Dict[tuple, List[_Request]] = {}
+            for req in batch:
+                try:
+                    groups.setdefault(_sampling_key(req.params), []).append(req)
+                except Exception as e:  # a malformed request fails alone
+                    req.future.set_exception(e)
+            for reqs in groups.values():
+                for chunk in self._chunks(reqs):
+                    self._in_flight += len(chunk)
+                    try:
+                        async with self._lock:
+                            results = await asyncio.to_thread(self._generate_batch, chunk)
+                        for req, res in zip(chunk, results):
+                            if not req.future.done():
+                                req.future.set_result(res)
+                    except Exception as e:  # deliver the error to every waiting request
+                        for req in chunk:
+                            if not req.future.done():
+                                req.future.set_exception(e)
+                    finally:
+                        self._in_flight -= len(chunk)
+                    self.num_batches += 1
+            if self._queue:
+                self._wake.set()
+
+    def get_stats(self) -> Dict[str, int]:
+        """Counters (for tests/debugging): generate batches run and weight updates received."""
+        return {"batches": self.num_batches, "weight_updates": self.num_weight_updates}
+
+    def _chunks(self, reqs: List[_Request]):
+        chunk, rows = [], 0
+        for req in reqs:
+            n = max(1, int(getattr(req.params, "n", 1) or 1))
+            if chunk and rows + n > self.MAX_BATCH_ROWS:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(req)
+            rows += n
+        if chunk:
+            yield chunk
+
+    def _generate_batch(self, reqs: List[_Request]) -> List[RequestOutput]:
+        import torch
+
+        params0 = reqs[0].params
+        temperature, top_p, top_k, min_tokens, want_logprobs, skip_special = _sampling_key(params0)
+        rows: List[List[int]] = []
+        limits: List[int] = []
+        owners: List[int] = []
+        for i, req in enumerate(reqs):
+            n = max(1, int(getattr(req.params, "n", 1) or 1))
+            limit = getattr(req.params, "max_tokens", None)
+            if limit is None:
+                limit = max(1, (self.max_model_len or 2048) - len(req.prompt))
+            for _ in range(n):
+                rows.append(req.prompt)
+                limits.append(int(limit))
+                owners.append(i)
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            if r:
+                ids[j, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                mask[j, width - len(r):] = 1
+        gen_kwargs = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(limits),
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            return_dict_in_generate=True,
+            output_scores=want_logprobs,
+            use_cache=True,
+        )
+        if temperature > 0:
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0)
+        else:
+            gen_kwargs.update(do_sample=False)
+        if min_tokens > 0:
+            gen_kwargs["min_new_tokens"] = min_tokens
+        with torch.no_grad():
+            out = self.model.generate(**gen_kwargs)
+        new_tokens = out.sequences[:, width:].tolist()
+        step_logprobs = None
+        if want_logprobs:
+            # processed log-probs (after temperature / top-p), like vLLM's "processed_logprobs"
+            step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+
+        eos = set(self.eos_token_id) if isinstance(self.eos_token_id, list) else {self.eos_token_id}
+        per_req: List[List[CompletionOutput]] = [[] for _ in reqs]
+        for j, toks in enumerate(new_tokens):
+            limit = limits[j]
+            kept, reason = [], "length"
+            for t in toks[:limit]:
+                kept.append(t)
+                if t in eos:
+                    reason = "stop"
+                    break
+            lps = None
+            if step_logprobs is not None:
+                lps = [{t: _Logprob(float(step_logprobs[j, k, t]))} for k, t in enumerate(kept)]
+            text = self.tokenizer.decode(kept, skip_special_tokens=skip_special)
+            owner = owners[j]
+            per_req[owner].append(CompletionOutput(len(per_req[owner]), kept, text, reason, lps))
+        return [RequestOutput(uuid.uuid4().hex, req.prompt, per_req[i]) for i, req in enumerate(reqs)]
+
+
+def create_cpu_rollout_engines(
+    num_engines: int,
+    tensor_parallel_size: int,
+    pretrain: str,
+    seed: int,
+    full_determinism: bool,
+    enable_prefix_caching: bool,
+    enforce_eager: bool,
+    max_model_len: int,
+    shared_pg=None,
+    gpu_memory_utilization=None,
+    vllm_enable_sleep=False,
+    logprobs_mode=None,
+    agent_func_path: Optional[str] = None,
+    remote_rm_url: Optional[str] = None,
+    max_images_per_prompt: int = 0,
+):
+    """Drop-in for ``openrlhf.trainer.ray.vllm_engine.create_vllm_engines`` (same signature and
+    placement-group layout; fake GPU bundles) that starts ``CPURolloutActor``s."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if tensor_parallel_size != 1:
+        raise ValueError("the CPU rollout engine supports --vllm.tensor_parallel_size 1 only")
+    if max_images_per_prompt > 0:
+        raise ValueError("the CPU rollout engine is text-only (--data.max_images_per_prompt must be 0)")
+    use_hybrid_engine = shared_pg is not None
+    num_gpus = 0.2 if use_hybrid_engine else 1
+    if not use_hybrid_engine:
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(num_engines)]
+        shared_pg = placement_group(bundles, strategy="PACK")
+        ray.get(shared_pg.ready())
+    remote_cls = ray.remote(CPURolloutActor)
+    engines = []
+    for i in range(num_engines):
+        engines.append(
+            remote_cls.options(
+                num_cpus=num_gpus,
+                num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=shared_pg,
+                    placement_group_capture_child_tasks=True,
+                    placement_group_bundle_index=i,
+                ),
+            ).remote(
+                model=pretrain,
+                seed=seed + i,
+                max_model_len=max_model_len,
+                agent_func_path=agent_func_path,
+                remote_rm_url=remote_rm_url,
+                logprobs_mode=logprobs_mode,
+            )
+        )
+    return engines
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------
+
+
+def required_gpus(args) -> int:
+    """How many (fake) GPUs the actors of a run request — ``args`` is OpenRLHF's nested config."""
+    actor = args.actor.num_nodes * args.actor.num_gpus_per_node
+    total = actor
+    colocate_all = args.train.colocate_all
+    if args.vllm.num_engines and not (colocate_all and not args.train.async_enable):
+        total += args.vllm.num_engines * args.vllm.tensor_parallel_size
+    if args.algo.kl.init_coef > 0 and not (args.train.colocate_actor_ref or colocate_all):
+        total += args.ref.num_nodes * args.ref.num_gpus_per_node
+    critic = args.critic.num_nodes * args.critic.num_gpus_per_node if args.critic.model_name_or_path else 0
+    reward = args.reward.num_nodes * args.reward.num_gpus_per_node if not args.reward.remote_url else 0
+    if colocate_all:
+        pass  # everything shares the actor's bundles
+    elif args.train.colocate_critic_reward and critic and reward:
+        total += critic
+    else:
+        total += critic + reward
+    return max(1, int(total))
+
+
+def ray_init(runtime_env: Optional[dict] = None, *, cpu_backend: bool, num_gpus: int = 0, init=None, **kwargs):
+    """``ray.init`` as OpenRLHF calls it, plus the CPU backend's needs.
+
+    Connects to ``RAY_ADDRESS`` or a running local cluster exactly like ``ray.init()`` does
+    (this is what ``ray job submit`` relies on); otherwise starts a local cluster — on the CPU
+    backend with ``num_gpus`` fake GPUs, no dashboard and no idle pre-started workers.
+    ``init`` is the function that really initialises Ray (default ``ray.init``).
+    """
+    import ray
+
+    init = init or ray.init
+    runtime_env = dict(runtime_env or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if cpu_backend:
+        env_vars[BACKEND_ENV] = "cpu"
+        env_vars.setdefault("DS_ACCELERATOR", "cpu")
+        runtime_env["worker_process_setup_hook"] = f"{__name__}.setup_ray_worker"
+    runtime_env["env_vars"] = env_vars
+
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        existing = canonicalize_bootstrap_address(None)
+    except Exception:  # private API moved: let ray.init decide
+        existing = "unknown"
+    if existing is not None:
+        ctx = init(runtime_env=runtime_env, **kwargs)
+        if cpu_backend:
+            have = ray.cluster_resources().get("GPU", 0)
+            if have < num_gpus:
+                ray.shutdown()
+                raise SystemExit(
+                    f"dynamo_openrlhf: the Ray cluster at {existing} offers {have:g} GPUs but this run's actors "
+                    f"request {num_gpus}. On a machine without CUDA, start the cluster with fake GPUs, e.g. "
+                    f"`ray start --head --num-gpus {num_gpus}`, or run without a cluster (RAY_ADDRESS=local)."
+                )
+        return ctx
+    if cpu_backend:
+        kwargs.setdefault("num_gpus", num_gpus)
+        # Ray schedules actors by logical CPUs: one per actor/bundle plus the trainer.
+        kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, num_gpus + 2))
+        kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("_system_config", {"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+    return init(runtime_env=runtime_env, **kwargs)

@@ -1,0 +1,485 @@
+"""The ``tiny-cpu`` preset's assets, all built locally (no downloads).
+
+* a character-level tokenizer (``tokenizers`` BPE model without merges, wrapped in
+  ``PreTrainedTokenizerFast``) with a minimal chat template;
+* a tiny random-init **Llama**-architecture causal LM (a Qwen2 config made transformers swap the
+  tokenizer class, a Llama config does not);
+* an arithmetic problem set with exact integer answers at several difficulty levels, a disjoint
+  train/eval split, written as JSONL rows ``{"prompt", "answer", "difficulty", "id"}`` that
+  OpenRLHF's prompt dataset loads with ``--data.input_key prompt --data.label_key answer``;
+* a short supervised warm start (plain torch on CPU) so the policy starts with pass rates strictly
+  between 0 and 1 on a good share of prompts — GRPO needs such prompts to get any signal.
+
+Everything is cached on disk under ``$DYNAMO_OPENRLHF_CACHE`` (default
+``~/.cache/dynamo_openrlhf``) in a directory named after a hash of the full recipe, so it is built
+once per machine and shared by runs and tests. Building is atomic (temp dir + rename), so
+concurrent builders are safe.
+
+Command line: ``python -m dynamo_openrlhf.tiny [--measure]`` builds (or finds) the assets and
+prints their paths; ``--measure`` also reports the warm start's pass-rate share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+__all__ = [
+    "TinyConfig",
+    "TinyAssets",
+    "CHAT_TEMPLATE",
+    "build_tokenizer",
+    "build_model",
+    "generate_problems",
+    "prepare_tiny_assets",
+    "measure_pass_rates",
+    "default_cache_dir",
+    "asset_root",
+]
+
+# Bump when the recipe changes in a way the config fields do not capture.
+RECIPE_VERSION = 2
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, USER, ASSISTANT]
+# Every character a prompt, a chat turn or a boxed answer uses.
+CHARSET = (
+    "0123456789"
+    "abcdefghijklmnopqrstuvwxyz"
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    " +-*/()=?.,:;!'\"#$%&^_{}[]<>|\\~`@\n"
+)
+# Jinja chat template: "<|user|>{content}<|assistant|>{content}</s>" per turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}" + EOS + ""
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+LEVELS = (1, 2, 3, 4, 5)
+LEVEL_DESCRIPTIONS = {
+    1: "a+b",
+    2: "a-b (answers may be negative)",
+    3: "a*b",
+    4: "a+b+c",
+    5: "a*b+c",
+}
+# Number of distinct problems per level (one-digit operands).
+LEVEL_SIZES = {1: 100, 2: 100, 3: 100, 4: 1000, 5: 1000}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """The full recipe. Its hash names the cache directory."""
+
+    seed: int = 1234
+    # problem set (per difficulty level)
+    train_per_level: int = 300
+    eval_per_level: int = 16
+    # model (Llama architecture)
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 128
+    # supervised warm start
+    sft_steps: int = 1000
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-3
+    # Label smoothing keeps some probability on every token: sampled at temperature 1 the warm
+    # start explores, so pass rates sit strictly between 0 and 1 on many prompts (where GRPO has
+    # signal) while the greedy answer is often right.
+    sft_label_smoothing: float = 0.1
+
+    def digest(self) -> str:
+        payload = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TinyAssets:
+    root: Path
+    model_dir: Path
+    train_file: Path
+    eval_file: Path
+    meta: Dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DYNAMO_OPENRLHF_CACHE", Path.home() / ".cache" / "dynamo_openrlhf"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` with pad/bos/eos/unk and a chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARSET:
+        vocab.setdefault(ch, len(vocab))
+    # BPE without merges and without a pre-tokenizer = one token per character.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT],
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(config: TinyConfig, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem set
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_problem(level: int, rng: random.Random):
+    a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+    if level == 1:
+        return f"{a}+{b}", a + b
+    if level == 2:
+        return f"{a}-{b}", a - b
+    if level == 3:
+        return f"{a}*{b}", a * b
+    if level == 4:
+        return f"{a}+{b}+{c}", a + b + c
+    if level == 5:
+        return f"{a}*{b}+{c}", a * b + c
+    raise ValueError(f"unknown difficulty level {level}")
+
+
+def generate_problems(config: TinyConfig = TinyConfig()) -> Dict[str, List[dict]]:
+    """Deterministic train/eval split (disjoint by expression), ``{"train": [...], "eval": [...]}``.
+
+    Each row: ``{"id": "L2-0007", "prompt": "What is 42+7?", "answer": "49", "difficulty": 2}``.
+    """
+    rng = random.Random(config.seed)
+    splits: Dict[str, List[dict]] = {"train": [], "eval": []}
+    for level in LEVELS:
+        # Small levels (level 1 has 100 distinct problems) give the train split what is left.
+        want = min(config.train_per_level, LEVEL_SIZES[level] - config.eval_per_level) + config.eval_per_level
+        seen: Dict[str, int] = {}
+        while len(seen) < want:
+            expr, value = _make_problem(level, rng)
+            seen.setdefault(expr, value)
+        items = sorted(seen.items())
+        rng.shuffle(items)
+        for split, chunk in (("eval", items[: config.eval_per_level]), ("train", items[config.eval_per_level :])):
+            for i, (expr, value) in enumerate(chunk):
+                splits[split].append(
+                    {
+                        "id": f"{split}-L{level}-{i:04d}",
+                        "prompt": f"What is {expr}?",
+                        "answer": str(value),
+                        "difficulty": level,
+                    }
+                )
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
+def write_jsonl(rows: Iterable[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_jsonl(path) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def target_response(answer: str) -> str:
+    """What the warm start teaches the model to answer."""
+    return "\\boxed{" + answer + "}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Warm start
+# ----------------------------------------------------------------------------------------------
+
+
+def _encode_chat(tokenizer, prompt: str) -> List[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def warm_start(model, tokenizer, rows: Sequence[dict], config: TinyConfig, log=print) -> Dict[str, float]:
+    """Supervised fine-tuning on ``prompt -> \\boxed{answer}</s>`` (loss on the response only)."""
+    import torch
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed + 1)
+    # Examples grouped by difficulty; each batch draws levels uniformly (level 1 is small).
+    by_level: Dict[int, List] = {}
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    head, tail = target_response("\0").split("\0")
+    for row in rows:
+        p = _encode_chat(tokenizer, row["prompt"])
+        h, a, t = enc(head), enc(row["answer"]), enc(tail) + [tokenizer.eos_token_id]
+        smooth = [0] * len(h) + [1] * len(a) + [0] * len(t)  # label smoothing on the answer only
+        by_level.setdefault(int(row.get("difficulty", 0)), []).append((p, h + a + t, smooth))
+    groups = [by_level[k] for k in sorted(by_level)]
+
+    opt = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.sft_steps))
+    model.train()
+    t0 = time.time()
+    loss_ema = None
+    for step in range(config.sft_steps):
+        batch = [rng.choice(rng.choice(groups)) for _ in range(config.sft_batch_size)]
+        length = max(len(p) + len(r) for p, r, _ in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), -100, dtype=torch.long)
+        smooth = torch.zeros((len(batch), length), dtype=torch.bool)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, (p, r, sm) in enumerate(batch):
+            seq = p + r
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(r)
+            smooth[i, len(p) : len(seq)] = torch.tensor(sm, dtype=torch.bool)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().reshape(-1, len(tokenizer))
+        targets, smooth, valid = labels[:, 1:].reshape(-1), smooth[:, 1:].reshape(-1), labels[:, 1:].reshape(-1) != -100
+        ce = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        ce_smooth = torch.nn.functional.cross_entropy(
+            logits, targets, ignore_index=-100, reduction="none", label_smoothing=config.sft_label_smoothing
+        )
+        loss = torch.where(smooth, ce_smooth, ce)[valid].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        if (step + 1) % 100 == 0:
+            log(f"[tiny] warm start step {step + 1}/{config.sft_steps} loss {loss_ema:.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return {"sft_final_loss": float(loss_ema), "sft_seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring pass rates
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, temperature: float = 1.0,
+                     max_new_tokens: int = 16, seed: int = 0, batch_prompts: int = 32) -> List[List[str]]:
+    """``k`` sampled responses per prompt (plain HF generate, left padding)."""
+    import torch
+
+    torch.manual_seed(seed)
+    out: List[List[str]] = []
+    for start in range(0, len(prompts), batch_prompts):
+        chunk = prompts[start : start + batch_prompts]
+        enc = [_encode_chat(tokenizer, p) for p in chunk]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(enc):
+            ids[i, width - len(e) :] = torch.tensor(e)
+            mask[i, width - len(e) :] = 1
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=k,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for i in range(len(chunk)):
+            out.append(texts[i * k : (i + 1) * k])
+    return out
+
+
+def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature: float = 1.0, seed: int = 0) -> Dict:
+    """Per-prompt success counts of ``k`` samples, scored with the package's math reward.
+
+    Returns ``{"k", "successes": [...], "share_between": fraction with 0 < successes < k,
+    "share_zero", "share_all", "mean_pass_rate", "by_level": {level: mean pass rate}}``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynamo_openrlhf.reward import MathReward
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
+    responses = sample_responses(model, tokenizer, [r["prompt"] for r in rows], k, temperature, seed=seed)
+    scorer = MathReward()
+    try:
+        successes = []
+        for row, resp in zip(rows, responses):
+            scores = [scorer.score(text, row["answer"]).reward for text in resp]
+            successes.append(int(sum(scores)))
+    finally:
+        scorer.close()
+    n = max(len(successes), 1)
+    by_level: Dict[int, List[float]] = {}
+    for row, s in zip(rows, successes):
+        by_level.setdefault(int(row.get("difficulty", 0)), []).append(s / k)
+    return {
+        "k": k,
+        "temperature": temperature,
+        "num_prompts": len(successes),
+        "successes": successes,
+        "share_between": sum(0 < s < k for s in successes) / n,
+        "share_zero": sum(s == 0 for s in successes) / n,
+        "share_all": sum(s == k for s in successes) / n,
+        "mean_pass_rate": sum(successes) / (n * k),
+        "by_level": {lvl: sum(v) / len(v) for lvl, v in sorted(by_level.items())},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached build
+# ----------------------------------------------------------------------------------------------
+
+
+def asset_root(cache_dir: Optional[os.PathLike] = None, config: TinyConfig = TinyConfig()) -> Path:
+    """Where ``prepare_tiny_assets`` keeps the assets of ``config`` (built or not)."""
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return base / f"tiny-cpu-{config.digest()}"
+
+
+def _assets_at(root: Path) -> TinyAssets:
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return TinyAssets(root, root / "model", root / "data" / "train.jsonl", root / "data" / "eval.jsonl", meta)
+
+
+def prepare_tiny_assets(cache_dir: Optional[os.PathLike] = None, config: TinyConfig = TinyConfig(),
+                        log=print) -> TinyAssets:
+    """Return the cached assets for ``config``, building them first if needed (atomic)."""
+    root = asset_root(cache_dir, config)
+    base = root.parent
+    if (root / "meta.json").exists():
+        return _assets_at(root)
+
+    import torch
+
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=base))
+    try:
+        log(f"[tiny] building the tiny-cpu assets in {root} (once; cached by recipe hash)")
+        t0 = time.time()
+        threads = torch.get_num_threads()
+        # One thread unless asked: on a busy machine, more threads than free cores make torch's
+        # OpenMP pool spin and run many times slower.
+        torch.set_num_threads(int(os.environ.get("DYNAMO_OPENRLHF_CPU_THREADS", "1")))
+        (tmp / "data").mkdir()
+        splits = generate_problems(config)
+        write_jsonl(splits["train"], tmp / "data" / "train.jsonl")
+        write_jsonl(splits["eval"], tmp / "data" / "eval.jsonl")
+        tokenizer = build_tokenizer()
+        model = build_model(config, tokenizer)
+        stats = warm_start(model, tokenizer, splits["train"], config, log=log)
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.set_num_threads(threads)
+        meta = {
+            "recipe_version": RECIPE_VERSION,
+            "config": dataclasses.asdict(config),
+            "digest": config.digest(),
+            "num_train": len(splits["train"]),
+            "num_eval": len(splits["eval"]),
+            "levels": LEVEL_DESCRIPTIONS,
+            "build_seconds": time.time() - t0,
+            **stats,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first: keep theirs
+            if not (root / "meta.json").exists():
+                raise
+        log(f"[tiny] built in {time.time() - t0:.0f}s")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _assets_at(root)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynamo_openrlhf.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache_dir", default=None, help="cache root (default: $DYNAMO_OPENRLHF_CACHE or ~/.cache/dynamo_openrlhf)")
+    parser.add_argument("--measure", action="store_true", help="measure the warm start's pass rates on the eval split")
+    parser.add_argument("--k", type=int, default=8, help="samples per prompt for --measure")
+    parser.add_argument("--split", choices=["train", "eval"], default="eval")
+    parser.add_argument("--limit", type=int, default=64, help="prompts measured (--measure)")
+    args = parser.parse_args(argv)
+    assets = prepare_tiny_assets(args.cache_dir)
+    print(json.dumps({"root": str(assets.root), "model": str(assets.model_dir), "train": str(assets.train_file),
+                      "eval": str(assets.eval_file)}, indent=2))
+    if args.measure:
+        rows = read_jsonl(assets.train_file if args.split == "train" else assets.eval_file)[: args.limit]
+        res = measure_pass_rates(assets.model_dir, rows, k=args.k)
+        res.pop("successes")
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
