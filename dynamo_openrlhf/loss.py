@@ -18,7 +18,6 @@ The import fails fast (``ImportError``) unless the installed openrlhf is exactly
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import warnings
 from typing import Dict, Optional, Union
@@ -26,10 +25,12 @@ from typing import Dict, Optional, Union
 import torch
 
 from dynamo_openrlhf.modulation import ModulationConfig, _modulate_checked
+from dynamo_openrlhf.version_check import EXPECTED_OPENRLHF, installed_openrlhf_version
 
 __all__ = ["DynaMOPolicyLoss", "EXPECTED_OPENRLHF_VERSION"]
 
-EXPECTED_OPENRLHF_VERSION = "0.11.2"
+# One place for the pinned version: the launcher's check (dynamo_openrlhf.version_check).
+EXPECTED_OPENRLHF_VERSION = EXPECTED_OPENRLHF
 
 _EMPTY = inspect.Parameter.empty
 # (name, default) of the parent's parameters, as in openrlhf 0.11.2's models/loss.py.
@@ -59,13 +60,12 @@ _EXPECTED_FORWARD = (
 
 
 def _load_parent():
-    try:
-        version = importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
+    version = installed_openrlhf_version()
+    if version is None:
         raise ImportError(
             f"dynamo_openrlhf.loss extends openrlhf {EXPECTED_OPENRLHF_VERSION}'s PolicyLoss, but openrlhf is not "
             f"installed (pip install --no-deps openrlhf=={EXPECTED_OPENRLHF_VERSION}, see the README)"
-        ) from None
+        )
     if version != EXPECTED_OPENRLHF_VERSION:
         raise ImportError(
             f"dynamo_openrlhf.loss extends openrlhf {EXPECTED_OPENRLHF_VERSION}'s PolicyLoss; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import warnings
 
@@ -90,7 +91,7 @@ def test_signatures_extend_the_parent():
 
 
 def test_import_fails_fast_on_other_version(monkeypatch):
-    monkeypatch.setattr(dloss.importlib.metadata, "version", lambda name: "0.11.3")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.11.3")
     with pytest.raises(ImportError, match=r"openrlhf 0\.11\.2's PolicyLoss; found openrlhf 0\.11\.3"):
         dloss._load_parent()
 
