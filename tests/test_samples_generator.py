@@ -1,0 +1,249 @@
+"""DynamoSamplesGenerator: per-prompt n per request, prompt-id tags, groups. No Ray cluster: fake engines
+whose ``.remote`` returns the value itself, with ``ray.get``/``ray.wait`` patched to pass values through."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dynamo_openrlhf import cpu_backend
+
+cpu_backend.install_import_stand_ins()
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator  # noqa: E402
+
+from dynamo_openrlhf import samples_generator as sg  # noqa: E402
+from dynamo_openrlhf.prompt_ids import prompt_id, prompt_ids  # noqa: E402
+from dynamo_openrlhf.samples_generator import (  # noqa: E402
+    PROMPT_ID_KEY,
+    DynamoSamplesGenerator,
+    group_sizes_from_experiences,
+)
+
+# ---------------------------------------------------------------------------------------------- prompt ids
+
+
+def test_prompt_id_regression_value_and_type():
+    # computed once with blake2b(digest_size=8) over the length-prefixed encoding; must never change
+    assert prompt_id("What is 3+4?", "7") == 7201295561293944602
+    assert prompt_id("", "") == 1041621211125469266
+    assert isinstance(prompt_id("a", "b"), int)
+    assert -(2**63) <= prompt_id("a", "b") < 2**63
+
+
+def test_prompt_id_properties():
+    assert prompt_id("ab", "c") != prompt_id("a", "bc")
+    assert prompt_id("abc", "") != prompt_id("", "abc")
+    assert prompt_id("p", "1") != prompt_id("p", "2")
+    assert prompt_id("p1", "x") != prompt_id("p2", "x")
+    assert prompt_id("é", "∑") == prompt_id("é", "∑")
+    ps = [f"What is {i}+{j}?" for i in range(30) for j in range(30)]
+    ls = [str(i) for i in range(len(ps))]
+    ids = prompt_ids(ps, ls)
+    assert ids.dtype == np.int64 and ids.shape == (900,)
+    assert len(set(ids.tolist())) == 900
+    # order-independent: shuffling the dataset keeps each prompt's id
+    perm = np.random.default_rng(0).permutation(900)
+    assert (prompt_ids([ps[i] for i in perm], [ls[i] for i in perm]) == ids[perm]).all()
+    assert [prompt_id(p, l) for p, l in zip(ps[:5], ls[:5])] == ids[:5].tolist()
+
+
+def test_prompt_ids_errors():
+    with pytest.raises(ValueError, match="2 prompts but 1 labels"):
+        prompt_ids(["a", "b"], ["x"])
+    with pytest.raises(ValueError, match="must be str"):
+        prompt_ids(["a"], [3])
+    with pytest.raises(ValueError, match="str"):
+        prompt_id(None, "x")
+
+
+# ---------------------------------------------------------------------------------------------- fakes
+
+
+def _answer(prompt: str) -> str:
+    a, b = prompt.removeprefix("What is ").removesuffix("?").split("+")
+    return str(int(a) + int(b))
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeEngine:
+    """Deterministic: each response echoes its own prompt and label, reward 1 iff label is the right sum."""
+
+    def __init__(self, pending=0):
+        self.calls = []
+        self.pending = pending
+        self.generate_responses = _Remote(self._generate)
+        self.get_num_unfinished_requests = _Remote(lambda: self.pending)
+
+    def _generate(self, **kw):
+        self.calls.append(kw)
+        n_prompt = len(kw["prompt"])
+        out = []
+        for k in range(kw["num_samples"]):
+            toks = list(range(n_prompt)) + [100 + k, 101, 102]
+            out.append(dict(observation_tokens=toks, action_ranges=[(n_prompt, n_prompt + 3)],
+                            rollout_log_probs=None, prompt=kw["prompt"], label=kw["label"],
+                            reward=float(_answer(kw["prompt"]) == kw["label"]),
+                            scores=float(_answer(kw["prompt"]) == kw["label"])))
+        return out
+
+
+@pytest.fixture
+def passthrough_ray(monkeypatch):
+    def get(x, *a, **k):
+        return list(x) if isinstance(x, list) else x
+
+    def wait(refs, num_returns=1, timeout=None):
+        refs = list(refs)
+        # answer out of submission order (last first) to exercise the real completion-order path
+        return refs[-num_returns:], refs[:-num_returns]
+
+    monkeypatch.setattr(ray, "get", get)
+    monkeypatch.setattr(ray, "wait", wait)
+
+
+def _args(n=4):
+    return SimpleNamespace(
+        algo=SimpleNamespace(advantage=SimpleNamespace(is_correction_level="off"), dynamic_filtering_enable=False),
+        rollout=SimpleNamespace(n_samples_per_prompt=n, batch_size=4),
+        vllm=SimpleNamespace(enable_sleep=False),
+    )
+
+
+def _gen(cls, engines, **kw):
+    return cls(SimpleNamespace(args=_args()), None, None, "TOK", engines, **kw)
+
+
+PROMPTS = ["What is 1+2?", "What is 2+2?", "What is 5+1?", "What is 0+9?"]
+LABELS = ["3", "5", "6", "9"]  # prompt 2's label is wrong: reward depends on the prompt
+GEN_KW = dict(temperature=0.7, top_p=0.9, max_new_tokens=16, max_len=64)
+
+
+def _norm(call):
+    c = dict(call)
+    c["sampling_params"] = repr(c["sampling_params"])
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def test_per_prompt_n_reaches_each_request(passthrough_ray):
+    engines = [FakeEngine(), FakeEngine()]
+    seen = []
+    gen = _gen(DynamoSamplesGenerator, engines,
+               rollout_allocator=lambda p, l: (seen.append((p, l)), np.array([3, 0, 5, 1]))[1])
+    refs = gen._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
+    assert seen == [(PROMPTS, LABELS)]
+    assert len(refs) == 3
+    calls = [c for e in engines for c in e.calls]
+    by_prompt = {c["prompt"]: c for c in calls}
+    assert PROMPTS[1] not in by_prompt  # n = 0: not dispatched
+    assert [by_prompt[PROMPTS[i]]["num_samples"] for i in (0, 2, 3)] == [3, 5, 1]
+    assert [by_prompt[PROMPTS[i]]["label"] for i in (0, 2, 3)] == [LABELS[i] for i in (0, 2, 3)]
+    # load-aware with each prompt's own n: e0 gets n=3, e1 n=5, then the lighter e0 gets n=1
+    assert [c["prompt"] for c in engines[0].calls] == [PROMPTS[0], PROMPTS[3]]
+    assert [c["prompt"] for c in engines[1].calls] == [PROMPTS[2]]
+    assert gen.last_allocation == [3, 0, 5, 1]
+    for c in calls:
+        assert c["max_length"] == 64 and c["hf_tokenizer"] == "TOK" and c["images"] is None
+        assert c["sampling_params"].temperature == 0.7 and c["sampling_params"].max_tokens == 16
+
+
+def test_load_balance_respects_pending_counts(passthrough_ray):
+    engines = [FakeEngine(pending=10), FakeEngine(pending=0)]
+    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [8, 1, 1, 1])
+    gen._dispatch_prompts_to_vllm(PROMPTS, LABELS, **GEN_KW)
+    # e1 (load 0) takes n=8 → 8; e1 still < e0(10): takes 1 → 9, 1 → 10; tie (10,0)<(10,1): e0 takes the last
+    assert [c["num_samples"] for c in engines[1].calls] == [8, 1, 1]
+    assert [c["prompt"] for c in engines[0].calls] == [PROMPTS[3]]
+
+
+def test_all_zero_and_bad_allocations(passthrough_ray):
+    engines = [FakeEngine()]
+    assert _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [0] * 4)._dispatch_prompts_to_vllm(
+        PROMPTS, LABELS, **GEN_KW) == []
+    assert engines[0].calls == []
+    for bad, msg in (([1, 2], "2 counts for 4 prompts"), ([1, -1, 1, 1], "non-negative"),
+                     ([1, 1.5, 1, 1], "non-negative integers")):
+        with pytest.raises(ValueError, match=msg):
+            _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l, b=bad: b)._dispatch_prompts_to_vllm(
+                PROMPTS, LABELS, **GEN_KW)
+
+
+def test_default_none_is_openrlhf_exactly(passthrough_ray):
+    ours, theirs = [FakeEngine(1), FakeEngine(0)], [FakeEngine(1), FakeEngine(0)]
+    r1 = _gen(DynamoSamplesGenerator, ours)._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
+    r2 = _gen(SamplesGenerator, theirs)._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
+    assert r1 == r2
+    for a, b in zip(ours, theirs):
+        assert [_norm(c) for c in a.calls] == [_norm(c) for c in b.calls] and a.calls
+    assert all(c["num_samples"] == 4 for e in ours for c in e.calls)
+
+
+def test_eval_ignores_allocator(passthrough_ray):
+    engines = [FakeEngine()]
+    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [7, 0, 0, 0])
+    gen.eval_dataloader = [(None, PROMPTS[:2], LABELS[:2], [None, None])]
+    exps = gen.generate_eval_samples(n_samples_per_prompt=2, **GEN_KW)
+    assert [c["num_samples"] for c in engines[0].calls] == [2, 2] and len(exps) == 4
+    assert gen._evaluating is False
+
+
+# ---------------------------------------------------------------------------------------------- alignment
+
+
+def test_alignment_through_generate_vllm(passthrough_ray):
+    engines = [FakeEngine(), FakeEngine(), FakeEngine()]
+    alloc = [3, 0, 5, 1]
+    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: alloc)
+    loader = iter([(None, PROMPTS[:2], LABELS[:2], [None] * 2), (None, PROMPTS[2:], LABELS[2:], [None] * 2)])
+    exps, consumed, exhausted = gen._generate_vllm(loader, num_prompts=4, dynamic_filtering=False, **GEN_KW)
+    assert consumed == 4 and not exhausted and len(exps) == sum(alloc)
+    lab = dict(zip(PROMPTS, LABELS))
+    for e in exps:
+        p, l = e.prompts[0], e.labels[0]
+        assert l == lab[p]
+        assert e.info[PROMPT_ID_KEY].dtype == torch.int64 and e.info[PROMPT_ID_KEY].tolist() == [prompt_id(p, l)]
+        assert e.rewards.item() == float(_answer(p) == l) == e.info["reward"].item()
+    ids, sizes = group_sizes_from_experiences(exps)
+    # groups arrive in completion order; each group's size is its own prompt's allocation
+    got = dict(zip(ids.tolist(), sizes.tolist()))
+    want = {prompt_id(p, l): n for p, l, n in zip(PROMPTS, LABELS, alloc) if n > 0}
+    assert got == want and ids.dtype == np.int64 and sizes.dtype == np.int64 and len(ids) == 3
+
+
+def _tagged(pid, k=1):
+    return Experience(info={PROMPT_ID_KEY: torch.tensor([pid] * k, dtype=torch.int64)})
+
+
+def test_group_sizes_contiguous_and_errors():
+    ids, sizes = group_sizes_from_experiences([_tagged(5), _tagged(5), _tagged(-2, 3), _tagged(9)])
+    assert ids.tolist() == [5, -2, 9] and sizes.tolist() == [2, 3, 1]
+    e_ids, e_sizes = group_sizes_from_experiences([])
+    assert e_ids.size == 0 and e_sizes.size == 0
+    with pytest.raises(ValueError, match="not contiguous"):
+        group_sizes_from_experiences([_tagged(5), _tagged(6), _tagged(5)])
+    with pytest.raises(ValueError, match="no info"):
+        group_sizes_from_experiences([Experience(info={})])
+
+
+def test_import_check_names_symbol(monkeypatch):
+    def changed(self, prompts, labels, images=None):
+        return []
+
+    monkeypatch.setattr(SamplesGenerator, "_dispatch_prompts_to_vllm", changed)
+    with pytest.raises(ImportError, match=r"SamplesGenerator\._dispatch_prompts_to_vllm.*openrlhf 0\.11\.2"):
+        sg._check_openrlhf_api()
+    monkeypatch.undo()
+    sg._check_openrlhf_api()  # the installed openrlhf 0.11.2 passes
+    monkeypatch.delattr(SamplesGenerator, "_process_response_into_experience")
+    with pytest.raises(ImportError, match="_process_response_into_experience"):
+        sg._check_openrlhf_api()
