@@ -240,6 +240,24 @@ struct PyPassRatePool {
     inner: PassRatePool,
 }
 
+impl PyPassRatePool {
+    /// One float64 per id from a pool query (GIL released for large batches).
+    fn per_id<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+        query: impl Fn(&PassRatePool, &[i64]) -> Vec<f64> + Send + Sync,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        Ok(PyArray1::from_vec(
+            py,
+            maybe_detach(py, ids.len(), || query(pool, ids)),
+        ))
+    }
+}
+
 #[pymethods]
 impl PyPassRatePool {
     #[new]
@@ -275,13 +293,7 @@ impl PyPassRatePool {
         py: Python<'py>,
         prompt_ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let ids = int_array(prompt_ids, "prompt_ids", false)?;
-        let ids = ids.as_slice();
-        let pool = &self.inner;
-        Ok(PyArray1::from_vec(
-            py,
-            maybe_detach(py, ids.len(), || pool.mean(ids)),
-        ))
+        self.per_id(py, prompt_ids, PassRatePool::mean)
     }
 
     /// Posterior expected Bernoulli variance E[p(1-p)] per id, float64.
@@ -290,13 +302,7 @@ impl PyPassRatePool {
         py: Python<'py>,
         prompt_ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let ids = int_array(prompt_ids, "prompt_ids", false)?;
-        let ids = ids.as_slice();
-        let pool = &self.inner;
-        Ok(PyArray1::from_vec(
-            py,
-            maybe_detach(py, ids.len(), || pool.expected_variance(ids)),
-        ))
+        self.per_id(py, prompt_ids, PassRatePool::expected_variance)
     }
 
     /// (successes, failures) evidence above the prior per id, after forgetting.
