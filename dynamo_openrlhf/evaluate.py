@@ -142,6 +142,35 @@ def _prompt_text(tokenizer, prompt: str, chat: bool) -> str:
     return prompt
 
 
+def sample_batch(model, tokenizer, encoded: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, device="cpu") -> List[str]:
+    """``n`` responses per encoded prompt from one left-padded ``generate`` call.
+
+    Returns ``len(encoded) * n`` texts, prompt-major. Temperature 0 is greedy (one response, repeated).
+    """
+    import torch
+
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e):] = 1
+    sample = temperature > 0
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None,
+            top_k=0 if sample else None, max_new_tokens=max_new_tokens,
+            num_return_sequences=n if sample else 1, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+    if not sample:  # HF refuses several return sequences without sampling
+        texts = [t for t in texts for _ in range(n)]
+    return texts
+
+
 def generate_hf(model_dir: str, prompts: Sequence[str], n: int, chat: bool, temperature: float, top_p: float,
                 max_new_tokens: int, seed: int, batch_size: int = 256) -> List[List[str]]:
     """``n`` sampled responses per prompt with transformers ``generate`` (left padding, in-process)."""
@@ -164,24 +193,7 @@ def generate_hf(model_dir: str, prompts: Sequence[str], n: int, chat: bool, temp
         for start in range(0, len(prompts), per_batch):
             chunk = prompts[start : start + per_batch]
             enc = [tokenizer(_prompt_text(tokenizer, p, chat), add_special_tokens=not chat)["input_ids"] for p in chunk]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(enc):
-                ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-                mask[i, width - len(e):] = 1
-            sample = temperature > 0
-            with torch.no_grad():
-                gen = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=sample,
-                    temperature=temperature if sample else None, top_p=top_p if sample else None,
-                    top_k=0 if sample else None, max_new_tokens=max_new_tokens,
-                    num_return_sequences=n if sample else 1, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
-            if not sample:  # greedy: all n samples are the same response
-                texts = [t for t in texts for _ in range(n)]
+            texts = sample_batch(model, tokenizer, enc, n, temperature, top_p, max_new_tokens, device)
             for i in range(len(chunk)):
                 out.append(texts[i * n : (i + 1) * n])
             bar.update(len(chunk))

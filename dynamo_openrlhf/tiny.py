@@ -325,31 +325,14 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, temperatu
     """``k`` sampled responses per prompt (plain HF generate, left padding)."""
     import torch
 
+    from dynamo_openrlhf.evaluate import sample_batch
+
     torch.manual_seed(seed)
     out: List[List[str]] = []
     for start in range(0, len(prompts), batch_prompts):
         chunk = prompts[start : start + batch_prompts]
-        enc = [_encode_chat(tokenizer, p) for p in chunk]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=k,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        texts = sample_batch(model, tokenizer, [_encode_chat(tokenizer, p) for p in chunk], k, temperature,
+                             top_p=1.0, max_new_tokens=max_new_tokens)
         for i in range(len(chunk)):
             out.append(texts[i * k : (i + 1) * k])
     return out
