@@ -65,6 +65,7 @@ __all__ = [
     "stand_ins_installed",
     "cuda_available",
     "apply_cpu_patches",
+    "apply_if_chosen",
     "cpu_patches_applied",
     "set_cpu_env",
     "setup_ray_worker",
@@ -327,6 +328,13 @@ def apply_cpu_patches() -> bool:
         _set_threads()
         _PATCHED = True
         return True
+
+
+def apply_if_chosen(args) -> None:
+    """Apply the CPU patches in this process when the run's nested config chose the CPU backend
+    (``args.dynamo.backend == "cpu"``); also works when Ray was started without our setup hook."""
+    if getattr(getattr(args, "dynamo", None), "backend", None) == "cpu":
+        apply_cpu_patches()
 
 
 def setup_ray_worker() -> None:

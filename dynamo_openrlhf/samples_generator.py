@@ -1,18 +1,21 @@
-"""OpenRLHF 0.11.2's ``SamplesGenerator`` with a per-prompt number of rollouts and prompt-id tags.
+"""OpenRLHF 0.11.2's ``SamplesGenerator`` with a per-prompt number of rollouts, and the one place
+where the group structure of a batch is written (tags) and read back (:class:`RolloutGroups`).
 
-``DynamoSamplesGenerator`` changes two methods of
-``openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator``:
+``DynamoSamplesGenerator`` (``openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator``):
 
-- ``_dispatch_prompts_to_vllm``: when ``self.rollout_allocator`` is set (a callable
-  ``(prompts, labels) -> per-prompt n``), every prompt is sent as ONE request with its own
-  ``num_samples = n_i``; prompts with ``n_i = 0`` are not dispatched. OpenRLHF's load-aware engine
-  assignment is kept, with each prompt's own ``n_i`` as its load. With ``rollout_allocator = None``
-  (default), and always during evaluation, OpenRLHF's own method runs unchanged.
-- ``_process_response_into_experience``: every Experience gets ``info["dynamo_prompt_id"]``
-  (``torch.int64`` tensor ``[id]``, :func:`dynamo_openrlhf.prompt_ids.prompt_id` of its own prompt and
-  label).
+- With ``rollout_allocator`` set (a callable ``(prompts, labels) -> per-prompt n``), a training step
+  (``generate_samples``) draws ``num_candidates`` prompts from the loader, asks the allocator for
+  their n_i and sends every prompt as ONE request with its own ``num_samples = n_i`` (n_i = 0: not
+  sent; OpenRLHF's load-aware engine assignment with n_i as the load). Each returned sample is
+  checked to carry its own request's prompt and label (never re-paired by position, unlike the
+  reference code, DESIGN.md §4), and tagged with ``info["dynamo_prompt_id"]`` (stable int64 id of
+  prompt + label, :mod:`dynamo_openrlhf.prompt_ids`) and ``info["dynamo_group"]`` (a serial number
+  per request, unique in the run). The samples of one request are contiguous.
+- With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own
+  methods run unchanged.
 
-:func:`group_sizes_from_experiences` recovers the groups (consecutive samples of one prompt) from the tags.
+:class:`RolloutGroups` turns tagged samples back into groups (prompt id, size, successes) in
+rollout order; the experience maker and the pool update use it, nothing else regroups samples.
 
 Importing this module imports ``vllm`` like OpenRLHF does; without CUDA call
 ``dynamo_openrlhf.cpu_backend.install_import_stand_ins()`` first.
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import dataclasses
+import itertools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,13 +35,15 @@ import torch
 from vllm import SamplingParams
 
 from openrlhf.trainer.ppo_utils.experience import Experience
-from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
+from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
 from .prompt_ids import prompt_id
 
-__all__ = ["DynamoSamplesGenerator", "group_sizes_from_experiences", "PROMPT_ID_KEY"]
+__all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY"]
 
 PROMPT_ID_KEY = "dynamo_prompt_id"
+GROUP_KEY = "dynamo_group"
 
 _REQUIRED = {
     "_dispatch_prompts_to_vllm": ("self", "prompts", "labels", "images", "generate_kwargs"),
@@ -74,12 +81,19 @@ def _validate_allocation(allocation, num_prompts: int) -> List[int]:
 
 
 class DynamoSamplesGenerator(SamplesGenerator):
-    """``SamplesGenerator`` whose prompts each get their own number of rollouts (see module docstring)."""
+    """``SamplesGenerator`` whose prompts each get their own number of rollouts (see module docstring).
 
-    def __init__(self, *args, rollout_allocator: Optional[Callable] = None, **kwargs):
+    ``num_candidates``: prompts drawn per training step when allocating (default
+    ``rollout.batch_size``; more for over-sampling with skipping).
+    """
+
+    def __init__(self, *args, rollout_allocator: Optional[Callable] = None, num_candidates: Optional[int] = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.rollout_allocator = rollout_allocator
+        self.num_candidates = num_candidates
         self._evaluating = False
+        self._next_group = 0
         self.last_allocation: Optional[List[int]] = None
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
@@ -90,19 +104,68 @@ class DynamoSamplesGenerator(SamplesGenerator):
         finally:
             self._evaluating = False
 
+    # -- one training step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_samples(self, **generate_kwargs) -> Tuple[List[Experience], Optional[float], int, bool]:
+        """One step: ``(samples, None, prompts_consumed, loader_exhausted)`` like OpenRLHF's. With an
+        allocator, exactly ``sum(n_i)`` samples (the allocator's budget) from ``num_candidates`` prompts."""
+        if self.rollout_allocator is None:
+            return super().generate_samples(**generate_kwargs)
+        if getattr(self, "_dataloader_iter", None) is None:
+            self._dataloader_iter = iter(self.prompts_dataloader)
+        num = self.num_candidates or self.args.rollout.batch_size
+        prompts, labels, images, exhausted = _collect_prompt_batch(self._dataloader_iter, num)
+        experiences: List[Experience] = []
+        if prompts:
+            if self.args.vllm.enable_sleep:
+                batch_vllm_engine_call(self.vllm_engines, "wake_up")
+            try:
+                experiences = self._generate_allocated(prompts, labels, images, **generate_kwargs)
+            finally:
+                if self.args.vllm.enable_sleep:
+                    batch_vllm_engine_call(self.vllm_engines, "sleep")
+        if exhausted:
+            self._dataloader_iter = None
+        return experiences, None, len(prompts), exhausted
+
+    def _generate_allocated(self, prompts, labels, images, **generate_kwargs) -> List[Experience]:
+        refs, requests = self._dispatch_allocated(prompts, labels, images, **generate_kwargs)
+        request_of = dict(zip(refs, requests))
+        out: List[Experience] = []
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=10.0)
+            for ref in ready:
+                group, prompt, label, n = request_of[ref]
+                responses = ray.get(ref)
+                if len(responses) != n:
+                    raise RuntimeError(f"rollout engine returned {len(responses)} samples for a request of n={n}")
+                for response in responses:
+                    if response["prompt"] != prompt or response["label"] != label:
+                        raise RuntimeError("rollout engine returned a sample of another prompt/label for group "
+                                           f"{group}; samples are never re-paired by position")
+                    exp = self._process_response_into_experience(response, **generate_kwargs)
+                    exp.info[GROUP_KEY] = torch.tensor([group], dtype=torch.int64)
+                    out.append(exp)
+        return out
+
+    # -- dispatch --------------------------------------------------------------------------------
     def _dispatch_prompts_to_vllm(
         self, prompts: List[str], labels: List[str], *, images: List = None, **generate_kwargs
     ) -> List:
         if self.rollout_allocator is None or self._evaluating:
             return super()._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
+        return self._dispatch_allocated(prompts, labels, images, **generate_kwargs)[0]
 
+    def _dispatch_allocated(self, prompts, labels, images, **generate_kwargs) -> Tuple[List, List[tuple]]:
+        """Refs and their requests ``(group serial, prompt, label, n)``; prompts with n = 0 are not sent."""
         counts = _validate_allocation(self.rollout_allocator(list(prompts), list(labels)), len(prompts))
         self.last_allocation = counts
         if images is None:
             images = [None] * len(prompts)
         todo = [(p, l, img, n) for p, l, img, n in zip(prompts, labels, images, counts) if n > 0]
         if not todo:
-            return []
+            return [], []
 
         # Same SamplingParams as OpenRLHF's method builds.
         sampling_params = SamplingParams(
@@ -126,7 +189,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
             engine_indices.append(idx)
             heapq.heappush(engine_heap, (load + n, idx))
 
-        refs = []
+        refs, requests = [], []
         for (prompt, label, img, n), idx in zip(todo, engine_indices):
             refs.append(
                 self.vllm_engines[idx].generate_responses.remote(
@@ -139,7 +202,9 @@ class DynamoSamplesGenerator(SamplesGenerator):
                     images=img,
                 )
             )
-        return refs
+            requests.append((self._next_group, prompt, label, n))
+            self._next_group += 1
+        return refs, requests
 
     def _process_response_into_experience(self, response, **generate_kwargs) -> Experience:
         experience = super()._process_response_into_experience(response, **generate_kwargs)
@@ -148,31 +213,98 @@ class DynamoSamplesGenerator(SamplesGenerator):
         return experience
 
 
-def group_sizes_from_experiences(experiences: Sequence[Experience]) -> Tuple[np.ndarray, np.ndarray]:
-    """Contiguous groups of the tagged experiences: ``(prompt_ids, sizes)``, both ``int64``, in order.
+# ----------------------------------------------------------------------------------------------
+# Reading the groups back
+# ----------------------------------------------------------------------------------------------
 
-    Each experience may hold several samples (``info["dynamo_prompt_id"]`` of any length); their ids are
-    read in order. A prompt whose samples are not contiguous raises ``ValueError`` (never regrouped); an
-    untagged experience raises ``ValueError`` too. Note: identical (prompt, label) pairs share an id, so
-    two such prompts in one batch read as one group when adjacent and raise when not.
+
+def _flat_tag(exp: Experience, key: str, i: int) -> np.ndarray:
+    tag = exp.info.get(key) if exp.info is not None else None
+    if tag is None:
+        raise ValueError(f"experience {i} has no info[{key!r}]; was it made by DynamoSamplesGenerator?")
+    return np.asarray(torch.as_tensor(tag).reshape(-1).cpu().numpy(), dtype=np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutGroups:
+    """The groups of one step's samples, in rollout order (the order of ``Experience.index``).
+
+    ``prompt_ids`` (G,) int64, ``sizes`` (G,) int64 (samples per group, sum = S), ``successes`` (G,)
+    int64 (samples whose score, or reward when there is no score, is > the threshold), and
+    ``positions`` (S,) int64: the rollout-order position of each sample of the experiences, read in
+    list order (so ``flat[positions] = torch.cat(values)`` puts per-sample values in group order).
     """
-    chunks = []
-    for i, exp in enumerate(experiences):
-        tag = exp.info.get(PROMPT_ID_KEY) if exp.info is not None else None
-        if tag is None:
-            raise ValueError(f"experience {i} has no info[{PROMPT_ID_KEY!r}]; was it made by DynamoSamplesGenerator?")
-        chunks.append(np.asarray(torch.as_tensor(tag).reshape(-1).cpu().numpy(), dtype=np.int64))
-    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    if ids.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    group_ids = ids[starts]
-    sizes = np.diff(np.r_[starts, ids.size]).astype(np.int64)
-    uniq, counts = np.unique(group_ids, return_counts=True)
-    if (counts > 1).any():
-        bad = uniq[counts > 1]
-        raise ValueError(
-            f"samples of prompt id(s) {bad.tolist()[:5]} are not contiguous ({int(counts.max())} separate runs); "
-            "groups must be contiguous"
+
+    prompt_ids: np.ndarray
+    sizes: np.ndarray
+    successes: np.ndarray
+    positions: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.sizes.sum())
+
+    def uniform_size(self) -> Optional[int]:
+        """The common group size when all groups have it, else None."""
+        if self.sizes.size and (self.sizes == self.sizes[0]).all():
+            return int(self.sizes[0])
+        return None
+
+    @classmethod
+    def from_experiences(cls, experiences: Sequence[Experience], success_threshold: float = 0.5,
+                         pop_tags: bool = False) -> "RolloutGroups":
+        """Read the tags written by :class:`DynamoSamplesGenerator`.
+
+        Each experience may hold several samples; ``Experience.index`` (set by OpenRLHF's experience
+        maker) gives their positions in rollout order (without it, list order is used). Raises
+        ``ValueError`` for an untagged sample, positions that are not a permutation of 0..S-1, or a
+        group whose samples are not contiguous in rollout order (never regrouped). ``pop_tags``
+        removes the tags from ``info`` (so OpenRLHF does not log ids as metrics).
+        """
+        groups, pids, pos, vals = [], [], [], []
+        start = 0
+        for i, exp in enumerate(experiences):
+            g = _flat_tag(exp, GROUP_KEY, i)
+            p = _flat_tag(exp, PROMPT_ID_KEY, i)
+            if g.size != p.size:
+                raise ValueError(f"experience {i}: {g.size} group tags but {p.size} prompt-id tags")
+            idx = np.arange(start, start + g.size) if exp.index is None else np.asarray(exp.index, dtype=np.int64)
+            if idx.size != g.size:
+                raise ValueError(f"experience {i}: {idx.size} index entries for {g.size} samples")
+            score = exp.scores if exp.scores is not None else exp.rewards
+            if score is None:
+                raise ValueError(f"experience {i} has neither scores nor rewards")
+            v = np.asarray(torch.as_tensor(score).reshape(-1).float().cpu().numpy(), dtype=np.float64)
+            if v.size != g.size:
+                raise ValueError(f"experience {i}: {v.size} scores for {g.size} samples")
+            groups.append(g), pids.append(p), pos.append(idx), vals.append(v)
+            start += g.size
+            if pop_tags:
+                exp.info.pop(GROUP_KEY, None)
+                exp.info.pop(PROMPT_ID_KEY, None)
+        if not groups:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(empty, empty, empty, empty)
+        positions = np.concatenate(pos)
+        total = positions.size
+        if not np.array_equal(np.sort(positions), np.arange(total)):
+            raise ValueError("Experience.index is not a permutation of the step's sample positions")
+        order = np.empty(total, dtype=np.int64)
+        order[positions] = np.arange(total)  # rollout position -> sample in list order
+        g_sorted = np.concatenate(groups)[order]
+        p_sorted = np.concatenate(pids)[order]
+        ok = (np.concatenate(vals)[order] > success_threshold).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+        uniq, runs = np.unique(g_sorted[starts], return_counts=True)
+        if (runs > 1).any():
+            raise ValueError(f"samples of group(s) {uniq[runs > 1].tolist()[:5]} are not contiguous in rollout "
+                             "order; groups are never regrouped")
+        ends = np.r_[starts[1:], total]
+        if (np.maximum.reduceat(p_sorted, starts) != np.minimum.reduceat(p_sorted, starts)).any():
+            raise ValueError("a group holds samples of different prompts")
+        return cls(
+            prompt_ids=p_sorted[starts].astype(np.int64),
+            sizes=(ends - starts).astype(np.int64),
+            successes=np.add.reduceat(ok, starts).astype(np.int64),
+            positions=positions.astype(np.int64),
         )
-    return group_ids.astype(np.int64), sizes

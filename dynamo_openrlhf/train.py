@@ -112,7 +112,253 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Debug: append one JSON line per scored sample (prompt, response, label, extracted answer, status, "
         "reward) to this file (built-in math reward only).",
     )
+    # -- sequence level: rollout allocation ---------------------------------------------------
+    g.add_argument(
+        "--dynamo.allocation.rule",
+        type=str,
+        default="neyman",
+        choices=["off", "uniform", "proportional", "neyman"],
+        help="How each step's rollout budget (--rollout.batch_size x --rollout.n_samples_per_prompt) is split over "
+        "its prompts. neyman: the exact integer minimiser of sum_i v_i/n_i (v_i = posterior expected p(1-p) of "
+        "prompt i from the pass-rate pool); proportional: the DynaMO reference code's n_i ~ v_i; uniform: n each "
+        "(OpenRLHF's split, through DynaMO's sampler, pool and logs); off: OpenRLHF's own sampler, no pool.",
+    )
+    g.add_argument(
+        "--dynamo.allocation.lo",
+        type=int,
+        default=None,
+        help="Fewest rollouts per prompt (default: ceil(n/2), e.g. 8 for n=16; 0 with --dynamo.allocation.oversample "
+        "> 1). 0 lets a prompt be skipped.",
+    )
+    g.add_argument(
+        "--dynamo.allocation.hi",
+        type=int,
+        default=None,
+        help="Most rollouts per prompt (default: n + floor(n/2), e.g. 24 for n=16; 4n with oversampling).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.oversample",
+        type=float,
+        default=1.0,
+        help="Candidate over-sampling factor >= 1: each step draws round(oversample x --rollout.batch_size) prompts "
+        "and spends the same rollout budget on them, giving 0 rollouts to prompts with no expected signal "
+        "(needs lo x candidates <= budget, i.e. usually lo 0). Steps per epoch shrink by this factor.",
+    )
+    g.add_argument(
+        "--dynamo.allocation.skip_factor",
+        type=float,
+        default=None,
+        help="With lo 0 and rule neyman: skip (0 rollouts) prompts whose expected variance is below skip_factor x the "
+        "allocation's shadow price; skipping pays when v < 4 x price (default: 4 when lo is 0, else off; 0 = off).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.exploration",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Reference option: prompts not yet in the pool get a fixed --dynamo.allocation.exploration_rollouts "
+        "(default: on for rule proportional, off for neyman, where the prior already covers unseen prompts).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.exploration_rollouts",
+        type=int,
+        default=None,
+        help="Rollouts for an unseen prompt under --dynamo.allocation.exploration (reference default 4).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.mastery",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Reference option: a prompt whose posterior mean pass rate is >= --dynamo.allocation.mastery_threshold "
+        "gets priority --dynamo.allocation.priority_floor (default: on for proportional, off for neyman).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.mastery_threshold",
+        type=float,
+        default=None,
+        help="Pass rate in [0, 1] from which a prompt counts as mastered (reference default 0.85).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.priority_floor",
+        type=float,
+        default=None,
+        help="Proportional rule: the floor of every priority; neyman: the variance of a mastered prompt "
+        "(reference default 0.01).",
+    )
+    # -- sequence level: pass-rate pool ----------------------------------------------------------
+    g.add_argument(
+        "--dynamo.pool.prior",
+        type=float,
+        nargs=2,
+        default=(1.0, 1.0),
+        metavar=("ALPHA", "BETA"),
+        help="Beta prior of every prompt's pass rate before any evidence (refitted to the pool, see fit_prior_every).",
+    )
+    g.add_argument(
+        "--dynamo.pool.forget",
+        type=float,
+        default=0.999,
+        help="Per-step forgetting factor in (0, 1] applied to all evidence before each step's update (1 = keep "
+        "everything; 0.999 halves evidence in ~690 steps, tracking a policy that improves).",
+    )
+    g.add_argument(
+        "--dynamo.pool.fit_prior_every",
+        type=int,
+        default=10,
+        help="Refit the Beta prior to the pool's evidence (empirical Bayes, method of moments) every this many "
+        "steps; 0 = never.",
+    )
+    g.add_argument(
+        "--dynamo.pool.success_threshold",
+        type=float,
+        default=0.5,
+        help="A rollout counts as a success for the pool when its score (its reward if the reward function returns "
+        "no score) is above this.",
+    )
+    g.add_argument(
+        "--dynamo.pool.load",
+        type=str,
+        default=None,
+        help="Start from a pass-rate pool file (PassRatePool.save; a run writes <run_dir>/pass_rate_pool.bin at the "
+        "end). Prompt ids are a 64-bit hash of prompt text + label, so a pool carries over between runs and "
+        "dataset edits. Ignored when resuming from a checkpoint (its pool wins).",
+    )
+    # -- token level: modulated policy loss --------------------------------------------------------
+    g.add_argument(
+        "--dynamo.modulation.preset",
+        type=str,
+        default="decay6",
+        choices=["off", "decay6", "decay5"],
+        help="Token-level advantage modulation (DESIGN.md section 3): decay6 = mu_max 1.2, lambda_min 0.6, gamma 50, "
+        "tau 0.99; decay5 = mu_max 1.4, lambda_min 0.6, gamma 50, tau 0.9; off = OpenRLHF's PolicyLoss exactly. "
+        "Needs the token entropy: --actor.entropy_coef defaults to 0 (computed and logged, no entropy loss).",
+    )
+    g.add_argument(
+        "--dynamo.modulation.mu_max",
+        type=float,
+        default=None,
+        help="Compensation: the largest factor (>= 1) for confident tokens of positive-advantage samples "
+        "(overrides the preset; 1 disables compensation).",
+    )
+    g.add_argument(
+        "--dynamo.modulation.lambda_min",
+        type=float,
+        default=None,
+        help="Stabilisation: the smallest factor in [0, 1] for tokens whose update moves the entropy most "
+        "(overrides the preset; 1 disables stabilisation).",
+    )
+    g.add_argument(
+        "--dynamo.modulation.gamma",
+        type=float,
+        default=None,
+        help="Stabilisation: steepness (> 0) of the damping sigmoid (overrides the preset).",
+    )
+    g.add_argument(
+        "--dynamo.modulation.tau",
+        type=float,
+        default=None,
+        help="Stabilisation: centre in [0, 1] of the damping sigmoid on the normalised entropy-change scale "
+        "(overrides the preset).",
+    )
+    g.add_argument(
+        "--dynamo.clip_higher",
+        type=float,
+        default=None,
+        help="Upper PPO clip bound epsilon_high (clip-higher; the reference runs use 0.28). Sets the second value "
+        "of --actor.eps_clip_low_high; never changed unless given (default: OpenRLHF's --actor.eps_clip).",
+    )
     return parser
+
+
+def allocation_config(args):
+    """The run's :class:`~dynamo_openrlhf.allocation.AllocationConfig` (None with rule ``off``).
+    Raises ValueError naming the flags when the settings are invalid or the budget infeasible."""
+    from dynamo_openrlhf.allocation import AllocationConfig, default_bounds
+
+    al, pool = args.dynamo.allocation, args.dynamo.pool
+    if al.rule == "off":
+        return None
+    n, bs = args.rollout.n_samples_per_prompt, args.rollout.batch_size
+    lo_default, hi_default = default_bounds(n, al.oversample)
+    lo = lo_default if al.lo is None else al.lo
+    hi = hi_default if al.hi is None else al.hi
+    skip = al.skip_factor
+    if skip is None:
+        skip = 4.0 if lo == 0 and al.rule == "neyman" else None
+    return AllocationConfig(
+        rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
+        skip_factor=skip or None, exploration=al.exploration, exploration_rollouts=al.exploration_rollouts,
+        mastery=al.mastery, mastery_threshold=al.mastery_threshold, priority_floor=al.priority_floor,
+        prior=tuple(pool.prior), forget=pool.forget, fit_prior_every=pool.fit_prior_every,
+        success_threshold=pool.success_threshold,
+    )
+
+
+def modulation_config(args):
+    """The run's :class:`~dynamo_openrlhf.modulation.ModulationConfig`: the preset with any of
+    ``--dynamo.modulation.*`` overriding it. Raises ValueError for out-of-range values."""
+    import dataclasses
+
+    from dynamo_openrlhf.modulation import ModulationConfig
+
+    m = args.dynamo.modulation
+    config = ModulationConfig.preset(m.preset)
+    over = {k: getattr(m, k) for k in ("mu_max", "lambda_min", "gamma", "tau") if getattr(m, k) is not None}
+    if over:
+        config = dataclasses.replace(config, name=f"{m.preset}+custom", **over)
+    return config
+
+
+def _dynamo_problems(args) -> List[str]:
+    """DynaMO settings that cannot work with the rest of the run, found before Ray starts."""
+    problems = []
+    try:
+        alloc = allocation_config(args)
+    except ValueError as e:
+        problems.append(str(e))
+        alloc = None
+    try:
+        mod = modulation_config(args)
+    except ValueError as e:
+        problems.append(f"--dynamo.modulation.*: {e}")
+        mod = None
+    if args.dynamo.allocation.rule != "off":
+        from dynamo_openrlhf.experience_maker import SUPPORTED_ESTIMATORS
+
+        rule = args.dynamo.allocation.rule
+        if args.algo.dynamic_filtering_enable:
+            problems.append(f"--algo.dynamic_filtering_enable drops whole groups and refills them; with "
+                            f"--dynamo.allocation.rule {rule} use --dynamo.allocation.oversample with lo 0 (prompts "
+                            "without signal get 0 rollouts) or --dynamo.allocation.rule off")
+        if args.train.async_enable:
+            problems.append(f"--train.async_enable is not supported with --dynamo.allocation.rule {rule} "
+                            "(use --dynamo.allocation.rule off)")
+        vgbs = args.rollout.vllm_generate_batch_size
+        if vgbs and vgbs != args.rollout.batch_size:
+            problems.append(f"--rollout.vllm_generate_batch_size {vgbs} != --rollout.batch_size: with "
+                            f"--dynamo.allocation.rule {rule} each step draws its own prompts (see "
+                            "--dynamo.allocation.oversample)")
+        if args.algo.advantage.estimator not in SUPPORTED_ESTIMATORS:
+            problems.append(f"--algo.advantage.estimator {args.algo.advantage.estimator} is not supported with "
+                            f"--dynamo.allocation.rule {rule}; use one of {list(SUPPORTED_ESTIMATORS)}")
+        if args.dynamo.pool.load and not os.path.exists(args.dynamo.pool.load):
+            problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
+    if mod is not None and not mod.is_identity and args.actor.policy_loss_type != "ppo":
+        problems.append(f"--dynamo.modulation.preset {args.dynamo.modulation.preset} needs the token-level ratio of "
+                        f"--actor.policy_loss_type ppo, got {args.actor.policy_loss_type}")
+    del alloc
+    return problems
+
+
+def _apply_dynamo_to_openrlhf_args(args) -> None:
+    """The two OpenRLHF settings DynaMO flags imply, stated on the console (never silent)."""
+    if args.dynamo.clip_higher is not None:
+        low = args.actor.eps_clip if args.actor.eps_clip_low_high is None else args.actor.eps_clip_low_high[0]
+        args.actor.eps_clip_low_high = (low, args.dynamo.clip_higher)
+        print(f"[dynamo] --dynamo.clip_higher: PPO clip range (low, high) = {args.actor.eps_clip_low_high}")
+    if not modulation_config(args).is_identity and args.actor.entropy_coef is None:
+        args.actor.entropy_coef = 0.0
+        print("[dynamo] modulation needs the token entropy: --actor.entropy_coef 0 (computed and logged, no "
+              "entropy loss)")
 
 
 def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
@@ -141,7 +387,10 @@ def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
         "rollout.max_new_tokens": 12,
         "rollout.temperature": 1.0,
         "data.max_len": 48,
-        "data.max_samples": 768,  # 768 prompts / 32 per step = 24 steps
+        # 256 prompts / 32 per step x 3 episodes = 24 steps; every prompt is revisited, so the
+        # pass-rate pool has evidence to allocate from from the second episode on
+        "data.max_samples": 256,
+        "train.num_episodes": 3,
         "train.batch_size": 128,  # one optimizer step per rollout step
         "train.micro_batch_size": 16,
         "actor.adam.lr": 2e-4,
@@ -251,139 +500,19 @@ def _preflight(args) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray actor subclasses (built on first access, after the version check; PEP 562)
+# Ray actor subclasses (dynamo_openrlhf.ppo_trainer / .ppo_actor; imported on first access, PEP 562)
 # ----------------------------------------------------------------------------------------------
 
 
-def _ensure_backend(args) -> None:
-    if getattr(getattr(args, "dynamo", None), "backend", None) == "cpu":
-        from dynamo_openrlhf import cpu_backend
-
-        cpu_backend.apply_cpu_patches()
-
-
-def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
-            v = v.item()
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[k] = v
-    return out
-
-
-def _build_actor_classes() -> None:
-    import ray
-
-    from dynamo_openrlhf import cpu_backend
-
-    cpu_backend.install_import_stand_ins()
-    from openrlhf.trainer import ppo_trainer
-    from openrlhf.trainer.ray import ppo_actor
-
-    class DynamoPPOTrainer(ppo_trainer.PPOTrainer.__ray_actor_class__):
-        """OpenRLHF's single-controller ``PPOTrainer`` plus: a per-step metrics history, optional
-        evaluation before the first / after the last step, and DynaMO state in checkpoints.
-
-        Extension points for DynaMO: ``dynamo_state_dict`` / ``load_dynamo_state_dict`` (saved in
-        every OpenRLHF checkpoint's ``client_states["dynamo"]``); ``self.samples_generator`` and
-        ``self.experience_maker`` are built by ``PPOTrainer.__init__``.
-        """
-
-        def __init__(self, pretrain, strategy, *args, **kwargs):
-            _ensure_backend(strategy.args)
-            self.history: List[Dict[str, Any]] = []
-            self._evaluated_steps = set()
-            self._last_step = 0
-            run_dir = strategy.args.dynamo.run_dir
-            self._metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
-            super().__init__(pretrain, strategy, *args, **kwargs)
-
-        # -- state kept in OpenRLHF checkpoints -------------------------------------------------
-        def dynamo_state_dict(self) -> Dict[str, Any]:
-            return {"version": 1, "history": list(self.history)}
-
-        def load_dynamo_state_dict(self, state: Dict[str, Any]) -> None:
-            self.history = list(state.get("history", []))
-
-        def init_checkpoint_states(self):
-            states = super().init_checkpoint_states()
-            if states.get("dynamo"):
-                self.load_dynamo_state_dict(states["dynamo"])
-            return states
-
-        # -- metrics ---------------------------------------------------------------------------
-        def _record(self, row: Dict[str, Any]) -> None:
-            self.history.append(row)
-            if self._metrics_path:
-                os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
-                with open(self._metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-
-        def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
-            self._last_step = global_step
-            row = {"type": "train", "step": global_step, "time": time.time(), **_scalars(logs_dict or {})}
-            self._record(row)
-            if client_states is not None:
-                client_states["dynamo"] = self.dynamo_state_dict()
-            return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
-
-        def evaluate(self, global_step, **generate_kwargs):
-            logs = super().evaluate(global_step, **generate_kwargs)
-            self._evaluated_steps.add(global_step)
-            self._record({"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})})
-            return logs
-
-        def _dynamo_evaluate(self, global_step):
-            kwargs = dict(self.generate_kwargs)
-            kwargs["temperature"] = self.args.eval.temperature
-            kwargs["n_samples_per_prompt"] = self.args.eval.n_samples_per_prompt
-            self.evaluate(global_step, **kwargs)
-
-        def fit(self, global_step: int = 0) -> None:
-            dyn = self.args.dynamo
-            # OpenRLHF closes its loggers at the end of fit(); keep them open for the final eval.
-            closers = []
-            for lg in (self.wandb_logger, self.tensorboard_logger):
-                if lg is not None:
-                    closers.append(lg.close)
-                    lg.close = lambda: None
-            try:
-                fresh = self.init_checkpoint_states().get("global_step", 0) == 0
-                if fresh and self._metrics_path and os.path.exists(self._metrics_path):
-                    os.remove(self._metrics_path)  # a new run; a resumed one appends
-                if self.eval_dataloader is not None and dyn.eval_at_start and fresh:
-                    self._dynamo_evaluate(global_step)
-                super().fit(global_step)
-                if (self.eval_dataloader is not None and dyn.eval_at_end and self._last_step > 0
-                        and self._last_step not in self._evaluated_steps):
-                    self._dynamo_evaluate(self._last_step)
-            finally:
-                for close in closers:
-                    close()
-
-        def get_dynamo_history(self) -> List[Dict[str, Any]]:
-            return list(self.history)
-
-    class DynamoPolicyModelActor(ppo_actor.PolicyModelActor.__ray_actor_class__):
-        """OpenRLHF's ``PolicyModelActor``; applies the CPU backend in its process when chosen
-        (also without the Ray setup hook, e.g. when Ray was initialised by the caller)."""
-
-        def init_model_from_pretrained(self, strategy, *args, **kwargs):
-            _ensure_backend(strategy.args)
-            return super().init_model_from_pretrained(strategy, *args, **kwargs)
-
-    for cls in (DynamoPPOTrainer, DynamoPolicyModelActor):
-        cls.__module__ = __name__
-        cls.__qualname__ = cls.__name__
-    globals()["DynamoPPOTrainer"] = ray.remote(DynamoPPOTrainer)
-    globals()["DynamoPolicyModelActor"] = ray.remote(num_gpus=1)(DynamoPolicyModelActor)
-
-
 def __getattr__(name: str):
-    if name in ("DynamoPPOTrainer", "DynamoPolicyModelActor"):
-        _build_actor_classes()
-        return globals()[name]
+    if name == "DynamoPPOTrainer":
+        from dynamo_openrlhf.ppo_trainer import DynamoPPOTrainer
+
+        return DynamoPPOTrainer
+    if name == "DynamoPolicyModelActor":
+        from dynamo_openrlhf.ppo_actor import DynamoPolicyModelActor
+
+        return DynamoPolicyModelActor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -512,9 +641,10 @@ class _Hooks:
         preset = PRESETS.get(args.dynamo.preset)
         if preset is not None:
             preset[1](args)
-        problems = _preflight(args)
+        problems = _preflight(args) + _dynamo_problems(args)
         if problems:
             self.parser.error("; ".join(problems))
+        _apply_dynamo_to_openrlhf_args(args)
         if args.dynamo.run_dir:
             os.makedirs(args.dynamo.run_dir, exist_ok=True)
         os.environ.update(self.env_vars())

@@ -1,0 +1,256 @@
+"""Per-step rollout allocation for the trainer: pool posterior -> per-prompt n_i, and the pool update.
+
+Torch-, Ray- and OpenRLHF-free (NumPy + ``dynamo_openrlhf._core``), so it is tested directly.
+The trainer glue (``dynamo_openrlhf.ppo_trainer``) calls, every training step:
+
+1. ``counts = allocator.allocate(prompt_ids)`` for the step's candidate prompts (the budget is
+   ``n_samples_per_prompt x min(#candidates, prompts_per_step)``, so a full step always spends
+   exactly ``rollout.batch_size x rollout.n_samples_per_prompt`` rollouts);
+2. ``allocator.record(prompt_ids, successes, trials)`` with the step's verified outcomes per group;
+3. ``allocator.metrics()`` for the step's log line (``dynamo/*`` keys).
+
+Its whole state (the pass-rate pool, bit for bit, and the step counter) is ``state_dict()``, saved in
+every OpenRLHF checkpoint by the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dynamo_openrlhf._core import RULES, PassRatePool
+
+__all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio",
+           "default_bounds", "STATE_VERSION"]
+
+STATE_VERSION = 1
+
+
+def default_bounds(n_samples_per_prompt: int, oversample: float) -> Tuple[int, int]:
+    """(lo, hi) when not given: the reference's n/2..3n/2 (8..24 for n = 16); with over-sampling
+    (``oversample > 1``) 0..4n, so that prompts can be skipped (0..64 for n = 16)."""
+    n = int(n_samples_per_prompt)
+    if oversample > 1.0:
+        return 0, 4 * n
+    return (n + 1) // 2, n + n // 2
+
+
+def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray) -> float:
+    """J(n) / J(uniform) for one step, J(n) = sum_i v_i c(n_i), c(n) = 1/n, c(0) = 1 (a skipped prompt
+    loses its signal, like a GRPO group of one); uniform spreads the same budget evenly over the same
+    prompts (J = sum v x N / B). 1.0 when every v_i is 0. ``variances`` (N,), ``counts`` (N,)."""
+    v = np.asarray(variances, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    budget = float(n.sum())
+    base = float(v.sum()) * len(v) / budget if budget > 0 else 0.0
+    if base <= 0.0:
+        return 1.0
+    cost = np.where(n > 0, 1.0 / np.maximum(n, 1.0), 1.0)
+    return float(np.sum(v * cost)) / base
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig:
+    """The ``--dynamo.allocation.*`` / ``--dynamo.pool.*`` settings (units: rollouts, prompts, steps).
+
+    ``rule``: "neyman" (exact variance minimiser), "proportional" (the reference's n ∝ v) or "uniform"
+    (OpenRLHF's n each). ``n_samples_per_prompt`` x ``prompts_per_step`` is the per-step budget;
+    ``oversample`` >= 1 draws ``round(oversample x prompts_per_step)`` candidate prompts per step
+    (needs ``lo = 0`` room: ``lo x candidates <= budget``). ``lo``/``hi``: per-prompt bounds.
+    ``skip_factor``: with lo = 0 and rule neyman, skip prompts whose expected variance is below
+    ``skip_factor`` x the allocation's shadow price (None: no skip rule). ``exploration``/``mastery``
+    and their numbers are the reference's options (None = the rule's default). Pool: prior
+    Beta(``prior``), per-step forgetting ``forget``, empirical-Bayes prior refit every
+    ``fit_prior_every`` steps (0 = never). A sample is a success when its score (its reward if the
+    reward function gives no score) is > ``success_threshold``.
+    """
+
+    rule: str = "neyman"
+    n_samples_per_prompt: int = 16
+    prompts_per_step: int = 512
+    lo: int = 8
+    hi: int = 24
+    oversample: float = 1.0
+    skip_factor: Optional[float] = None
+    exploration: Optional[bool] = None
+    exploration_rollouts: Optional[int] = None
+    mastery: Optional[bool] = None
+    mastery_threshold: Optional[float] = None
+    priority_floor: Optional[float] = None
+    prior: Tuple[float, float] = (1.0, 1.0)
+    forget: float = 0.999
+    fit_prior_every: int = 10
+    success_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def candidates_per_step(self) -> int:
+        return max(1, int(round(self.oversample * self.prompts_per_step)))
+
+    @property
+    def budget(self) -> int:
+        """Rollouts per full step: prompts_per_step x n_samples_per_prompt."""
+        return self.prompts_per_step * self.n_samples_per_prompt
+
+    def budget_for(self, num_candidates: int) -> int:
+        """Budget of a step with ``num_candidates`` prompts (fewer than a full step only at the end of
+        the data): what OpenRLHF would spend on min(num_candidates, prompts_per_step) prompts."""
+        return self.n_samples_per_prompt * min(int(num_candidates), self.prompts_per_step)
+
+    def problems(self) -> list:
+        """Everything wrong with the settings, as flag-named messages (empty when valid)."""
+        p = []
+        if self.rule not in RULES:
+            p.append(f"--dynamo.allocation.rule: unknown rule {self.rule!r}; expected one of {list(RULES)}")
+        if self.n_samples_per_prompt < 1 or self.prompts_per_step < 1:
+            p.append("--rollout.n_samples_per_prompt and --rollout.batch_size must be >= 1")
+            return p
+        if not (math.isfinite(self.oversample) and self.oversample >= 1.0):
+            p.append(f"--dynamo.allocation.oversample must be a finite number >= 1, got {self.oversample}")
+            return p
+        if self.lo < 0 or self.hi < self.lo:
+            p.append(f"--dynamo.allocation.lo/hi: need 0 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
+        else:
+            n, m, b = self.n_samples_per_prompt, self.candidates_per_step, self.budget
+            if not self.lo <= n <= self.hi:
+                p.append(f"--dynamo.allocation.lo/hi: need lo <= n_samples_per_prompt <= hi, got lo={self.lo}, "
+                         f"n={n}, hi={self.hi}")
+            elif not self.lo * m <= b <= self.hi * m:
+                p.append(f"infeasible rollout budget: {m} candidate prompts x bounds [{self.lo}, {self.hi}] = "
+                         f"[{self.lo * m}, {self.hi * m}] does not contain the budget {b} "
+                         f"(--rollout.batch_size {self.prompts_per_step} x --rollout.n_samples_per_prompt {n}); "
+                         "lower --dynamo.allocation.lo or --dynamo.allocation.oversample")
+        if self.skip_factor is not None:
+            if not (math.isfinite(self.skip_factor) and self.skip_factor >= 0):
+                p.append(f"--dynamo.allocation.skip_factor must be >= 0, got {self.skip_factor}")
+            elif self.skip_factor > 0 and (self.lo != 0 or self.rule != "neyman"):
+                p.append("--dynamo.allocation.skip_factor needs --dynamo.allocation.lo 0 and rule neyman")
+        if self.rule == "uniform" and any(
+            x is not None for x in (self.exploration, self.mastery, self.exploration_rollouts,
+                                    self.mastery_threshold, self.priority_floor)):
+            p.append("--dynamo.allocation.rule uniform takes no exploration/mastery options")
+        a, b_ = self.prior
+        if not (math.isfinite(a) and math.isfinite(b_) and a > 0 and b_ > 0):
+            p.append(f"--dynamo.pool.prior: need two finite numbers > 0, got {self.prior}")
+        if not (0.0 < self.forget <= 1.0):
+            p.append(f"--dynamo.pool.forget must lie in (0, 1], got {self.forget}")
+        if self.fit_prior_every < 0:
+            p.append(f"--dynamo.pool.fit_prior_every must be >= 0, got {self.fit_prior_every}")
+        return p
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationStep:
+    """One step's allocation: ``counts`` (N,) int64 per candidate prompt, the posterior expected
+    variances ``variances`` (N,) it was made from, and the ``budget``."""
+
+    counts: np.ndarray
+    variances: np.ndarray
+    budget: int
+
+    def metrics(self) -> Dict[str, float]:
+        c = self.counts
+        used = c[c > 0]
+        return {
+            "dynamo/alloc_min": float(used.min()) if used.size else 0.0,
+            "dynamo/alloc_mean": float(used.mean()) if used.size else 0.0,
+            "dynamo/alloc_max": float(c.max()) if c.size else 0.0,
+            "dynamo/alloc_skipped": float((c == 0).sum()),
+            "dynamo/alloc_prompts": float(used.size),
+            "dynamo/alloc_candidates": float(c.size),
+            "dynamo/alloc_budget": float(self.budget),
+            "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c),
+        }
+
+
+class RolloutAllocator:
+    """Allocates each step's rollouts from a :class:`PassRatePool` and keeps the pool up to date."""
+
+    def __init__(self, config: AllocationConfig, pool: Optional[PassRatePool] = None) -> None:
+        self.config = config
+        self.pool = pool if pool is not None else PassRatePool(prior=tuple(config.prior), forget=config.forget)
+        self.steps = 0  # record() calls
+        self.last: Optional[AllocationStep] = None
+        self._last_record: Dict[str, float] = {}
+
+    # -- allocation --------------------------------------------------------------------------
+    def _options(self) -> Dict[str, Any]:
+        c = self.config
+        opts = {k: getattr(c, k) for k in ("exploration", "exploration_rollouts", "mastery", "mastery_threshold",
+                                           "priority_floor") if getattr(c, k) is not None}
+        if c.skip_factor:
+            opts["skip_factor"] = c.skip_factor
+        return opts
+
+    def allocate(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """int64 counts (N,) for the step's N candidate prompts; ``counts.sum() == budget_for(N)``."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        c = self.config
+        budget = c.budget_for(ids.size)
+        counts = self.pool.allocate(ids, budget, c.lo, c.hi, c.rule, **self._options())
+        counts = np.asarray(counts, dtype=np.int64)
+        if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
+            raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
+        self.last = AllocationStep(counts=counts, variances=self.pool.expected_variance(ids), budget=budget)
+        return counts
+
+    # -- pool update ---------------------------------------------------------------------------
+    def record(self, prompt_ids: Sequence[int], successes: Sequence[int], trials: Sequence[int]) -> None:
+        """One training step's verified outcomes, one row per group (repeated ids add up)."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        s = np.asarray(successes, dtype=np.int64)
+        t = np.asarray(trials, dtype=np.int64)
+        self.pool.update(ids, s, t)
+        self.steps += 1
+        refit = self.config.fit_prior_every > 0 and self.steps % self.config.fit_prior_every == 0
+        fitted = 0.0
+        if refit:
+            try:
+                self.pool.fit_prior()
+                fitted = 1.0
+            except ValueError:
+                pass  # too little or degenerate evidence yet (e.g. every pass rate 0): keep the prior
+        posterior = self.pool.mean(ids)
+        self._last_record = {
+            "dynamo/step_groups": float(ids.size),
+            "dynamo/step_trials": float(t.sum()),
+            "dynamo/step_successes": float(s.sum()),
+            "dynamo/batch_posterior_mean": float(posterior.mean()) if posterior.size else 0.0,
+            "dynamo/prior_refit": fitted,
+        }
+
+    # -- logging -------------------------------------------------------------------------------
+    def metrics(self) -> Dict[str, float]:
+        """The last allocation's and pool update's numbers, plus pool totals (O(pool))."""
+        out = dict(self.last.metrics()) if self.last is not None else {}
+        out.update(self._last_record)
+        st = self.pool.stats()
+        evidence = st["successes"] + st["failures"]
+        a, b = self.pool.prior
+        out.update({
+            "dynamo/pool_size": float(st["prompts"]),
+            "dynamo/pool_mean_pass_rate": float(st["successes"] / evidence) if evidence > 0 else a / (a + b),
+            "dynamo/pool_prior_alpha": float(a),
+            "dynamo/pool_prior_beta": float(b),
+        })
+        return out
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {"version": STATE_VERSION, "pool": self.pool.to_bytes(), "steps": self.steps}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        version = state.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"allocator state version {version!r} is not supported (expected {STATE_VERSION})")
+        self.pool = PassRatePool.from_bytes(state["pool"])
+        self.steps = int(state["steps"])
+        if self.pool.forget != self.config.forget:
+            self.pool.forget = self.config.forget  # the flag of this run wins from the next update on

@@ -1,0 +1,110 @@
+"""OpenRLHF 0.11.2's ``RemoteExperienceMaker`` with group baselines over explicit, variable-size groups.
+
+Named after ``openrlhf/trainer/ppo_utils/experience_maker.py``. OpenRLHF's
+``compute_advantages_and_returns`` groups samples by ``rewards.reshape(-1, n_samples_per_prompt)``,
+which pairs the wrong samples once prompts get different numbers of rollouts (DESIGN.md §5).
+``DynamoExperienceMaker.compute_advantages_and_returns``:
+
+1. reads the step's groups from the samples' tags (:class:`~dynamo_openrlhf.samples_generator.RolloutGroups`,
+   raw scores, before any shaping) and keeps them in ``last_groups`` for the pass-rate pool update;
+2. when every group has ``n_samples_per_prompt`` samples, contiguous in rollout order, OpenRLHF's
+   own method is exactly right and runs unchanged;
+3. otherwise it applies OpenRLHF's length penalties, replaces OpenRLHF's baseline block by
+   :func:`dynamo_openrlhf.advantages.group_normalized_advantages` on the explicit groups, and runs
+   the rest of OpenRLHF's method (KL-shaped token rewards, returns, whitening) unchanged on those
+   rewards: the estimator and the length-penalty settings are switched for the duration of that
+   call so that OpenRLHF's method does everything except the penalties and the baseline, which are
+   already applied. ``info["reward"]`` keeps the (penalised) reward, as in OpenRLHF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
+
+from dynamo_openrlhf.advantages import GROUP_ESTIMATORS, group_normalized_advantages, group_reward_std
+from dynamo_openrlhf.samples_generator import RolloutGroups
+
+__all__ = ["DynamoExperienceMaker", "SUPPORTED_ESTIMATORS"]
+
+# Estimators OpenRLHF runs after its baseline block with no further group statistics. "reinforce"
+# whitens over the batch afterwards (as OpenRLHF does for reinforce_baseline); the private name
+# does nothing there (group_norm, dr_grpo, rloo are not whitened by OpenRLHF either).
+_AFTER_BASELINE = {"group_norm": "_dynamo_grouped", "dr_grpo": "_dynamo_grouped", "rloo": "_dynamo_grouped",
+                   "reinforce_baseline": "reinforce", "reinforce": "reinforce", "gae": "gae"}
+SUPPORTED_ESTIMATORS = tuple(_AFTER_BASELINE)
+
+
+@contextlib.contextmanager
+def _temporarily(obj, **values):
+    old = {k: getattr(obj, k) for k in values}
+    for k, v in values.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+class DynamoExperienceMaker(RemoteExperienceMaker):
+    """``RemoteExperienceMaker`` whose baselines use the tagged groups (see module docstring).
+
+    ``success_threshold``: a sample counts as a success for the pool when its score (reward without
+    a score) is above it. After each call, ``last_groups`` holds the step's :class:`RolloutGroups`.
+    """
+
+    def __init__(self, *args, success_threshold: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.success_threshold = float(success_threshold)
+        self.last_groups: Optional[RolloutGroups] = None
+        estimator = self.args.algo.advantage.estimator
+        if estimator not in SUPPORTED_ESTIMATORS:
+            raise ValueError(f"--algo.advantage.estimator {estimator}: not supported with per-prompt rollout "
+                             f"counts; use one of {list(SUPPORTED_ESTIMATORS)}")
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
+        args = self.strategy.args
+        groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True)
+        self.last_groups = groups
+        n = args.rollout.n_samples_per_prompt
+        if groups.uniform_size() == n:
+            # Contiguous groups of n in rollout order: exactly the layout OpenRLHF's reshape assumes.
+            return super().compute_advantages_and_returns(experiences)
+
+        for exp in experiences:
+            exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
+        apply_length_penalties(experiences, args)
+        logged_rewards = [exp.info.get("reward") for exp in experiences]
+
+        estimator = args.algo.advantage.estimator
+        lengths = [len(exp.rewards) for exp in experiences]
+        positions = torch.from_numpy(groups.positions)
+        raw = torch.cat([exp.rewards for exp in experiences])
+        flat = torch.empty_like(raw)
+        flat[positions] = raw  # rollout order: groups contiguous
+        sizes = torch.from_numpy(groups.sizes)
+        shaped = group_normalized_advantages(flat, sizes, estimator) if estimator in GROUP_ESTIMATORS else flat
+        stds = group_reward_std(flat, sizes)
+        for exp, r, s in zip(experiences, shaped[positions].split(lengths), stds[positions].split(lengths)):
+            exp.rewards = r
+            exp.info["group_reward_std"] = s
+
+        # OpenRLHF's method for everything after the baseline (its reshape then only permutes and
+        # un-permutes). It re-syncs info["reward"] with the (now shaped) rewards and logs a
+        # reshape-based group_reward_std: both are put back below.
+        with _temporarily(args.algo.advantage, estimator=_AFTER_BASELINE[estimator]), \
+                _temporarily(args.reward, overlong_buffer_len=None, stop_properly_penalty_coef=None):
+            experiences = super().compute_advantages_and_returns(experiences)
+        for exp, s, logged in zip(experiences, stds[positions].split(lengths), logged_rewards):
+            exp.info["group_reward_std"] = s
+            if logged is not None:
+                exp.info["reward"] = logged
+        return experiences

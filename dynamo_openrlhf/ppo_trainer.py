@@ -1,0 +1,199 @@
+"""OpenRLHF 0.11.2's single-controller ``PPOTrainer`` (``openrlhf/trainer/ppo_trainer.py``) with DynaMO.
+
+``DynamoPPOTrainer(PPOTrainer)``:
+
+* sequence level (unless ``--dynamo.allocation.rule off``): its ``samples_generator`` is a
+  :class:`~dynamo_openrlhf.samples_generator.DynamoSamplesGenerator` whose allocator is a
+  :class:`~dynamo_openrlhf.allocation.RolloutAllocator` (pass-rate pool posterior -> n_i per prompt),
+  its ``experience_maker`` a :class:`~dynamo_openrlhf.experience_maker.DynamoExperienceMaker`
+  (baselines on the explicit groups); after each step the pool is updated from the step's verified
+  outcomes (successes and trials per prompt id);
+* logs ``dynamo/*`` metrics through OpenRLHF's status dict (console, wandb, TensorBoard) and keeps
+  a per-step history (``<run_dir>/metrics.jsonl``);
+* saves its state (pool bit for bit, step counter, history) in every OpenRLHF checkpoint
+  (``client_states["dynamo"]``) and restores it on ``--ckpt.load_enable``;
+* can evaluate before the first and after the last step (``--dynamo.eval_at_start/_end``).
+
+Importing this module imports OpenRLHF (the import stand-ins are installed first when needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+from dynamo_openrlhf import cpu_backend
+
+cpu_backend.install_import_stand_ins()
+
+import ray  # noqa: E402
+from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
+
+from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
+from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
+from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
+from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator  # noqa: E402
+from dynamo_openrlhf.train import allocation_config  # noqa: E402
+
+__all__ = ["DynamoPPOTrainer", "STATE_VERSION"]
+
+STATE_VERSION = 2  # of client_states["dynamo"]; 1 = history only
+
+
+def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+            v = v.item()
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
+    """OpenRLHF's ``PPOTrainer`` with DynaMO's allocation loop (see module docstring)."""
+
+    def __init__(self, pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
+                 reference_model_group, vllm_engines, **generate_kwargs):
+        cpu_backend.apply_if_chosen(strategy.args)
+        self.history: List[Dict[str, Any]] = []
+        self._evaluated_steps = set()
+        self._last_step = 0
+        self._restored = False
+        run_dir = strategy.args.dynamo.run_dir
+        self._metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+        super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
+                         reference_model_group, vllm_engines, **generate_kwargs)
+        self.allocator: Optional[RolloutAllocator] = None
+        config = allocation_config(self.args)
+        if config is not None:
+            self.allocator = RolloutAllocator(config)
+            if self.args.dynamo.pool.load:
+                from dynamo_openrlhf import PassRatePool
+
+                self.allocator.pool = PassRatePool.load(self.args.dynamo.pool.load)
+            self.samples_generator = DynamoSamplesGenerator(
+                strategy=strategy,
+                prompts_dataloader=self.prompts_dataloader,
+                eval_dataloader=self.eval_dataloader,
+                tokenizer=self.tokenizer,
+                vllm_engines=vllm_engines,
+                rollout_allocator=self._allocate,
+                num_candidates=config.candidates_per_step,
+            )
+            self.experience_maker = DynamoExperienceMaker(
+                actor_model_group,
+                critic_model_group,
+                reward_model_group,
+                reference_model_group,
+                self.kl_ctl,
+                strategy,
+                self.tokenizer,
+                success_threshold=config.success_threshold,
+            )
+            # Over-sampling consumes more prompts per step: fewer steps per epoch (LR schedule).
+            self.max_steps = max(1, int(self.max_steps / config.oversample))
+
+    # -- sequence level ------------------------------------------------------------------------
+    def _allocate(self, prompts: List[str], labels: List[str]):
+        return self.allocator.allocate(prompt_ids(prompts, labels))
+
+    def train_step(self, rollout_samples, global_step: int):
+        if self.allocator is not None:
+            expected = self.allocator.last.budget if self.allocator.last is not None else None
+            if expected is not None and len(rollout_samples) != expected:
+                raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
+        status, global_step = super().train_step(rollout_samples, global_step)
+        if self.allocator is not None:
+            t0 = time.time()
+            groups = self.experience_maker.last_groups
+            self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes)
+            status.update(self.allocator.metrics())
+            status["timing/dynamo_pool"] = time.time() - t0
+        return status, global_step
+
+    # -- state kept in OpenRLHF checkpoints -----------------------------------------------------
+    def dynamo_state_dict(self) -> Dict[str, Any]:
+        state = {"version": STATE_VERSION, "history": list(self.history)}
+        if self.allocator is not None:
+            state["allocator"] = self.allocator.state_dict()
+        return state
+
+    def load_dynamo_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history = list(state.get("history", []))
+        if self.allocator is not None:
+            if "allocator" not in state:
+                raise ValueError("the checkpoint has no DynaMO pass-rate pool (saved with --dynamo.allocation.rule "
+                                 "off or by an older version); cannot resume the allocation exactly")
+            self.allocator.load_state_dict(state["allocator"])
+
+    def init_checkpoint_states(self):
+        states = super().init_checkpoint_states()
+        if states.get("dynamo") and not self._restored:
+            self.load_dynamo_state_dict(states["dynamo"])
+            self._restored = True
+        return states
+
+    def get_dynamo_state(self) -> Dict[str, Any]:
+        """The live state (for tests and tools): ``dynamo_state_dict()``."""
+        return self.dynamo_state_dict()
+
+    # -- metrics -------------------------------------------------------------------------------
+    def _record(self, row: Dict[str, Any]) -> None:
+        self.history.append(row)
+        if self._metrics_path:
+            os.makedirs(os.path.dirname(self._metrics_path) or ".", exist_ok=True)
+            with open(self._metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
+        self._last_step = global_step
+        row = {"type": "train", "step": global_step, "time": time.time(), **_scalars(logs_dict or {})}
+        self._record(row)
+        if client_states is not None:
+            client_states["dynamo"] = self.dynamo_state_dict()
+        return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+
+    def evaluate(self, global_step, **generate_kwargs):
+        logs = super().evaluate(global_step, **generate_kwargs)
+        self._evaluated_steps.add(global_step)
+        self._record({"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})})
+        return logs
+
+    def _dynamo_evaluate(self, global_step):
+        kwargs = dict(self.generate_kwargs)
+        kwargs["temperature"] = self.args.eval.temperature
+        kwargs["n_samples_per_prompt"] = self.args.eval.n_samples_per_prompt
+        self.evaluate(global_step, **kwargs)
+
+    def fit(self, global_step: int = 0) -> None:
+        dyn = self.args.dynamo
+        # OpenRLHF closes its loggers at the end of fit(); keep them open for the final eval.
+        closers = []
+        for lg in (self.wandb_logger, self.tensorboard_logger):
+            if lg is not None:
+                closers.append(lg.close)
+                lg.close = lambda: None
+        try:
+            fresh = self.init_checkpoint_states().get("global_step", 0) == 0
+            if fresh and self._metrics_path and os.path.exists(self._metrics_path):
+                os.remove(self._metrics_path)  # a new run; a resumed one appends
+            if self.eval_dataloader is not None and dyn.eval_at_start and fresh:
+                self._dynamo_evaluate(global_step)
+            super().fit(global_step)
+            if (self.eval_dataloader is not None and dyn.eval_at_end and self._last_step > 0
+                    and self._last_step not in self._evaluated_steps):
+                self._dynamo_evaluate(self._last_step)
+            if self.allocator is not None and dyn.run_dir:
+                self.allocator.pool.save(os.path.join(dyn.run_dir, "pass_rate_pool.bin"))
+        finally:
+            for close in closers:
+                close()
+
+    def get_dynamo_history(self) -> List[Dict[str, Any]]:
+        return list(self.history)
+
+
+DynamoPPOTrainer = ray.remote(DynamoPPOTrainer)
