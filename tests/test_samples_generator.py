@@ -18,9 +18,10 @@ from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator  # noq
 from dynamo_openrlhf import samples_generator as sg  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_id, prompt_ids  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
+    GROUP_KEY,
     PROMPT_ID_KEY,
     DynamoSamplesGenerator,
-    group_sizes_from_experiences,
+    RolloutGroups,
 )
 
 # ---------------------------------------------------------------------------------------------- prompt ids
@@ -73,6 +74,13 @@ class _Remote:
         self.remote = fn
 
 
+class _Ref:
+    """Stands for a Ray ObjectRef (hashable, compared by identity); ``ray.get`` unwraps it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class FakeEngine:
     """Deterministic: each response echoes its own prompt and label, reward 1 iff label is the right sum."""
 
@@ -92,13 +100,16 @@ class FakeEngine:
                             rollout_log_probs=None, prompt=kw["prompt"], label=kw["label"],
                             reward=float(_answer(kw["prompt"]) == kw["label"]),
                             scores=float(_answer(kw["prompt"]) == kw["label"])))
-        return out
+        return _Ref(out)
 
 
 @pytest.fixture
 def passthrough_ray(monkeypatch):
+    def unwrap(x):
+        return x.value if isinstance(x, _Ref) else x
+
     def get(x, *a, **k):
-        return list(x) if isinstance(x, list) else x
+        return [unwrap(v) for v in x] if isinstance(x, list) else unwrap(x)
 
     def wait(refs, num_returns=1, timeout=None):
         refs = list(refs)
@@ -117,8 +128,8 @@ def _args(n=4):
     )
 
 
-def _gen(cls, engines, **kw):
-    return cls(SimpleNamespace(args=_args()), None, None, "TOK", engines, **kw)
+def _gen(cls, engines, loader=None, **kw):
+    return cls(SimpleNamespace(args=_args()), loader, None, "TOK", engines, **kw)
 
 
 PROMPTS = ["What is 1+2?", "What is 2+2?", "What is 5+1?", "What is 0+9?"]
@@ -182,7 +193,7 @@ def test_default_none_is_openrlhf_exactly(passthrough_ray):
     ours, theirs = [FakeEngine(1), FakeEngine(0)], [FakeEngine(1), FakeEngine(0)]
     r1 = _gen(DynamoSamplesGenerator, ours)._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
     r2 = _gen(SamplesGenerator, theirs)._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
-    assert r1 == r2
+    assert [r.value for r in r1] == [r.value for r in r2]
     for a, b in zip(ours, theirs):
         assert [_norm(c) for c in a.calls] == [_norm(c) for c in b.calls] and a.calls
     assert all(c["num_samples"] == 4 for e in ours for c in e.calls)
@@ -200,39 +211,118 @@ def test_eval_ignores_allocator(passthrough_ray):
 # ---------------------------------------------------------------------------------------------- alignment
 
 
-def test_alignment_through_generate_vllm(passthrough_ray):
+def _loader(prompts, labels, batch=2):
+    return [(None, prompts[i:i + batch], labels[i:i + batch], [None] * len(prompts[i:i + batch]))
+            for i in range(0, len(prompts), batch)]
+
+
+def test_alignment_through_generate_samples(passthrough_ray):
+    """A deterministic rollout whose reward depends on the prompt, with allocations that differ per
+    prompt: every sample's reward, label and group are its own prompt's (DESIGN.md section 4)."""
     engines = [FakeEngine(), FakeEngine(), FakeEngine()]
     alloc = [3, 0, 5, 1]
-    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: alloc)
-    loader = iter([(None, PROMPTS[:2], LABELS[:2], [None] * 2), (None, PROMPTS[2:], LABELS[2:], [None] * 2)])
-    exps, consumed, exhausted = gen._generate_vllm(loader, num_prompts=4, dynamic_filtering=False, **GEN_KW)
-    assert consumed == 4 and not exhausted and len(exps) == sum(alloc)
+    seen = []
+    gen = _gen(DynamoSamplesGenerator, engines, loader=_loader(PROMPTS, LABELS),
+               rollout_allocator=lambda p, l: (seen.append(list(p)), alloc)[1], num_candidates=4)
+    exps, filter_rate, consumed, exhausted = gen.generate_samples(**GEN_KW)
+    assert seen == [PROMPTS] and filter_rate is None and consumed == 4 and not exhausted
+    assert len(exps) == sum(alloc)
     lab = dict(zip(PROMPTS, LABELS))
     for e in exps:
         p, l = e.prompts[0], e.labels[0]
         assert l == lab[p]
         assert e.info[PROMPT_ID_KEY].dtype == torch.int64 and e.info[PROMPT_ID_KEY].tolist() == [prompt_id(p, l)]
         assert e.rewards.item() == float(_answer(p) == l) == e.info["reward"].item()
-    ids, sizes = group_sizes_from_experiences(exps)
-    # groups arrive in completion order; each group's size is its own prompt's allocation
-    got = dict(zip(ids.tolist(), sizes.tolist()))
-    want = {prompt_id(p, l): n for p, l, n in zip(PROMPTS, LABELS, alloc) if n > 0}
-    assert got == want and ids.dtype == np.int64 and sizes.dtype == np.int64 and len(ids) == 3
+    groups = RolloutGroups.from_experiences(exps)
+    # groups arrive in completion order (the fake answers last-submitted first); each group's size is
+    # its own prompt's allocation, and its successes its own prompt's rewards
+    got = {pid: (n, s) for pid, n, s in zip(groups.prompt_ids.tolist(), groups.sizes.tolist(),
+                                            groups.successes.tolist())}
+    want = {prompt_id(p, l): (n, n * int(_answer(p) == l)) for p, l, n in zip(PROMPTS, LABELS, alloc) if n > 0}
+    assert got == want and len(groups.sizes) == 3
+    assert groups.prompt_ids.tolist() == [prompt_id(PROMPTS[i], LABELS[i]) for i in (3, 2, 0)]
+    assert sorted({e.info[GROUP_KEY].item() for e in exps}) == [0, 1, 2]  # one serial per request
+    # the loader is empty now: OpenRLHF's contract is an empty, exhausted step; then a new pass starts
+    assert gen.generate_samples(**GEN_KW) == ([], None, 0, True)
+    exps2, _, consumed2, _ = gen.generate_samples(**GEN_KW)
+    assert consumed2 == 4 and len(exps2) == 9
+    assert {e.info[GROUP_KEY].item() for e in exps2} == {3, 4, 5}
 
 
-def _tagged(pid, k=1):
-    return Experience(info={PROMPT_ID_KEY: torch.tensor([pid] * k, dtype=torch.int64)})
+def test_duplicate_prompts_stay_separate_groups(passthrough_ray):
+    engines = [FakeEngine()]
+    prompts, labels = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [LABELS[0], LABELS[1], LABELS[0]]
+    gen = _gen(DynamoSamplesGenerator, engines, loader=_loader(prompts, labels, batch=3),
+               rollout_allocator=lambda p, l: [2, 1, 3], num_candidates=3)
+    exps, _, _, _ = gen.generate_samples(**GEN_KW)
+    groups = RolloutGroups.from_experiences(exps)
+    assert sorted(groups.sizes.tolist()) == [1, 2, 3] and len(set(groups.prompt_ids.tolist())) == 2
 
 
-def test_group_sizes_contiguous_and_errors():
-    ids, sizes = group_sizes_from_experiences([_tagged(5), _tagged(5), _tagged(-2, 3), _tagged(9)])
-    assert ids.tolist() == [5, -2, 9] and sizes.tolist() == [2, 3, 1]
-    e_ids, e_sizes = group_sizes_from_experiences([])
-    assert e_ids.size == 0 and e_sizes.size == 0
+def test_engine_answering_for_another_prompt_is_an_error(passthrough_ray):
+    class Misaligned(FakeEngine):
+        def _generate(self, **kw):
+            out = super()._generate(**kw)
+            out.value[-1]["label"] = "wrong"
+            return out
+
+    gen = _gen(DynamoSamplesGenerator, [Misaligned()], loader=_loader(PROMPTS, LABELS, 4),
+               rollout_allocator=lambda p, l: [1, 1, 1, 1])
+    with pytest.raises(RuntimeError, match="another prompt/label"):
+        gen.generate_samples(**GEN_KW)
+
+    class Short(FakeEngine):
+        def _generate(self, **kw):
+            return _Ref(super()._generate(**kw).value[:-1])
+
+    gen = _gen(DynamoSamplesGenerator, [Short()], loader=_loader(PROMPTS, LABELS, 4),
+               rollout_allocator=lambda p, l: [2, 2, 2, 2])
+    with pytest.raises(RuntimeError, match="returned 1 samples for a request of n=2"):
+        gen.generate_samples(**GEN_KW)
+
+
+def test_without_allocator_generate_samples_is_openrlhfs(passthrough_ray):
+    engines = [FakeEngine()]
+    gen = _gen(DynamoSamplesGenerator, engines, loader=_loader(PROMPTS, LABELS, 4))
+    exps, _, consumed, _ = gen.generate_samples(**GEN_KW)
+    assert consumed == 4 and len(exps) == 16 and all(c["num_samples"] == 4 for c in engines[0].calls)
+    assert all(GROUP_KEY not in e.info for e in exps)
+
+
+def _tagged(pid, group, k=1, index=None, scores=None):
+    return Experience(
+        info={PROMPT_ID_KEY: torch.tensor([pid] * k, dtype=torch.int64),
+              GROUP_KEY: torch.tensor([group] * k, dtype=torch.int64)},
+        index=index, rewards=torch.tensor(scores if scores is not None else [0.0] * k))
+
+
+def test_rollout_groups_follow_the_index_and_count_successes():
+    # three groups in rollout order: g7 (positions 0-1), g3 (2-4), g9 (5); the experiences hold them
+    # in another order (as OpenRLHF's dynamic batching would), with per-sample index
+    exps = [_tagged(30, 3, 2, index=[3, 2], scores=[1.0, 0.0]),
+            _tagged(90, 9, 1, index=[5], scores=[1.0]),
+            _tagged(70, 7, 2, index=[1, 0], scores=[0.4, 0.6]),
+            _tagged(30, 3, 1, index=[4], scores=[1.0])]
+    g = RolloutGroups.from_experiences(exps, success_threshold=0.5, pop_tags=True)
+    assert g.prompt_ids.tolist() == [70, 30, 90] and g.sizes.tolist() == [2, 3, 1]
+    assert g.successes.tolist() == [1, 2, 1] and g.positions.tolist() == [3, 2, 5, 1, 0, 4]
+    assert g.uniform_size() is None and g.num_samples == 6
+    assert all(PROMPT_ID_KEY not in e.info and GROUP_KEY not in e.info for e in exps)
+    even = RolloutGroups.from_experiences([_tagged(1, 0, 2), _tagged(2, 1, 2)])
+    assert even.uniform_size() == 2 and even.positions.tolist() == [0, 1, 2, 3]
+
+
+def test_rollout_groups_errors():
     with pytest.raises(ValueError, match="not contiguous"):
-        group_sizes_from_experiences([_tagged(5), _tagged(6), _tagged(5)])
+        RolloutGroups.from_experiences([_tagged(5, 0), _tagged(6, 1), _tagged(5, 0)])
     with pytest.raises(ValueError, match="no info"):
-        group_sizes_from_experiences([Experience(info={})])
+        RolloutGroups.from_experiences([Experience(info={})])
+    with pytest.raises(ValueError, match="not a permutation"):
+        RolloutGroups.from_experiences([_tagged(5, 0, 2, index=[0, 2])])
+    with pytest.raises(ValueError, match="different prompts"):
+        RolloutGroups.from_experiences([_tagged(5, 0), _tagged(6, 0)])
+    empty = RolloutGroups.from_experiences([])
+    assert empty.sizes.size == 0 and empty.num_samples == 0
 
 
 def test_import_check_names_symbol(monkeypatch):
