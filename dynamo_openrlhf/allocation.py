@@ -16,6 +16,7 @@ every OpenRLHF checkpoint by the trainer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -243,6 +244,11 @@ class RolloutAllocator:
         return out
 
     # -- checkpoint state ----------------------------------------------------------------------
+    def pool_digest(self) -> str:
+        """sha256 (hex) of the pool's file format (:meth:`PassRatePool.to_bytes`): equal digests mean
+        bit-identical pools."""
+        return hashlib.sha256(self.pool.to_bytes()).hexdigest()
+
     def state_dict(self) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "pool": self.pool.to_bytes(), "steps": self.steps}
 

@@ -128,6 +128,8 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 raise ValueError("the checkpoint has no DynaMO pass-rate pool (saved with --dynamo.allocation.rule "
                                  "off or by an older version); cannot resume the allocation exactly")
             self.allocator.load_state_dict(state["allocator"])
+            print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
+                  f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()}", flush=True)
 
     def init_checkpoint_states(self):
         states = super().init_checkpoint_states()
@@ -152,7 +154,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         self._last_step = global_step
         row = {"type": "train", "step": global_step, "time": time.time(), **_scalars(logs_dict or {})}
         self._record(row)
-        if client_states is not None:
+        # The pool is O(pool) to serialise: only for steps that can write a checkpoint (regular or best).
+        if client_states is not None and (global_step % self.args.ckpt.save_steps == 0
+                                          or global_step % self.args.eval.steps == 0):
             client_states["dynamo"] = self.dynamo_state_dict()
         return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
 
@@ -187,7 +191,10 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                     and self._last_step not in self._evaluated_steps):
                 self._dynamo_evaluate(self._last_step)
             if self.allocator is not None and dyn.run_dir:
-                self.allocator.pool.save(os.path.join(dyn.run_dir, "pass_rate_pool.bin"))
+                path = os.path.join(dyn.run_dir, "pass_rate_pool.bin")
+                self.allocator.pool.save(path)
+                print(f"[dynamo] saved pass-rate pool: {len(self.allocator.pool)} prompts, sha256 "
+                      f"{self.allocator.pool_digest()} -> {path}", flush=True)
         finally:
             for close in closers:
                 close()

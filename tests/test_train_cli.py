@@ -192,7 +192,9 @@ def _label_of(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """Run 1: 2 GRPO steps with a checkpoint every step; run 2 resumes and does step 3."""
+    """DynaMO on (neyman allocation from the pool, decay6 modulation; the tiny preset's defaults).
+    Run 1: 2 steps over 16 prompts (each seen once), a checkpoint every step, eval at the end.
+    Run 2 resumes with a second episode: the same 16 prompts again, now allocated from the pool."""
     from dynamo_openrlhf import tiny
 
     tiny.prepare_tiny_assets()  # cached; built once per machine
@@ -201,15 +203,16 @@ def e2e(tmp_path_factory):
     common = ["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(run_dir),
               "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
               "--rollout.batch_size", "8", "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
-              "--no-dynamo.eval_at_start", "--dynamo.eval_at_end"]
-    first = _run(common + ["--data.max_samples", "16"])
+              "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16"]
+    first = _run(common + ["--train.num_episodes", "1"])
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     weights_run1 = _load_weights(run_dir / "final")
     rows_run1 = len((base / "rewards.jsonl").read_text().splitlines())
-    second = _run(common + ["--data.max_samples", "24", "--ckpt.load_enable"])
+    pool_run1 = (run_dir / "pass_rate_pool.bin").read_bytes()
+    second = _run(common + ["--train.num_episodes", "2", "--ckpt.load_enable"])
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-5000:])
     return dict(base=base, run_dir=run_dir, first=first, second=second, weights_run1=weights_run1,
-                rows_run1=rows_run1)
+                rows_run1=rows_run1, pool_run1=pool_run1)
 
 
 def test_e2e_grpo_updates_the_actor(e2e):
@@ -244,8 +247,8 @@ def test_e2e_rewards_are_math_verify_against_each_prompts_label(e2e):
 
     rows = [json.loads(line) for line in (e2e["base"] / "rewards.jsonl").read_text().splitlines()]
     train_rows = rows[: e2e["rows_run1"]]
-    # 2 steps x 8 prompts x 4 samples, then the final eval (--data.max_samples caps it: 16 prompts x 4)
-    assert len(train_rows) == 2 * 8 * 4 + 16 * 4
+    # 2 steps x 32 rollouts, then the final eval (--data.max_samples caps it: 16 prompts x 4)
+    assert len(train_rows) == 2 * 32 + 16 * 4
     assert {r["status"] for r in rows} <= {"correct", "wrong", "malformed", "timeout", "error"}
     for r in rows:
         assert r["label"] == _label_of(r["prompt"])  # scored against its own prompt's label
@@ -267,14 +270,112 @@ def test_e2e_rewards_are_math_verify_against_each_prompts_label(e2e):
 
 def test_e2e_checkpoint_written_and_resumed(e2e):
     actor_ckpt = e2e["run_dir"] / "ckpt" / "_actor"
-    assert (actor_ckpt / "global_step2").is_dir()
     metrics = _metrics(e2e["run_dir"])
-    steps_written_by_run1 = [m["step"] for m in metrics if m["type"] == "train"][:2]
-    assert steps_written_by_run1 == [1, 2]
-    later = [m["step"] for m in metrics if m["type"] == "train"][2:]
-    assert later == [3], later  # run 2 continued the step counter instead of starting over
-    assert (actor_ckpt / "latest").read_text().strip() == "global_step3"
+    steps = [m["step"] for m in metrics if m["type"] == "train"]
+    assert (actor_ckpt / f"global_step{steps[-1]}").is_dir()
+    assert steps[:2] == [1, 2]
+    assert steps[2:] == list(range(3, 3 + len(steps) - 2)) and len(steps) >= 4  # run 2 continued the count
+    assert (actor_ckpt / "latest").read_text().strip() == f"global_step{steps[-1]}"
     out = e2e["second"].stdout
-    assert "dynamo_openrlhf run summary: 3 steps" in out  # history restored from the checkpoint
+    assert f"dynamo_openrlhf run summary: {len(steps)} steps" in out  # history restored from the checkpoint
     evals = [m for m in metrics if m["type"] == "eval"]
-    assert [m["step"] for m in evals] == [2, 3] and all(0 <= m["eval_default_pass1"] <= 1 for m in evals)
+    assert [m["step"] for m in evals] == [2, steps[-1]] and all(0 <= m["eval_default_pass1"] <= 1 for m in evals)
+
+
+def test_e2e_allocation_budget_metrics_and_pool(e2e):
+    import hashlib
+
+    import numpy as np
+
+    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf.prompt_ids import prompt_id
+
+    train = [m for m in _metrics(e2e["run_dir"]) if m["type"] == "train"]
+    for m in train:  # the budget, every step: 8 prompts x 4
+        assert m["rollout/num_samples"] == 32 and m["dynamo/alloc_budget"] == 32
+        assert 2 <= m["dynamo/alloc_min"] <= m["dynamo/alloc_max"] <= 6 and m["dynamo/alloc_skipped"] == 0
+        assert m["dynamo/step_trials"] == 32 and 0 <= m["dynamo/pred_var_ratio"] <= 1.0 + 1e-12
+        assert m["dynamo/beta_comp_mean"] >= 1.0 and 0.6 <= m["dynamo/beta_stab_mean"] <= 1.0  # decay6 is on
+        assert m["entropy_loss"] > 0  # the entropy the modulation needs is computed (coef 0: logged only)
+    first_pass, revisits = train[:2], train[2:]
+    assert all(m["dynamo/alloc_min"] == m["dynamo/alloc_max"] == 4 for m in first_pass)  # nothing known yet
+    assert all(m["dynamo/pool_size"] == 16 for m in revisits)
+    assert any(m["dynamo/alloc_min"] < m["dynamo/alloc_max"] for m in revisits)  # per-prompt n from the pool
+    assert any(m["dynamo/pred_var_ratio"] < 1.0 for m in revisits)
+    assert "'dynamo/pred_var_ratio'" in e2e["second"].stdout + e2e["second"].stderr  # OpenRLHF's console log
+
+    # the pool after run 1 holds exactly the verified outcomes of its two steps (forget 0.999 per step)
+    rows = [json.loads(line) for line in (e2e["base"] / "rewards.jsonl").read_text().splitlines()][:64]
+    pool = PassRatePool.from_bytes(e2e["pool_run1"])
+    assert len(pool) == 16
+    expect = {}
+    for i, r in enumerate(rows):
+        key = prompt_id(r["prompt"], r["label"])
+        s, t = expect.get(key, (0.0, 0.0))
+        w = 0.999 if i < 32 else 1.0  # step 1's evidence was forgotten once, at step 2
+        expect[key] = (s + w * float(r["reward"] > 0.5), t + w)
+    ids = np.array(sorted(expect), dtype=np.int64)
+    s, f = pool.evidence(ids)
+    assert np.allclose(s, [expect[k][0] for k in ids], rtol=1e-6, atol=0)
+    assert np.allclose(s + f, [expect[k][1] for k in ids], rtol=1e-6, atol=0)
+
+    # run 2 restored that pool bit for bit from the step-2 checkpoint
+    digest = hashlib.sha256(e2e["pool_run1"]).hexdigest()
+    assert f"[dynamo] restored pass-rate pool: 16 prompts, 2 updates, sha256 {digest}" in e2e["second"].stdout
+
+
+def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(tmp_path / "run"),
+              "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "3"], timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert ("infeasible rollout budget: 64 candidate prompts x bounds [3, 16] = [192, 1024] does not contain the "
+            "budget 128") in r.stderr
+    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stdout + r.stderr
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.allocation.rule", "bogus",
+              "--dynamo.modulation.preset", "decay7"], timeout=300)
+    assert r.returncode == 2 and "invalid choice: 'bogus'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dynamo_settings_are_checked_against_the_run():
+    from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf import cpu_backend
+    from dynamo_openrlhf.train import _dynamo_problems
+
+    cpu_backend.install_import_stand_ins()  # the launcher has done this before it checks
+
+    def args(**over):
+        a = NS(
+            rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None),
+            algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="group_norm")),
+            train=NS(async_enable=False), actor=NS(policy_loss_type="ppo"),
+            dynamo=NS(allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
+                                    exploration=None, exploration_rollouts=None, mastery=None,
+                                    mastery_threshold=None, priority_floor=None),
+                      pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None),
+                      modulation=NS(preset="decay6", mu_max=None, lambda_min=None, gamma=None, tau=None)),
+        )
+        for path, value in over.items():
+            obj = a
+            *parents, leaf = path.split(".")
+            for p in parents:
+                obj = getattr(obj, p)
+            setattr(obj, leaf, value)
+        return a
+
+    assert _dynamo_problems(args()) == []
+    assert _dynamo_problems(args(**{"dynamo.allocation.rule": "off", "algo.dynamic_filtering_enable": True})) == []
+    (p,) = _dynamo_problems(args(**{"algo.dynamic_filtering_enable": True}))
+    assert "--algo.dynamic_filtering_enable" in p and "--dynamo.allocation.oversample" in p
+    (p,) = _dynamo_problems(args(**{"train.async_enable": True}))
+    assert "--train.async_enable is not supported" in p
+    (p,) = _dynamo_problems(args(**{"algo.advantage.estimator": "flash_reinforce"}))
+    assert "--algo.advantage.estimator flash_reinforce is not supported" in p
+    (p,) = _dynamo_problems(args(**{"dynamo.allocation.hi": 3}))
+    assert "need lo <= n_samples_per_prompt <= hi, got lo=2, n=4, hi=3" in p
+    (p,) = _dynamo_problems(args(**{"dynamo.modulation.mu_max": 0.5}))
+    assert p.startswith("--dynamo.modulation.*:") and "mu_max" in p
+    (p,) = _dynamo_problems(args(**{"actor.policy_loss_type": "gspo"}))
+    assert "needs the token-level ratio" in p
+    (p,) = _dynamo_problems(args(**{"dynamo.pool.load": "/no/such/pool.bin"}))
+    assert p == "--dynamo.pool.load: pool file not found: /no/such/pool.bin"
