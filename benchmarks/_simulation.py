@@ -169,6 +169,45 @@ def water_fill_proportional(w: np.ndarray, budget: int, lo: int, hi: int) -> np.
     return n
 
 
+def neyman_select(v: np.ndarray, budget: int, hi: int, skip_factor=None, min_rollouts=None,
+                  guard=None) -> np.ndarray:
+    """numpy stand-in of ``allocate_rollouts(v, budget, 0, hi, skip_factor=..., min_rollouts=...)``
+    (rust/skip.rs; same definitions, used to cross-check the native code).
+
+    Skipping: lambda = the smallest marginal gain v/((n-1)n) over prompts with v > 0 and n >= 2 of the
+    exact lo = 0 allocation n; prompts with 0 < v < skip_factor * lambda are skipped, at most
+    #(v > 0) - ceil(budget/hi) of them (the smallest variances; ties: higher index first); the budget is
+    re-solved exactly over the rest.  min_rollouts = m >= 2: the top c not-skipped prompts by variance
+    (ties: lower index) are served with c = max(ceil(B/hi), min(#kept v > 0, B // m)) and solved with
+    bounds m..hi; everyone else gets 0.  ``guard`` (PassRatePool.allocate with calibrated=True: the plain
+    posterior variances): a prompt is skipped only if max(v, guard) is below the cut."""
+    v = np.asarray(v, dtype=np.float64)
+    N = v.size
+    n0 = neyman_exact(v, budget, 0, hi)
+    skip = np.zeros(N, dtype=bool)
+    fewest = -(-budget // hi) if hi > 0 else 0
+    if skip_factor:
+        score = v if guard is None else np.maximum(v, np.asarray(guard, dtype=np.float64))
+        cand = np.flatnonzero((v > 0) & (score < skip_factor * shadow_price(v, n0, hi)))
+        most = max(int((v > 0).sum()) - fewest, 0)
+        if cand.size > most:
+            cand = cand[np.lexsort((-cand, score[cand]))][:most]
+        skip[cand] = True
+    m = int(min_rollouts or 0)
+    if m >= 2:
+        rest = np.flatnonzero(~skip)
+        c = max(fewest, min(int((v[rest] > 0).sum()), budget // m))
+        served = np.sort(rest[np.lexsort((rest, -v[rest]))][:c])
+        lo = m
+    elif skip.any():
+        served, lo = np.flatnonzero(~skip), 0
+    else:
+        return n0
+    n = np.zeros(N, dtype=np.int64)
+    n[served] = neyman_exact(v[served], budget, lo, hi)
+    return n
+
+
 def uniform_alloc(N: int, budget: int, lo: int = 0, hi: int = 1 << 30) -> np.ndarray:
     _check_budget(N, budget, lo, hi)
     n = np.full(N, budget // N, dtype=np.int64)
@@ -266,6 +305,7 @@ class NumpyPassRatePool:
         s = np.asarray(successes, dtype=np.float64)
         tr = np.asarray(trials, dtype=np.float64)
         self._grow(int(ids.max()) + 1 if ids.size else 0)
+        self._calibrate(ids, s, tr)
         self.t += 1  # decay of everything by one step, then add the new evidence
         d = self._decay(ids)
         # duplicates in ids: accumulate
@@ -291,6 +331,36 @@ class NumpyPassRatePool:
         s = a + b
         return a * b / (s * (s + 1.0))
 
+    # revisit calibration (rust/calibration.rs): 13 x 13 evidence cells, decay 0.99 per update, tau 2
+    CAL_FORGET, CAL_WEIGHT = 0.99, 2.0
+
+    def _cal_cells(self, k, f):
+        nb = len(CAL_EDGES) - 1
+        i = np.clip(np.searchsorted(CAL_EDGES, k, side="right") - 1, 0, nb - 1)
+        j = np.clip(np.searchsorted(CAL_EDGES, f, side="right") - 1, 0, nb - 1)
+        return i * nb + j
+
+    def _calibrate(self, ids, s, tr):
+        if not hasattr(self, "cal_obs"):
+            self.cal_obs = np.zeros((len(CAL_EDGES) - 1) ** 2)
+            self.cal_pred = np.zeros_like(self.cal_obs)
+        self.cal_obs *= self.CAL_FORGET
+        self.cal_pred *= self.CAL_FORGET
+        m = tr >= 2
+        ids, s, tr = ids[m], s[m], tr[m]
+        k, f = self.evidence(ids)
+        vb = self.expected_variance(ids)
+        np.add.at(self.cal_obs, self._cal_cells(k, f), s * (tr - s) / (tr * (tr - 1.0)) * tr)
+        np.add.at(self.cal_pred, self._cal_cells(k, f), vb * tr)
+
+    def calibrated_variance(self, ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        v = self.expected_variance(ids)
+        if not hasattr(self, "cal_obs"):
+            return v
+        c = self._cal_cells(*self.evidence(ids))
+        return v * (self.cal_obs[c] + self.CAL_WEIGHT) / (self.cal_pred[c] + self.CAL_WEIGHT)
+
     def fit_prior(self):
         k, f = self.evidence(np.flatnonzero(self.seen))
         self.a0, self.b0 = fit_beta_mom_plain(k, k + f)
@@ -299,8 +369,14 @@ class NumpyPassRatePool:
     def ids(self):
         return np.flatnonzero(self.seen)
 
-    def allocate(self, ids, budget, lo, hi, rule="neyman"):
-        v = self.expected_variance(ids)
+    def allocate(self, ids, budget, lo, hi, rule="neyman", calibrated=None, skip_factor=None,
+                 min_rollouts=None, exploration=None, mastery=None):
+        if exploration or mastery:
+            raise NotImplementedError("the numpy stand-in has no exploration/mastery switches")
+        v = self.calibrated_variance(ids) if calibrated else self.expected_variance(ids)
+        if skip_factor or (min_rollouts or 0) >= 2:
+            guard = self.expected_variance(ids) if calibrated and skip_factor else None
+            return neyman_select(v, budget, hi, skip_factor, min_rollouts, guard)
         if rule == "neyman":
             return neyman_exact(v, budget, lo, hi)
         if rule == "proportional":
@@ -335,11 +411,15 @@ class PerVisitForgettingPool(NumpyPassRatePool):
 @dataclasses.dataclass
 class Backend:
     name: str
-    allocate: Callable  # (v, budget, lo, hi, rule="neyman") -> int64 allocation
+    allocate: Callable  # (v, budget, lo, hi, rule="neyman", skip_factor=None, min_rollouts=None) -> int64
     make_pool: Callable  # (prior, forget, capacity) -> pool
 
 
-def _numpy_allocate(v, budget, lo, hi, rule="neyman"):
+def _numpy_allocate(v, budget, lo, hi, rule="neyman", skip_factor=None, min_rollouts=None):
+    if skip_factor or (min_rollouts or 0) >= 2:
+        if rule != "neyman" or lo != 0:
+            raise ValueError("skip_factor/min_rollouts: rule 'neyman' with lo = 0 only")
+        return neyman_select(v, budget, hi, skip_factor, min_rollouts)
     if rule == "neyman":
         return neyman_exact(v, budget, lo, hi)
     if rule == "proportional":
@@ -358,8 +438,9 @@ def numpy_backend() -> Backend:
 def native_backend() -> Backend:
     import dynamo_openrlhf as d  # noqa: F401  (raises ImportError if not built)
 
-    def alloc(v, budget, lo, hi, rule="neyman"):
-        return np.asarray(d.allocate_rollouts(np.asarray(v, dtype=np.float64), budget, lo, hi, rule=rule))
+    def alloc(v, budget, lo, hi, rule="neyman", skip_factor=None, min_rollouts=None):
+        return np.asarray(d.allocate_rollouts(np.asarray(v, dtype=np.float64), budget, lo, hi, rule=rule,
+                                              skip_factor=skip_factor, min_rollouts=min_rollouts))
 
     def make_pool(prior, forget, capacity):
         return d.PassRatePool(prior=tuple(map(float, prior)), forget=float(forget), capacity=int(capacity))
@@ -636,19 +717,24 @@ class Ours(Method):
     the reference's rule on through ``pool.allocate``).
 
     With ``lo == 0`` (skipping): prompts whose posterior expected variance is below ``skip_factor`` times
-    the allocation's shadow price lambda are skipped, then the budget is re-solved over the rest.
-    Scored as c(0) = 1 (see the module doc), skipping a prompt costs v while giving it m rollouts costs
-    v/m + lambda*m >= 2 sqrt(v lambda); skipping pays when v < 4 lambda, hence the default factor 4.
+    the allocation's shadow price lambda are skipped, then the budget is re-solved over the rest -- the
+    allocator's own ``skip_factor`` option (rust/skip.rs), called through the backend, so the benchmark
+    measures the shipped code.  ``calibrated=True`` (the default of :data:`DEFAULTS`): the allocation is the
+    pool's own ``pool.allocate(ids, budget, lo, hi, calibrated=True, skip_factor=..., min_rollouts=...)``
+    -- revisit-calibrated variances (rust/calibration.rs), skipping guarded by the plain posterior.
+    Scored as c(0) = 1 (see the module doc), skipping a prompt costs v while
+    giving it m rollouts costs v/m + lambda*m >= 2 sqrt(v lambda); skipping pays when v < 4 lambda, hence
+    the default factor 4.  ``min_rollouts`` (lo == 0 only): the allocator's "0 or at least m" option.
     """
 
     def __init__(self, backend: Backend, forget=0.999, prior="fit", init_prior=(1.0, 1.0),
                  refit_every=1, lo=8, hi=24, candidates=1, skip_factor=4.0, name=None,
-                 rule="neyman", exploration=False, make_pool=None):
+                 rule="neyman", exploration=False, make_pool=None, min_rollouts=None, calibrated=False):
         self.backend, self.forget, self.prior_mode = backend, forget, prior
         self.rule, self.exploration, self._make_pool = rule, exploration, make_pool
         self.init_prior = init_prior if isinstance(prior, str) else prior
         self.refit_every, self.lo, self.hi, self.candidates = refit_every, lo, hi, candidates
-        self.skip_factor = skip_factor
+        self.skip_factor, self.min_rollouts, self.calibrated = skip_factor, min_rollouts, calibrated
         self.name = name or ("ours" if lo > 0 else "ours, skipping")
 
     def reset(self, pool_size, rng):
@@ -658,29 +744,29 @@ class Ours(Method):
         self.updates = 0
 
     def variances(self, ids):
+        if self.calibrated:  # PassRatePool.calibrated_variance: the revisit calibration (rust/calibration.rs)
+            return np.asarray(self.pool.calibrated_variance(ids), dtype=np.float64)
         return np.asarray(self.pool.expected_variance(ids), dtype=np.float64)
 
     def allocate(self, ids, t, epoch, p_true, budget):
         if self.exploration:  # the reference's exploration switch: unseen ids get 4 -> clamped to lo
-            return np.asarray(self.pool.allocate(ids, budget, self.lo, self.hi, rule=self.rule, exploration=True))
+            return np.asarray(self.pool.allocate(ids, budget, self.lo, self.hi, rule=self.rule, exploration=True,
+                                                 calibrated=self.calibrated or None))
+        if self.calibrated:  # the trainer's call: PassRatePool.allocate(..., calibrated=True)
+            kw = dict(calibrated=True, exploration=False, mastery=False)
+            if self.lo == 0:
+                kw.update(skip_factor=self.skip_factor or None, min_rollouts=self.min_rollouts)
+            return np.asarray(self.pool.allocate(ids, budget, self.lo, self.hi, rule=self.rule, **kw))
         v = self.variances(ids)
-        n = np.asarray(self.backend.allocate(v, budget, self.lo, self.hi, self.rule))
-        if self.lo == 0 and self.skip_factor > 0:
-            n = self._skip(v, n, budget)
-        return n
+        if self.lo == 0 and (self.skip_factor or (self.min_rollouts or 0) >= 2):
+            return self._select(v, budget)
+        return np.asarray(self.backend.allocate(v, budget, self.lo, self.hi, self.rule))
 
-    def _skip(self, v, n, budget):
-        for _ in range(4):
-            lam = shadow_price(v, n, self.hi)
-            skip = (v < self.skip_factor * lam) & (v > 0)
-            if not skip.any() or int((~skip).sum()) * self.hi < budget:
-                return n
-            v2 = np.where(skip, 0.0, v)
-            n2 = np.asarray(self.backend.allocate(v2, budget, 0, self.hi))
-            if np.array_equal(n2, n):
-                return n
-            n, v = n2, v2
-        return n
+    def _select(self, v, budget):
+        """lo = 0: the allocator's skipping rule / group-size floor (rust/skip.rs)."""
+        return np.asarray(self.backend.allocate(v, budget, 0, self.hi, self.rule,
+                                                skip_factor=self.skip_factor or None,
+                                                min_rollouts=self.min_rollouts))
 
     def observe(self, ids, n, k, t):
         m = n > 0
@@ -739,6 +825,7 @@ class Calibrated(Ours):
                  skip_on_posterior=True, **kw):
         kw.setdefault("name", "ours + revisit calibration" if kw.get("lo", 8) > 0
                       else "ours + revisit calibration, skipping")
+        kw["calibrated"] = False  # its own (Python) calibration on the plain posterior
         super().__init__(backend, **kw)
         self.cal_forget, self.tau, self.edges = cal_forget, tau, np.asarray(edges)
         self.clip, self.skip_on_posterior = clip, skip_on_posterior
@@ -762,10 +849,11 @@ class Calibrated(Ours):
         self._v_post = v
         return v * np.clip((self.S[c] + self.tau) / (self.P[c] + self.tau), *self.clip)
 
-    def _skip(self, v, n, budget):
-        if not self.skip_on_posterior:
-            return super()._skip(v, n, budget)
+    def _select(self, v, budget):
+        if not self.skip_on_posterior or (self.min_rollouts or 0) >= 2:
+            return super()._select(v, budget)
         # skip only prompts that both the calibrated and the plain posterior call negligible
+        n = np.asarray(self.backend.allocate(v, budget, 0, self.hi, self.rule))
         lam = shadow_price(v, n, self.hi)
         skip = (np.maximum(v, self._v_post) < self.skip_factor * lam) & (v > 0)
         if not skip.any() or int((~skip).sum()) * self.hi < budget:
@@ -821,6 +909,7 @@ class TruePriorPosterior(Ours):
 
     def __init__(self, backend, p_zero=0.3, p_one=0.2, a=0.7, b=0.7, **kw):
         kw.setdefault("name", "true-prior posterior" if kw.get("lo", 8) > 0 else "true-prior posterior, skipping")
+        kw["calibrated"] = False  # its own exact posterior, not the pool
         super().__init__(backend, **kw)
         self.w0, self.w1, self.a, self.b = p_zero, p_one, a, b
 
@@ -865,6 +954,8 @@ DEFAULTS = dict(
     rule="neyman",
     exploration=False,  # unseen prompts: the (fitted) prior's E[p(1-p)]; no exploration budget
     mastery=False,
+    calibrated=True,  # PassRatePool.allocate(..., calibrated=True): revisit calibration (rust/calibration.rs)
+    min_rollouts=None,  # skipping variant: no group-size floor (2 measured: see --ablations)
     lo=8, hi=24,  # DESIGN.md bounds; skipping variant: lo=0, hi=64 over 2x candidates
     skip_lo=0, skip_hi=64, skip_candidates=2, skip_factor=4.0,
 )
@@ -872,10 +963,10 @@ DEFAULTS = dict(
 
 def ours_kwargs(skipping: bool = False, **over):
     d = dict(forget=DEFAULTS["forget"], prior=DEFAULTS["prior"], init_prior=DEFAULTS["init_prior"],
-             refit_every=DEFAULTS["refit_every"])
+             refit_every=DEFAULTS["refit_every"], calibrated=DEFAULTS["calibrated"])
     if skipping:
         d.update(lo=DEFAULTS["skip_lo"], hi=DEFAULTS["skip_hi"], candidates=DEFAULTS["skip_candidates"],
-                 skip_factor=DEFAULTS["skip_factor"])
+                 skip_factor=DEFAULTS["skip_factor"], min_rollouts=DEFAULTS["min_rollouts"])
     else:
         d.update(lo=DEFAULTS["lo"], hi=DEFAULTS["hi"])
     d.update(over)
@@ -884,12 +975,15 @@ def ours_kwargs(skipping: bool = False, **over):
 
 def benchmark_methods(backend: Backend, scenario: Optional[Scenario] = None, proposals: bool = True,
                       diagnostics: bool = True) -> List[Method]:
-    """uniform, reference (per-epoch / per-step refresh), ours, ours skipping, [proposal rows],
+    """uniform, reference (per-epoch / per-step refresh), ours, ours skipping, [comparison rows: ours
+    without the revisit calibration (the previous defaults), ours skipping with min_rollouts=2],
     oracle, oracle skipping [, true-prior posterior rows on the mixed-pool recipe]."""
     ms: List[Method] = [Uniform(), Reference("epoch"), Reference("step"),
                         Ours(backend, **ours_kwargs()), Ours(backend, **ours_kwargs(True))]
     if proposals:
-        ms += [Calibrated(backend, **ours_kwargs()), Calibrated(backend, **ours_kwargs(True))]
+        ms += [Ours(backend, **ours_kwargs(calibrated=False), name="ours, no calibration"),
+               Ours(backend, **ours_kwargs(True, calibrated=False), name="ours, no calibration, skipping"),
+               Ours(backend, **ours_kwargs(True, min_rollouts=2), name="ours, skipping, min_rollouts 2")]
     ms += [Oracle(8, 24, 1, allocate=backend.allocate),
            Oracle(0, 64, DEFAULTS["skip_candidates"], allocate=backend.allocate)]
     if diagnostics and scenario is not None and scenario.init is mixed_pool:
@@ -905,7 +999,8 @@ def ablation_methods(backend: Backend) -> List[Method]:
     def per_visit(r):
         return lambda prior, forget, cap: PerVisitForgettingPool(prior=prior, visit_forget=r, capacity=cap)
 
-    ms: List[Method] = [Ours(backend, **ours_kwargs(), name="defaults (rho 0.999, fitted prior, neyman)")]
+    ms: List[Method] = [Ours(backend, **ours_kwargs(), name="defaults (rho 0.999, fitted prior, neyman, calibrated)")]
+    ms += [Ours(backend, **ours_kwargs(calibrated=False), name="no revisit calibration (previous default)")]
     ms += [Ours(backend, **ours_kwargs(forget=f), name=f"forget rho = {f}") for f in (1.0, 0.9995, 0.998, 0.995)]
     ms += [Ours(backend, **ours_kwargs(prior=pr), name=f"fixed prior Beta{pr}") for pr in ((1.0, 1.0), (0.5, 0.5))]
     ms += [Ours(backend, **ours_kwargs(prior="fit_weighted"), name="proposal: evidence-weighted prior fit")]
@@ -919,7 +1014,11 @@ def ablation_methods(backend: Backend) -> List[Method]:
         ms += [Ours(backend, **ours_kwargs(exploration=True), name="+ exploration switch (unseen -> n_low)")]
     ms += [Ours(backend, **ours_kwargs(True, skip_factor=0.0), name="skipping: no skip rule (skip_factor 0)"),
            Ours(backend, **ours_kwargs(True), name="skipping: defaults (skip_factor 4)"),
-           Calibrated(backend, **ours_kwargs(prior="fit_weighted"), name="proposal: weighted prior fit + calibration"),
+           Ours(backend, **ours_kwargs(True, skip_factor=8.0), name="skipping: skip_factor 8"),
+           Ours(backend, **ours_kwargs(True, min_rollouts=2), name="skipping: min_rollouts 2"),
+           Calibrated(backend, **ours_kwargs(calibrated=False), name="python proposal: calibration (control)"),
+           Calibrated(backend, **ours_kwargs(prior="fit_weighted", calibrated=False),
+                      name="proposal: weighted prior fit + calibration"),
            Reference()]
     return ms
 

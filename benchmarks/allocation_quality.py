@@ -41,8 +41,9 @@ COLUMNS = [
     ("ours, skipping", "**ours, skipping**"),
     ("oracle", "oracle"),
     ("oracle, skipping", "oracle, skipping"),
-    ("ours + revisit calibration", "proposal: + calibration"),
-    ("ours + revisit calibration, skipping", "proposal: + calibration, skipping"),
+    ("ours, no calibration", "ours, no calibration"),
+    ("ours, no calibration, skipping", "ours, no calibration, skipping"),
+    ("ours, skipping, min_rollouts 2", "ours, skipping, min_rollouts 2"),
 ]
 DIAG = [("true-prior posterior", "true-prior posterior"),
         ("true-prior posterior, skipping", "true-prior posterior, skipping")]
@@ -72,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--backend", choices=["native", "numpy"], default="native",
                     help="allocator + pool for 'ours' (default: the real dynamo_openrlhf extension)")
     ap.add_argument("--scenarios", default="all", help="comma-separated subset of scenarios")
-    ap.add_argument("--no-proposals", action="store_true", help="skip the proposal (calibration) rows")
+    ap.add_argument("--no-proposals", action="store_true",
+                    help="skip the comparison rows (no calibration, min_rollouts 2)")
     ap.add_argument("--ablations", action="store_true",
                     help="instead of the main table: one change at a time from the defaults (how they were chosen)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/out, --quick: benchmarks/out/quick)")
@@ -217,8 +219,9 @@ def main(argv=None):
             "uniform": ("0.5", "-", 1.0), "reference": ("tab:red", "-", 1.6),
             "reference, per-step refresh": ("tab:orange", ":", 1.6), "ours": ("tab:blue", "-", 2.0),
             "ours, skipping": ("tab:blue", "--", 2.0), "oracle": ("k", "-", 1.0),
-            "oracle, skipping": ("k", "--", 1.0), "ours + revisit calibration": ("tab:green", "-", 1.2),
-            "ours + revisit calibration, skipping": ("tab:green", "--", 1.2),
+            "oracle, skipping": ("k", "--", 1.0), "ours, no calibration": ("tab:green", "-", 1.2),
+            "ours, no calibration, skipping": ("tab:green", "--", 1.2),
+            "ours, skipping, min_rollouts 2": ("tab:purple", ":", 1.2),
         }
         fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
         S = scen["drifting"]

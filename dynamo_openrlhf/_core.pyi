@@ -37,6 +37,8 @@ def allocate_rollouts(
     pass_rates: _FloatArrayLike | None = None,
     mastery_threshold: float | None = None,
     priority_floor: float | None = None,
+    skip_factor: float | None = None,
+    min_rollouts: int | None = None,
 ) -> npt.NDArray[np.int64]:
     """Split ``budget`` rollouts over N prompts, each getting between ``lo`` and ``hi``.
 
@@ -95,12 +97,42 @@ def allocate_rollouts(
         priority_floor: default 0.01. Proportional: floor of every priority. Neyman: only the
             value given to mastered prompts (requires ``pass_rates``).
 
+    Joint prompt selection (rule "neyman" with ``lo = 0`` only; any value with another rule
+    raises ValueError, so does an active value with ``lo > 0`` or with ``unseen``/``pass_rates``):
+        skip_factor: the skipping rule. ``None`` or 0: off (the result is exactly the plain
+            one above, with any ``lo``). Otherwise a finite factor > 0 (4 is the benchmark's
+            choice): let n0 be the exact ``lo = 0`` allocation and lambda its shadow price, the
+            marginal gain at the cut: the smallest gain v_i/((n0_i - 1) n0_i) of a rollout it
+            hands out, over prompts with v_i > 0 and n0_i >= 2 (a prompt's first rollout, of
+            infinite gain, is left out; lambda = 0, so nothing is skipped, when no prompt has
+            2 or more). Prompts with 0 < v_i < skip_factor * lambda (strictly) get 0 rollouts
+            and the budget is solved again, exactly, over the other prompts. Why 4: charging a
+            skipped prompt v (a one-rollout group carries no GRPO gradient either), m rollouts
+            cost v/m + lambda*m >= 2 sqrt(v lambda), so skipping pays when v < 4 lambda.
+            Fallback: at most #(v > 0) - ceil(budget/hi) prompts are skipped, so that the kept
+            positive-variance prompts can absorb the budget at ``hi``; when more qualify, the
+            smallest variances are skipped (ties: the higher index first); with no room nothing
+            is skipped. Zero-variance prompts never take a skipped prompt's rollouts. One pass
+            is a fixed point: re-solving only lowers lambda, so no kept prompt qualifies at the
+            new allocation either. Deterministic (no randomness; ties as stated).
+        min_rollouts: ``None``, 0 or 1: off. m >= 2: every prompt gets 0 or between m and ``hi``
+            rollouts (a GRPO group of one has advantage 0: no gradient). After skipping, the
+            not-skipped prompts are ranked by variance (descending; ties: lower index first) and
+            the top c are served, c = max(ceil(budget/hi), min(#(v > 0 and not skipped),
+            budget // m)): every positive-variance prompt when the budget gives each of them
+            m, else the budget // m largest variances; zero-variance prompts only where the
+            budget must be absorbed. The served prompts get the exact optimum of sum v_i/n_i
+            with m <= n_i <= hi (same tie rule). Requires m <= hi and a budget that groups of
+            m..hi can make up (some c with c*m <= budget <= c*hi), else ValueError.
+        With either switch the result still sums to ``budget`` and stays within [0, hi].
+
     Raises:
         ValueError: naming the argument and the problem: NaN/infinite/negative variances
             (``"variances[17] is NaN"``), wrong dimensions or dtypes, mismatched lengths,
             negative lo/hi/budget, lo > hi, a budget outside [N*lo, N*hi]
             (``"budget 100 is infeasible: must lie in [N*lo, N*hi] = [128, 384] for N=16,
-            lo=8, hi=24"``), an unknown rule, or an option the rule does not take.
+            lo=8, hi=24"``), an unknown rule, or an option the rule does not take
+            (``"skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 8"``).
     """
 
 class _PoolStats(TypedDict):
@@ -171,6 +203,20 @@ class PassRatePool:
     def expected_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
         """Posterior expected Bernoulli variance E[p(1-p)] = alpha*beta / ((alpha+beta)
         (alpha+beta+1)), shape (M,); defined for unseen ids too (from the prior)."""
+    def calibrated_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
+        """Revisit-calibrated expected variance, shape (M,): :meth:`expected_variance` times
+        the factor of the id's evidence cell. Cells: the (forgotten) evidence (s, f) is binned
+        per axis at ``[0, 1e-6, 1, 2, 4, ..., 1024, inf)`` (13 bins; the first means "no
+        evidence"), 169 cells. At every :meth:`update` each cell's sums decay by 0.99, then each
+        row with n >= 2 trials and k successes adds, to the cell of its id's evidence before
+        the step, ``observed += n * k(n-k)/(n(n-1))`` (the fresh unbiased variance) and
+        ``predicted += n * v`` (v = the posterior's E[p(1-p)] before the step, with the prior
+        of that moment); rows with one trial teach nothing, so pass one row per prompt group
+        (its successes and trials), not one per rollout. Factor = ``(observed + 2) /
+        (predicted + 2)``: 1 for a cell without data. It learns what revisits show and the Beta posterior cannot foresee when the
+        policy moves (e.g. prompts whose evidence says "solved" becoming informative again);
+        on a static pool the factors stay near 1. Changing or fitting the prior does not reset
+        the cells (their decay washes out predictions made with an older prior)."""
     def evidence(
         self, prompt_ids: _IntArrayLike
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -189,10 +235,26 @@ class PassRatePool:
         exploration_rollouts: int | None = None,
         mastery_threshold: float | None = None,
         priority_floor: float | None = None,
+        skip_factor: float | None = None,
+        min_rollouts: int | None = None,
+        calibrated: bool | None = None,
     ) -> npt.NDArray[np.int64]:
         """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
         allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
         and guarantees (int64, shape (M,), sum == budget, within [lo, hi]).
+
+        ``skip_factor``, ``min_rollouts``: :func:`allocate_rollouts`'s joint prompt selection
+        on the posterior expected variances (rule "neyman", ``lo = 0``, exploration and
+        mastery off; ``None``/0 and ``None``/0/1 are off). The posterior variance is never 0,
+        so without them every candidate gets at least one rollout.
+
+        ``calibrated``: ``None``/False (default): allocate on :meth:`expected_variance`. True:
+        on :meth:`calibrated_variance` (the revisit calibration; recommended, the benchmark's
+        default: see README). With ``skip_factor`` a prompt is then skipped only if both its
+        calibrated and its plain posterior variance are below ``skip_factor * lambda`` (lambda
+        from the calibrated allocation; the cap and ties order by the larger of the two): a
+        skipped prompt is not revisited, so a calibration factor that is too low could not
+        correct itself. Not with rule "uniform".
 
         ``exploration``: ids not in the pool are "unseen" (fixed ``exploration_rollouts``).
         ``mastery``: the posterior mean is the pass rate tested against ``mastery_threshold``.
@@ -217,19 +279,23 @@ class PassRatePool:
     def save(self, path: str | PathLike[str]) -> None:
         """Write the pool atomically: a temporary file in the same directory, fsync, rename
         over ``path``, fsync of the directory. The round trip through :meth:`load` is bit for
-        bit (ids, evidence, prior, forget, scale, update count). Raises OSError (e.g.
-        FileNotFoundError for a missing directory).
+        bit (ids, evidence, prior, forget, scale, update count, calibration). Raises OSError
+        (e.g. FileNotFoundError for a missing directory).
 
-        File format version 1, little-endian: magic ``b"DYNMPOOL"``, u32 version, u32 flags,
+        File format version 2, little-endian: magic ``b"DYNMPOOL"``, u32 version, u32 flags,
         f64 alpha0, f64 beta0, f64 forget, f64 scale, u64 updates, u64 prompts P, u64 table
         slots, u32 CRC-32 of the preceding 72 header bytes; then P records of (i64 id,
         f32 successes, f32 failures) as stored (actual evidence / scale); then a u32 CRC-32
-        of the records. Size: 80 + 16 P bytes."""
+        of the records; then the calibration block: f64 decay (0.99), f64 weight (2.0),
+        u32 cells C = 169, C f64 observed sums, C f64 predicted sums, u32 CRC-32 of the block.
+        Size: 80 + 16 P + 2728 bytes. Version 1 (written by earlier builds: the same without
+        the calibration block, 80 + 16 P bytes) still loads, with an empty calibration."""
     @staticmethod
     def load(path: str | PathLike[str]) -> PassRatePool:
-        """Read a pool written by :meth:`save`. Raises FileNotFoundError/OSError when the file
-        cannot be read, and ValueError naming the problem for an empty, foreign (bad magic),
-        newer (unknown version), truncated, over-long or corrupt (checksum mismatch) file."""
+        """Read a pool written by :meth:`save` (format version 1 or 2). Raises
+        FileNotFoundError/OSError when the file cannot be read, and ValueError naming the
+        problem for an empty, foreign (bad magic), newer (unknown version), truncated,
+        over-long or corrupt (checksum mismatch) file."""
     def to_bytes(self) -> bytes:
         """The file format of :meth:`save` as bytes."""
     @staticmethod

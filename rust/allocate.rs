@@ -5,6 +5,7 @@
 use crate::error::{Error, Result};
 use crate::neyman;
 use crate::parallel::map_chunks;
+use crate::skip::{self, Selection};
 
 /// Rollouts given to a never-seen prompt by the reference's exploration rule.
 pub const DEFAULT_EXPLORATION_ROLLOUTS: i64 = 4;
@@ -61,6 +62,22 @@ pub struct Options<'a> {
     pub mastery_threshold: Option<f64>,
     /// Proportional: priorities are max(v, floor). Neyman: only the value given to mastered prompts.
     pub priority_floor: Option<f64>,
+    /// Rule "neyman" with `lo = 0` only: skip prompts with `0 < v < skip_factor · λ`, λ the
+    /// exact allocation's shadow price (see `skip.rs`). `None` or 0 = off.
+    pub skip_factor: Option<f64>,
+    /// Rule "neyman" with `lo = 0` only: every prompt gets 0 or at least this many rollouts
+    /// (see `skip.rs`). `None`, 0 or 1 = off.
+    pub min_rollouts: Option<i64>,
+}
+
+impl Options<'_> {
+    /// The joint-selection switches (`skip_factor`, `min_rollouts`).
+    pub fn selection(&self) -> Selection {
+        Selection {
+            skip_factor: self.skip_factor,
+            min_rollouts: self.min_rollouts,
+        }
+    }
 }
 
 /// Allocates `budget` rollouts over `variances.len()` prompts, each within `[lo, hi]`.
@@ -73,15 +90,43 @@ pub fn allocate(
     rule: Rule,
     options: &Options,
 ) -> Result<Vec<i64>> {
+    allocate_guarded(variances, None, budget, lo, hi, rule, options)
+}
+
+/// [`allocate`] with an optional skip guard for `skip_factor` (see `skip::solve`): a prompt is
+/// skipped only if both its variance and its guard value lie below the cut. `guard` must be
+/// as long as `variances` (the pool passes its own plain posterior variances).
+pub fn allocate_guarded(
+    variances: &[f64],
+    guard: Option<&[f64]>,
+    budget: i64,
+    lo: i64,
+    hi: i64,
+    rule: Rule,
+    options: &Options,
+) -> Result<Vec<i64>> {
+    debug_assert!(guard.is_none_or(|g| g.len() == variances.len()));
     let (budget, lo, hi) = check_bounds(variances.len(), budget, lo, hi)?;
     let scan = neyman::scan(variances, lo, hi);
     if let Some(i) = scan.first_invalid {
         return Err(describe_invalid("variances", i, variances[i]));
     }
     check_options(variances.len(), rule, options)?;
+    let selection = options.selection();
+    check_selection(
+        rule,
+        options,
+        &selection,
+        budget as i64,
+        lo as i64,
+        hi as i64,
+    )?;
     let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
     Ok(match rule {
         Rule::Uniform => uniform(variances.len(), budget),
+        Rule::Neyman if selection.active() => {
+            skip::solve(variances, guard, budget, hi, &scan, &selection)
+        }
         Rule::Neyman if !seen_weights => neyman::solve(variances, budget, lo, hi, &scan),
         _ => with_reference_options(variances, budget, lo, hi, rule, options),
     })
@@ -120,6 +165,45 @@ pub fn describe_invalid(name: &str, index: usize, value: f64) -> Error {
         format!("is negative ({value:?})")
     };
     Error::invalid(format!("{name}[{index}] {problem}"))
+}
+
+/// `skip_factor` and `min_rollouts`: rule "neyman" only (any value is refused with the other
+/// rules), not with the reference options, and the checks of `Selection::check`.
+fn check_selection(
+    rule: Rule,
+    o: &Options,
+    selection: &Selection,
+    budget: i64,
+    lo: i64,
+    hi: i64,
+) -> Result<()> {
+    let given = [
+        ("skip_factor", o.skip_factor.is_some()),
+        ("min_rollouts", o.min_rollouts.is_some()),
+    ];
+    for (name, present) in given {
+        if present && rule != Rule::Neyman {
+            return Err(Error::invalid(format!(
+                "{name} applies to rule 'neyman' only, got rule '{}'",
+                rule.name()
+            )));
+        }
+    }
+    selection.check(budget, lo, hi)?;
+    if selection.active() {
+        for (name, present) in [
+            ("unseen", o.unseen.is_some()),
+            ("pass_rates", o.pass_rates.is_some()),
+        ] {
+            if present {
+                return Err(Error::invalid(format!(
+                    "skip_factor and min_rollouts cannot be combined with {name} \
+                     (the reference's exploration and mastery options)"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_options(n: usize, rule: Rule, o: &Options) -> Result<()> {
@@ -554,6 +638,7 @@ mod tests {
                     pass_rates: Some(&rates),
                     mastery_threshold: Some(0.85),
                     priority_floor: Some(0.01),
+                    ..Options::default()
                 };
                 for o in [Options::default(), opts] {
                     let out = allocate(&v, budget, lo, hi, rule, &o).unwrap();
@@ -682,6 +767,71 @@ mod tests {
                 .unwrap_err()
                 .to_string(),
             "pass_rates[1] = 1.5 is outside [0, 1]"
+        );
+    }
+
+    #[test]
+    fn skip_factor_and_min_rollouts_are_neyman_lo_zero_options() {
+        let v = [0.25, 0.25, 0.01, 0.01];
+        let skip = Options {
+            skip_factor: Some(4.0),
+            ..Options::default()
+        };
+        assert_eq!(
+            allocate(&v, 8, 0, 8, Rule::Neyman, &skip).unwrap(),
+            vec![4, 4, 0, 0]
+        );
+        let floor = Options {
+            min_rollouts: Some(2),
+            ..Options::default()
+        };
+        assert_eq!(
+            allocate(&v, 7, 0, 8, Rule::Neyman, &floor).unwrap(),
+            vec![3, 2, 2, 0]
+        );
+        // 0 / 1 = off: exactly today's result, with any lo.
+        let off = Options {
+            skip_factor: Some(0.0),
+            min_rollouts: Some(1),
+            ..Options::default()
+        };
+        for lo in [0, 1, 2] {
+            assert_eq!(
+                allocate(&v, 8, lo, 8, Rule::Neyman, &off).unwrap(),
+                run(&v, 8, lo, 8, Rule::Neyman).unwrap()
+            );
+        }
+        let err = |rule: Rule, lo: i64, o: &Options| {
+            allocate(&v, 8, lo, 8, rule, o).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(Rule::Proportional, 0, &skip),
+            "skip_factor applies to rule 'neyman' only, got rule 'proportional'"
+        );
+        assert_eq!(
+            err(Rule::Uniform, 0, &off),
+            "skip_factor applies to rule 'neyman' only, got rule 'uniform'"
+        );
+        assert_eq!(
+            err(Rule::Neyman, 1, &skip),
+            "skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 1"
+        );
+        let unseen = [false, true, false, false];
+        let with_unseen = Options {
+            unseen: Some(&unseen),
+            ..skip
+        };
+        assert_eq!(
+            err(Rule::Neyman, 0, &with_unseen),
+            "skip_factor and min_rollouts cannot be combined with unseen (the reference's \
+             exploration and mastery options)"
+        );
+        // Invalid variances are reported before the options.
+        assert_eq!(
+            allocate(&[0.1, f64::NAN], 2, 0, 8, Rule::Neyman, &skip)
+                .unwrap_err()
+                .to_string(),
+            "variances[1] is NaN"
         );
     }
 }

@@ -3,15 +3,18 @@
 //! (feature-gated) is the only PyO3 code and only converts types and errors.
 
 pub mod allocate;
+pub mod calibration;
 pub mod error;
 pub mod neyman;
 pub mod parallel;
 pub mod pool;
+pub mod skip;
 pub mod storage;
 
 pub use allocate::{allocate, Options, Rule};
 pub use error::{Error, Result};
 pub use pool::{PassRatePool, PoolAllocateOptions};
+pub use skip::Selection;
 
 #[cfg(feature = "python")]
 mod python;

@@ -13,6 +13,7 @@
 //! `i64::MIN` marks an empty slot; the prompt whose id is `i64::MIN` is kept beside the table.
 
 use crate::allocate::{self, Options, Rule};
+use crate::calibration::{self, Calibration, Observation};
 use crate::error::{Error, Result};
 use crate::parallel::map_chunks;
 
@@ -220,6 +221,13 @@ pub struct PoolAllocateOptions {
     pub exploration_rollouts: Option<i64>,
     pub mastery_threshold: Option<f64>,
     pub priority_floor: Option<f64>,
+    /// Rule "neyman", `lo = 0`: the skipping rule of `skip.rs` on the posterior variances.
+    pub skip_factor: Option<f64>,
+    /// Rule "neyman", `lo = 0`: 0 or at least this many rollouts per prompt (`skip.rs`).
+    pub min_rollouts: Option<i64>,
+    /// Allocate on the revisit-calibrated variances (`calibration.rs`) instead of the plain
+    /// posterior expected variances. `None` = off.
+    pub calibrated: Option<bool>,
 }
 
 #[derive(Clone, Debug)]
@@ -230,6 +238,7 @@ pub struct PassRatePool {
     scale: f64,
     updates: u64,
     table: Table,
+    calibration: Calibration,
 }
 
 pub fn check_prior(alpha0: f64, beta0: f64) -> Result<()> {
@@ -290,6 +299,7 @@ impl PassRatePool {
             scale: 1.0,
             updates: 0,
             table: Table::with_prompts(capacity),
+            calibration: Calibration::default(),
         })
     }
 
@@ -345,6 +355,16 @@ impl PassRatePool {
     /// before anything changes.
     pub fn update(&mut self, ids: &[i64], successes: &[i64], trials: &[i64]) -> Result<()> {
         check_counts(ids, successes, trials)?;
+        // Revisit calibration: each row with 2+ trials against the posterior before this step.
+        let observations: Vec<Observation> = (0..ids.len())
+            .filter(|&j| trials[j] >= 2)
+            .map(|j| {
+                let (s, f) = self.evidence_of(ids[j]);
+                let cell = calibration::cell(s, f);
+                Observation::new(cell, self.variance_at(s, f), successes[j], trials[j])
+            })
+            .collect();
+        self.calibration.step(&observations);
         // Nothing stored yet means nothing to forget: keep the scale at 1 (exact evidence).
         self.scale = if self.is_empty() {
             1.0
@@ -415,6 +435,13 @@ impl PassRatePool {
         }
     }
 
+    /// Posterior expected variance E[p(1−p)] for forgotten evidence (s, f).
+    #[inline]
+    fn variance_at(&self, s: f64, f: f64) -> f64 {
+        let (a, b) = (self.alpha0 + s, self.beta0 + f);
+        a * b / ((a + b) * (a + b + 1.0))
+    }
+
     /// Posterior Beta parameters (α, β) of one id.
     #[inline]
     pub fn posterior_of(&self, id: i64) -> (f64, f64) {
@@ -450,9 +477,32 @@ impl PassRatePool {
     /// Posterior expected Bernoulli variance E[p(1−p)] = αβ/((α+β)(α+β+1)) per id.
     pub fn expected_variance(&self, ids: &[i64]) -> Vec<f64> {
         self.map_ids(ids, |p, id| {
-            let (a, b) = p.posterior_of(id);
-            a * b / ((a + b) * (a + b + 1.0))
+            let (s, f) = p.evidence_of(id);
+            p.variance_at(s, f)
         })
+    }
+
+    /// Revisit-calibrated expected variance per id: the posterior's E[p(1−p)] times the factor
+    /// of the id's evidence cell (`calibration.rs`); equal to it while the cell has no data.
+    pub fn calibrated_variance(&self, ids: &[i64]) -> Vec<f64> {
+        self.map_ids(ids, |p, id| {
+            let (s, f) = p.evidence_of(id);
+            p.variance_at(s, f) * p.calibration.factor(calibration::cell(s, f))
+        })
+    }
+
+    /// The revisit-calibration state.
+    pub fn calibration(&self) -> &Calibration {
+        &self.calibration
+    }
+
+    /// Replaces the revisit-calibration state (e.g. when loading a file).
+    pub fn set_calibration(&mut self, c: Calibration) -> Result<()> {
+        if !c.is_valid() {
+            return Err(Error::invalid("invalid calibration state"));
+        }
+        self.calibration = c;
+        Ok(())
     }
 
     pub fn evidence(&self, ids: &[i64]) -> (Vec<f64>, Vec<f64>) {
@@ -485,6 +535,7 @@ impl PassRatePool {
                 ("exploration_rollouts", o.exploration_rollouts.is_some()),
                 ("mastery_threshold", o.mastery_threshold.is_some()),
                 ("priority_floor", o.priority_floor.is_some()),
+                ("calibrated", o.calibrated == Some(true)),
             ];
             if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
                 return Err(Error::invalid(format!(
@@ -508,7 +559,17 @@ impl PassRatePool {
             ));
         }
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
-        let variances = self.expected_variance(ids);
+        let calibrated = o.calibrated == Some(true);
+        let variances = if calibrated {
+            self.calibrated_variance(ids)
+        } else {
+            self.expected_variance(ids)
+        };
+        // Skipping on calibrated variances: a prompt is skipped only if its plain posterior
+        // variance is below the cut too. (A skipped prompt gets no revisit, so a calibration
+        // factor that is too low could not correct itself.)
+        let guard = (calibrated && o.skip_factor.is_some_and(|f| f > 0.0))
+            .then(|| self.expected_variance(ids));
         let unseen: Option<Vec<bool>> =
             exploration.then(|| self.contains_each(ids).into_iter().map(|c| !c).collect());
         let pass_rates = mastery.then(|| self.mean(ids));
@@ -518,8 +579,10 @@ impl PassRatePool {
             pass_rates: pass_rates.as_deref(),
             mastery_threshold: o.mastery_threshold,
             priority_floor: o.priority_floor,
+            skip_factor: o.skip_factor,
+            min_rollouts: o.min_rollouts,
         };
-        allocate::allocate(&variances, budget, lo, hi, rule, &options)
+        allocate::allocate_guarded(&variances, guard.as_deref(), budget, lo, hi, rule, &options)
     }
 
     /// Empirical-Bayes fit of the prior by the method of moments with binomial-noise correction,
@@ -639,6 +702,7 @@ impl PassRatePool {
             scale,
             updates,
             table,
+            calibration: Calibration::default(),
         })
     }
 
@@ -832,5 +896,79 @@ mod tests {
             ..Default::default()
         };
         assert!(p.allocate(&ids, 64, 8, 24, Rule::Uniform, &bad).is_err());
+    }
+
+    #[test]
+    fn allocate_passes_the_skipping_options_on() {
+        let mut p = pool(1.0);
+        // Prompt 3: 1000 failures → tiny posterior variance; 1 and 2 in the middle.
+        p.update(&[1, 2, 3], &[8, 7, 0], &[16, 16, 1000]).unwrap();
+        let ids = [1, 2, 3];
+        let v = p.expected_variance(&ids);
+        let o = PoolAllocateOptions {
+            skip_factor: Some(4.0),
+            min_rollouts: Some(2),
+            ..Default::default()
+        };
+        let direct = allocate::allocate(
+            &v,
+            32,
+            0,
+            24,
+            Rule::Neyman,
+            &Options {
+                skip_factor: Some(4.0),
+                min_rollouts: Some(2),
+                ..Options::default()
+            },
+        )
+        .unwrap();
+        let pooled = p.allocate(&ids, 32, 0, 24, Rule::Neyman, &o).unwrap();
+        assert_eq!(pooled, direct);
+        assert_eq!(pooled, vec![16, 16, 0]);
+        assert!(p.allocate(&ids, 32, 8, 24, Rule::Neyman, &o).is_err());
+    }
+
+    #[test]
+    fn calibration_learns_from_revisits() {
+        let mut p = pool(1.0);
+        // Nothing recorded yet: calibrated = plain.
+        assert_eq!(p.calibrated_variance(&[1, 2]), p.expected_variance(&[1, 2]));
+        // Step 1: ids 1 and 2 unseen (cell 0), prediction = prior variance 1/6 each; id 1 gets
+        // 8/16 (fresh variance 8·8/(16·15)), id 2 gets 0/16 (0). Single-trial rows are ignored.
+        p.update(&[1, 2, 3], &[8, 0, 1], &[16, 16, 1]).unwrap();
+        let c = p.calibration();
+        let observed = 16.0 * (64.0 / 240.0);
+        assert!((c.observed[0] - observed).abs() < 1e-12);
+        assert!((c.predicted[0] - 2.0 * 16.0 / 6.0).abs() < 1e-12);
+        // An unseen id (cell 0) is scaled by that cell's factor.
+        let factor = (observed + 2.0) / (2.0 * 16.0 / 6.0 + 2.0);
+        let unseen = p.calibrated_variance(&[99])[0];
+        assert!((unseen - factor / 6.0).abs() < 1e-12, "{unseen}");
+        // Id 1 (evidence 8, 8: bin 5 on both axes, cell 5·13 + 5) has no data yet: factor 1.
+        assert_eq!(p.calibrated_variance(&[1]), p.expected_variance(&[1]));
+        // Step 2 decays the cells by 0.99 before adding.
+        p.update(&[7], &[1], &[1]).unwrap();
+        assert!((p.calibration().observed[0] - 0.99 * observed).abs() < 1e-12);
+        // allocate(calibrated) uses the calibrated variances.
+        let ids = [1, 2, 99];
+        let o = PoolAllocateOptions {
+            calibrated: Some(true),
+            ..Default::default()
+        };
+        let direct = allocate::allocate(
+            &p.calibrated_variance(&ids),
+            48,
+            8,
+            24,
+            Rule::Neyman,
+            &Options::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.allocate(&ids, 48, 8, 24, Rule::Neyman, &o).unwrap(),
+            direct
+        );
+        assert!(p.allocate(&ids, 48, 8, 24, Rule::Uniform, &o).is_err());
     }
 }

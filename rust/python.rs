@@ -197,7 +197,7 @@ fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Sen
 #[pyo3(signature = (
     variances, budget, lo, hi, rule = "neyman", *,
     unseen = None, exploration_rollouts = None, pass_rates = None,
-    mastery_threshold = None, priority_floor = None
+    mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocate_rollouts<'py>(
@@ -212,6 +212,8 @@ fn allocate_rollouts<'py>(
     pass_rates: Option<&Bound<'py, PyAny>>,
     mastery_threshold: Option<f64>,
     priority_floor: Option<f64>,
+    skip_factor: Option<f64>,
+    min_rollouts: Option<i64>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let rule = Rule::parse(rule).map_err(to_py_err)?;
     let v = float_array(variances, "variances")?;
@@ -226,6 +228,8 @@ fn allocate_rollouts<'py>(
         pass_rates: rates.as_ref().map(|r| r.as_slice()),
         mastery_threshold,
         priority_floor,
+        skip_factor,
+        min_rollouts,
     };
     let counts = maybe_detach(py, v.len(), || {
         allocate::allocate(v, budget, lo, hi, rule, &options)
@@ -305,6 +309,15 @@ impl PyPassRatePool {
         self.per_id(py, prompt_ids, PassRatePool::expected_variance)
     }
 
+    /// Revisit-calibrated expected variance per id, float64.
+    fn calibrated_variance<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        self.per_id(py, prompt_ids, PassRatePool::calibrated_variance)
+    }
+
     /// (successes, failures) evidence above the prior per id, after forgetting.
     fn evidence<'py>(
         &self,
@@ -322,7 +335,8 @@ impl PyPassRatePool {
     #[pyo3(signature = (
         prompt_ids, budget, lo, hi, rule = "neyman", *,
         exploration = None, mastery = None, exploration_rollouts = None,
-        mastery_threshold = None, priority_floor = None
+        mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
+        calibrated = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn allocate<'py>(
@@ -338,6 +352,9 @@ impl PyPassRatePool {
         exploration_rollouts: Option<i64>,
         mastery_threshold: Option<f64>,
         priority_floor: Option<f64>,
+        skip_factor: Option<f64>,
+        min_rollouts: Option<i64>,
+        calibrated: Option<bool>,
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let rule = Rule::parse(rule).map_err(to_py_err)?;
         let ids = int_array(prompt_ids, "prompt_ids", false)?;
@@ -348,6 +365,9 @@ impl PyPassRatePool {
             exploration_rollouts,
             mastery_threshold,
             priority_floor,
+            skip_factor,
+            min_rollouts,
+            calibrated,
         };
         let pool = &self.inner;
         let counts = maybe_detach(py, ids.len(), || {

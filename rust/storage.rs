@@ -5,7 +5,7 @@
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
 //! |      0 |    8 | magic `b"DYNMPOOL"`                                          |
-//! |      8 |    4 | format version (u32) = 1                                     |
+//! |      8 |    4 | format version (u32) = 2 (version 1 files are read too)      |
 //! |     12 |    4 | flags (u32), 0; reserved                                     |
 //! |     16 |    8 | prior α0 (f64)                                               |
 //! |     24 |    8 | prior β0 (f64)                                               |
@@ -17,11 +17,19 @@
 //! |     72 |    4 | CRC-32 of bytes 0..72 (u32)                                  |
 //! |     76 | 16·P | records: id (i64), stored successes (f32), failures (f32)    |
 //! | 76+16P |    4 | CRC-32 of the records (u32)                                  |
+//! | 80+16P | 2728 | version 2 only: the revisit calibration (`calibration.rs`):  |
+//! |        |      | forget (f64), weight τ (f64), cells C = 169 (u32),           |
+//! |        |      | C × observed (f64), C × predicted (f64), CRC-32 of the block |
+//! |        |      | before it (u32)                                              |
+//!
+//! A version 1 file (no calibration block, otherwise identical) loads with an empty
+//! calibration (every factor 1).
 //!
 //! Stored evidence is actual evidence divided by g, exactly as held in memory, so a round trip
 //! is bit for bit. A file is refused (with the reason) when it is empty, foreign (bad magic),
 //! of another version, truncated, longer than its header says, or fails a checksum.
 
+use crate::calibration::{Calibration, CELLS};
 use crate::error::{Error, Result};
 use crate::pool::{PassRatePool, Slot};
 use std::fs::{self, File, OpenOptions};
@@ -30,15 +38,54 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const MAGIC: &[u8; 8] = b"DYNMPOOL";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 76;
 const RECORD_LEN: usize = 16;
+/// Length of the version-2 calibration block.
+pub const CALIBRATION_LEN: usize = 8 + 8 + 4 + 16 * CELLS + 4;
 /// Records converted per buffer when reading or writing.
 const BATCH: usize = 1 << 16;
 
 /// Size in bytes of the file holding `prompts` prompts.
 pub fn file_len(prompts: u64) -> u64 {
-    HEADER_LEN as u64 + RECORD_LEN as u64 * prompts + 4
+    HEADER_LEN as u64 + RECORD_LEN as u64 * prompts + 4 + CALIBRATION_LEN as u64
+}
+
+fn calibration_block(c: &Calibration) -> Vec<u8> {
+    let mut b = Vec::with_capacity(CALIBRATION_LEN);
+    b.extend_from_slice(&c.forget.to_le_bytes());
+    b.extend_from_slice(&c.weight.to_le_bytes());
+    b.extend_from_slice(&(CELLS as u32).to_le_bytes());
+    for x in c.observed.iter().chain(&c.predicted) {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn parse_calibration(b: &[u8]) -> std::result::Result<Calibration, String> {
+    let body = &b[..CALIBRATION_LEN - 4];
+    if crc32fast::hash(body) != le_u32(&b[CALIBRATION_LEN - 4..]) {
+        return Err("calibration checksum mismatch (the calibration block is corrupt)".into());
+    }
+    if le_u32(&b[16..]) as usize != CELLS {
+        return Err(format!(
+            "calibration block has {} cells, expected {CELLS}",
+            le_u32(&b[16..])
+        ));
+    }
+    let values: Vec<f64> = b[20..20 + 16 * CELLS].chunks_exact(8).map(le_f64).collect();
+    let c = Calibration {
+        forget: le_f64(&b[0..]),
+        weight: le_f64(&b[8..]),
+        observed: values[..CELLS].to_vec(),
+        predicted: values[CELLS..].to_vec(),
+    };
+    if !c.is_valid() {
+        return Err("the calibration block holds invalid values".into());
+    }
+    Ok(c)
 }
 
 fn header(pool: &PassRatePool) -> [u8; HEADER_LEN] {
@@ -79,7 +126,8 @@ pub fn write_pool<W: Write>(pool: &PassRatePool, w: &mut W) -> io::Result<()> {
         }
     }
     flush(&mut buf, w)?;
-    w.write_all(&crc.finalize().to_le_bytes())
+    w.write_all(&crc.finalize().to_le_bytes())?;
+    w.write_all(&calibration_block(pool.calibration()))
 }
 
 pub fn to_bytes(pool: &PassRatePool) -> Vec<u8> {
@@ -138,12 +186,13 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
             MAGIC.escape_ascii()
         )));
     }
-    if got >= 12 && le_u32(&h[8..]) != VERSION {
+    let version = if got >= 12 { le_u32(&h[8..]) } else { VERSION };
+    if !(1..=VERSION).contains(&version) {
         return Err(bad(format!(
-            "unsupported format version {} (this build reads version {VERSION})",
-            le_u32(&h[8..])
+            "unsupported format version {version} (this build reads versions 1 to {VERSION})"
         )));
     }
+    let tail_len = if version >= 2 { CALIBRATION_LEN } else { 0 } as u64;
     if got < HEADER_LEN {
         return Err(bad(format!(
             "truncated: {got} bytes, shorter than the {HEADER_LEN}-byte header"
@@ -157,7 +206,7 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
     let prompts = le_u64(&h[56..]);
     let expected = prompts
         .checked_mul(RECORD_LEN as u64)
-        .and_then(|b| b.checked_add(HEADER_LEN as u64 + 4))
+        .and_then(|b| b.checked_add(HEADER_LEN as u64 + 4 + tail_len))
         .ok_or_else(|| bad(format!("header claims an impossible {prompts} prompts")))?;
     if len < expected {
         return Err(bad(format!(
@@ -229,6 +278,13 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
     }
     if let Some(p) = problem {
         return Err(bad(p));
+    }
+    if version >= 2 {
+        let mut block = vec![0u8; CALIBRATION_LEN];
+        r.read_exact(&mut block).map_err(truncated)?;
+        let c = parse_calibration(&block).map_err(bad)?;
+        pool.set_calibration(c)
+            .map_err(|e| bad(format!("invalid calibration: {e}")))?;
     }
     Ok(pool)
 }
@@ -306,6 +362,7 @@ mod tests {
         assert_eq!(a.forget().to_bits(), b.forget().to_bits());
         assert_eq!(a.scale().to_bits(), b.scale().to_bits());
         assert_eq!(a.updates(), b.updates());
+        assert_eq!(a.calibration(), b.calibration());
         let mut ea: Vec<_> = a
             .stored_entries()
             .map(|s| (s.id, s.successes.to_bits(), s.failures.to_bits()))
@@ -357,9 +414,13 @@ mod tests {
         longer.push(0);
         assert!(problem(&longer).contains("1 unexpected bytes"));
         assert!(problem(b"\x89PNG\r\n\x1a\n and more").contains("bad magic"));
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        assert!(problem(&v2).contains("unsupported format version 2"));
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        assert!(problem(&v3).contains("unsupported format version 3"));
+        let mut cal = bytes.clone();
+        let at = cal.len() - 100;
+        cal[at] ^= 1;
+        assert!(problem(&cal).contains("calibration checksum mismatch"));
         let mut header = bytes.clone();
         header[20] ^= 1;
         assert!(problem(&header).contains("header checksum mismatch"));
@@ -367,9 +428,37 @@ mod tests {
         data[HEADER_LEN + 40] ^= 0x10;
         assert!(problem(&data).contains("data checksum mismatch"));
         let mut crc = bytes.clone();
-        *crc.last_mut().unwrap() ^= 1;
+        let records_end = bytes.len() - CALIBRATION_LEN - 1;
+        crc[records_end] ^= 1;
         assert!(problem(&crc).contains("data checksum mismatch"));
         assert!(from_bytes(&bytes).is_ok());
+    }
+
+    /// The version-1 file of a pool: the version-2 bytes without the calibration block, with
+    /// the version field and the header checksum rewritten.
+    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+        let mut b = v2[..v2.len() - CALIBRATION_LEN].to_vec();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn version_1_files_load_with_an_empty_calibration() {
+        let p = sample();
+        assert_ne!(p.calibration(), &Calibration::default());
+        let old = from_bytes(&as_version_1(&to_bytes(&p))).unwrap();
+        assert_eq!(old.calibration(), &Calibration::default());
+        assert_eq!(old.prior(), p.prior());
+        assert_eq!(old.updates(), p.updates());
+        let ids: Vec<i64> = p.ids();
+        assert_eq!(old.evidence(&ids), p.evidence(&ids));
+        // Saved again, it is a version-2 file.
+        assert_eq!(le_u32(&to_bytes(&old)[8..]), VERSION);
+        let mut short = as_version_1(&to_bytes(&p));
+        short.push(0);
+        assert!(problem(&short).contains("1 unexpected bytes"));
     }
 
     #[test]

@@ -439,3 +439,120 @@ def test_import_needs_only_numpy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[3, 1]"
+
+
+# ---------------------------------------------------------------- joint selection (lo = 0)
+
+
+def selection_rule(v, budget, hi, skip_factor=None, min_rollouts=None):
+    """The documented skip_factor / min_rollouts rule, written out on top of `greedy`."""
+    n = len(v)
+    n0 = greedy(v, budget, 0, hi)
+    fewest = -(-budget // hi) if hi else 0
+    skipped = set()
+    if skip_factor:
+        lam = min((gain(v[i], n0[i] - 1) for i in range(n) if v[i] > 0 and n0[i] >= 2), default=0.0)
+        cand = [i for i in range(n) if 0 < v[i] < skip_factor * lam]
+        most = max(sum(x > 0 for x in v) - fewest, 0)
+        skipped = set(sorted(cand, key=lambda i: (v[i], -i))[:most])
+    rest = [i for i in range(n) if i not in skipped]
+    if min_rollouts and min_rollouts >= 2:
+        c = max(fewest, min(sum(v[i] > 0 for i in rest), budget // min_rollouts))
+        served, lo = sorted(sorted(rest, key=lambda i: (-v[i], i))[:c]), min_rollouts
+    elif skipped:
+        served, lo = rest, 0
+    else:
+        return n0
+    out = [0] * n
+    for i, c in zip(served, greedy([v[i] for i in served], budget, lo, hi)):
+        out[i] = c
+    return out
+
+
+@settings(max_examples=600, deadline=None)
+@given(small_problems(), st.sampled_from([None, 0.0, 1.0, 4.0, 30.0]), st.sampled_from([None, 0, 1, 2, 3]))
+def test_skip_factor_and_min_rollouts_follow_the_documented_rule(problem, factor, m):
+    v, budget, _, hi = problem
+    budget = min(budget, len(v) * hi)
+    if m is not None and m >= 2 and (m > hi or -(-budget // hi) > budget // m):
+        with pytest.raises(ValueError, match="min_rollouts"):
+            allocate_rollouts(v, budget, 0, hi, skip_factor=factor, min_rollouts=m)
+        return
+    got = allocate_rollouts(v, budget, 0, hi, skip_factor=factor, min_rollouts=m)
+    assert got.tolist() == selection_rule(v, budget, hi, factor, m)
+    assert got.sum() == budget and got.max(initial=0) <= hi
+    floor = m if m is not None and m >= 2 else 1
+    assert all(c == 0 or c >= floor for c in got.tolist())
+
+
+def test_skip_factor_skips_below_the_shadow_price():
+    v = [0.25, 0.25, 0.01, 0.01]
+    # Plain: [3, 3, 1, 1]; shadow price = gain of the last rollout given = 0.25/(2*3).
+    assert allocate_rollouts(v, 8, 0, 8).tolist() == [3, 3, 1, 1]
+    # 0.01 < 4 * 0.25/6: both small prompts skipped, the budget re-solved over the others.
+    assert allocate_rollouts(v, 8, 0, 8, skip_factor=4.0).tolist() == [4, 4, 0, 0]
+    assert allocate_rollouts(v, 8, 0, 8, skip_factor=0.2).tolist() == [3, 3, 1, 1]
+    # None and 0 are today's behaviour exactly, with any lo.
+    for lo in (0, 1, 2):
+        plain = allocate_rollouts(v, 8, lo, 8).tolist()
+        assert allocate_rollouts(v, 8, lo, 8, skip_factor=0.0).tolist() == plain
+        assert allocate_rollouts(v, 8, lo, 8, skip_factor=None, min_rollouts=1).tolist() == plain
+
+
+def test_skip_factor_falls_back_so_the_rest_can_absorb_the_budget():
+    # hi = 3, budget 8: ceil(8/3) = 3 positive prompts must stay, so only one small one goes
+    # (the smaller variance; on a tie the higher index).
+    assert allocate_rollouts([0.25, 0.25, 0.01, 0.02], 8, 0, 3, skip_factor=4.0).tolist() == [3, 3, 0, 2]
+    assert allocate_rollouts([0.25, 0.25, 0.01, 0.01], 8, 0, 3, skip_factor=4.0).tolist() == [3, 3, 2, 0]
+    # No room at all: nothing skipped.
+    assert allocate_rollouts([0.25, 0.01], 8, 0, 4, skip_factor=4.0).tolist() == [4, 4]
+    # Zero-variance prompts never absorb the budget in a skipped prompt's place.
+    assert allocate_rollouts([0.25, 0.0, 0.01, 0.25], 8, 0, 4, skip_factor=100.0).tolist() == [4, 0, 0, 4]
+
+
+def test_min_rollouts_gives_zero_or_at_least_m():
+    v = [0.25, 0.25, 0.01, 0.01]
+    assert allocate_rollouts(v, 8, 0, 8, min_rollouts=2).tolist() == [2, 2, 2, 2]
+    # Budget 7: only floor(7/2) = 3 prompts can be served; the largest variances (tie: lower index).
+    assert allocate_rollouts(v, 7, 0, 8, min_rollouts=2).tolist() == [3, 2, 2, 0]
+    assert allocate_rollouts(v, 14, 0, 8, min_rollouts=3).tolist() == [4, 4, 3, 3]
+    assert allocate_rollouts(v, 8, 0, 8, skip_factor=4.0, min_rollouts=2).tolist() == [4, 4, 0, 0]
+    # Zero-variance prompts are served only to absorb the budget, each with >= m.
+    assert allocate_rollouts([0.25, 0.0, 0.0, 0.0], 9, 0, 4, min_rollouts=2).tolist() == [4, 3, 2, 0]
+
+
+def test_skipping_on_a_large_posterior_like_batch():
+    rng = np.random.default_rng(3)
+    v = rng.beta(0.4, 0.4, 1024)
+    v = v * (1 - v)
+    n = allocate_rollouts(v, 8192, 0, 64, skip_factor=4.0, min_rollouts=2)
+    assert n.sum() == 8192 and n.max() <= 64 and not np.any(n == 1)
+    skipped = n == 0
+    assert skipped.any() and v[skipped].max() < v[~skipped].min()
+
+
+@pytest.mark.parametrize(
+    "rule, lo, options, message",
+    [
+        ("neyman", 1, {"skip_factor": 4.0},
+         r"^skip_factor requires lo = 0 \(a skipped prompt gets 0 rollouts\), got lo = 1$"),
+        ("proportional", 0, {"skip_factor": 4.0},
+         r"^skip_factor applies to rule 'neyman' only, got rule 'proportional'$"),
+        ("uniform", 0, {"min_rollouts": 2}, r"^min_rollouts applies to rule 'neyman' only, got rule 'uniform'$"),
+        ("neyman", 0, {"skip_factor": float("nan")}, r"^skip_factor must be a finite non-negative number, got NaN$"),
+        ("neyman", 0, {"skip_factor": -1.0}, r"^skip_factor must be a finite non-negative number, got -1$"),
+        ("neyman", 1, {"min_rollouts": 2}, r"^min_rollouts requires lo = 0 .*, got lo = 1$"),
+        ("neyman", 0, {"min_rollouts": 5}, r"^min_rollouts \(5\) must not exceed hi \(4\)$"),
+        ("neyman", 0, {"min_rollouts": -1}, r"^min_rollouts must be non-negative, got -1$"),
+        ("neyman", 0, {"skip_factor": 4.0, "unseen": [True, False]},
+         r"^skip_factor and min_rollouts cannot be combined with unseen"),
+    ],
+)
+def test_selection_errors(rule, lo, options, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_rollouts([0.1, 0.2], 6, lo, 4, rule, **options)
+
+
+def test_min_rollouts_refuses_a_budget_groups_cannot_make_up():
+    with pytest.raises(ValueError, match=r"^budget 5 cannot be split into groups of min_rollouts..hi = 3..4"):
+        allocate_rollouts([0.1, 0.2], 5, 0, 4, min_rollouts=3)

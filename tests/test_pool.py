@@ -12,6 +12,7 @@ import pytest
 from dynamo_openrlhf import FORMAT_VERSION, PassRatePool, allocate_rollouts
 
 HEADER = 76  # bytes before the records (see PassRatePool.save)
+CALIBRATION = 2728  # version-2 calibration block after the records' checksum
 
 
 def beta_moments(a, b):
@@ -266,6 +267,75 @@ def test_proportional_uses_the_reference_defaults():
     assert np.array_equal(off, allocate_rollouts(v, 64, 8, 24, "proportional"))
 
 
+def test_allocate_skip_factor_and_min_rollouts():
+    pool = PassRatePool()
+    # 1 and 2: in the middle; 3: 1000 failures (tiny posterior variance); 4: unseen (prior 1/6).
+    pool.update([1, 2, 3], [8, 7, 0], [16, 16, 1000])
+    ids = np.array([1, 2, 3, 4])
+    v = pool.expected_variance(ids)
+    for opts in ({"skip_factor": 4.0}, {"min_rollouts": 2}, {"skip_factor": 4.0, "min_rollouts": 2}):
+        got = pool.allocate(ids, 48, 0, 24, **opts)
+        assert np.array_equal(got, allocate_rollouts(v, 48, 0, 24, **opts))
+    # Plain: [17, 16, 1, 14]; shadow price = min(v1/(16*17), v2/(15*16), v4/(13*14)) = v1/272,
+    # and v3 = 0.000996 < 4 * v1/272 = 0.00348: prompt 3 is skipped, its rollout goes to prompt 2.
+    assert pool.allocate(ids, 48, 0, 24).tolist() == [17, 16, 1, 14]
+    assert pool.allocate(ids, 48, 0, 24, skip_factor=4.0).tolist() == [17, 17, 0, 14]
+    assert pool.allocate(ids, 48, 0, 24, min_rollouts=2).tolist() == [16, 16, 2, 14]
+    # Off values give today's allocation with any bounds.
+    plain = pool.allocate(ids, 64, 8, 24).tolist()
+    assert pool.allocate(ids, 64, 8, 24, skip_factor=0.0, min_rollouts=1).tolist() == plain
+    with pytest.raises(ValueError, match=r"^skip_factor requires lo = 0"):
+        pool.allocate(ids, 64, 8, 24, skip_factor=4.0)
+    with pytest.raises(ValueError, match=r"^skip_factor and min_rollouts cannot be combined with unseen"):
+        pool.allocate(ids, 48, 0, 24, skip_factor=4.0, exploration=True)
+    with pytest.raises(ValueError, match=r"^min_rollouts applies to rule 'neyman' only"):
+        pool.allocate(ids, 48, 0, 24, rule="proportional", min_rollouts=2)
+
+
+def test_calibrated_variance_follows_the_documented_cells():
+    pool = PassRatePool()  # Beta(1, 1): prior variance 1/6
+    ids = np.array([1, 2, 99])
+    assert np.array_equal(pool.calibrated_variance(ids), pool.expected_variance(ids))
+    # Ids 1, 2 unseen (cell "no evidence"): predicted 16/6 each; observed 16 * 8*8/(16*15) and 0.
+    pool.update([1, 2, 3], [8, 0, 1], [16, 16, 1])  # id 3: one trial, not recorded
+    observed, predicted = 16 * 64 / 240, 2 * 16 / 6
+    factor = (observed + 2.0) / (predicted + 2.0)
+    assert pool.calibrated_variance([99])[0] == pytest.approx(factor / 6, rel=1e-12)
+    # Ids 1 and 2 now sit in cells without data: factor 1.
+    assert np.array_equal(pool.calibrated_variance([1, 2]), pool.expected_variance([1, 2]))
+    # Each update decays the cells by 0.99 first.
+    pool.update([7], [1], [1])
+    f2 = (0.99 * observed + 2.0) / (0.99 * predicted + 2.0)
+    assert pool.calibrated_variance([99])[0] == pytest.approx(f2 / 6, rel=1e-12)
+    v = pool.calibrated_variance(ids)
+    assert np.array_equal(pool.allocate(ids, 48, 8, 24, calibrated=True), allocate_rollouts(v, 48, 8, 24))
+    assert np.array_equal(pool.allocate(ids, 48, 8, 24, calibrated=False), pool.allocate(ids, 48, 8, 24))
+    with pytest.raises(ValueError, match=r"^calibrated does not apply to rule 'uniform'"):
+        pool.allocate(ids, 48, 8, 24, rule="uniform", calibrated=True)
+
+
+def test_calibrated_skipping_is_guarded_by_the_plain_posterior():
+    # 100 prompts at p = 0.5, 100 at 0.02, 200 at 0: six steps of 16 rollouts each.
+    pool = PassRatePool()
+    rng = np.random.default_rng(0)
+    ids = np.arange(400)
+    p = np.where(ids < 100, 0.5, np.where(ids < 200, 0.02, 0.0))
+    for _ in range(6):
+        pool.update(ids, rng.binomial(16, p), np.full(400, 16))
+    v, plain = pool.calibrated_variance(ids), pool.expected_variance(ids)
+    for budget, calibration_alone, guarded in ((1000, 278, 243), (1600, 212, 0)):
+        got = pool.allocate(ids, budget, 0, 64, calibrated=True, skip_factor=4.0)
+        assert got.sum() == budget and got.max() <= 64
+        # lambda of the unskipped calibrated allocation; skipped: max(calibrated, plain) < 4 lambda.
+        n0 = allocate_rollouts(v, budget, 0, 64)
+        m = n0 >= 2
+        lam = np.min(v[m] / ((n0[m] - 1.0) * n0[m]))
+        expected = np.maximum(v, plain) < 4 * lam
+        assert np.array_equal(got == 0, expected) and expected.sum() == guarded
+        # Without the guard, more go: those only the calibration calls negligible.
+        assert (allocate_rollouts(v, budget, 0, 64, skip_factor=4.0) == 0).sum() == calibration_alone
+
+
 @pytest.mark.parametrize(
     "rule, options, message",
     [
@@ -300,9 +370,11 @@ def test_save_load_round_trip_is_bit_for_bit(tmp_path):
     pool = sample_pool()
     path = tmp_path / "pool.bin"
     pool.save(path)
-    assert os.path.getsize(path) == 80 + 16 * len(pool)
+    assert os.path.getsize(path) == 80 + 16 * len(pool) + CALIBRATION
     loaded = PassRatePool.load(str(path))
     same_pool(pool, loaded)
+    ids = np.arange(-5, 5000)
+    assert np.array_equal(loaded.calibrated_variance(ids), pool.calibrated_variance(ids))
     assert loaded.to_bytes() == path.read_bytes() == pool.to_bytes()
     pool.save(path)  # replacing an existing file
     assert os.listdir(tmp_path) == ["pool.bin"]  # no temporary file left behind
@@ -317,10 +389,39 @@ def test_file_header_layout(tmp_path):
     magic, version, flags, a0, b0, rho, scale, updates, prompts, slots, crc = struct.unpack(
         "<8sIIddddQQQI", data[:HEADER]
     )
-    assert magic == b"DYNMPOOL" and version == FORMAT_VERSION == 1 and flags == 0
+    assert magic == b"DYNMPOOL" and version == FORMAT_VERSION == 2 and flags == 0
     assert (a0, b0, rho) == (0.7, 1.3, 0.9) and prompts == len(pool) and updates == 26
     assert crc == zlib.crc32(data[:72])
-    assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[HEADER:-4])
+    records_end = HEADER + 16 * prompts
+    assert struct.unpack("<I", data[records_end:records_end + 4])[0] == zlib.crc32(data[HEADER:records_end])
+    block = data[records_end + 4:]
+    assert len(block) == CALIBRATION
+    cal_forget, weight, cells = struct.unpack("<ddI", block[:20])
+    assert (cal_forget, weight, cells) == (0.99, 2.0, 169)
+    assert struct.unpack("<I", block[-4:])[0] == zlib.crc32(block[:-4])
+
+
+def as_version_1(data):
+    """The same pool in format version 1 (what earlier builds wrote): no calibration block."""
+    body = bytearray(data[:-CALIBRATION])
+    body[8:12] = struct.pack("<I", 1)
+    body[72:76] = struct.pack("<I", zlib.crc32(bytes(body[:72])))
+    return bytes(body)
+
+
+def test_version_1_files_still_load(tmp_path):
+    pool = sample_pool()
+    ids = np.arange(-5, 5000)
+    assert not np.array_equal(pool.calibrated_variance(ids), pool.expected_variance(ids))
+    path = tmp_path / "v1.bin"
+    path.write_bytes(as_version_1(pool.to_bytes()))
+    old = PassRatePool.load(path)
+    same_pool(pool, old)
+    # No calibration stored: every factor is 1 until new updates teach it.
+    assert np.array_equal(old.calibrated_variance(ids), old.expected_variance(ids))
+    assert struct.unpack("<I", old.to_bytes()[8:12])[0] == 2  # saved again as version 2
+    with pytest.raises(ValueError, match="1 unexpected bytes"):
+        PassRatePool.from_bytes(as_version_1(pool.to_bytes()) + b"\0")
 
 
 def test_pickle_and_deepcopy():
@@ -345,7 +446,9 @@ def damaged(data, how):
     if how == "header-flip":
         return data[:20] + bytes([data[20] ^ 1]) + data[21:]
     if how == "version":
-        return data[:8] + struct.pack("<I", 2) + data[12:]
+        return data[:8] + struct.pack("<I", 3) + data[12:]
+    if how == "calibration-flip":
+        return data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]
     if how == "foreign":
         return b"\x89PNG\r\n\x1a\n" + data[8:]
     if how == "empty":
@@ -362,7 +465,8 @@ def damaged(data, how):
         ("trailing", r"1 unexpected bytes after the data"),
         ("record-flip", r"data checksum mismatch"),
         ("header-flip", r"header checksum mismatch"),
-        ("version", r"unsupported format version 2 \(this build reads version 1\)"),
+        ("version", r"unsupported format version 3 \(this build reads versions 1 to 2\)"),
+        ("calibration-flip", r"calibration checksum mismatch"),
         ("foreign", r"bad magic bytes .*this is not a pool file"),
         ("empty", r"the file is empty"),
     ],
