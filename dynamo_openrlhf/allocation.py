@@ -62,7 +62,9 @@ class AllocationConfig:
     ``oversample`` >= 1 draws ``round(oversample x prompts_per_step)`` candidate prompts per step
     (needs ``lo = 0`` room: ``lo x candidates <= budget``). ``lo``/``hi``: per-prompt bounds.
     ``skip_factor``: with lo = 0 and rule neyman, skip prompts whose expected variance is below
-    ``skip_factor`` x the allocation's shadow price (None: no skip rule). ``exploration``/``mastery``
+    ``skip_factor`` x the allocation's shadow price (None: no skip rule); ``min_rollouts``: with lo = 0,
+    a prompt gets 0 or at least this many. ``calibrated``: allocate on the pool's revisit-calibrated
+    variance (:meth:`PassRatePool.calibrated_variance`). ``exploration``/``mastery``
     and their numbers are the reference's options (None = the rule's default). Pool: prior
     Beta(``prior``), per-step forgetting ``forget``, empirical-Bayes prior refit every
     ``fit_prior_every`` steps (0 = never). A sample is a success when its score (its reward if the
@@ -76,6 +78,8 @@ class AllocationConfig:
     hi: int = 24
     oversample: float = 1.0
     skip_factor: Optional[float] = None
+    min_rollouts: Optional[int] = None
+    calibrated: bool = False
     exploration: Optional[bool] = None
     exploration_rollouts: Optional[int] = None
     mastery: Optional[bool] = None
@@ -133,6 +137,20 @@ class AllocationConfig:
                 p.append(f"--dynamo.allocation.skip_factor must be >= 0, got {self.skip_factor}")
             elif self.skip_factor > 0 and (self.lo != 0 or self.rule != "neyman"):
                 p.append("--dynamo.allocation.skip_factor needs --dynamo.allocation.lo 0 and rule neyman")
+            elif self.skip_factor > 0 and self.budget < 3 * self.candidates_per_step:
+                # With n0 = B/M rollouts each, prompts of EQUAL variance (e.g. all unseen) fall below
+                # 4 x the shadow price v/((n0-1) n0) once n0 < 2.56: the rule would skip at random.
+                p.append(f"--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got "
+                         f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
+                         f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
+                         "--dynamo.allocation.skip_factor 0")
+        if self.min_rollouts is not None and self.min_rollouts > 1:
+            if self.lo != 0 or self.rule != "neyman":
+                p.append("--dynamo.allocation.min_rollouts needs --dynamo.allocation.lo 0 and rule neyman")
+            elif self.min_rollouts > self.hi:
+                p.append(f"--dynamo.allocation.min_rollouts {self.min_rollouts} > --dynamo.allocation.hi {self.hi}")
+        if self.calibrated and self.rule == "uniform":
+            p.append("--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule uniform")
         if self.rule == "uniform" and any(
             x is not None for x in (self.exploration, self.mastery, self.exploration_rollouts,
                                     self.mastery_threshold, self.priority_floor)):
@@ -188,6 +206,10 @@ class RolloutAllocator:
                                            "priority_floor") if getattr(c, k) is not None}
         if c.skip_factor:
             opts["skip_factor"] = c.skip_factor
+        if c.min_rollouts is not None and c.min_rollouts > 1:
+            opts["min_rollouts"] = c.min_rollouts
+        if c.calibrated:
+            opts["calibrated"] = True
         return opts
 
     def allocate(self, prompt_ids: Sequence[int]) -> np.ndarray:
@@ -199,7 +221,8 @@ class RolloutAllocator:
         counts = np.asarray(counts, dtype=np.int64)
         if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
             raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
-        self.last = AllocationStep(counts=counts, variances=self.pool.expected_variance(ids), budget=budget)
+        v = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
+        self.last = AllocationStep(counts=counts, variances=v, budget=budget)
         return counts
 
     # -- pool update ---------------------------------------------------------------------------

@@ -12,6 +12,9 @@
   a per-step history (``<run_dir>/metrics.jsonl``);
 * saves its state (pool bit for bit, step counter, history) in every OpenRLHF checkpoint
   (``client_states["dynamo"]``) and restores it on ``--ckpt.load_enable``;
+* adds unbiased pass@k (``--dynamo.eval_pass_k``) and solved/unsolved fractions to OpenRLHF's
+  in-training evaluation (``--eval.steps``, ``--eval.dataset``, ``--eval.n_samples_per_prompt``,
+  ``--eval.temperature``), logged through the same loggers as ``eval_pass@k``;
 * can evaluate before the first and after the last step (``--dynamo.eval_at_start/_end``).
 
 Importing this module imports OpenRLHF (the import stand-ins are installed first when needed).
@@ -32,6 +35,7 @@ import ray  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
 from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
+from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
 from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator  # noqa: E402
@@ -74,15 +78,17 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 from dynamo_openrlhf import PassRatePool
 
                 self.allocator.pool = PassRatePool.load(self.args.dynamo.pool.load)
-            self.samples_generator = DynamoSamplesGenerator(
-                strategy=strategy,
-                prompts_dataloader=self.prompts_dataloader,
-                eval_dataloader=self.eval_dataloader,
-                tokenizer=self.tokenizer,
-                vllm_engines=vllm_engines,
-                rollout_allocator=self._allocate,
-                num_candidates=config.candidates_per_step,
-            )
+        # Without an allocator (rule off) this is OpenRLHF's generator exactly, plus pass@k at eval.
+        self.samples_generator = DynamoSamplesGenerator(
+            strategy=strategy,
+            prompts_dataloader=self.prompts_dataloader,
+            eval_dataloader=self.eval_dataloader,
+            tokenizer=self.tokenizer,
+            vllm_engines=vllm_engines,
+            rollout_allocator=self._allocate if config is not None else None,
+            num_candidates=config.candidates_per_step if config is not None else None,
+        )
+        if config is not None:
             self.experience_maker = DynamoExperienceMaker(
                 actor_model_group,
                 critic_model_group,
@@ -162,9 +168,23 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
 
     def evaluate(self, global_step, **generate_kwargs):
         logs = super().evaluate(global_step, **generate_kwargs)
+        samples = self.samples_generator.last_eval_samples
+        extra = train_eval_logs([(p, l) for s in samples for p, l in zip(s.prompts, s.labels)],
+                                [float(r) for s in samples for r in s.rewards.reshape(-1).tolist()],
+                                self._eval_ks(generate_kwargs["n_samples_per_prompt"]),
+                                self.args.dynamo.pool.success_threshold)
+        if extra:
+            for lg in (self.wandb_logger, self.tensorboard_logger):
+                if lg is not None:
+                    lg.log_eval(global_step, extra)
+            logs = {**(logs or {}), **extra}
         self._evaluated_steps.add(global_step)
         self._record({"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})})
         return logs
+
+    def _eval_ks(self, n: int) -> List[int]:
+        text = self.args.dynamo.eval_pass_k
+        return default_ks(n) if not text else [int(k) for k in str(text).split(",")]
 
     def _dynamo_evaluate(self, global_step):
         kwargs = dict(self.generate_kwargs)

@@ -12,7 +12,8 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
   prompt + label, :mod:`dynamo_openrlhf.prompt_ids`) and ``info["dynamo_group"]`` (a serial number
   per request, unique in the run). The samples of one request are contiguous.
 - With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own
-  methods run unchanged.
+  methods run unchanged (and nothing is tagged). ``last_eval_samples`` keeps the last evaluation's
+  samples (for pass@k).
 
 :class:`RolloutGroups` turns tagged samples back into groups (prompt id, size, successes) in
 rollout order; the experience maker and the pool update use it, nothing else regroups samples.
@@ -26,7 +27,6 @@ from __future__ import annotations
 import heapq
 import inspect
 import dataclasses
-import itertools
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,12 +95,14 @@ class DynamoSamplesGenerator(SamplesGenerator):
         self._evaluating = False
         self._next_group = 0
         self.last_allocation: Optional[List[int]] = None
+        self.last_eval_samples: List[Experience] = []
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
         # Evaluation keeps OpenRLHF's fixed n (the eval n_samples_per_prompt); no allocation.
         self._evaluating = True
         try:
-            return super().generate_eval_samples(**generate_kwargs)
+            self.last_eval_samples = super().generate_eval_samples(**generate_kwargs)
+            return self.last_eval_samples
         finally:
             self._evaluating = False
 
@@ -208,8 +210,9 @@ class DynamoSamplesGenerator(SamplesGenerator):
 
     def _process_response_into_experience(self, response, **generate_kwargs) -> Experience:
         experience = super()._process_response_into_experience(response, **generate_kwargs)
-        experience.info[PROMPT_ID_KEY] = torch.tensor([prompt_id(response["prompt"], response["label"])],
-                                                      dtype=torch.int64)
+        if self.rollout_allocator is not None and not self._evaluating:
+            experience.info[PROMPT_ID_KEY] = torch.tensor([prompt_id(response["prompt"], response["label"])],
+                                                          dtype=torch.int64)
         return experience
 
 

@@ -100,6 +100,14 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Evaluate on --eval.dataset after the last step unless --eval.steps already did.",
     )
     g.add_argument(
+        "--dynamo.eval_pass_k",
+        type=str,
+        default=None,
+        help="Comma-separated k values of the unbiased pass@k (1 - C(n-c,k)/C(n,k)) logged as eval_pass@k at every "
+        "evaluation (OpenRLHF's --eval.steps / --eval.dataset / --eval.n_samples_per_prompt n); k > n are left out "
+        "(default: 1,2,4,... and n). Also logs the fractions of eval prompts never/sometimes/always solved.",
+    )
+    g.add_argument(
         "--dynamo.reward_timeout",
         type=float,
         default=5.0,
@@ -150,6 +158,13 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=None,
         help="With lo 0 and rule neyman: skip (0 rollouts) prompts whose expected variance is below skip_factor x the "
         "allocation's shadow price; skipping pays when v < 4 x price (default: 4 when lo is 0, else off; 0 = off).",
+    )
+    g.add_argument(
+        "--dynamo.allocation.min_rollouts",
+        type=int,
+        default=None,
+        help="With lo 0 and rule neyman: a prompt gets 0 or at least this many rollouts (a GRPO group of one has "
+        "advantage 0, no gradient). Default: 2 when lo is 0, else off; 0 or 1 = off.",
     )
     g.add_argument(
         "--dynamo.allocation.exploration",
@@ -206,6 +221,14 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=10,
         help="Refit the Beta prior to the pool's evidence (empirical Bayes, method of moments) every this many "
         "steps; 0 = never.",
+    )
+    g.add_argument(
+        "--dynamo.pool.calibrated",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Allocate on the pool's revisit-calibrated expected variance (the posterior's E[p(1-p)] times a "
+        "factor learnt from how well the posterior predicted the variance seen on revisits, per evidence cell; "
+        "corrects for a moving policy). --no-dynamo.pool.calibrated: the plain posterior.",
     )
     g.add_argument(
         "--dynamo.pool.success_threshold",
@@ -281,12 +304,15 @@ def allocation_config(args):
     lo_default, hi_default = default_bounds(n, al.oversample)
     lo = lo_default if al.lo is None else al.lo
     hi = hi_default if al.hi is None else al.hi
-    skip = al.skip_factor
+    skip, min_rollouts = al.skip_factor, al.min_rollouts
     if skip is None:
         skip = 4.0 if lo == 0 and al.rule == "neyman" else None
+    if min_rollouts is None:
+        min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
     return AllocationConfig(
         rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
-        skip_factor=skip or None, exploration=al.exploration, exploration_rollouts=al.exploration_rollouts,
+        skip_factor=skip or None, min_rollouts=min_rollouts or None,
+        calibrated=bool(pool.calibrated) and al.rule != "uniform", exploration=al.exploration, exploration_rollouts=al.exploration_rollouts,
         mastery=al.mastery, mastery_threshold=al.mastery_threshold, priority_floor=al.priority_floor,
         prior=tuple(pool.prior), forget=pool.forget, fit_prior_every=pool.fit_prior_every,
         success_threshold=pool.success_threshold,
@@ -321,6 +347,9 @@ def _dynamo_problems(args) -> List[str]:
     except ValueError as e:
         problems.append(f"--dynamo.modulation.*: {e}")
         mod = None
+    ks = args.dynamo.eval_pass_k
+    if ks and not all(k.strip().isdigit() and int(k) >= 1 for k in str(ks).split(",")):
+        problems.append(f"--dynamo.eval_pass_k: expected comma-separated integers >= 1, got {ks!r}")
     if args.dynamo.allocation.rule != "off":
         from dynamo_openrlhf.experience_maker import SUPPORTED_ESTIMATORS
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GRPO with OpenRLHF 0.11.2's own Ray trainer on CPU, no GPU needed (a few minutes on 2 cores).
+# The tiny CPU run: OpenRLHF 0.11.2's own Ray trainer on CPU with DynaMO's defaults (Neyman allocation,
+# decay6 modulation), no GPU needed (a few minutes on 2 cores). The same with every DynaMO flag spelled
+# out: examples/tiny_cpu_dynamo.sh; with DynaMO off (OpenRLHF's GRPO exactly): examples/tiny_cpu_grpo.sh.
 #
 # The tiny-cpu preset supplies a locally built tiny Llama + character tokenizer, a generated
 # arithmetic problem set (train/eval JSONL) and a short supervised warm start (built once, cached
@@ -8,7 +10,7 @@
 # the preset. Outputs go to ./runs/tiny-cpu (final model, checkpoints, TensorBoard, metrics.jsonl).
 #
 #   bash examples/tiny_cpu.sh                       # the full preset (24 GRPO steps)
-#   bash examples/tiny_cpu.sh --data.max_samples 128 # shorter: 4 steps
+#   bash examples/tiny_cpu.sh --data.max_samples 128 # shorter: 12 steps (128 prompts x 3 episodes)
 #   bash examples/tiny_cpu.sh --ckpt.load_enable    # resume from runs/tiny-cpu/ckpt
 #
 # Through a Ray cluster instead (on CPU its GPUs are fake: give it as many as the run's actors):

@@ -45,6 +45,11 @@ def test_budget_and_candidates():
          r"budget 32 \(--rollout.batch_size 8 x --rollout.n_samples_per_prompt 4\)"),
         (dict(oversample=0.5), "oversample must be a finite number >= 1"),
         (dict(skip_factor=4.0), "skip_factor needs --dynamo.allocation.lo 0 and rule neyman"),
+        (dict(skip_factor=4.0, lo=0, hi=16, oversample=2.0),
+         "skip_factor needs >= 3 rollouts per candidate prompt on average, got 2"),
+        (dict(min_rollouts=2), "min_rollouts needs --dynamo.allocation.lo 0 and rule neyman"),
+        (dict(min_rollouts=9, lo=0), "min_rollouts 9 > --dynamo.allocation.hi 6"),
+        (dict(rule="uniform", calibrated=True), "calibrated does not apply"),
         (dict(rule="uniform", mastery=True), "uniform takes no exploration/mastery options"),
         (dict(prior=(0.0, 1.0)), "--dynamo.pool.prior"),
         (dict(forget=1.5), r"--dynamo.pool.forget must lie in \(0, 1\]"),
@@ -131,3 +136,21 @@ def test_state_dict_round_trip_is_bit_for_bit():
     assert other.allocate(ids).tolist() == alloc.allocate(ids).tolist()
     with pytest.raises(ValueError, match="allocator state version 7 is not supported"):
         other.load_state_dict({"version": 7})
+
+
+def test_skipping_with_calibration_and_min_rollouts_keeps_budget_and_groups():
+    cfg = _cfg(n_samples_per_prompt=8, oversample=2.0, lo=0, hi=32, skip_factor=4.0, min_rollouts=2,
+               calibrated=True, forget=1.0)
+    alloc = RolloutAllocator(cfg)
+    ids = np.arange(16, dtype=np.int64)
+    first = alloc.allocate(ids)  # nothing known: equal variances, nobody skipped (4 rollouts each)
+    assert first.tolist() == [4] * 16
+    # half of the prompts are clearly solved or impossible (100 trials), the others in between (8 trials)
+    alloc.record(ids, [0, 100, 0, 100, 0, 100, 0, 100, 3, 4, 5, 2, 4, 3, 6, 1], [100] * 8 + [8] * 8)
+    counts = alloc.allocate(ids)
+    assert counts.sum() == 64 and ((counts == 0) | (counts >= 2)).all() and counts.max() <= 32
+    assert (counts[:8] == 0).all() and (counts[8:] >= 2).all()  # no expected signal: skipped
+    m = alloc.metrics()
+    assert m["dynamo/alloc_skipped"] == 8 and m["dynamo/alloc_candidates"] == 16
+    v = alloc.pool.calibrated_variance(ids)
+    assert m["dynamo/pred_var_ratio"] == pytest.approx(predicted_variance_ratio(v, counts))

@@ -163,3 +163,20 @@ def test_cli_k_greater_than_n(tmp_path, data_file):
     p = _run("--model", str(tmp_path), "--data.path", str(data_file), "--n", "2", "--k", "1,4")
     assert p.returncode != 0
     assert "k <= n" in p.stderr
+
+
+def test_train_eval_logs_from_in_training_samples():
+    from dynamo_openrlhf.evaluate import default_ks, train_eval_logs
+
+    keys = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    rewards = [1, 0, 0, 0] + [0] * 4 + [1] * 4
+    logs = train_eval_logs(keys, rewards, [1, 2, 4, 8])
+    # pass@1 = mean c/n; pass@2 for c=1 of 4: 1 - C(3,2)/C(4,2) = 1/2
+    assert logs["eval_pass@1"] == pytest.approx((0.25 + 0 + 1) / 3)
+    assert logs["eval_pass@2"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert logs["eval_pass@4"] == pytest.approx(2 / 3) and "eval_pass@8" not in logs  # k > n left out
+    assert (logs["eval_frac_unsolved"], logs["eval_frac_between"], logs["eval_frac_solved"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert train_eval_logs([], [], [1]) == {}
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        train_eval_logs(["a", "a", "b"], [1, 0, 1], [1])
+    assert default_ks(8) == [1, 2, 4, 8] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]

@@ -280,6 +280,10 @@ def test_e2e_checkpoint_written_and_resumed(e2e):
     assert f"dynamo_openrlhf run summary: {len(steps)} steps" in out  # history restored from the checkpoint
     evals = [m for m in metrics if m["type"] == "eval"]
     assert [m["step"] for m in evals] == [2, steps[-1]] and all(0 <= m["eval_default_pass1"] <= 1 for m in evals)
+    for m in evals:  # our unbiased pass@k agrees with OpenRLHF's own pass1 / pass-n on binary rewards
+        assert abs(m["eval_pass@1"] - m["eval_default_pass1"]) < 1e-9
+        assert abs(m["eval_pass@4"] - m["eval_default_pass4"]) < 1e-9 and m["eval_pass@1"] <= m["eval_pass@2"]
+        assert abs(m["eval_frac_unsolved"] + m["eval_frac_between"] + m["eval_frac_solved"] - 1) < 1e-9
 
 
 def test_e2e_allocation_budget_metrics_and_pool(e2e):
@@ -349,10 +353,11 @@ def test_dynamo_settings_are_checked_against_the_run():
             rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None),
             algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="group_norm")),
             train=NS(async_enable=False), actor=NS(policy_loss_type="ppo"),
-            dynamo=NS(allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
+            dynamo=NS(eval_pass_k=None, allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
                                     exploration=None, exploration_rollouts=None, mastery=None,
-                                    mastery_threshold=None, priority_floor=None),
-                      pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None),
+                                    mastery_threshold=None, priority_floor=None, min_rollouts=None),
+                      pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
+                              calibrated=True),
                       modulation=NS(preset="decay6", mu_max=None, lambda_min=None, gamma=None, tau=None)),
         )
         for path, value in over.items():
@@ -379,3 +384,5 @@ def test_dynamo_settings_are_checked_against_the_run():
     assert "needs the token-level ratio" in p
     (p,) = _dynamo_problems(args(**{"dynamo.pool.load": "/no/such/pool.bin"}))
     assert p == "--dynamo.pool.load: pool file not found: /no/such/pool.bin"
+    (p,) = _dynamo_problems(args(**{"dynamo.eval_pass_k": "1,x"}))
+    assert p == "--dynamo.eval_pass_k: expected comma-separated integers >= 1, got '1,x'"
