@@ -712,6 +712,23 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
         if all(shares.values()):
             lines.append("  math-verify outcomes (share of samples): "
                          + ", ".join(f"{o} {sum(v) / len(v):.3f}" for o, v in shares.items()))
+    alloc = [r for r in train if "dynamo/alloc_budget" in r]
+    if alloc:
+        ratios = [r["dynamo/pred_var_ratio"] for r in alloc]
+        last = alloc[-1]
+        lines.append(
+            f"  DynaMO allocation ({args.dynamo.allocation.rule}): rollouts per prompt "
+            f"{min(r['dynamo/alloc_min'] for r in alloc):g}..{max(r['dynamo/alloc_max'] for r in alloc):g}, "
+            f"{sum(r['dynamo/alloc_skipped'] for r in alloc):g} prompts skipped, budget "
+            f"{last['dynamo/alloc_budget']:g}/step; predicted variance vs uniform: mean {sum(ratios) / len(ratios):.3f}, "
+            f"min {min(ratios):.3f}; pool {last['dynamo/pool_size']:g} prompts, mean pass rate "
+            f"{last['dynamo/pool_mean_pass_rate']:.3f}")
+    mod = [r for r in train if "dynamo/beta_comp_mean" in r]
+    if mod:
+        mean = lambda k: sum(r[k] for r in mod) / len(mod)  # noqa: E731
+        lines.append(f"  DynaMO modulation ({args.dynamo.modulation.preset}): mean beta_comp {mean('dynamo/beta_comp_mean'):.3f}, "
+                     f"mean beta_stab {mean('dynamo/beta_stab_mean'):.3f}, damped tokens "
+                     f"{mean('dynamo/beta_stab_damped_frac'):.3f}")
     if evals:
         keys = sorted(k for k in evals[0] if k.startswith("eval_") and "_pass" in k)
         first, last = evals[0], evals[-1]
