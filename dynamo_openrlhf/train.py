@@ -9,16 +9,18 @@ How it hooks OpenRLHF (its own code path runs; nothing of it is copied):
   defaults (so explicit flags win), argparse parses (an unknown flag is argparse's error, exit 2),
   and a built-in reward module name given to ``--reward.remote_url`` becomes its file path.
 * ``openrlhf.utils.config.hierarchize`` is wrapped to keep the nested config, build a preset's
-  assets and check that local input files exist (one clear error, exit 2) before Ray starts.
+  assets, check that local input files exist and that the DynaMO settings fit the run
+  (:func:`allocation_config`, :func:`modulation_config`, infeasible budgets, unsupported
+  combinations: one clear error, exit 2) before Ray starts, and to apply what DynaMO flags imply
+  for OpenRLHF's (``--dynamo.clip_higher``; ``--actor.entropy_coef 0`` when modulating), said on
+  the console.
 * ``ray.init`` is routed through ``cpu_backend.ray_init`` (same runtime env as OpenRLHF's, plus
   ours; connects to ``RAY_ADDRESS`` / a running cluster like ``ray.init()``; else a local
   cluster, with fake GPUs on the CPU backend).
 * Class swaps read by the run's own imports: ``ppo_actor.PolicyModelActor`` ->
-  ``DynamoPolicyModelActor`` and ``ppo_trainer.PPOTrainer`` -> ``DynamoPPOTrainer`` (Ray actor
-  subclasses of OpenRLHF's). ``DynamoPPOTrainer`` records per-step metrics (``history``, also
-  ``<run_dir>/metrics.jsonl``), can evaluate before the first and after the last step, and keeps
-  its extra state in OpenRLHF's checkpoints (``client_states["dynamo"]``, restored on
-  ``--ckpt.load_enable``).
+  :class:`dynamo_openrlhf.ppo_actor.DynamoPolicyModelActor` (the DynaMO loss) and
+  ``ppo_trainer.PPOTrainer`` -> :class:`dynamo_openrlhf.ppo_trainer.DynamoPPOTrainer` (allocation,
+  pool, metrics, checkpoint state; Ray actor subclasses of OpenRLHF's).
 * Without CUDA, ``cpu_backend`` adapts the loop to CPU (see its docstring).
 
 Everything is undone when the run returns. After the run a short summary is printed.
