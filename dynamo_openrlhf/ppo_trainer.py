@@ -144,10 +144,6 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             self._restored = True
         return states
 
-    def get_dynamo_state(self) -> Dict[str, Any]:
-        """The live state (for tests and tools): ``dynamo_state_dict()``."""
-        return self.dynamo_state_dict()
-
     # -- metrics -------------------------------------------------------------------------------
     def _record(self, row: Dict[str, Any]) -> None:
         self.history.append(row)
