@@ -154,3 +154,19 @@ def test_skipping_with_calibration_and_min_rollouts_keeps_budget_and_groups():
     assert m["dynamo/alloc_skipped"] == 8 and m["dynamo/alloc_candidates"] == 16
     v = alloc.pool.calibrated_variance(ids)
     assert m["dynamo/pred_var_ratio"] == pytest.approx(predicted_variance_ratio(v, counts))
+
+
+def test_allocation_module_needs_no_torch_ray_or_openrlhf():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator\n"
+        "a = RolloutAllocator(AllocationConfig(n_samples_per_prompt=4, prompts_per_step=2, lo=2, hi=6))\n"
+        "print(a.allocate([1, 2]).tolist())\n"
+        "heavy = [m for m in ('torch', 'ray', 'openrlhf', 'deepspeed', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[4, 4]"
