@@ -21,7 +21,7 @@ fi
 # torch first: DeepSpeed's setup inspects it. PyPI's torch is the CUDA build; it runs on CPU.
 $PY -m pip install torch "numpy>=1.24" maturin
 # DS_BUILD_OPS=0: no JIT/AOT op builds (no nvcc here); the CPU backend uses torch's Adam.
-DS_BUILD_OPS=0 $PY -m pip install -e ".[train,test]"
+DS_BUILD_OPS=0 $PY -m pip install -e ".[train,test,bench]"
 # openrlhf pins flash-attn==2.8.3, which cannot be built without CUDA: its other pins are in our
 # `train` extra, so install it without dependency resolution.
 $PY -m pip install --no-deps openrlhf==0.11.2

@@ -151,8 +151,6 @@ def test_sampling_is_deterministic_given_the_seed(policy):
 
 
 def test_quick_run_writes_outputs(tmp_path, capsys, policy):
-    pytest.importorskip("math_verify")
-    pytest.importorskip("matplotlib")
     out, png = tmp_path / "out", tmp_path / "gv.png"
     rc = gv.main(["--quick", "--prompts", "4", "--repeats", "3", "--oracle_samples", "8", "--pool_samples", "4",
                   "--bootstrap", "50", "--variants", "grpo,grpo_balanced", "--out", str(out), "--png", str(png)])
