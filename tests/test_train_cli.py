@@ -386,3 +386,28 @@ def test_dynamo_settings_are_checked_against_the_run():
     assert p == "--dynamo.pool.load: pool file not found: /no/such/pool.bin"
     (p,) = _dynamo_problems(args(**{"dynamo.eval_pass_k": "1,x"}))
     assert p == "--dynamo.eval_pass_k: expected comma-separated integers >= 1, got '1,x'"
+
+
+def test_dynamo_flags_imply_openrlhf_settings_and_say_so(capsys):
+    from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf.train import _apply_dynamo_to_openrlhf_args
+
+    def args(preset, entropy_coef=None, clip_higher=None, low_high=None):
+        return NS(actor=NS(entropy_coef=entropy_coef, eps_clip=0.2, eps_clip_low_high=low_high),
+                  dynamo=NS(clip_higher=clip_higher,
+                            modulation=NS(preset=preset, mu_max=None, lambda_min=None, gamma=None, tau=None)))
+
+    a = args("decay6", clip_higher=0.28)
+    _apply_dynamo_to_openrlhf_args(a)
+    assert a.actor.entropy_coef == 0.0 and a.actor.eps_clip_low_high == (0.2, 0.28)
+    out = capsys.readouterr().out
+    assert "PPO clip range (low, high) = (0.2, 0.28)" in out and "--actor.entropy_coef 0" in out
+    a = args("decay5", entropy_coef=0.01, clip_higher=0.3, low_high=[0.1, 0.2])
+    _apply_dynamo_to_openrlhf_args(a)
+    assert a.actor.entropy_coef == 0.01 and a.actor.eps_clip_low_high == (0.1, 0.3)  # explicit flags kept
+    capsys.readouterr()
+    a = args("off")
+    _apply_dynamo_to_openrlhf_args(a)
+    assert a.actor.entropy_coef is None and a.actor.eps_clip_low_high is None  # nothing implied: OpenRLHF's
+    assert capsys.readouterr().out == ""
