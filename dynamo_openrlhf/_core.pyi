@@ -115,6 +115,9 @@ def allocate_rollouts(
             is skipped. Zero-variance prompts never take a skipped prompt's rollouts. One pass
             is a fixed point: re-solving only lowers lambda, so no kept prompt qualifies at the
             new allocation either. Deterministic (no randomness; ties as stated).
+            Caution: with budget/N below ~2.56 rollouts per prompt, prompts of EQUAL variance
+            (e.g. a batch of unseen prompts) all fall below 4 lambda and the cap decides by index;
+            use the rule with >= 3 rollouts per candidate on average (the trainer enforces it).
         min_rollouts: ``None``, 0 or 1: off. m >= 2: every prompt gets 0 or between m and ``hi``
             rollouts (a GRPO group of one has advantage 0: no gradient). After skipping, the
             not-skipped prompts are ranked by variance (descending; ties: lower index first) and
