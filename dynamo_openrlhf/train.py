@@ -371,8 +371,16 @@ def _dynamo_problems(args) -> List[str]:
         if args.algo.advantage.estimator not in SUPPORTED_ESTIMATORS:
             problems.append(f"--algo.advantage.estimator {args.algo.advantage.estimator} is not supported with "
                             f"--dynamo.allocation.rule {rule}; use one of {list(SUPPORTED_ESTIMATORS)}")
-        if args.dynamo.pool.load and not os.path.exists(args.dynamo.pool.load):
-            problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
+        if args.dynamo.pool.load:
+            if not os.path.exists(args.dynamo.pool.load):
+                problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
+            else:
+                from dynamo_openrlhf import PassRatePool
+
+                try:
+                    PassRatePool.load(args.dynamo.pool.load)  # the trainer loads it again inside Ray
+                except (OSError, ValueError) as e:
+                    problems.append(f"--dynamo.pool.load {args.dynamo.pool.load}: {e}")
     if mod is not None and not mod.is_identity and args.actor.policy_loss_type != "ppo":
         problems.append(f"--dynamo.modulation.preset {args.dynamo.modulation.preset} needs the token-level ratio of "
                         f"--actor.policy_loss_type ppo, got {args.actor.policy_loss_type}")

@@ -340,8 +340,10 @@ def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'bogus'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_dynamo_settings_are_checked_against_the_run():
+def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf import PassRatePool
 
     from dynamo_openrlhf import cpu_backend
     from dynamo_openrlhf.train import _dynamo_problems
@@ -384,6 +386,13 @@ def test_dynamo_settings_are_checked_against_the_run():
     assert "needs the token-level ratio" in p
     (p,) = _dynamo_problems(args(**{"dynamo.pool.load": "/no/such/pool.bin"}))
     assert p == "--dynamo.pool.load: pool file not found: /no/such/pool.bin"
+    bad = tmp_path / "pool.bin"
+    bad.write_bytes(b"not a pool")
+    (p,) = _dynamo_problems(args(**{"dynamo.pool.load": str(bad)}))
+    assert p.startswith(f"--dynamo.pool.load {bad}: ") and "magic" in p
+    good = tmp_path / "good.bin"
+    PassRatePool().save(good)
+    assert _dynamo_problems(args(**{"dynamo.pool.load": str(good)})) == []
     (p,) = _dynamo_problems(args(**{"dynamo.eval_pass_k": "1,x"}))
     assert p == "--dynamo.eval_pass_k: expected comma-separated integers >= 1, got '1,x'"
 
