@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["tiny-cpu"], default=None,
                    help="tiny-cpu: the tiny preset's warm-started model and eval split (built and cached once)")
     p.add_argument("--cache_dir", default=None, help="preset cache root (default: $DYNAMO_OPENRLHF_CACHE or ~/.cache/dynamo_openrlhf)")
-    p.add_argument("--model", default=None, help="Hugging Face model directory (e.g. a run's final HF model)")
+    p.add_argument("--model", default=None, help="Hugging Face model directory, or a training run directory "
+                   "(--dynamo.run_dir; its final/ HF model is used)")
     p.add_argument("--data.path", dest="data.path", default=None, help="JSONL file of prompts and labels")
     p.add_argument("--data.input_key", dest="data.input_key", default="input", help="prompt field (default: input)")
     p.add_argument("--data.label_key", dest="data.label_key", default="label", help="gold answer field (default: label)")
@@ -370,8 +371,12 @@ def main(argv=None) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         parser.error(f"--model: model directory not found: {args.model}")
+    if not (model_dir / "config.json").is_file() and (model_dir / "final" / "config.json").is_file():
+        model_dir = model_dir / "final"  # a run directory of `python -m dynamo_openrlhf.train` (its final HF model)
+        args.model = str(model_dir)
     if not (model_dir / "config.json").is_file():
-        parser.error(f"--model: {args.model} has no config.json (not a Hugging Face model directory)")
+        parser.error(f"--model: {args.model} has no config.json (not a Hugging Face model directory, nor a run "
+                     "directory with final/; DeepSpeed checkpoints under ckpt/ must be converted first)")
     input_key, label_key = opt("data.input_key"), opt("data.label_key")
     rows = _load_rows(parser, opt("data.path"), input_key, label_key)
     if args.max_prompts is not None:

@@ -159,6 +159,25 @@ def test_cli_missing_model_dir(tmp_path, data_file):
     assert "model directory not found" in p.stderr
 
 
+def test_cli_model_can_be_a_training_run_directory(tmp_path, data_file):
+    from dynamo_openrlhf import tiny
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final").symlink_to(tiny.prepare_tiny_assets().model_dir, target_is_directory=True)
+    out = tmp_path / "eval.json"
+    p = _run("--model", str(run), "--data.path", str(data_file), "--data.input_key", "prompt", "--data.label_key",
+             "answer", "--n", "2", "--k", "1,2", "--bootstrap", "10", "--output", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(out.read_text())
+    assert d["model"] == str(run / "final") and d["num_prompts"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = _run("--model", str(empty), "--data.path", str(data_file), "--data.input_key", "prompt", "--data.label_key",
+             "answer", "--n", "2", "--k", "1")
+    assert p.returncode != 0 and "nor a run directory with final/" in p.stderr
+
+
 def test_cli_k_greater_than_n(tmp_path, data_file):
     p = _run("--model", str(tmp_path), "--data.path", str(data_file), "--n", "2", "--k", "1,4")
     assert p.returncode != 0
