@@ -21,6 +21,8 @@ from subprocess import list2cmdline
 
 import pytest
 
+from dynamo_openrlhf import PassRatePool
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
@@ -183,7 +185,7 @@ def recorded(tmp_path_factory):
     (tmp / "train.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "answer": str(i)}) + "\n"
                                              for i in range(DATA_LINES)))
     (tmp / "eval.jsonl").write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
-    (tmp / "pool.bin").write_bytes(b"")
+    PassRatePool().save(tmp / "pool.bin")  # a real (empty) pool: the launcher loads it to check it
     runs = {s: _train_args(_record(s, tmp)) for s in GPU_SCRIPTS + CPU_SCRIPTS}
     runs["1.5b+eval+pool"] = _train_args(_record(
         "qwen2.5-math-1.5b_dynamo.sh", tmp,
