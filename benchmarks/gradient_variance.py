@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -361,8 +360,6 @@ def make_losses(variants):
 
 def gradient_stats(X, blocks) -> Dict:
     """Centred Gram matrix, projections of the centred rows on the mean, squared mean norm, block traces."""
-    import torch
-
     R = X.shape[0]
     m = X.double().mean(0)
     h = np.zeros(R)

@@ -29,10 +29,8 @@ Everything is undone when the run returns. After the run a short summary is prin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import runpy
 import sys
