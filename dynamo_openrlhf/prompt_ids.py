@@ -12,47 +12,74 @@ and then the label), so ``("ab", "c")`` and ``("a", "bc")`` get different ids. T
 ``hashlib.blake2b(digest_size=8)`` read as a little-endian signed int64 (fits numpy ``int64`` and torch
 ``long``). Independent of the Python hash seed, platform and process. Needs only numpy (no torch).
 
+Labels need not be strings: OpenRLHF hands the dataset's label to the reward function as it is (GSM8K-style
+integer answers, None, lists of acceptable answers, dicts). A ``str`` label is encoded as above (so ids of string
+labels never change); any other label is encoded by its canonical JSON text (``json.dumps`` with sorted keys,
+compact separators, non-ASCII kept; tuples as lists, numpy scalars and arrays as their Python values) with the top
+bit of its length prefix set, so that the integer 7 and the string "7" are different labels. A label that JSON
+cannot represent is a ``ValueError`` naming its type. The prompt must be a ``str``.
+
 Identical (prompt, label) pairs share one id by design: they are the same prompt for the pool.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+import json
+from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = ["prompt_id", "prompt_ids"]
 
 
-def _encode(prompt: str, label: str) -> bytes:
+_JSON_TAG = 1 << 63  # set in the length prefix of a label encoded as JSON (never set for a str: lengths < 2**63)
+
+
+def _json_default(value: Any):
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def _label_bytes(label: Any) -> tuple:
+    """(length-prefix flag, UTF-8 bytes) of a label: a str as itself, anything else as canonical JSON."""
+    if isinstance(label, str):
+        return 0, label.encode("utf-8")
+    try:
+        text = json.dumps(label, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"prompt_id: a label must be a str or a JSON value (number, bool, None, list, dict), got "
+                         f"{type(label).__name__} ({exc})") from None
+    return _JSON_TAG, text.encode("utf-8")
+
+
+def _encode(prompt: str, label: Any) -> bytes:
     out = bytearray()
-    for part in (prompt, label):
-        data = part.encode("utf-8")
-        out += len(data).to_bytes(8, "little")
+    for flag, data in ((0, prompt.encode("utf-8")), _label_bytes(label)):
+        out += (len(data) | flag).to_bytes(8, "little")
         out += data
     return bytes(out)
 
 
-def prompt_id(prompt: str, label: str) -> int:
-    """The stable signed 64-bit id of ``(prompt, label)``; both must be ``str``."""
-    if not isinstance(prompt, str) or not isinstance(label, str):
-        raise ValueError(
-            f"prompt_id needs str prompt and label, got {type(prompt).__name__} and {type(label).__name__}"
-        )
+def prompt_id(prompt: str, label: Any) -> int:
+    """The stable signed 64-bit id of ``(prompt, label)``: ``prompt`` a ``str``, ``label`` a ``str`` or any JSON
+    value (see the module docstring)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt_id needs a str prompt, got {type(prompt).__name__}")
     digest = hashlib.blake2b(_encode(prompt, label), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 
-def prompt_ids(prompts: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+def prompt_ids(prompts: Sequence[str], labels: Sequence[Any]) -> np.ndarray:
     """Ids of aligned ``prompts[i], labels[i]`` as a 1-D ``int64`` array."""
     prompts, labels = list(prompts), list(labels)
     if len(prompts) != len(labels):
         raise ValueError(f"prompt_ids: {len(prompts)} prompts but {len(labels)} labels; they must be aligned")
+    out = np.empty(len(prompts), dtype=np.int64)
     for i, (p, l) in enumerate(zip(prompts, labels)):
-        if not isinstance(p, str) or not isinstance(l, str):
-            raise ValueError(
-                f"prompt_ids: item {i} has prompt of type {type(p).__name__} and label of type "
-                f"{type(l).__name__}; both must be str"
-            )
-    return np.fromiter((prompt_id(p, l) for p, l in zip(prompts, labels)), dtype=np.int64, count=len(prompts))
+        try:
+            out[i] = prompt_id(p, l)
+        except ValueError as exc:
+            raise ValueError(f"prompt_ids: item {i}: {exc}") from None
+    return out

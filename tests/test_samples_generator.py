@@ -55,10 +55,26 @@ def test_prompt_id_properties():
 def test_prompt_ids_errors():
     with pytest.raises(ValueError, match="2 prompts but 1 labels"):
         prompt_ids(["a", "b"], ["x"])
-    with pytest.raises(ValueError, match="must be str"):
-        prompt_ids(["a"], [3])
-    with pytest.raises(ValueError, match="str"):
+    with pytest.raises(ValueError, match="needs a str prompt, got NoneType"):
         prompt_id(None, "x")
+    with pytest.raises(ValueError, match=r"^prompt_ids: item 1: .*got set"):
+        prompt_ids(["a", "b"], ["x", {1, 2}])  # not a JSON value
+
+
+def test_prompt_id_non_string_labels():
+    # OpenRLHF hands labels to the reward function as they are: ints, floats, None, lists, dicts all get ids
+    labels = [7, 7.5, None, True, [1, "a"], {"b": 1, "a": [2]}, "7"]
+    ids = prompt_ids(["q"] * len(labels), labels)
+    assert len(set(ids.tolist())) == len(labels)  # the integer 7 and the string "7" are different labels
+    assert prompt_id("q", "7") == prompt_ids(["q"], ["7"])[0]  # str labels keep their ids
+    # canonical: key order, tuples vs lists and numpy scalars do not change the id
+    assert prompt_id("q", {"a": [2], "b": 1}) == prompt_id("q", {"b": 1, "a": [2]})
+    assert prompt_id("q", (1, "a")) == prompt_id("q", [1, "a"])
+    assert prompt_id("q", np.int64(7)) == prompt_id("q", 7)
+    assert prompt_id("q", np.array([1, 2])) == prompt_id("q", [1, 2])
+    # regression values (computed once; must never change)
+    assert prompt_id("q", 7) == -2749081448707188370
+    assert prompt_id("q", None) == 5092637272984775890
 
 
 # ---------------------------------------------------------------------------------------------- fakes
