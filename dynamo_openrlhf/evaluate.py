@@ -110,26 +110,26 @@ def summarize(successes: Sequence[int], n: int, ks: Sequence[int], tags: Optiona
     return out
 
 
-def train_eval_logs(keys: Sequence, rewards: Sequence[float], ks: Sequence[int], threshold: float = 0.5) -> Dict:
+def train_eval_logs(rewards: Sequence[float], n: int, ks: Sequence[int], threshold: float = 0.5) -> Dict:
     """Flat ``eval_*`` metrics for OpenRLHF's loggers from one in-training evaluation's samples.
 
-    ``keys``: (S,) hashable prompt identity per sample (e.g. (prompt, label)); ``rewards``: (S,);
-    a sample is correct when its reward is > ``threshold``. Every prompt must have the same number
-    of samples n (OpenRLHF's ``--eval.n_samples_per_prompt``); ``k`` values above n are left out.
-    Returns ``eval_pass@k`` (unbiased estimator, mean over prompts) for each k, and
-    ``eval_frac_unsolved`` / ``eval_frac_between`` / ``eval_frac_solved`` (prompts with c = 0,
-    0 < c < n, c = n)."""
-    counts: Dict = {}
-    for key, r in zip(keys, rewards):
-        c, n = counts.get(key, (0, 0))
-        counts[key] = (c + int(float(r) > threshold), n + 1)
-    if not counts:
+    ``rewards``: (S,) in OpenRLHF's evaluation order, where each prompt's ``n`` samples
+    (``--eval.n_samples_per_prompt``) are contiguous: prompt j is ``rewards[j*n:(j+1)*n]``. Samples are
+    grouped by position, as OpenRLHF's own eval metrics do, never by prompt text or label, so duplicate
+    rows of the eval set stay separate prompts and labels of any type are fine. A sample is correct when
+    its reward is > ``threshold``; ``k`` values above n are left out. Returns ``eval_pass@k`` (unbiased
+    estimator, mean over prompts) for each k, and ``eval_frac_unsolved`` / ``eval_frac_between`` /
+    ``eval_frac_solved`` (prompts with c = 0, 0 < c < n, c = n)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"--eval.n_samples_per_prompt must be >= 1, got {n}")
+    correct = [int(float(r) > threshold) for r in rewards]
+    if not correct:
         return {}
-    ns = {n for _, n in counts.values()}
-    if len(ns) != 1:
-        raise ValueError(f"evaluation prompts have different numbers of samples: {sorted(ns)}")
-    (n,) = ns
-    summary = summarize([c for c, _ in counts.values()], n, [k for k in ks if k <= n], resamples=0)
+    if len(correct) % n:
+        raise ValueError(f"evaluation returned {len(correct)} samples, not a multiple of --eval.n_samples_per_prompt {n}")
+    counts = [sum(correct[j:j + n]) for j in range(0, len(correct), n)]
+    summary = summarize(counts, n, [k for k in ks if k <= n], resamples=0)
     logs = {f"eval_pass@{k}": v["mean"] for k, v in summary["pass_at_k"].items()}
     fr = summary["pass_rate_fractions"]
     logs.update({"eval_frac_unsolved": fr["zero"], "eval_frac_between": fr["between"], "eval_frac_solved": fr["one"]})

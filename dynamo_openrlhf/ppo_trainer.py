@@ -165,9 +165,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     def evaluate(self, global_step, **generate_kwargs):
         logs = super().evaluate(global_step, **generate_kwargs)
         samples = self.samples_generator.last_eval_samples
-        extra = train_eval_logs([(p, l) for s in samples for p, l in zip(s.prompts, s.labels)],
-                                [float(r) for s in samples for r in s.rewards.reshape(-1).tolist()],
-                                self._eval_ks(generate_kwargs["n_samples_per_prompt"]),
+        n = generate_kwargs["n_samples_per_prompt"]
+        extra = train_eval_logs([float(r) for s in samples for r in s.rewards.reshape(-1).tolist()], n,
+                                self._eval_ks(n),
                                 self.args.dynamo.pool.success_threshold)
         if extra:
             for lg in (self.wandb_logger, self.tensorboard_logger):

@@ -187,15 +187,17 @@ def test_cli_k_greater_than_n(tmp_path, data_file):
 def test_train_eval_logs_from_in_training_samples():
     from dynamo_openrlhf.evaluate import default_ks, train_eval_logs
 
-    keys = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
     rewards = [1, 0, 0, 0] + [0] * 4 + [1] * 4
-    logs = train_eval_logs(keys, rewards, [1, 2, 4, 8])
+    logs = train_eval_logs(rewards, 4, [1, 2, 4, 8])
     # pass@1 = mean c/n; pass@2 for c=1 of 4: 1 - C(3,2)/C(4,2) = 1/2
     assert logs["eval_pass@1"] == pytest.approx((0.25 + 0 + 1) / 3)
     assert logs["eval_pass@2"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert logs["eval_pass@4"] == pytest.approx(2 / 3) and "eval_pass@8" not in logs  # k > n left out
     assert (logs["eval_frac_unsolved"], logs["eval_frac_between"], logs["eval_frac_solved"]) == (1 / 3, 1 / 3, 1 / 3)
-    assert train_eval_logs([], [], [1]) == {}
-    with pytest.raises(ValueError, match="different numbers of samples"):
-        train_eval_logs(["a", "a", "b"], [1, 0, 1], [1])
+    assert train_eval_logs([], 4, [1]) == {}
+    with pytest.raises(ValueError, match="3 samples, not a multiple of --eval.n_samples_per_prompt 2"):
+        train_eval_logs([1, 0, 1], 2, [1])
+    # a duplicated eval row is two prompts (grouped by position, as OpenRLHF does), not one with 2n samples
+    dup = train_eval_logs([1, 0] + [1, 1], 2, [1, 2])
+    assert dup["eval_pass@1"] == pytest.approx(0.75) and dup["eval_frac_solved"] == pytest.approx(0.5)
     assert default_ks(8) == [1, 2, 4, 8] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
