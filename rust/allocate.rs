@@ -3,6 +3,7 @@
 //! solver lives in `neyman.rs`.
 
 use crate::error::{Error, Result};
+use crate::estimator::{self, Estimator, Objective};
 use crate::neyman;
 use crate::parallel::map_chunks;
 use crate::skip::{self, Selection};
@@ -68,6 +69,9 @@ pub struct Options<'a> {
     /// Rule "neyman" with `lo = 0` only: every prompt gets 0 or at least this many rollouts
     /// (see `skip.rs`). `None`, 0 or 1 = off.
     pub min_rollouts: Option<i64>,
+    /// The advantage estimator whose update variance is minimised (`estimator.rs`); `None` =
+    /// Σ v_i/n_i. Rule "neyman" only; "group_norm" needs posteriors (`PassRatePool::allocate`).
+    pub estimator: Option<Estimator>,
 }
 
 impl Options<'_> {
@@ -113,6 +117,16 @@ pub fn allocate_guarded(
     }
     check_options(variances.len(), rule, options)?;
     let selection = options.selection();
+    let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
+    if let Some(e) = options.estimator {
+        check_estimator(e, rule, options, lo as i64)?;
+        if e.objective() == Objective::GroupNorm {
+            return Err(Error::invalid(
+                "estimator 'group_norm' needs the Beta posteriors (its cost uses their exact \
+                 moments, not only E[p(1-p)]): use PassRatePool.allocate",
+            ));
+        }
+    }
     check_selection(
         rule,
         options,
@@ -121,15 +135,44 @@ pub fn allocate_guarded(
         lo as i64,
         hi as i64,
     )?;
-    let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
+    let shifted = options.estimator.is_some();
     Ok(match rule {
+        Rule::Neyman if shifted && selection.active() => {
+            skip::solve(variances, guard, budget, hi, &scan, &selection, true)
+        }
+        Rule::Neyman if shifted => estimator::solve_shifted(variances, budget, lo, hi),
         Rule::Uniform => uniform(variances.len(), budget),
         Rule::Neyman if selection.active() => {
-            skip::solve(variances, guard, budget, hi, &scan, &selection)
+            skip::solve(variances, guard, budget, hi, &scan, &selection, false)
         }
         Rule::Neyman if !seen_weights => neyman::solve(variances, budget, lo, hi, &scan),
         _ => with_reference_options(variances, budget, lo, hi, rule, options),
     })
+}
+
+/// An estimator applies to rule "neyman" without the reference's options; then its own checks
+/// of `lo` and the skip switches (`Estimator::check`).
+pub fn check_estimator(e: Estimator, rule: Rule, o: &Options, lo: i64) -> Result<()> {
+    if rule != Rule::Neyman {
+        return Err(Error::invalid(format!(
+            "estimator applies to rule 'neyman' only, got rule '{}' with estimator '{}'",
+            rule.name(),
+            e.name()
+        )));
+    }
+    for (name, present) in [
+        ("unseen", o.unseen.is_some()),
+        ("pass_rates", o.pass_rates.is_some()),
+    ] {
+        if present {
+            return Err(Error::invalid(format!(
+                "estimator '{}' cannot be combined with {name} (the reference's exploration \
+                 and mastery options)",
+                e.name()
+            )));
+        }
+    }
+    e.check(lo, o.skip_factor, o.min_rollouts)
 }
 
 /// Checks signs, `lo ≤ hi` and feasibility of the budget; returns them as unsigned.
@@ -833,5 +876,95 @@ mod tests {
                 .to_string(),
             "variances[1] is NaN"
         );
+    }
+    #[test]
+    fn estimators_minimise_the_shifted_objective_or_refuse() {
+        let v = [0.2, 0.05, 0.0, 0.1];
+        for e in [
+            Estimator::Rloo,
+            Estimator::DrGrpo,
+            Estimator::ReinforceBaseline,
+        ] {
+            let o = Options {
+                estimator: Some(e),
+                ..Options::default()
+            };
+            // Exactly the Σ v/m problem with budget B − N and bounds lo−1..hi−1, plus one.
+            let shifted: Vec<i64> = run(&v, 30 - 4, 1, 15, Rule::Neyman)
+                .unwrap()
+                .iter()
+                .map(|c| c + 1)
+                .collect();
+            assert_eq!(allocate(&v, 30, 2, 16, Rule::Neyman, &o).unwrap(), shifted);
+            let err = |lo: i64, rule: Rule, o: &Options| {
+                allocate(&v, 16, lo, 8, rule, o).unwrap_err().to_string()
+            };
+            assert!(err(1, Rule::Neyman, &o)
+                .contains("needs lo >= 2 (a group of one rollout has no baseline), got lo = 1"));
+            assert!(err(0, Rule::Neyman, &o).contains("needs lo >= 2"));
+            assert_eq!(
+                err(2, Rule::Uniform, &o),
+                format!("estimator applies to rule 'neyman' only, got rule 'uniform' with estimator '{}'", e.name())
+            );
+            let skip = Options {
+                skip_factor: Some(4.0),
+                min_rollouts: Some(2),
+                ..o
+            };
+            assert!(err(0, Rule::Neyman, &skip)
+                .starts_with("skip_factor is not supported with estimator"));
+            let unseen = [false, true, false, false];
+            let with_unseen = Options {
+                unseen: Some(&unseen),
+                ..o
+            };
+            assert!(err(2, Rule::Neyman, &with_unseen).contains("cannot be combined with unseen"));
+        }
+        let gn = Options {
+            estimator: Some(Estimator::GroupNorm),
+            ..Options::default()
+        };
+        assert!(allocate(&v, 16, 2, 8, Rule::Neyman, &gn)
+            .unwrap_err()
+            .to_string()
+            .contains("needs the Beta posteriors"));
+    }
+
+    #[test]
+    fn shifted_with_the_group_floor_serves_then_solves_exactly() {
+        let mut rng = crate::neyman::tests::Rng::new(41);
+        for _ in 0..2000 {
+            let n = 1 + rng.below(8) as usize;
+            let m = 2 + rng.below(3) as i64;
+            let hi = m + rng.below(6) as i64;
+            let budget = rng.below((n as i64 * hi + 1) as u64) as i64;
+            let v: Vec<f64> = (0..n)
+                .map(|_| if rng.below(4) == 0 { 0.0 } else { rng.unit() })
+                .collect();
+            let o = Options {
+                estimator: Some(Estimator::Rloo),
+                min_rollouts: Some(m),
+                ..Options::default()
+            };
+            let plain_floor = Options {
+                min_rollouts: Some(m),
+                ..Options::default()
+            };
+            let Ok(out) = allocate(&v, budget, 0, hi, Rule::Neyman, &o) else {
+                assert!(allocate(&v, budget, 0, hi, Rule::Neyman, &plain_floor).is_err());
+                continue;
+            };
+            assert_eq!(out.iter().sum::<i64>(), budget);
+            // The same prompts are served as with Σ v/n, each with 0 or m..hi rollouts, and the
+            // served ones get the exact shifted optimum.
+            let plain = allocate(&v, budget, 0, hi, Rule::Neyman, &plain_floor).unwrap();
+            let served: Vec<usize> = (0..n).filter(|&i| out[i] > 0).collect();
+            assert_eq!(served, (0..n).filter(|&i| plain[i] > 0).collect::<Vec<_>>());
+            assert!(served.iter().all(|&i| out[i] >= m && out[i] <= hi));
+            let sub: Vec<f64> = served.iter().map(|&i| v[i]).collect();
+            let want = crate::estimator::solve_shifted(&sub, budget as u64, m as u64, hi as u64);
+            let got: Vec<i64> = served.iter().map(|&i| out[i]).collect();
+            assert_eq!(got, want);
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod allocate;
 pub mod calibration;
 pub mod error;
+pub mod estimator;
 pub mod neyman;
 pub mod parallel;
 pub mod pool;
@@ -13,6 +14,7 @@ pub mod storage;
 
 pub use allocate::{allocate, Options, Rule};
 pub use error::{Error, Result};
+pub use estimator::Estimator;
 pub use pool::{PassRatePool, PoolAllocateOptions};
 pub use skip::Selection;
 

@@ -15,6 +15,7 @@
 use crate::allocate::{self, Options, Rule};
 use crate::calibration::{self, Calibration, Observation};
 use crate::error::{Error, Result};
+use crate::estimator::{self, Estimator, Objective};
 use crate::parallel::map_chunks;
 
 /// Below this global scale the stored evidence is renormalised (keeps f32 entries finite).
@@ -228,6 +229,9 @@ pub struct PoolAllocateOptions {
     /// Allocate on the revisit-calibrated variances (`calibration.rs`) instead of the plain
     /// posterior expected variances. `None` = off.
     pub calibrated: Option<bool>,
+    /// The advantage estimator whose update variance is minimised (`estimator.rs`); `None` =
+    /// Σ v_i/n_i. Rule "neyman" only, without exploration or mastery.
+    pub estimator: Option<Estimator>,
 }
 
 #[derive(Clone, Debug)]
@@ -558,8 +562,60 @@ impl PassRatePool {
                 "priority_floor has no effect for rule 'neyman' without mastery",
             ));
         }
+        if let Some(e) = o.estimator {
+            if rule != Rule::Neyman {
+                return Err(Error::invalid(format!(
+                    "estimator applies to rule 'neyman' only, got rule '{}' with estimator '{}'",
+                    rule.name(),
+                    e.name()
+                )));
+            }
+            for (name, on) in [("exploration", exploration), ("mastery", mastery)] {
+                if on {
+                    return Err(Error::invalid(format!(
+                        "estimator '{}' cannot be combined with {name} (the reference's \
+                         exploration and mastery options)",
+                        e.name()
+                    )));
+                }
+            }
+        }
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
         let calibrated = o.calibrated == Some(true);
+        if let Some(e) = o
+            .estimator
+            .filter(|e| e.objective() == Objective::GroupNorm)
+        {
+            e.check(lo, o.skip_factor, o.min_rollouts)?;
+            // lo ≥ 2 here, so skip_factor/min_rollouts (lo = 0 options) cannot apply.
+            allocate::Options {
+                skip_factor: o.skip_factor,
+                min_rollouts: o.min_rollouts,
+                ..Options::default()
+            }
+            .selection()
+            .check(budget, lo, hi)?;
+            let (alpha, beta): (Vec<f64>, Vec<f64>) = self
+                .map_ids(ids, |p, id| p.posterior_of(id))
+                .into_iter()
+                .unzip();
+            let scale = calibrated.then(|| {
+                self.map_ids(ids, |p, id| {
+                    let (s, f) = p.evidence_of(id);
+                    p.calibration.factor(calibration::cell(s, f))
+                })
+            });
+            let (lo, hi) = (lo as u64, hi as u64);
+            estimator::check_group_norm(&alpha, &beta, scale.as_deref(), lo, hi)?;
+            return Ok(estimator::solve_group_norm(
+                &alpha,
+                &beta,
+                scale.as_deref(),
+                budget as u64,
+                lo,
+                hi,
+            ));
+        }
         let variances = if calibrated {
             self.calibrated_variance(ids)
         } else {
@@ -581,6 +637,7 @@ impl PassRatePool {
             priority_floor: o.priority_floor,
             skip_factor: o.skip_factor,
             min_rollouts: o.min_rollouts,
+            estimator: o.estimator,
         };
         allocate::allocate_guarded(&variances, guard.as_deref(), budget, lo, hi, rule, &options)
     }
@@ -927,6 +984,64 @@ mod tests {
         assert_eq!(pooled, direct);
         assert_eq!(pooled, vec![16, 16, 0]);
         assert!(p.allocate(&ids, 32, 8, 24, Rule::Neyman, &o).is_err());
+    }
+
+    #[test]
+    fn allocate_with_estimators() {
+        let mut p = pool(1.0);
+        p.update(&[1, 2, 3], &[8, 1, 0], &[16, 16, 40]).unwrap();
+        let ids = [1, 2, 3, 4];
+        let v = p.expected_variance(&ids);
+        let rloo = PoolAllocateOptions {
+            estimator: Some(Estimator::Rloo),
+            ..Default::default()
+        };
+        let want = estimator::solve_shifted(&v, 40, 2, 16);
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &rloo).unwrap(),
+            want
+        );
+        // group_norm: the exact solver on the posteriors (calibration factors when calibrated).
+        let gn = PoolAllocateOptions {
+            estimator: Some(Estimator::GroupNorm),
+            ..Default::default()
+        };
+        let (alpha, beta): (Vec<f64>, Vec<f64>) = ids.iter().map(|&i| p.posterior_of(i)).unzip();
+        let out = p.allocate(&ids, 40, 2, 16, Rule::Neyman, &gn).unwrap();
+        assert_eq!(
+            out,
+            estimator::solve_group_norm(&alpha, &beta, None, 40, 2, 16)
+        );
+        p.update(&[1, 2, 3], &[2, 8, 1], &[16, 16, 16]).unwrap();
+        let factors: Vec<f64> = ids
+            .iter()
+            .map(|&i| {
+                let (s, f) = p.evidence_of(i);
+                p.calibration.factor(calibration::cell(s, f))
+            })
+            .collect();
+        assert!(factors.iter().any(|&f| f != 1.0));
+        let (alpha, beta): (Vec<f64>, Vec<f64>) = ids.iter().map(|&i| p.posterior_of(i)).unzip();
+        let cal = PoolAllocateOptions {
+            calibrated: Some(true),
+            ..gn
+        };
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &cal).unwrap(),
+            estimator::solve_group_norm(&alpha, &beta, Some(&factors), 40, 2, 16)
+        );
+        let err = |lo: i64, rule: Rule, o: &PoolAllocateOptions| {
+            p.allocate(&ids, 40, lo, 16, rule, o)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(0, Rule::Neyman, &gn).contains("'group_norm' needs lo >= 2"));
+        assert!(err(2, Rule::Proportional, &gn).contains("rule 'neyman' only"));
+        let explore = PoolAllocateOptions {
+            exploration: Some(true),
+            ..rloo
+        };
+        assert!(err(2, Rule::Neyman, &explore).contains("cannot be combined with exploration"));
     }
 
     #[test]

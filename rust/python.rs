@@ -4,6 +4,7 @@
 
 use crate::allocate::{self, Options, Rule};
 use crate::error::Error;
+use crate::estimator::Estimator;
 use crate::pool::{PassRatePool, PoolAllocateOptions};
 use crate::storage;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
@@ -197,7 +198,8 @@ fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Sen
 #[pyo3(signature = (
     variances, budget, lo, hi, rule = "neyman", *,
     unseen = None, exploration_rollouts = None, pass_rates = None,
-    mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None
+    mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
+    estimator = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocate_rollouts<'py>(
@@ -214,8 +216,10 @@ fn allocate_rollouts<'py>(
     priority_floor: Option<f64>,
     skip_factor: Option<f64>,
     min_rollouts: Option<i64>,
+    estimator: Option<&str>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let rule = Rule::parse(rule).map_err(to_py_err)?;
+    let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
     let v = float_array(variances, "variances")?;
     let unseen = unseen.map(|u| bool_array(u, "unseen")).transpose()?;
     let rates = pass_rates
@@ -230,6 +234,7 @@ fn allocate_rollouts<'py>(
         priority_floor,
         skip_factor,
         min_rollouts,
+        estimator,
     };
     let counts = maybe_detach(py, v.len(), || {
         allocate::allocate(v, budget, lo, hi, rule, &options)
@@ -336,7 +341,7 @@ impl PyPassRatePool {
         prompt_ids, budget, lo, hi, rule = "neyman", *,
         exploration = None, mastery = None, exploration_rollouts = None,
         mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-        calibrated = None
+        calibrated = None, estimator = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn allocate<'py>(
@@ -355,8 +360,10 @@ impl PyPassRatePool {
         skip_factor: Option<f64>,
         min_rollouts: Option<i64>,
         calibrated: Option<bool>,
+        estimator: Option<&str>,
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let rule = Rule::parse(rule).map_err(to_py_err)?;
+        let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
         let ids = int_array(prompt_ids, "prompt_ids", false)?;
         let ids = ids.as_slice();
         let options = PoolAllocateOptions {
@@ -368,6 +375,7 @@ impl PyPassRatePool {
             skip_factor,
             min_rollouts,
             calibrated,
+            estimator,
         };
         let pool = &self.inner;
         let counts = maybe_detach(py, ids.len(), || {
@@ -489,6 +497,7 @@ impl PyPassRatePool {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("RULES", PyTuple::new(m.py(), Rule::NAMES)?)?;
+    m.add("ESTIMATORS", PyTuple::new(m.py(), Estimator::NAMES)?)?;
     m.add("FORMAT_VERSION", storage::VERSION)?;
     m.add_function(wrap_pyfunction!(allocate_rollouts, m)?)?;
     m.add_class::<PyPassRatePool>()?;

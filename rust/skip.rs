@@ -159,10 +159,22 @@ pub fn skipped(
 
 /// Solves the exact allocation over the prompts `served` (indices into `v`, any order) with
 /// bounds `[lo, hi]` and scatters it; every other prompt gets 0.
-fn solve_subset(v: &[f64], served: &[usize], budget: u64, lo: u64, hi: u64) -> Vec<i64> {
+/// `shifted`: minimise Σ v_i/(n_i − 1) instead (needs lo ≥ 2; `estimator::solve_shifted`).
+fn solve_subset(
+    v: &[f64],
+    served: &[usize],
+    budget: u64,
+    lo: u64,
+    hi: u64,
+    shifted: bool,
+) -> Vec<i64> {
     let sub: Vec<f64> = served.iter().map(|&i| v[i]).collect();
-    let scan = neyman::scan(&sub, lo, hi);
-    let counts = neyman::solve(&sub, budget, lo, hi, &scan);
+    let counts = if shifted {
+        crate::estimator::solve_shifted(&sub, budget, lo, hi)
+    } else {
+        let scan = neyman::scan(&sub, lo, hi);
+        neyman::solve(&sub, budget, lo, hi, &scan)
+    };
     let mut out = vec![0i64; v.len()];
     for (&i, c) in served.iter().zip(counts) {
         out[i] = c;
@@ -177,6 +189,10 @@ fn solve_subset(v: &[f64], served: &[usize], budget: u64, lo: u64, hi: u64) -> V
 ///
 /// `guard`: optional second variances (e.g. the plain posterior's when `v` is calibrated): a
 /// prompt is then skipped only if both its `v` and its `guard` value are below the cut.
+///
+/// `shifted`: the served prompts get the exact minimiser of Σ v_i/(n_i − 1) (estimators rloo,
+/// dr_grpo, reinforce_baseline); needs `min_rollouts ≥ 2` and no `skip_factor` (checked by
+/// `Estimator::check`).
 pub fn solve(
     v: &[f64],
     guard: Option<&[f64]>,
@@ -184,10 +200,19 @@ pub fn solve(
     hi: u64,
     scan: &Scan,
     sel: &Selection,
+    shifted: bool,
 ) -> Vec<i64> {
-    let n0 = neyman::solve(v, budget, 0, hi, scan);
     let factor = sel.skip_factor.unwrap_or(0.0);
-    let skip = skipped(v, guard, &n0, budget, hi, factor, scan.positive);
+    let n0 = if factor > 0.0 || !shifted {
+        neyman::solve(v, budget, 0, hi, scan)
+    } else {
+        Vec::new()
+    };
+    let skip = if factor > 0.0 {
+        skipped(v, guard, &n0, budget, hi, factor, scan.positive)
+    } else {
+        vec![false; v.len()]
+    };
     let any_skipped = skip.iter().any(|&s| s);
     let m = sel.min_rollouts.unwrap_or(0).max(0) as u64;
     if m >= 2 {
@@ -203,13 +228,13 @@ pub fn solve(
             ranked.truncate(c);
         }
         ranked.sort_unstable();
-        return solve_subset(v, &ranked, budget, m, hi);
+        return solve_subset(v, &ranked, budget, m, hi, shifted);
     }
     if !any_skipped {
         return n0;
     }
     let kept: Vec<usize> = (0..v.len()).filter(|&i| !skip[i]).collect();
-    solve_subset(v, &kept, budget, 0, hi)
+    solve_subset(v, &kept, budget, 0, hi, false)
 }
 
 #[cfg(test)]
@@ -220,7 +245,7 @@ mod tests {
     fn run(v: &[f64], budget: u64, hi: u64, sel: Selection) -> Vec<i64> {
         sel.check(budget as i64, 0, hi as i64).unwrap();
         let scan = neyman::scan(v, 0, hi);
-        solve(v, None, budget, hi, &scan, &sel)
+        solve(v, None, budget, hi, &scan, &sel, false)
     }
 
     fn skip(f: f64) -> Selection {
@@ -307,7 +332,7 @@ mod tests {
                 continue;
             }
             let scan = neyman::scan(&v, 0, hi);
-            let n = solve(&v, None, budget, hi, &scan, &sel);
+            let n = solve(&v, None, budget, hi, &scan, &sel, false);
             assert_eq!(n.iter().sum::<i64>(), budget as i64, "{v:?} {sel:?}");
             let floor = if m >= 2 { m } else { 1 };
             assert!(
@@ -320,7 +345,7 @@ mod tests {
                 min_rollouts: Some(1),
             };
             assert_eq!(
-                solve(&v, None, budget, hi, &scan, &off),
+                solve(&v, None, budget, hi, &scan, &off, false),
                 neyman::solve(&v, budget, 0, hi, &scan)
             );
         }
@@ -423,9 +448,12 @@ mod tests {
         let scan = neyman::scan(&v, 0, 8);
         // Prompt 2's guard value 0.2 is above the cut 4·0.25/6: it stays; prompt 3 goes.
         let guard = [0.25, 0.25, 0.2, 0.001];
-        let out = solve(&v, Some(&guard), 8, 8, &scan, &skip(4.0));
+        let out = solve(&v, Some(&guard), 8, 8, &scan, &skip(4.0), false);
         assert_eq!(out, vec![4, 3, 1, 0]);
         // Without the guard both go.
-        assert_eq!(solve(&v, None, 8, 8, &scan, &skip(4.0)), vec![4, 4, 0, 0]);
+        assert_eq!(
+            solve(&v, None, 8, 8, &scan, &skip(4.0), false),
+            vec![4, 4, 0, 0]
+        );
     }
 }
