@@ -5,6 +5,7 @@ module ``dynamo_openrlhf._core``; importing this package needs only NumPy (no to
 openrlhf import happens here).
 """
 from dynamo_openrlhf._core import (
+    ESTIMATORS,
     FORMAT_VERSION,
     RULES,
     PassRatePool,
@@ -13,6 +14,7 @@ from dynamo_openrlhf._core import (
 )
 
 __all__ = [
+    "ESTIMATORS",
     "FORMAT_VERSION",
     "RULES",
     "PassRatePool",

@@ -13,15 +13,26 @@ from typing import Literal, TypedDict, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["FORMAT_VERSION", "PassRatePool", "RULES", "__version__", "allocate_rollouts"]
+__all__ = [
+    "ESTIMATORS",
+    "FORMAT_VERSION",
+    "PassRatePool",
+    "RULES",
+    "__version__",
+    "allocate_rollouts",
+]
 
 __version__: str
 #: The allocation rules, in the order of the ``rule`` argument's documentation.
 RULES: tuple[str, str, str]
+#: The accepted ``estimator`` names (OpenRLHF's ``--algo.advantage.estimator`` values whose
+#: update variance the allocator can target); ``None`` is accepted too (the Σ v/n objective).
+ESTIMATORS: tuple[str, str, str, str]
 #: Version of the pool file format written by :meth:`PassRatePool.save`.
 FORMAT_VERSION: int
 
 _Rule = Literal["neyman", "proportional", "uniform"]
+_Estimator = Literal["rloo", "dr_grpo", "reinforce_baseline", "group_norm"]
 _FloatArrayLike = npt.ArrayLike
 _IntArrayLike = npt.ArrayLike
 
@@ -39,6 +50,7 @@ def allocate_rollouts(
     priority_floor: float | None = None,
     skip_factor: float | None = None,
     min_rollouts: int | None = None,
+    estimator: _Estimator | None = None,
 ) -> npt.NDArray[np.int64]:
     """Split ``budget`` rollouts over N prompts, each getting between ``lo`` and ``hi``.
 
@@ -128,6 +140,23 @@ def allocate_rollouts(
             with m <= n_i <= hi (same tie rule). Requires m <= hi and a budget that groups of
             m..hi can make up (some c with c*m <= budget <= c*hi), else ValueError.
         With either switch the result still sums to ``budget`` and stays within [0, hi].
+
+    Estimator (rule "neyman" only, not with ``unseen``/``pass_rates``; see
+    docs/allocation_objectives.md):
+        estimator: ``None`` (default): the objective sum v_i/n_i above, bit for bit as before.
+            ``"rloo"``, ``"dr_grpo"``, ``"reinforce_baseline"``: the exact integer minimiser
+            of sum_i v_i/(n_i - 1) (the variance of the prompt-balanced update with
+            leave-one-out, or mean-baseline advantages rescaled by n/(n-1)). With
+            m_i = n_i - 1 it is the sum v/m problem with budget ``budget - N`` and bounds
+            ``lo - 1 .. hi - 1``, solved by the same exact solver: same tie rule (among equal
+            gains the prompt with fewer rollouts first, then the lower index). Needs
+            ``lo >= 2`` (a group of one rollout has no baseline), or ``lo = 0`` with
+            ``min_rollouts >= 2``: the served prompts are chosen exactly as documented for
+            ``min_rollouts`` and get the exact sum v_i/(n_i - 1) optimum within
+            ``min_rollouts..hi``. ``skip_factor > 0`` is refused with an estimator (its
+            rule is derived for sum v/n). ``"group_norm"`` needs the Beta posteriors: refused
+            here (ValueError), use :meth:`PassRatePool.allocate`. Another name: ValueError
+            listing :data:`ESTIMATORS`.
 
     Raises:
         ValueError: naming the argument and the problem: NaN/infinite/negative variances
@@ -241,6 +270,7 @@ class PassRatePool:
         skip_factor: float | None = None,
         min_rollouts: int | None = None,
         calibrated: bool | None = None,
+        estimator: _Estimator | None = None,
     ) -> npt.NDArray[np.int64]:
         """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
         allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
@@ -264,7 +294,22 @@ class PassRatePool:
         Both default to on for rule "proportional" (the reference's behaviour) and off
         otherwise: for "neyman" the prior already gives unseen ids a sensible variance.
         Options that cannot apply (e.g. ``exploration_rollouts`` without exploration, any
-        option with "uniform") raise ValueError."""
+        option with "uniform") raise ValueError.
+
+        ``estimator``: ``None`` (default): sum v_i/n_i on the (calibrated) variances, as
+        before. ``"rloo"``, ``"dr_grpo"``, ``"reinforce_baseline"``: exact sum v_i/(n_i - 1)
+        on the same variances, as in :func:`allocate_rollouts` (``lo >= 2``, or ``lo = 0``
+        with ``min_rollouts >= 2``). ``"group_norm"`` (needs ``lo >= 2``): per prompt with
+        posterior Beta(a, b) and v = E[p(1-p)], the cost of a group of n >= 2 rollouts is
+        ``c(n) = v (n-1) / (n^2 P(n))`` with ``P(n) = 1 - E[p^n] - E[(1-p)^n]`` (exact Beta
+        moments; the probability that the group is not all-equal, since an all-equal group
+        gives zero gradient under group_norm); large n gives ~v/n. With ``calibrated`` each
+        prompt's cost is multiplied by its calibration factor. c is decreasing and convex in
+        n (verified numerically over a wide (a, b) grid and n up to 512), so handing out
+        rollouts by largest marginal gain c(n) - c(n+1) is exact; ties as above (fewer
+        rollouts first, then the lower index). Memory: a table of N*(hi - lo) float64 gains
+        (at most 2**28 entries, else ValueError). All estimators: rule "neyman" only, and
+        not with ``exploration``/``mastery``."""
     def fit_prior(self) -> tuple[float, float]:
         """Empirical-Bayes fit of (alpha0, beta0) to the pool, by the method of moments with a
         binomial-noise correction, over prompts with at least one trial of (forgotten)

@@ -556,3 +556,103 @@ def test_selection_errors(rule, lo, options, message):
 def test_min_rollouts_refuses_a_budget_groups_cannot_make_up():
     with pytest.raises(ValueError, match=r"^budget 5 cannot be split into groups of min_rollouts..hi = 3..4"):
         allocate_rollouts([0.1, 0.2], 5, 0, 4, min_rollouts=3)
+
+
+# ---------------------------------------------------------------- estimators
+
+
+SHIFTED = ["rloo", "dr_grpo", "reinforce_baseline"]
+
+
+def test_estimator_names():
+    from dynamo_openrlhf import ESTIMATORS
+
+    assert ESTIMATORS == ("rloo", "dr_grpo", "reinforce_baseline", "group_norm")
+
+
+def dp_optimum_shifted(v, budget, lo, hi):
+    """Minimum of sum v/(n-1) over integer n in [lo, hi] (lo >= 2) with sum n = budget."""
+    best = [0.0] + [math.inf] * budget
+    for x in v:
+        nxt = [math.inf] * (budget + 1)
+        for used, cost in enumerate(best):
+            if cost == math.inf:
+                continue
+            for k in range(lo, hi + 1):
+                if used + k > budget:
+                    break
+                nxt[used + k] = min(nxt[used + k], cost + x / (k - 1))
+        best = nxt
+    return best[budget]
+
+
+@settings(max_examples=300, deadline=None)
+@given(small_problems(), st.sampled_from(SHIFTED), st.integers(0, 2))
+def test_shifted_estimators_are_the_shifted_problem_and_the_dp_optimum(problem, estimator, lift):
+    v, _, lo, hi = problem
+    n = len(v)
+    lo, hi = lo + 2, hi + 2 + lift
+    for budget in {n * lo, n * hi, (n * lo + n * hi) // 2}:
+        got = allocate_rollouts(v, budget, lo, hi, estimator=estimator)
+        # m = n - 1: today's problem with budget B - N and bounds lo-1..hi-1 (same tie rule).
+        assert got.tolist() == [m + 1 for m in greedy(v, budget - n, lo - 1, hi - 1)]
+        shifted = allocate_rollouts(v, budget - n, lo - 1, hi - 1) + 1
+        assert np.array_equal(got, shifted)
+        cost = sum(x / (k - 1) for x, k in zip(v, got.tolist()))
+        assert cost == pytest.approx(dp_optimum_shifted(v, budget, lo, hi), rel=1e-12, abs=1e-300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(small_problems())
+def test_default_estimator_is_todays_objective_bit_for_bit(problem):
+    v, budget, lo, hi = problem
+    got = allocate_rollouts(v, budget, lo, hi, estimator=None)
+    assert got.tolist() == greedy(v, budget, lo, hi)
+    assert np.array_equal(got, allocate_rollouts(v, budget, lo, hi))
+
+
+def test_shifted_differs_from_the_plain_objective_where_it_should():
+    # Budget 7 over v = (0.25, 0.0625), lo = 2. Plain: 0.25/5 + 0.0625/2 = 0.08125 beats
+    # 0.25/4 + 0.0625/3 = 0.0833. Shifted: 0.25/4 + 0.0625/1 = 0.125 loses to
+    # 0.25/3 + 0.0625/2 = 0.1146: the second group of two has no spare rollout for its baseline.
+    v = [0.25, 0.0625]
+    assert allocate_rollouts(v, 7, 2, 16).tolist() == [5, 2]
+    for estimator in SHIFTED:
+        assert allocate_rollouts(v, 7, 2, 16, estimator=estimator).tolist() == [4, 3]
+
+
+def test_shifted_with_lo_zero_needs_the_group_floor():
+    v = np.array([0.25, 0.2, 0.01, 0.0, 0.15])
+    got = allocate_rollouts(v, 16, 0, 8, estimator="rloo", min_rollouts=3)
+    plain = allocate_rollouts(v, 16, 0, 8, min_rollouts=3)
+    served = got > 0
+    assert np.array_equal(served, plain > 0) and got.sum() == 16
+    assert got[served].min() >= 3
+    sub = v[served]
+    assert np.array_equal(got[served], allocate_rollouts(sub, 16 - len(sub), 2, 7) + 1)
+
+
+@pytest.mark.parametrize(
+    "lo, rule, options, message",
+    [
+        (1, "neyman", {"estimator": "rloo"},
+         r"^estimator 'rloo' needs lo >= 2 \(a group of one rollout has no baseline\), got lo = 1; "
+         r"to let prompts be skipped use lo = 0 with min_rollouts >= 2$"),
+        (0, "neyman", {"estimator": "dr_grpo"}, r"^estimator 'dr_grpo' needs lo >= 2"),
+        (0, "neyman", {"estimator": "reinforce_baseline", "min_rollouts": 2, "skip_factor": 4.0},
+         r"^skip_factor is not supported with estimator 'reinforce_baseline'"),
+        (2, "uniform", {"estimator": "rloo"},
+         r"^estimator applies to rule 'neyman' only, got rule 'uniform' with estimator 'rloo'$"),
+        (2, "proportional", {"estimator": "group_norm"}, r"^estimator applies to rule 'neyman' only"),
+        (2, "neyman", {"estimator": "group_norm"},
+         r"^estimator 'group_norm' needs the Beta posteriors .*use PassRatePool.allocate$"),
+        (2, "neyman", {"estimator": "rloo", "unseen": [True, False, False]},
+         r"^estimator 'rloo' cannot be combined with unseen"),
+        (2, "neyman", {"estimator": "grpo"},
+         r"^estimator must be None or one of 'rloo', 'dr_grpo', 'reinforce_baseline', "
+         r"'group_norm', got \"grpo\"$"),
+    ],
+)
+def test_estimator_errors(lo, rule, options, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_rollouts([0.1, 0.2, 0.0], 12, lo, 8, rule, **options)

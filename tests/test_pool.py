@@ -1,6 +1,7 @@
 """PassRatePool: posteriors, forgetting, prior fitting, allocation switches, file format."""
 
 import copy
+import math
 import os
 import pickle
 import struct
@@ -498,3 +499,102 @@ def test_repr_and_stats_keys():
         "prompts", "slots", "load_factor", "bytes", "bytes_per_prompt", "updates", "scale",
         "prior", "forget", "successes", "failures",
     }
+
+
+# ---------------------------------------------------------------- estimators
+
+
+def group_norm_cost(a, b, n):
+    """v (n-1) / (n^2 P(n)), P(n) = 1 - E[p^n] - E[(1-p)^n], moments by the product formula."""
+    ep = eq = 1.0
+    for k in range(n):
+        ep *= (a + k) / (a + b + k)
+        eq *= (b + k) / (a + b + k)
+    v = a * b / ((a + b) * (a + b + 1))
+    return v * (n - 1) / (n * n * (1.0 - ep - eq))
+
+
+def brute_force(costs, budget, lo, hi):
+    """Every allocation in [lo, hi]^N with the budget: the minimum total cost."""
+    import itertools
+
+    best = math.inf
+    for counts in itertools.product(range(lo, hi + 1), repeat=len(costs)):
+        if sum(counts) == budget:
+            best = min(best, sum(c(k) for c, k in zip(costs, counts)))
+    return best
+
+
+def posteriors(pool, ids):
+    s, f = pool.evidence(ids)
+    a0, b0 = pool.prior
+    return a0 + s, b0 + f
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_group_norm_is_the_brute_force_optimum_over_posterior_moments(seed):
+    rng = np.random.default_rng(seed)
+    pool = PassRatePool(prior=(0.5, 1.5))
+    ids = np.arange(4)
+    trials = rng.integers(0, 12, 4)
+    pool.update(ids, rng.binomial(trials, rng.random(4)), trials)
+    a, b = posteriors(pool, ids)
+    lo, hi = 2, 2 + int(rng.integers(1, 6))
+    costs = [lambda k, a=a[i], b=b[i]: group_norm_cost(a, b, k) for i in range(4)]
+    for budget in range(4 * lo, 4 * hi + 1):
+        got = pool.allocate(ids, budget, lo, hi, estimator="group_norm")
+        assert got.sum() == budget and got.min() >= lo and got.max() <= hi
+        cost = sum(c(int(k)) for c, k in zip(costs, got))
+        assert cost == pytest.approx(brute_force(costs, budget, lo, hi), rel=1e-12)
+
+
+def test_group_norm_cost_of_two_is_one_eighth_and_ties_are_deterministic():
+    # P(2) = 2 E[p(1-p)], so c(2) = 1/8 for every posterior; identical posteriors tie and the
+    # extra rollouts go to the prompts with fewer so far, then the lower index.
+    assert group_norm_cost(0.3, 9.0, 2) == pytest.approx(0.125, rel=1e-14)
+    pool = PassRatePool()
+    assert pool.allocate([5, 6, 7], 8, 2, 6, estimator="group_norm").tolist() == [3, 3, 2]
+
+
+def test_group_norm_calibrated_scales_each_cost_by_its_factor():
+    pool = PassRatePool()
+    rng = np.random.default_rng(1)
+    ids = np.arange(6)
+    for _ in range(3):
+        pool.update(ids, rng.integers(0, 9, 6), np.full(6, 8))
+    factors = pool.calibrated_variance(ids) / pool.expected_variance(ids)
+    assert np.ptp(factors) > 0.01
+    a, b = posteriors(pool, ids[:4])
+    costs = [lambda k, a=a[i], b=b[i], f=factors[i]: f * group_norm_cost(a, b, k) for i in range(4)]
+    for budget in range(8, 4 * 7 + 1, 3):
+        got = pool.allocate(ids[:4], budget, 2, 7, estimator="group_norm", calibrated=True)
+        cost = sum(c(int(k)) for c, k in zip(costs, got))
+        assert cost == pytest.approx(brute_force(costs, budget, 2, 7), rel=1e-12)
+
+
+def test_pool_shifted_estimators_are_allocate_rollouts_on_posterior_variances():
+    pool = sample_pool()
+    ids = np.arange(0, 600, 3)
+    v = pool.expected_variance(ids)
+    for estimator in ("rloo", "dr_grpo", "reinforce_baseline"):
+        got = pool.allocate(ids, 16 * len(ids), 2, 32, estimator=estimator)
+        assert np.array_equal(got, allocate_rollouts(v, 16 * len(ids), 2, 32, estimator=estimator))
+    assert np.array_equal(pool.allocate(ids, 16 * len(ids), 8, 24, estimator=None),
+                          allocate_rollouts(v, 16 * len(ids), 8, 24))
+
+
+@pytest.mark.parametrize(
+    "lo, rule, options, message",
+    [
+        (0, "neyman", {"estimator": "group_norm", "min_rollouts": 2},
+         r"^estimator 'group_norm' needs lo >= 2 \(a group of one rollout has zero advantage"),
+        (1, "neyman", {"estimator": "rloo"}, r"^estimator 'rloo' needs lo >= 2"),
+        (2, "proportional", {"estimator": "rloo"}, r"^estimator applies to rule 'neyman' only"),
+        (2, "neyman", {"estimator": "group_norm", "mastery": True},
+         r"^estimator 'group_norm' cannot be combined with mastery"),
+        (2, "neyman", {"estimator": "GRPO"}, r"^estimator must be None or one of 'rloo'"),
+    ],
+)
+def test_allocate_estimator_errors(lo, rule, options, message):
+    with pytest.raises(ValueError, match=message):
+        sample_pool().allocate([1, 2, 3], 12, lo, 8, rule=rule, **options)
