@@ -41,21 +41,108 @@ batch); that step does not depend on groups and stays OpenRLHF's job.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
-from typing import Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
+    "ESTIMATORS",
+    "EstimatorSpec",
     "GROUP_ESTIMATORS",
+    "LOSS_WEIGHT_KEY",
+    "PROMPT_WEIGHTINGS",
+    "PromptBalancing",
+    "estimator_spec",
+    "prompt_balanced_weights",
+    "prompt_balancing",
+    "register_estimator",
     "group_normalized_advantages",
     "group_offsets",
     "group_reward_std",
     "sample_group_ids",
 ]
 
+# ----------------------------------------------------------------------------------------------
+# Estimator registry: one entry per OpenRLHF 0.11.2 estimator name
+# ----------------------------------------------------------------------------------------------
+#
+# The per-row expressions are OpenRLHF 0.11.2's (experience_maker.py, compute_advantages_and_returns),
+# op for op, with n_samples_per_prompt replaced by the bucket's group size k; ``x`` is (G_k, k), one
+# group per row.
+
+
+def _rloo_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    baseline = (x.sum(-1, keepdim=True) - x) / (k - 1)
+    return x - baseline
+
+
+def _mean_baseline_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x - x.mean(-1, keepdim=True)
+
+
+def _group_norm_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-9)
+
+
+def _one(n: int) -> float:
+    return 1.0
+
+
+def _rloo_equivalent(n: int) -> float:
+    """n/(n−1): a mean-baseline advantage r − K/n is (n−1)/n × RLOO's, so this factor makes the
+    prompt-balanced update equal RLOO's (1 for a group of one, whose advantage is 0 anyway)."""
+    return n / (n - 1) if n >= 2 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSpec:
+    """One advantage estimator, registered once in :data:`ESTIMATORS`.
+
+    ``rows(x, k)``: the group baseline on a (groups, k) reward matrix, or None for estimators that are
+    not group-based (OpenRLHF's own code handles them); ``balance_factor(n)``: c(n) of
+    :func:`prompt_balanced_weights`; ``variance_model``: the ``estimator=`` name the rollout allocator's
+    core gets for this estimator (None = the plain Σ v/n model)."""
+
+    name: str
+    rows: Optional[Callable[[torch.Tensor, int], torch.Tensor]]
+    balance_factor: Callable[[int], float]
+    variance_model: Optional[str]
+
+
+#: name -> :class:`EstimatorSpec`, in OpenRLHF 0.11.2's spelling. ``reinforce`` and ``gae`` have no group
+#: baseline; the allocator treats them with the plain Σ v/n model (documented in the README).
+ESTIMATORS: Dict[str, EstimatorSpec] = {}
+
+
+def register_estimator(spec: EstimatorSpec) -> EstimatorSpec:
+    """Add ``spec`` to :data:`ESTIMATORS` (each name once)."""
+    if spec.name in ESTIMATORS:
+        raise ValueError(f"estimator {spec.name!r} is already registered")
+    ESTIMATORS[spec.name] = spec
+    return spec
+
+
+register_estimator(EstimatorSpec("group_norm", _group_norm_rows, _one, "group_norm"))
+register_estimator(EstimatorSpec("dr_grpo", _mean_baseline_rows, _rloo_equivalent, "dr_grpo"))
+register_estimator(EstimatorSpec("reinforce_baseline", _mean_baseline_rows, _rloo_equivalent, "reinforce_baseline"))
+register_estimator(EstimatorSpec("rloo", _rloo_rows, _one, "rloo"))
+register_estimator(EstimatorSpec("reinforce", None, _one, None))
+register_estimator(EstimatorSpec("gae", None, _one, None))
+
+
+def estimator_spec(name: str) -> EstimatorSpec:
+    """The registered :class:`EstimatorSpec` of ``name``; ValueError naming the known ones otherwise."""
+    spec = ESTIMATORS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {list(ESTIMATORS)}")
+    return spec
+
+
 #: Estimator names accepted by :func:`group_normalized_advantages` (OpenRLHF 0.11.2's spelling).
-GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "reinforce_baseline", "rloo")
+GROUP_ESTIMATORS = tuple(name for name, spec in ESTIMATORS.items() if spec.rows is not None)
 
 SizesLike = Union[torch.Tensor, Sequence[int]]
 
@@ -145,6 +232,7 @@ def group_normalized_advantages(
     """
     if not isinstance(estimator, str) or estimator not in GROUP_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {GROUP_ESTIMATORS}")
+    spec = ESTIMATORS[estimator]
     r = _check_rewards(rewards)
     sizes = _check_sizes(group_sizes, r.numel())
     out = torch.zeros_like(r)
@@ -152,15 +240,7 @@ def group_normalized_advantages(
         if k == 1:
             continue  # a lone sample has no baseline: advantage 0
         x = r[idx]  # (G_k, k): one group per row, gathered by explicit offsets
-        # The lines below are OpenRLHF 0.11.2's (experience_maker.py, compute_advantages_and_returns),
-        # with n_samples_per_prompt replaced by this bucket's k.
-        if estimator == "rloo":
-            baseline = (x.sum(-1, keepdim=True) - x) / (k - 1)
-            y = x - baseline
-        elif estimator in ("reinforce_baseline", "dr_grpo"):
-            y = x - x.mean(-1, keepdim=True)
-        else:  # group_norm
-            y = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-9)
+        y = spec.rows(x, k)
         # Identical rewards → exactly 0 (see module docstring).
         y = y.masked_fill((x.amax(-1, keepdim=True) == x.amin(-1, keepdim=True)), 0.0)
         out[idx] = y
@@ -181,3 +261,129 @@ def group_reward_std(rewards: torch.Tensor, group_sizes: SizesLike) -> torch.Ten
             continue
         out[idx] = r[idx].std(-1, keepdim=True).expand(-1, k)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt-balanced policy loss: per-sample weights
+# ----------------------------------------------------------------------------------------------
+
+#: ``Experience.info`` key of the per-sample loss weight (float, shape (B,)) the experience maker attaches
+#: and the actor pops before OpenRLHF logs ``info`` as metrics.
+LOSS_WEIGHT_KEY = "dynamo_loss_weight"
+
+#: Values of ``--dynamo.loss.prompt_weighting``.
+PROMPT_WEIGHTINGS = ("auto", "tokens", "balanced")
+
+
+def prompt_balanced_weights(group_sizes: SizesLike, estimator: str, token_normalizer: float) -> torch.Tensor:
+    """Per-sample weights (float64, CPU, shape (total,)) of the prompt-balanced policy loss.
+
+    Every sample of group i (``group_sizes[i] = n_i`` contiguous samples, as in
+    :func:`group_normalized_advantages`) gets ``w = c(n_i) / (N · n_i · L)``: N = number of groups with
+    n_i > 0, L = ``token_normalizer`` (a constant, never the step's token count), c(n) = the estimator's
+    ``balance_factor`` (n/(n−1) for dr_grpo and reinforce_baseline, whose advantages are (n−1)/n × RLOO's,
+    so that their update equals RLOO's; 1 otherwise). Then Σ_s w_s Σ_tokens ℓ = (1/N) Σ_i (1/n_i)
+    Σ_j c(n_i) (token sum of rollout j) / L: every prompt of the step has the same total weight, whatever
+    its n_i. Empty input gives an empty tensor.
+    """
+    spec = estimator_spec(estimator)
+    try:
+        L = float(token_normalizer)
+    except (TypeError, ValueError):
+        raise ValueError(f"token_normalizer must be a number > 0, got {token_normalizer!r}") from None
+    if not (math.isfinite(L) and L > 0):
+        raise ValueError(f"token_normalizer must be a finite number > 0, got {token_normalizer!r}")
+    sizes = _as_sizes(group_sizes)
+    num_groups = int((sizes > 0).sum())
+    if num_groups == 0:
+        return torch.zeros(int(sizes.sum()), dtype=torch.float64)
+    per_group = torch.tensor([spec.balance_factor(n) / (num_groups * n * L) if n > 0 else 0.0
+                              for n in sizes.tolist()], dtype=torch.float64)
+    return torch.repeat_interleave(per_group, sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBalancing:
+    """The run's prompt-balanced loss settings (:func:`prompt_balancing`).
+
+    ``estimator``: the advantage estimator (its c(n)); ``token_normalizer``: L of the weights (1.0 with
+    ``--actor.loss_agg_mode seq-mean-token-mean``, where each sequence's loss already is its token mean);
+    ``token_level``: True for token-mean; ``train_batch_size``: samples per optimizer step
+    (``--train.batch_size``); each sample's weight is multiplied by (samples in the step) /
+    ``train_batch_size``, the number of optimizer steps per rollout step, so that every optimizer step is
+    an unbiased estimate of the same balanced update (exactly it when there is one)."""
+
+    estimator: str
+    token_normalizer: float
+    token_level: bool
+    train_batch_size: int
+
+    def sample_weights(self, group_sizes: SizesLike) -> torch.Tensor:
+        """What the experience maker attaches per sample (float64, (total,)): the balanced weights times
+        (samples in the step) / (samples per optimizer step)."""
+        w = prompt_balanced_weights(group_sizes, self.estimator, self.token_normalizer)
+        return w * (w.numel() / self.train_batch_size)
+
+
+def _get(obj, path: str, default=None):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return default
+    return obj
+
+
+def prompt_balancing(args) -> Optional[PromptBalancing]:
+    """The run's :class:`PromptBalancing`, or None when the policy loss keeps OpenRLHF's token weighting.
+
+    ``--dynamo.loss.prompt_weighting``: ``tokens`` = OpenRLHF's loss (with allocation off the run is
+    OpenRLHF's GRPO exactly); ``balanced`` = the prompt-balanced loss; ``auto`` (default) = balanced when
+    ``--dynamo.allocation.rule`` is not off, else tokens. Raises ValueError naming the flags when the
+    settings cannot give the balanced loss exactly."""
+    requested = _get(args, "dynamo.loss.prompt_weighting", "auto")
+    if requested not in PROMPT_WEIGHTINGS:
+        raise ValueError(f"--dynamo.loss.prompt_weighting: unknown value {requested!r}; expected one of "
+                         f"{list(PROMPT_WEIGHTINGS)}")
+    normalizer = _get(args, "dynamo.loss.token_normalizer")
+    allocation_on = _get(args, "dynamo.allocation.rule", "off") != "off"
+    mode = ("balanced" if allocation_on else "tokens") if requested == "auto" else requested
+    if mode == "tokens":
+        if normalizer is not None:
+            raise ValueError("--dynamo.loss.token_normalizer applies to the balanced loss only; the run uses "
+                             f"--dynamo.loss.prompt_weighting tokens{' (auto, allocation off)' if requested == 'auto' else ''}")
+        return None
+    problems = []
+    estimator = _get(args, "algo.advantage.estimator")
+    if estimator not in ESTIMATORS:
+        problems.append(f"--algo.advantage.estimator {estimator}: the prompt-balanced loss supports "
+                        f"{list(ESTIMATORS)} (or use --dynamo.loss.prompt_weighting tokens)")
+    agg = _get(args, "actor.loss_agg_mode", "token-mean")
+    token_level = agg == "token-mean"
+    if token_level:
+        L = normalizer if normalizer is not None else _get(args, "rollout.max_new_tokens")
+        if L is None:
+            problems.append("--dynamo.loss.prompt_weighting balanced needs a constant token normaliser: set "
+                            "--dynamo.loss.token_normalizer L (e.g. the longest response) or --rollout.max_new_tokens")
+        elif not (isinstance(L, (int, float)) and math.isfinite(L) and L > 0):
+            problems.append(f"--dynamo.loss.token_normalizer must be a finite number > 0, got {L!r}")
+    else:
+        # seq-mean-token-mean: each sequence's loss is already its token mean; balanced keeps that and
+        # weights sequences so that every prompt has the same total weight.
+        if normalizer is not None:
+            problems.append("--dynamo.loss.token_normalizer does not apply with --actor.loss_agg_mode "
+                            f"{agg} (each sequence's loss is its token mean; the balanced loss keeps it)")
+        L = 1.0
+    if _get(args, "train.dynamic_batch_enable", False):
+        problems.append("--train.dynamic_batch_enable is not supported with --dynamo.loss.prompt_weighting "
+                        "balanced (its per-micro-batch loss scaling cannot be cancelled exactly); use "
+                        "--dynamo.loss.prompt_weighting tokens or turn dynamic batching off")
+    if _get(args, "train.async_enable", False) and not allocation_on:  # (with allocation on: refused there)
+        problems.append("--train.async_enable is not supported with --dynamo.loss.prompt_weighting balanced (the "
+                        "async trainer does not attach the loss weights); use --dynamo.loss.prompt_weighting tokens")
+    tbs = _get(args, "train.batch_size")
+    if not (isinstance(tbs, int) and tbs >= 1):
+        problems.append(f"--train.batch_size must be >= 1, got {tbs!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return PromptBalancing(estimator=estimator, token_normalizer=float(L), token_level=token_level,
+                           train_batch_size=int(tbs))

@@ -15,6 +15,12 @@ which pairs the wrong samples once prompts get different numbers of rollouts (DE
    rewards: the estimator and the length-penalty settings are switched for the duration of that
    call so that OpenRLHF's method does everything except the penalties and the baseline, which are
    already applied. ``info["reward"]`` keeps the (penalised) reward, as in OpenRLHF.
+
+With the prompt-balanced loss (``balancing``), every experience also gets its samples' loss weights
+(:meth:`~dynamo_openrlhf.advantages.PromptBalancing.sample_weights` of the step's groups) in
+``info["dynamo_loss_weight"]``, on both paths; the actor pops them. ``tagged=False`` is for runs with
+OpenRLHF's own sampler (allocation off): OpenRLHF's method runs unchanged and the groups are its
+contiguous groups of n.
 """
 
 from __future__ import annotations
@@ -22,13 +28,20 @@ from __future__ import annotations
 import contextlib
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 
-from dynamo_openrlhf.advantages import GROUP_ESTIMATORS, group_normalized_advantages, group_reward_std
+from dynamo_openrlhf.advantages import (
+    GROUP_ESTIMATORS,
+    LOSS_WEIGHT_KEY,
+    PromptBalancing,
+    group_normalized_advantages,
+    group_reward_std,
+)
 from dynamo_openrlhf.samples_generator import RolloutGroups
 
 __all__ = ["DynamoExperienceMaker", "SUPPORTED_ESTIMATORS"]
@@ -60,9 +73,12 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
     a score) is above it. After each call, ``last_groups`` holds the step's :class:`RolloutGroups`.
     """
 
-    def __init__(self, *args, success_threshold: float = 0.5, **kwargs):
+    def __init__(self, *args, success_threshold: float = 0.5, balancing: Optional[PromptBalancing] = None,
+                 tagged: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.success_threshold = float(success_threshold)
+        self.balancing = balancing
+        self.tagged = bool(tagged)
         self.last_groups: Optional[RolloutGroups] = None
         estimator = self.args.algo.advantage.estimator
         if estimator not in SUPPORTED_ESTIMATORS:
@@ -72,12 +88,23 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
         args = self.strategy.args
+        n = args.rollout.n_samples_per_prompt
+        if not self.tagged:
+            # OpenRLHF's own sampler (allocation off): contiguous groups of n in rollout order.
+            experiences = super().compute_advantages_and_returns(experiences)
+            positions = np.concatenate([np.asarray(e.index, dtype=np.int64) for e in experiences]) \
+                if experiences else np.zeros(0, dtype=np.int64)
+            if positions.size % n:
+                raise ValueError(f"{positions.size} samples are not whole groups of --rollout.n_samples_per_prompt {n}")
+            self._attach_weights(experiences, np.full(positions.size // n, n, dtype=np.int64), positions)
+            return experiences
         groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True)
         self.last_groups = groups
-        n = args.rollout.n_samples_per_prompt
         if groups.uniform_size() == n:
             # Contiguous groups of n in rollout order: exactly the layout OpenRLHF's reshape assumes.
-            return super().compute_advantages_and_returns(experiences)
+            experiences = super().compute_advantages_and_returns(experiences)
+            self._attach_weights(experiences, groups.sizes, groups.positions)
+            return experiences
 
         for exp in experiences:
             exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
@@ -107,4 +134,15 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
             exp.info["group_reward_std"] = s
             if logged is not None:
                 exp.info["reward"] = logged
+        self._attach_weights(experiences, groups.sizes, groups.positions)
         return experiences
+
+    def _attach_weights(self, experiences: List[Experience], sizes, positions) -> None:
+        """The prompt-balanced loss's per-sample weights (float64) as ``info[LOSS_WEIGHT_KEY]``, computed
+        once for the whole step from its groups (nothing when the loss keeps OpenRLHF's weighting)."""
+        if self.balancing is None or not experiences:
+            return
+        w = self.balancing.sample_weights(torch.as_tensor(np.asarray(sizes, dtype=np.int64)))
+        lengths = [len(exp.rewards) for exp in experiences]
+        for exp, part in zip(experiences, w[torch.as_tensor(np.asarray(positions, dtype=np.int64))].split(lengths)):
+            exp.info[LOSS_WEIGHT_KEY] = part

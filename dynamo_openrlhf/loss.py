@@ -27,7 +27,7 @@ import torch
 from dynamo_openrlhf.modulation import ModulationConfig, _modulate_checked
 from dynamo_openrlhf.version_check import EXPECTED_OPENRLHF, installed_openrlhf_version
 
-__all__ = ["DynaMOPolicyLoss", "EXPECTED_OPENRLHF_VERSION"]
+__all__ = ["DynaMOPolicyLoss", "EXPECTED_OPENRLHF_VERSION", "balanced_normalizers"]
 
 # One place for the pinned version: the launcher's check (dynamo_openrlhf.version_check).
 EXPECTED_OPENRLHF_VERSION = EXPECTED_OPENRLHF
@@ -106,6 +106,21 @@ def _parent_dtype(*tensors) -> torch.dtype:
     return dtype
 
 
+def balanced_normalizers(dp_size: int, gradient_accumulation: int) -> Dict[str, float]:
+    """The parent ``forward``'s normaliser kwargs for the prompt-balanced loss.
+
+    OpenRLHF's ``aggregate_loss`` returns ``masked_sum / batch_num_tokens * dp_size`` (token-mean) or
+    ``sum of sequence token-means / global_batch_size * dp_size`` (seq-mean-token-mean); DeepSpeed then
+    scales every backward by 1/gas and averages gradients over the dp_size data-parallel ranks. With
+    ``batch_num_tokens = global_batch_size = 1/gas`` these cancel exactly: the gradient of one
+    optimizer step is the plain sum, over its micro-batches and ranks, of the (weighted) per-token
+    losses (token-mean) or per-sequence token means (seq-mean-token-mean) — no random token count."""
+    gas = int(gradient_accumulation)
+    if gas < 1 or int(dp_size) < 1:
+        raise ValueError(f"need dp_size >= 1 and gradient accumulation >= 1, got {dp_size}, {gradient_accumulation}")
+    return {"dp_size": int(dp_size), "batch_num_tokens": 1.0 / gas, "global_batch_size": 1.0 / gas}
+
+
 class DynaMOPolicyLoss(PolicyLoss):
     """OpenRLHF's ``PolicyLoss`` + DynaMO token-level advantage modulation (DESIGN.md §3).
 
@@ -180,10 +195,17 @@ class DynaMOPolicyLoss(PolicyLoss):
         global_batch_size: Optional[float] = None,
         *,
         entropy: Optional[torch.Tensor] = None,
+        sample_weight: Optional[torch.Tensor] = None,
     ):
         """The parent's ``forward``; ``entropy`` (batch, response_len) is the current policy's token
         entropy, aligned with ``log_probs`` (in OpenRLHF's actor:
-        ``output.entropy[:, -action_mask.shape[1]:]``). Returns the parent's five values."""
+        ``output.entropy[:, -action_mask.shape[1]:]``). Returns the parent's five values.
+
+        ``sample_weight`` (batch,), positive: the prompt-balanced loss's per-sample weight. It multiplies
+        the advantages AFTER the modulation (whose factors are normalised by micro-batch maxima of
+        unweighted quantities) and before the parent's PPO clipping, dual clip and aggregation, which
+        are positively homogeneous in the advantages, so the per-token loss is exactly weight × the
+        unweighted loss. Pair it with :func:`balanced_normalizers` for the parent's normaliser."""
         if not self.modulation.is_identity and entropy is not None:
             # Integer/bool masks: the modulation builds the same mask as 0/1 floats anyway; handing
             # that to the parent spares it a dtype conversion in each of its masked products (its
@@ -223,6 +245,12 @@ class DynaMOPolicyLoss(PolicyLoss):
                     stacklevel=2,
                 )
             self.last_modulation_stats = None
+        if sample_weight is not None:
+            if sample_weight.dim() != 1 or sample_weight.shape[0] != advantages.shape[0]:
+                raise ValueError(f"sample_weight must have shape ({advantages.shape[0]},) (one weight per sample), "
+                                 f"got {tuple(sample_weight.shape)}")
+            w = sample_weight.to(device=advantages.device, dtype=advantages.dtype)
+            advantages = advantages * w.reshape((-1,) + (1,) * (advantages.dim() - 1))
         return super().forward(
             log_probs,
             old_log_probs,

@@ -8,6 +8,10 @@
   not given); a forward hook on the actor hands ``output.entropy[:, -A:]`` to the loss. The
   modulation statistics go into the micro-batch's ``info`` as ``dynamo/<stat>``, so OpenRLHF's own
   metric reduction (token-weighted over micro-batches and data-parallel ranks) logs them.
+  With the prompt-balanced loss (``--dynamo.loss.prompt_weighting``), each micro-batch carries the
+  per-sample weights in ``info["dynamo_loss_weight"]`` (popped before OpenRLHF logs ``info``); they
+  multiply the modulated advantages, and the policy term's normaliser only cancels DeepSpeed's 1/gas
+  and the data-parallel averaging (:func:`dynamo_openrlhf.loss.balanced_normalizers`).
 * ``DynamoPolicyModelActor(PolicyModelActor)``: upgrades the ``ActorPPOTrainer`` that OpenRLHF's
   ``init_model_from_pretrained`` builds to ``DynamoActorPPOTrainer`` and applies the CPU backend in
   its process when chosen.
@@ -27,7 +31,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from openrlhf.trainer.ray import ppo_actor as _openrlhf_ppo_actor  # noqa: E402
 
-from dynamo_openrlhf.loss import DynaMOPolicyLoss  # noqa: E402
+from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, prompt_balancing  # noqa: E402
+from dynamo_openrlhf.loss import DynaMOPolicyLoss, balanced_normalizers  # noqa: E402
 from dynamo_openrlhf.train import modulation_config  # noqa: E402
 
 __all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "STAT_PREFIX"]
@@ -68,8 +73,10 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             modulation=modulation_config(a),
         )
         self.actor_loss_fn = self._policy_loss
+        self.balancing = prompt_balancing(a)
         self._entropy: Optional[torch.Tensor] = None
         self._info: Optional[Dict] = None
+        self._sample_weight: Optional[torch.Tensor] = None
         if not self.dynamo_loss.modulation.is_identity:
             if a.actor.entropy_coef is None:
                 raise ValueError("DynaMO modulation needs the token entropy: set --actor.entropy_coef (0 = compute "
@@ -84,8 +91,17 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         entropy = self._entropy
         if entropy is not None:
             entropy = entropy[:, -log_probs.shape[1]:].detach()
+        weight = None
+        if self.balancing is not None:
+            weight = self._sample_weight
+            if weight is None:
+                raise RuntimeError(f"prompt-balanced loss: the micro-batch carries no info[{LOSS_WEIGHT_KEY!r}] (the "
+                                   "experience maker attaches it every step)")
+            # The policy term's normaliser only cancels DeepSpeed's 1/gas and the DP averaging; the
+            # weights carry 1/(N n_i L). KL and entropy terms keep OpenRLHF's normalisation.
+            kwargs.update(balanced_normalizers(kwargs.get("dp_size", 1), self.strategy.accumulated_gradient))
         out = self.dynamo_loss(log_probs, old_log_probs, advantages, action_mask=action_mask, entropy=entropy,
-                               **kwargs)
+                               sample_weight=weight, **kwargs)
         stats = self.dynamo_loss.last_modulation_stats
         if stats and self._info is not None:
             for k, v in stats.items():
@@ -93,11 +109,13 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         return out
 
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
+        # The loss weight is popped before OpenRLHF merges info into the logged metrics.
+        self._sample_weight = experience.info.pop(LOSS_WEIGHT_KEY, None)
         self._entropy, self._info = None, experience.info
         try:
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
         finally:
-            self._entropy, self._info = None, None
+            self._entropy, self._info, self._sample_weight = None, None, None
 
 
 class DynamoPolicyModelActor(_openrlhf_ppo_actor.PolicyModelActor.__ray_actor_class__):

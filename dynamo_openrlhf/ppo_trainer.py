@@ -8,6 +8,9 @@
   its ``experience_maker`` a :class:`~dynamo_openrlhf.experience_maker.DynamoExperienceMaker`
   (baselines on the explicit groups); after each step the pool is updated from the step's verified
   outcomes (successes and trials per prompt id);
+* prompt-balanced loss (``--dynamo.loss.prompt_weighting``, default on with allocation): the experience
+  maker attaches every sample's loss weight, computed once per step from the step's groups (also with
+  allocation off, from OpenRLHF's contiguous groups of n);
 * logs ``dynamo/*`` metrics through OpenRLHF's status dict (console, wandb, TensorBoard) and keeps
   a per-step history (``<run_dir>/metrics.jsonl``);
 * saves its state (pool bit for bit, step counter, history) in every OpenRLHF checkpoint
@@ -34,6 +37,7 @@ cpu_backend.install_import_stand_ins()
 import ray  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
+from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
@@ -88,7 +92,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             rollout_allocator=self._allocate if config is not None else None,
             num_candidates=config.candidates_per_step if config is not None else None,
         )
-        if config is not None:
+        self.balancing = prompt_balancing(self.args)
+        if config is not None or self.balancing is not None:
+            # With allocation off (OpenRLHF's sampler, untagged samples) only for the balanced loss's weights.
             self.experience_maker = DynamoExperienceMaker(
                 actor_model_group,
                 critic_model_group,
@@ -97,8 +103,11 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 self.kl_ctl,
                 strategy,
                 self.tokenizer,
-                success_threshold=config.success_threshold,
+                success_threshold=config.success_threshold if config is not None else 0.5,
+                balancing=self.balancing,
+                tagged=config is not None,
             )
+        if config is not None:
             # Over-sampling consumes more prompts per step: fewer steps per epoch (LR schedule).
             self.max_steps = max(1, int(self.max_steps / config.oversample))
 

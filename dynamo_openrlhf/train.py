@@ -289,6 +289,30 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Upper PPO clip bound epsilon_high (clip-higher; the reference runs use 0.28). Sets the second value "
         "of --actor.eps_clip_low_high; never changed unless given (default: OpenRLHF's --actor.eps_clip).",
     )
+    # -- policy loss: prompt weighting ---------------------------------------------------------------
+    g.add_argument(
+        "--dynamo.loss.prompt_weighting",
+        type=str,
+        default="auto",
+        choices=["auto", "tokens", "balanced"],
+        help="How the policy loss weights the step's prompts. balanced: every prompt has the same total weight "
+        "whatever its number of rollouts n_i: the update is the mean over prompts of each prompt's mean over its "
+        "rollouts of (token sum / L), L = --dynamo.loss.token_normalizer, a constant (dr_grpo/reinforce_baseline "
+        "advantages are scaled by n/(n-1), which makes them RLOO's); with --actor.loss_agg_mode "
+        "seq-mean-token-mean each sequence keeps its token mean instead of token sum / L. The allocation then "
+        "moves only the noise of the update, not its expectation. tokens: OpenRLHF's loss (a prompt weighs "
+        "n_i x its response lengths). auto: balanced when --dynamo.allocation.rule is not off, else tokens "
+        "(= OpenRLHF's GRPO exactly).",
+    )
+    g.add_argument(
+        "--dynamo.loss.token_normalizer",
+        type=float,
+        default=None,
+        metavar="L",
+        help="Balanced loss: the constant L each rollout's token sum is divided by (default: "
+        "--rollout.max_new_tokens). Token-mean loss only. With token-mean, the balanced loss's steps are smaller "
+        "than OpenRLHF's by about (mean response length)/L at the same learning rate.",
+    )
     return parser
 
 
@@ -379,6 +403,13 @@ def _dynamo_problems(args) -> List[str]:
                     PassRatePool.load(args.dynamo.pool.load)  # the trainer loads it again inside Ray
                 except (OSError, ValueError) as e:
                     problems.append(f"--dynamo.pool.load {args.dynamo.pool.load}: {e}")
+    from dynamo_openrlhf.advantages import ESTIMATORS, prompt_balancing
+
+    try:
+        prompt_balancing(args)
+    except ValueError as e:
+        if args.dynamo.allocation.rule == "off" or args.algo.advantage.estimator in ESTIMATORS:
+            problems.append(str(e))  # (else the allocation's estimator problem above says it)
     if mod is not None and not mod.is_identity and args.actor.policy_loss_type != "ppo":
         problems.append(f"--dynamo.modulation.preset {args.dynamo.modulation.preset} needs the token-level ratio of "
                         f"--actor.policy_loss_type ppo, got {args.actor.policy_loss_type}")
@@ -396,6 +427,13 @@ def _apply_dynamo_to_openrlhf_args(args) -> None:
         args.actor.entropy_coef = 0.0
         print("[dynamo] modulation needs the token entropy: --actor.entropy_coef 0 (computed and logged, no "
               "entropy loss)")
+    from dynamo_openrlhf.advantages import prompt_balancing
+
+    balancing = prompt_balancing(args)
+    if balancing is not None:
+        per = f"token sum / {balancing.token_normalizer:g}" if balancing.token_level else "token mean"
+        print(f"[dynamo] policy loss: prompt-balanced (--dynamo.loss.prompt_weighting), each prompt weighs the same: "
+              f"mean over prompts of the mean over its rollouts of ({per}); estimator {balancing.estimator}")
 
 
 def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
+from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, PromptBalancing  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.loss import DynaMOPolicyLoss  # noqa: E402
 from dynamo_openrlhf.ppo_actor import DynamoActorPPOTrainer  # noqa: E402
@@ -135,6 +136,54 @@ def test_variable_groups_rloo_and_length_penalty():
     logged = np.concatenate([e.info["reward"].numpy() for e in out])
     assert np.allclose(logged, pen, atol=1e-6)  # penalised once, as OpenRLHF logs it
     assert args.algo.advantage.estimator == "rloo" and args.reward.overlong_buffer_len == 2  # restored
+
+
+def _expected_weights(sizes, estimator, L, train_batch_size):
+    N, S = sum(1 for n in sizes if n > 0), sum(sizes)
+    c = (lambda n: n / (n - 1) if n > 1 else 1.0) if estimator in ("dr_grpo", "reinforce_baseline") else (lambda n: 1.0)
+    return np.concatenate([np.full(n, c(n) / (N * n * L) * S / train_batch_size) for n in sizes])
+
+
+@pytest.mark.parametrize("sizes,estimator", [([4] * 6, "rloo"), ([3, 1, 6, 2, 4, 5, 3], "dr_grpo"),
+                                             ([4] * 6, "group_norm"), ([2, 6, 4, 4, 5, 3], "group_norm")])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_balanced_weights_travel_with_their_samples(sizes, estimator, shuffle):
+    """Both paths (all groups of n: OpenRLHF's own advantages; variable groups) attach every sample's
+    weight, computed once from the step's groups, at the sample's own row."""
+    exps, rewards, lengths, group = _step(sizes, seed=4, shuffle=shuffle)
+    balancing = PromptBalancing(estimator, 7.0, True, train_batch_size=12)
+    maker = _maker(DynamoExperienceMaker, _args(estimator), balancing=balancing)
+    out = maker.compute_advantages_and_returns(exps)
+    want = _expected_weights(sizes, estimator, 7.0, 12)
+    for e in out:
+        got = e.info[LOSS_WEIGHT_KEY]
+        assert got.dtype == torch.float64 and got.shape == (len(e.index),)
+        assert np.allclose(got.numpy(), want[e.index], rtol=1e-15, atol=0)
+    # every prompt's total weight is the same: (1/N) x (optimizer steps per rollout step) x c-mean / L
+    total = np.zeros(len(sizes))
+    for e in out:
+        np.add.at(total, group[e.index], e.info[LOSS_WEIGHT_KEY].numpy())
+    if estimator == "rloo" or estimator == "group_norm":
+        assert np.allclose(total, sum(sizes) / 12 / (len(sizes) * 7.0), rtol=1e-14)
+
+
+def test_tokens_weighting_attaches_nothing_and_untagged_runs_get_groups_of_n():
+    exps, *_ = _step([4] * 6, seed=2, shuffle=True)
+    out = _maker(DynamoExperienceMaker, _args("rloo")).compute_advantages_and_returns(exps)
+    assert all(LOSS_WEIGHT_KEY not in e.info for e in out)
+    # allocation off (OpenRLHF's sampler, no tags): OpenRLHF's own result, plus the weights
+    exps, *_ = _step([4] * 6, seed=2, shuffle=True)
+    theirs = copy.deepcopy(exps)
+    for e in exps + theirs:
+        e.info.pop(GROUP_KEY), e.info.pop(PROMPT_ID_KEY)
+    balancing = PromptBalancing("rloo", 7.0, True, train_batch_size=24)
+    out = _maker(DynamoExperienceMaker, _args("rloo"), balancing=balancing, tagged=False) \
+        .compute_advantages_and_returns(exps)
+    ref = _maker(RemoteExperienceMaker, _args("rloo")).compute_advantages_and_returns(theirs)
+    for a, b in zip(out, ref):
+        assert torch.equal(a.advantages, b.advantages)
+        assert set(a.info) == set(b.info) | {LOSS_WEIGHT_KEY}
+        assert torch.equal(a.info[LOSS_WEIGHT_KEY], torch.full((len(a.index),), 1 / (6 * 4 * 7.0), dtype=torch.float64))
 
 
 def test_unsupported_estimator_is_refused():

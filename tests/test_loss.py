@@ -79,7 +79,7 @@ def assert_outputs_equal(a, b):
 # Signatures and import-time checks
 # ---------------------------------------------------------------------------------------------
 def test_signatures_extend_the_parent():
-    for method, extra in (("__init__", ["modulation", "modulation_stats"]), ("forward", ["entropy"])):
+    for method, extra in (("__init__", ["modulation", "modulation_stats"]), ("forward", ["entropy", "sample_weight"])):
         parent = list(inspect.signature(getattr(PolicyLoss, method)).parameters.values())
         ours = list(inspect.signature(getattr(DynaMOPolicyLoss, method)).parameters.values())
         n = len(parent)

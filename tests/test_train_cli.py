@@ -192,7 +192,8 @@ def _label_of(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """DynaMO on (neyman allocation from the pool, decay6 modulation; the tiny preset's defaults).
+    """DynaMO on (neyman allocation from the pool, decay6 modulation, rloo; the tiny preset's defaults,
+    except 4 rollouts per prompt within 2..6 to keep it short).
     Run 1: 2 steps over 16 prompts (each seen once), a checkpoint every step, eval at the end.
     Run 2 resumes with a second episode: the same 16 prompts again, now allocated from the pool."""
     from dynamo_openrlhf import tiny
@@ -202,7 +203,8 @@ def e2e(tmp_path_factory):
     run_dir = base / "run"
     common = ["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(run_dir),
               "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
-              "--rollout.batch_size", "8", "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
+              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.hi", "6",
+              "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
               "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16"]
     first = _run(common + ["--train.num_episodes", "1"])
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
@@ -348,9 +350,9 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
 
 def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
     r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(tmp_path / "run"),
-              "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "3"], timeout=300)
+              "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "5"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert ("infeasible rollout budget: 64 candidate prompts x bounds [3, 16] = [192, 1024] does not contain the "
+    assert ("infeasible rollout budget: 32 candidate prompts x bounds [5, 16] = [160, 512] does not contain the "
             "budget 128") in r.stderr
     assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stdout + r.stderr
     r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.allocation.rule", "bogus",
@@ -370,10 +372,11 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
 
     def args(**over):
         a = NS(
-            rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None),
+            rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None, max_new_tokens=12),
             algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="group_norm")),
-            train=NS(async_enable=False), actor=NS(policy_loss_type="ppo"),
-            dynamo=NS(eval_pass_k=None, allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
+            train=NS(async_enable=False, batch_size=32, dynamic_batch_enable=False),
+            actor=NS(policy_loss_type="ppo", loss_agg_mode="token-mean"),
+            dynamo=NS(eval_pass_k=None, loss=NS(prompt_weighting="auto", token_normalizer=None), allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
                                     exploration=None, exploration_rollouts=None, mastery=None,
                                     mastery_threshold=None, priority_floor=None, min_rollouts=None),
                       pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
@@ -413,6 +416,62 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     assert _dynamo_problems(args(**{"dynamo.pool.load": str(good)})) == []
     (p,) = _dynamo_problems(args(**{"dynamo.eval_pass_k": "1,x"}))
     assert p == "--dynamo.eval_pass_k: expected comma-separated integers >= 1, got '1,x'"
+
+
+def test_prompt_weighting_flags_resolve_and_are_validated():
+    from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    from dynamo_openrlhf.advantages import PromptBalancing, prompt_balancing
+    from dynamo_openrlhf.train import _dynamo_problems
+
+    def args(weighting="auto", L=None, rule="neyman", agg="token-mean", max_new=12, estimator="rloo", dyn=False,
+             asyn=False):
+        return NS(
+            rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None, max_new_tokens=max_new),
+            algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator=estimator)),
+            train=NS(async_enable=asyn, batch_size=16, dynamic_batch_enable=dyn),
+            actor=NS(policy_loss_type="ppo", loss_agg_mode=agg),
+            dynamo=NS(eval_pass_k=None, loss=NS(prompt_weighting=weighting, token_normalizer=L),
+                      allocation=NS(rule=rule, lo=2, hi=6, oversample=1.0, skip_factor=None, exploration=None,
+                                    exploration_rollouts=None, mastery=None, mastery_threshold=None,
+                                    priority_floor=None, min_rollouts=None),
+                      pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
+                              calibrated=True),
+                      modulation=NS(preset="off", mu_max=None, lambda_min=None, gamma=None, tau=None)),
+        )
+
+    # auto: balanced with allocation on (L = --rollout.max_new_tokens), tokens (None) with allocation off
+    assert prompt_balancing(args()) == PromptBalancing("rloo", 12.0, True, 16)
+    assert prompt_balancing(args(rule="off")) is None
+    assert prompt_balancing(args(weighting="tokens")) is None
+    assert prompt_balancing(args(weighting="balanced", rule="off", L=20.0, estimator="dr_grpo")) == \
+        PromptBalancing("dr_grpo", 20.0, True, 16)
+    # seq-mean-token-mean keeps per-sequence token means: L = 1
+    assert prompt_balancing(args(agg="seq-mean-token-mean")) == PromptBalancing("rloo", 1.0, False, 16)
+    assert _dynamo_problems(args()) == [] and _dynamo_problems(args(weighting="tokens", rule="off")) == []
+    cases = [
+        (dict(max_new=None), "needs a constant token normaliser: set --dynamo.loss.token_normalizer"),
+        (dict(L=0.0), "--dynamo.loss.token_normalizer must be a finite number > 0, got 0.0"),
+        (dict(L=float("inf")), "--dynamo.loss.token_normalizer must be a finite number > 0, got inf"),
+        (dict(L=8.0, agg="seq-mean-token-mean"), "--dynamo.loss.token_normalizer does not apply with "
+                                                  "--actor.loss_agg_mode seq-mean-token-mean"),
+        (dict(dyn=True), "--train.dynamic_batch_enable is not supported with --dynamo.loss.prompt_weighting balanced"),
+        (dict(asyn=True, rule="off", weighting="balanced"), "--train.async_enable is not supported with "
+                                                            "--dynamo.loss.prompt_weighting balanced"),
+        (dict(rule="off", L=8.0), "--dynamo.loss.token_normalizer applies to the balanced loss only; the run uses "
+                                  "--dynamo.loss.prompt_weighting tokens (auto, allocation off)"),
+        (dict(weighting="bogus"), "--dynamo.loss.prompt_weighting: unknown value 'bogus'"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prompt_balancing(args(**kw))
+        problems = _dynamo_problems(args(**kw))
+        assert any(message in p for p in problems), (kw, problems)
+    # OpenRLHF's own validation of dynamic batching / the tokens loss are untouched
+    assert _dynamo_problems(args(weighting="tokens", dyn=True)) == []
 
 
 def test_dynamo_flags_imply_openrlhf_settings_and_say_so(capsys):
