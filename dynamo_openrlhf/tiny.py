@@ -4,11 +4,17 @@
   ``PreTrainedTokenizerFast``) with a minimal chat template;
 * a tiny random-init **Llama**-architecture causal LM (a Qwen2 config made transformers swap the
   tokenizer class, a Llama config does not);
-* an arithmetic problem set with exact integer answers at several difficulty levels, a disjoint
-  train/eval split, written as JSONL rows ``{"prompt", "answer", "difficulty", "id"}`` that
-  OpenRLHF's prompt dataset loads with ``--data.input_key prompt --data.label_key answer``;
-* a short supervised warm start (plain torch on CPU) so the policy starts with pass rates strictly
-  between 0 and 1 on a good share of prompts — GRPO needs such prompts to get any signal.
+* an arithmetic problem set with exact integer answers at six difficulty levels (``TinyConfig.mix``:
+  one-digit sums up to two-digit products), a held-out train/eval split with the same mix of levels,
+  written as JSONL rows ``{"prompt", "answer", "difficulty", "id"}`` that OpenRLHF's prompt dataset
+  loads with ``--data.input_key prompt --data.label_key answer``;
+* a short supervised warm start (plain torch on CPU) that leaves the policy with a real spread of
+  pass rates, as on real math sets: sampled at temperature 1, about a third of the train prompts are
+  never solved (two-digit products, whose answers it never saw), a sixth to a fifth always (drilled
+  one-digit sums and products), the rest in between — where group-baseline RL gets its signal;
+* the warm start's pass-rate histogram (k samples per prompt, every train and eval prompt), measured
+  at build time, kept in ``meta.json`` (``warm_start_pass_rates``) and per prompt in
+  ``data/warm_start_successes.json``.
 
 Everything is cached on disk under ``$DYNAMO_OPENRLHF_CACHE`` (default
 ``~/.cache/dynamo_openrlhf``) in a directory named after a hash of the full recipe, so it is built
@@ -16,7 +22,7 @@ once per machine and shared by runs and tests. Building is atomic (temp dir + re
 concurrent builders are safe.
 
 Command line: ``python -m dynamo_openrlhf.tiny [--measure]`` builds (or finds) the assets and
-prints their paths; ``--measure`` also reports the warm start's pass-rate share.
+prints their paths and the warm start's histogram; ``--measure`` measures again (other k, split, limit).
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "TinyConfig",
@@ -43,12 +50,15 @@ __all__ = [
     "generate_problems",
     "prepare_tiny_assets",
     "measure_pass_rates",
+    "warm_start_problems",
+    "warm_start_summary_lines",
+    "format_histogram",
     "default_cache_dir",
     "asset_root",
 ]
 
 # Bump when the recipe changes in a way the config fields do not capture.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -70,26 +80,36 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
 )
 
-LEVELS = (1, 2, 3, 4, 5)
+LEVELS = (1, 2, 3, 4, 5, 6)
 LEVEL_DESCRIPTIONS = {
     1: "a+b",
     2: "a-b (answers may be negative)",
     3: "a*b",
     4: "a+b+c",
     5: "a*b+c",
+    6: "AB*CD, two-digit operands (the warm start never sees these answers)",
 }
-# Number of distinct problems per level (one-digit operands).
-LEVEL_SIZES = {1: 100, 2: 100, 3: 100, 4: 1000, 5: 1000}
-
+# Number of distinct problems per level (one-digit operands, two-digit for level 6).
+LEVEL_SIZES = {1: 100, 2: 100, 3: 100, 4: 1000, 5: 1000, 6: 8100}
 
 @dataclass(frozen=True)
 class TinyConfig:
     """The full recipe. Its hash names the cache directory."""
 
     seed: int = 1234
-    # problem set (per difficulty level)
-    train_per_level: int = 300
-    eval_per_level: int = 16
+    # problem set: (level, train prompts, eval prompts) per difficulty level. The eval split is held out
+    # (disjoint expressions) with the same mix of levels. The mix gives the warm start a real spread of
+    # pass rates: level 1 it always solves, level 6 it never can, levels 2-5 in between or either way.
+    mix: Tuple[Tuple[int, int, int], ...] = ((1, 90, 10), (2, 90, 10), (3, 90, 10), (4, 180, 20), (5, 135, 15),
+                                             (6, 135, 15))
+    # Levels whose warm-start examples are fresh problems disjoint from both splits: the policy learns the
+    # answer format and magnitude, never the answers of the prompts it is trained or evaluated on.
+    sft_unseen_levels: Tuple[int, ...] = (6,)
+    sft_unseen_count: int = 2000
+    # Share of warm-start examples per level, relative (a level not listed: 1): levels 1-3 (100 problems
+    # each) are drilled until most of their train prompts are always solved; a level of unknowable
+    # answers needs only enough to learn the format.
+    sft_level_weights: Tuple[Tuple[int, float], ...] = ((1, 3.0), (2, 2.0), (3, 2.0), (6, 0.25))
     # model (Llama architecture)
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -100,10 +120,11 @@ class TinyConfig:
     sft_steps: int = 1000
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
-    # Label smoothing keeps some probability on every token: sampled at temperature 1 the warm
-    # start explores, so pass rates sit strictly between 0 and 1 on many prompts (where GRPO has
-    # signal) while the greedy answer is often right.
-    sft_label_smoothing: float = 0.1
+    # Label smoothing on the answer tokens caps each token's probability near 1 - smoothing, so it must
+    # stay low for a pass rate (sampled at temperature 1) to reach 1 on the problems the model knows.
+    sft_label_smoothing: float = 0.0
+    # the warm start's pass-rate histogram, measured when the assets are built (k samples per prompt)
+    measure_k: int = 8
 
     def digest(self) -> str:
         payload = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -190,6 +211,9 @@ def build_model(config: TinyConfig, tokenizer):
 
 
 def _make_problem(level: int, rng: random.Random):
+    if level == 6:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return f"{a}*{b}", a * b
     a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
     if level == 1:
         return f"{a}+{b}", a + b
@@ -204,35 +228,71 @@ def _make_problem(level: int, rng: random.Random):
     raise ValueError(f"unknown difficulty level {level}")
 
 
-def generate_problems(config: TinyConfig = TinyConfig()) -> Dict[str, List[dict]]:
-    """Deterministic train/eval split (disjoint by expression), ``{"train": [...], "eval": [...]}``.
+def _check_mix(config: TinyConfig) -> None:
+    levels = [m[0] for m in config.mix]
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"TinyConfig.mix: each level at most once, got levels {levels}")
+    for level, n_train, n_eval in config.mix:
+        if level not in LEVEL_SIZES:
+            raise ValueError(f"TinyConfig.mix: unknown difficulty level {level} (known: {list(LEVELS)})")
+        if n_train < 0 or n_eval < 0 or n_train + n_eval > LEVEL_SIZES[level]:
+            raise ValueError(f"TinyConfig.mix: level {level} has {LEVEL_SIZES[level]} distinct problems, "
+                             f"asked for {n_train} train + {n_eval} eval")
+    unknown = set(config.sft_unseen_levels) - set(levels)
+    if unknown:
+        raise ValueError(f"TinyConfig.sft_unseen_levels: levels {sorted(unknown)} are not in the mix")
 
-    Each row: ``{"id": "L2-0007", "prompt": "What is 42+7?", "answer": "49", "difficulty": 2}``.
+
+def generate_problems(config: TinyConfig = TinyConfig()) -> Dict[str, List[dict]]:
+    """Deterministic train/eval split (disjoint by expression), ``{"train": [...], "eval": [...]}``,
+    with exactly ``config.mix``'s number of problems per level in each split.
+
+    Each row: ``{"id": "train-L2-0007", "prompt": "What is 4-7?", "answer": "-3", "difficulty": 2}``.
     """
+    _check_mix(config)
     rng = random.Random(config.seed)
     splits: Dict[str, List[dict]] = {"train": [], "eval": []}
-    for level in LEVELS:
-        # Small levels (level 1 has 100 distinct problems) give the train split what is left.
-        want = min(config.train_per_level, LEVEL_SIZES[level] - config.eval_per_level) + config.eval_per_level
+    for level, n_train, n_eval in config.mix:
         seen: Dict[str, int] = {}
-        while len(seen) < want:
+        while len(seen) < n_train + n_eval:
             expr, value = _make_problem(level, rng)
             seen.setdefault(expr, value)
         items = sorted(seen.items())
         rng.shuffle(items)
-        for split, chunk in (("eval", items[: config.eval_per_level]), ("train", items[config.eval_per_level :])):
+        for split, chunk in (("eval", items[:n_eval]), ("train", items[n_eval:])):
             for i, (expr, value) in enumerate(chunk):
-                splits[split].append(
-                    {
-                        "id": f"{split}-L{level}-{i:04d}",
-                        "prompt": f"What is {expr}?",
-                        "answer": str(value),
-                        "difficulty": level,
-                    }
-                )
+                splits[split].append(_row(f"{split}-L{level}-{i:04d}", expr, value, level))
     for rows in splits.values():
         rng.shuffle(rows)
     return splits
+
+
+def _row(row_id: str, expr: str, value: int, level: int) -> dict:
+    return {"id": row_id, "prompt": f"What is {expr}?", "answer": str(value), "difficulty": level}
+
+
+def warm_start_problems(config: TinyConfig = TinyConfig(),
+                        splits: Optional[Dict[str, List[dict]]] = None) -> List[dict]:
+    """What the warm start trains on: the train split, except that each level of
+    ``config.sft_unseen_levels`` is replaced by ``config.sft_unseen_count`` fresh problems of that
+    level that are in neither split (deterministic)."""
+    splits = generate_problems(config) if splits is None else splits
+    unseen = set(config.sft_unseen_levels)
+    rows = [r for r in splits["train"] if r["difficulty"] not in unseen]
+    taken = {r["prompt"] for split in splits.values() for r in split}
+    rng = random.Random(config.seed + 2)
+    for level in sorted(unseen):
+        room = LEVEL_SIZES[level] - sum(r["difficulty"] == level for split in splits.values() for r in split)
+        if config.sft_unseen_count > room:
+            raise ValueError(f"TinyConfig.sft_unseen_count: level {level} has only {room} problems outside the "
+                             f"splits, asked for {config.sft_unseen_count}")
+        fresh: Dict[str, int] = {}
+        while len(fresh) < config.sft_unseen_count:
+            expr, value = _make_problem(level, rng)
+            if f"What is {expr}?" not in taken:
+                fresh.setdefault(expr, value)
+        rows += [_row(f"sft-L{level}-{i:04d}", e, v, level) for i, (e, v) in enumerate(sorted(fresh.items()))]
+    return rows
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> None:
@@ -267,7 +327,7 @@ def warm_start(model, tokenizer, rows: Sequence[dict], config: TinyConfig, log=p
 
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed + 1)
-    # Examples grouped by difficulty; each batch draws levels uniformly (level 1 is small).
+    # Examples grouped by difficulty; each example of a batch draws its level by config.sft_level_weights.
     by_level: Dict[int, List] = {}
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     head, tail = target_response("\0").split("\0")
@@ -276,7 +336,10 @@ def warm_start(model, tokenizer, rows: Sequence[dict], config: TinyConfig, log=p
         h, a, t = enc(head), enc(row["answer"]), enc(tail) + [tokenizer.eos_token_id]
         smooth = [0] * len(h) + [1] * len(a) + [0] * len(t)  # label smoothing on the answer only
         by_level.setdefault(int(row.get("difficulty", 0)), []).append((p, h + a + t, smooth))
-    groups = [by_level[k] for k in sorted(by_level)]
+    levels = sorted(by_level)
+    groups = [by_level[k] for k in levels]
+    level_weight = dict(config.sft_level_weights)
+    weights = [float(level_weight.get(k, 1.0)) for k in levels]
 
     opt = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / config.sft_steps))
@@ -284,7 +347,7 @@ def warm_start(model, tokenizer, rows: Sequence[dict], config: TinyConfig, log=p
     t0 = time.time()
     loss_ema = None
     for step in range(config.sft_steps):
-        batch = [rng.choice(rng.choice(groups)) for _ in range(config.sft_batch_size)]
+        batch = [rng.choice(rng.choices(groups, weights)[0]) for _ in range(config.sft_batch_size)]
         length = max(len(p) + len(r) for p, r, _ in batch)
         ids = torch.full((len(batch), length), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), length), -100, dtype=torch.long)
@@ -338,7 +401,24 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, temperatu
     return out
 
 
-def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature: float = 1.0, seed: int = 0) -> Dict:
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _correct(scorer, text: str, label: str) -> int:
+    """The math reward of one response (0/1). An integer answer against an integer label is compared
+    by value here (what math-verify decides, without its round trip); anything else goes to it."""
+    from dynamo_openrlhf.reward import extract_answer
+
+    answer = extract_answer(text)
+    if answer is None:
+        return 0
+    if _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(label):
+        return int(int(answer) == int(label))
+    return int(scorer.score(text, label).reward > 0.5)
+
+
+def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature: float = 1.0, seed: int = 0,
+                       batch_prompts: int = 32) -> Dict:
     """Per-prompt success counts of ``k`` samples, scored with the package's math reward.
 
     Returns ``{"k", "successes": [...], "share_between": fraction with 0 < successes < k,
@@ -350,30 +430,58 @@ def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
-    responses = sample_responses(model, tokenizer, [r["prompt"] for r in rows], k, temperature, seed=seed)
+    responses = sample_responses(model, tokenizer, [r["prompt"] for r in rows], k, temperature, seed=seed,
+                                 batch_prompts=batch_prompts)
     scorer = MathReward()
     try:
         successes = []
         for row, resp in zip(rows, responses):
-            scores = [scorer.score(text, row["answer"]).reward for text in resp]
-            successes.append(int(sum(scores)))
+            successes.append(sum(_correct(scorer, text, str(row["answer"])) for text in resp))
     finally:
         scorer.close()
     n = max(len(successes), 1)
-    by_level: Dict[int, List[float]] = {}
+    by_level: Dict[int, List[int]] = {}
     for row, s in zip(rows, successes):
-        by_level.setdefault(int(row.get("difficulty", 0)), []).append(s / k)
+        by_level.setdefault(int(row.get("difficulty", 0)), []).append(s)
     return {
         "k": k,
         "temperature": temperature,
         "num_prompts": len(successes),
         "successes": successes,
+        "histogram": [sum(s == j for s in successes) for j in range(k + 1)],
         "share_between": sum(0 < s < k for s in successes) / n,
         "share_zero": sum(s == 0 for s in successes) / n,
         "share_all": sum(s == k for s in successes) / n,
         "mean_pass_rate": sum(successes) / (n * k),
-        "by_level": {lvl: sum(v) / len(v) for lvl, v in sorted(by_level.items())},
+        "by_level": {lvl: sum(v) / (len(v) * k) for lvl, v in sorted(by_level.items())},
+        # per level: (share at 0, in between, at k successes)
+        "by_level_shares": {lvl: [sum(s == 0 for s in v) / len(v), sum(0 < s < k for s in v) / len(v),
+                                  sum(s == k for s in v) / len(v)] for lvl, v in sorted(by_level.items())},
     }
+
+
+def histogram_summary(res: Dict) -> Dict:
+    """The part of :func:`measure_pass_rates`' result kept in the assets' meta (no per-prompt list)."""
+    keep = ("k", "temperature", "num_prompts", "histogram", "share_zero", "share_between", "share_all",
+            "mean_pass_rate", "by_level", "by_level_shares")
+    return {key: res[key] for key in keep}
+
+
+def format_histogram(split: str, h: Dict) -> str:
+    """One line: ``train (720 prompts, k=8): never solved 0.33, in between 0.47, always 0.20, mean pass rate 0.41``."""
+    return (f"{split} ({h['num_prompts']} prompts, k={h['k']}): never solved {h['share_zero']:.2f}, in between "
+            f"{h['share_between']:.2f}, always {h['share_all']:.2f}, mean pass rate {h['mean_pass_rate']:.2f}")
+
+
+def warm_start_summary_lines(meta: Optional[Dict] = None, cache_dir: Optional[os.PathLike] = None) -> List[str]:
+    """The warm start's pass-rate histogram as printable lines, from the assets' meta (given, or read
+    from the cache of the default recipe; none if the assets are not built or predate the measurement)."""
+    if meta is None:
+        path = asset_root(cache_dir) / "meta.json"
+        meta = json.loads(path.read_text()) if path.exists() else {}
+    hist = meta.get("warm_start_pass_rates") or {}
+    return [f"warm start pass rates (temperature {hist[split]['temperature']:g}), "
+            f"{format_histogram(split, hist[split])}" for split in ("train", "eval") if split in hist]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,9 +526,19 @@ def prepare_tiny_assets(cache_dir: Optional[os.PathLike] = None, config: TinyCon
         write_jsonl(splits["eval"], tmp / "data" / "eval.jsonl")
         tokenizer = build_tokenizer()
         model = build_model(config, tokenizer)
-        stats = warm_start(model, tokenizer, splits["train"], config, log=log)
+        stats = warm_start(model, tokenizer, warm_start_problems(config, splits), config, log=log)
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        del model
+        t1 = time.time()
+        measured = {split: measure_pass_rates(tmp / "model", splits[split], k=config.measure_k, seed=config.seed)
+                    for split in ("train", "eval")}
+        hist = {split: histogram_summary(res) for split, res in measured.items()}
+        # per prompt (file order): successes out of k
+        (tmp / "data" / "warm_start_successes.json").write_text(json.dumps(
+            {split: {row["id"]: s for row, s in zip(splits[split], res["successes"])} for split, res in measured.items()}))
+        for split, h in hist.items():
+            log(f"[tiny] warm start pass rates, {format_histogram(split, h)}")
         torch.set_num_threads(threads)
         meta = {
             "recipe_version": RECIPE_VERSION,
@@ -429,6 +547,8 @@ def prepare_tiny_assets(cache_dir: Optional[os.PathLike] = None, config: TinyCon
             "num_train": len(splits["train"]),
             "num_eval": len(splits["eval"]),
             "levels": LEVEL_DESCRIPTIONS,
+            "warm_start_pass_rates": hist,
+            "measure_seconds": time.time() - t1,
             "build_seconds": time.time() - t0,
             **stats,
         }
@@ -456,6 +576,8 @@ def main(argv=None) -> int:
     assets = prepare_tiny_assets(args.cache_dir)
     print(json.dumps({"root": str(assets.root), "model": str(assets.model_dir), "train": str(assets.train_file),
                       "eval": str(assets.eval_file)}, indent=2))
+    for line in warm_start_summary_lines(assets.meta):
+        print(line)
     if args.measure:
         rows = read_jsonl(assets.train_file if args.split == "train" else assets.eval_file)[: args.limit]
         res = measure_pass_rates(assets.model_dir, rows, k=args.k)

@@ -453,20 +453,24 @@ def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
         "data.label_key": "answer",
         "data.apply_chat_template": True,
         "reward.remote_url": "dynamo_openrlhf.reward",
-        # GRPO, no KL (no reference model)
-        "algo.advantage.estimator": "group_norm",
+        # RLOO advantages (leave-one-out mean baseline; the estimator whose per-prompt gradient variance
+        # the allocator's objective sum_i v_i/(n_i-1) models), no KL (no reference model)
+        "algo.advantage.estimator": "rloo",
         "algo.kl.init_coef": 0.0,
-        "rollout.n_samples_per_prompt": 4,
-        "rollout.batch_size": 32,
+        # 8 rollouts per prompt on average; the allocator moves them within 2..16 per prompt
+        "rollout.n_samples_per_prompt": 8,
+        "dynamo.allocation.lo": 2,
+        "dynamo.allocation.hi": 16,
+        "rollout.batch_size": 16,
         "rollout.micro_batch_size": 16,
-        "rollout.max_new_tokens": 12,
+        "rollout.max_new_tokens": 16,  # room for \boxed{9801}</s>
         "rollout.temperature": 1.0,
         "data.max_len": 48,
-        # 256 prompts / 32 per step x 3 episodes = 24 steps; every prompt is revisited, so the
+        # 128 prompts / 16 per step x 3 episodes = 24 steps; every prompt is revisited, so the
         # pass-rate pool has evidence to allocate from from the second episode on
-        "data.max_samples": 256,
+        "data.max_samples": 128,
         "train.num_episodes": 3,
-        "train.batch_size": 128,  # one optimizer step per rollout step
+        "train.batch_size": 128,  # 16 prompts x 8: one optimizer step per rollout step
         "train.micro_batch_size": 16,
         "actor.adam.lr": 2e-4,
         "actor.lr_warmup_ratio": 0.0,
@@ -495,7 +499,9 @@ def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
 def _build_tiny_cpu(args) -> None:
     from dynamo_openrlhf import tiny
 
-    tiny.prepare_tiny_assets(args.dynamo.cache_dir)
+    assets = tiny.prepare_tiny_assets(args.dynamo.cache_dir)
+    for line in tiny.warm_start_summary_lines(assets.meta):
+        print(f"[tiny] {line}")
 
 
 # Defaults that differ on the CPU backend (explicit flags still win; --help shows OpenRLHF's).

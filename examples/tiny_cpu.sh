@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The tiny CPU run: OpenRLHF 0.11.2's own Ray trainer on CPU with DynaMO's defaults (Neyman allocation,
 # decay6 modulation), no GPU needed (a few minutes on 2 cores). The same with every DynaMO flag spelled
-# out: examples/tiny_cpu_dynamo.sh; with DynaMO off (OpenRLHF's GRPO exactly): examples/tiny_cpu_grpo.sh.
+# out: examples/tiny_cpu_dynamo.sh; with DynaMO off (OpenRLHF's RLOO exactly): examples/tiny_cpu_grpo.sh.
 #
 # The tiny-cpu preset supplies a locally built tiny Llama + character tokenizer, a generated
-# arithmetic problem set (train/eval JSONL) and a short supervised warm start (built once, cached
-# in ~/.cache/dynamo_openrlhf), rewards from dynamo_openrlhf.reward (math-verify), one DeepSpeed
-# actor (ZeRO-2, bf16) and one transformers rollout engine. Any OpenRLHF flag given here overrides
-# the preset. Outputs go to ./runs/tiny-cpu (final model, checkpoints, TensorBoard, metrics.jsonl).
+# arithmetic problem set (train/eval JSONL; six levels from one-digit sums the warm start always
+# solves to two-digit products it never can), a short supervised warm start whose pass-rate
+# histogram is measured and printed (built once, cached in ~/.cache/dynamo_openrlhf), RLOO
+# advantages with 8 rollouts per prompt on average (2..16 under the allocator), rewards from
+# dynamo_openrlhf.reward (math-verify), one DeepSpeed actor (ZeRO-2, bf16) and one transformers
+# rollout engine. Any OpenRLHF flag given here overrides the preset. Outputs go to ./runs/tiny-cpu
+# (final model, checkpoints, TensorBoard, metrics.jsonl).
 #
-#   bash examples/tiny_cpu.sh                       # the full preset (24 GRPO steps)
-#   bash examples/tiny_cpu.sh --data.max_samples 128 # shorter: 12 steps (128 prompts x 3 episodes)
+#   bash examples/tiny_cpu.sh                       # the full preset (24 steps of 16 prompts x 8)
+#   bash examples/tiny_cpu.sh --data.max_samples 64 # shorter: 12 steps (64 prompts x 3 episodes)
 #   bash examples/tiny_cpu.sh --ckpt.load_enable    # resume from runs/tiny-cpu/ckpt
 #
 # Through a Ray cluster instead (on CPU its GPUs are fake: give it as many as the run's actors):

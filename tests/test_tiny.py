@@ -1,7 +1,9 @@
 """The tiny-cpu preset's assets: problem generator, tokenizer, cached warm start."""
 
+import dataclasses
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -19,28 +21,83 @@ def _value(expr: str) -> int:
 
 
 def test_generator_is_deterministic_and_well_formed():
-    cfg = tiny.TinyConfig(train_per_level=40, eval_per_level=8)
+    cfg = tiny.TinyConfig(mix=((1, 20, 4), (3, 12, 2), (5, 30, 6), (6, 40, 8)))
     a, b = tiny.generate_problems(cfg), tiny.generate_problems(cfg)
     assert a == b
-    other = tiny.generate_problems(tiny.TinyConfig(train_per_level=40, eval_per_level=8, seed=7))
+    other = tiny.generate_problems(dataclasses.replace(cfg, seed=7))
     assert other != a
     for split in ("train", "eval"):
         rows = a[split]
-        assert {r["difficulty"] for r in rows} == set(tiny.LEVELS)
         for r in rows:
             assert set(r) == {"id", "prompt", "answer", "difficulty"}
             m = _EXPR.match(r["prompt"])
             assert m, r
             assert r["answer"] == str(_value(m.group(1))), r  # exact integer answer
-    assert len(a["eval"]) == 8 * len(tiny.LEVELS)
+            assert r["id"].startswith(f"{split}-L{r['difficulty']}-")
+    # exactly the mix's counts per level in each split
+    assert Counter(r["difficulty"] for r in a["train"]) == {1: 20, 3: 12, 5: 30, 6: 40}
+    assert Counter(r["difficulty"] for r in a["eval"]) == {1: 4, 3: 2, 5: 6, 6: 8}
     assert not {r["prompt"] for r in a["train"]} & {r["prompt"] for r in a["eval"]}  # disjoint split
+    for split in ("train", "eval"):  # no duplicate prompts within a split
+        assert len({r["prompt"] for r in a[split]}) == len(a[split])
     assert len({r["id"] for r in a["train"] + a["eval"]}) == len(a["train"]) + len(a["eval"])
 
 
-def test_small_levels_give_train_what_is_left():
-    rows = tiny.generate_problems(tiny.TinyConfig(train_per_level=500, eval_per_level=16))
-    level1 = [r for r in rows["train"] if r["difficulty"] == 1]
-    assert len(level1) == tiny.LEVEL_SIZES[1] - 16
+def test_level_shapes():
+    """Levels 1-5 use one-digit operands (today's arithmetic), level 6 two two-digit ones."""
+    shapes = {1: r"\d\+\d", 2: r"\d-\d", 3: r"\d\*\d", 4: r"\d\+\d\+\d", 5: r"\d\*\d\+\d", 6: r"[1-9]\d\*[1-9]\d"}
+    rows = tiny.generate_problems()
+    for r in rows["train"] + rows["eval"]:
+        assert re.fullmatch(shapes[r["difficulty"]], _EXPR.match(r["prompt"]).group(1)), r
+    assert set(shapes) == set(tiny.LEVELS) == set(tiny.LEVEL_DESCRIPTIONS) == set(tiny.LEVEL_SIZES)
+
+
+def test_default_mix_and_held_out_eval_with_the_same_mix():
+    cfg = tiny.TinyConfig()
+    assert cfg.mix == ((1, 90, 10), (2, 90, 10), (3, 90, 10), (4, 180, 20), (5, 135, 15), (6, 135, 15))
+    rows = tiny.generate_problems(cfg)
+    train, ev = Counter(r["difficulty"] for r in rows["train"]), Counter(r["difficulty"] for r in rows["eval"])
+    assert train == {1: 90, 2: 90, 3: 90, 4: 180, 5: 135, 6: 135} and sum(train.values()) == 720
+    assert ev == {1: 10, 2: 10, 3: 10, 4: 20, 5: 15, 6: 15} and sum(ev.values()) == 80
+    assert all(train[lvl] * 80 == ev[lvl] * 720 for lvl in train)  # the same share of each level
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["eval"]}
+    # the first 128 train rows (the preset's --data.max_samples) hold every level
+    assert {r["difficulty"] for r in rows["train"][:128]} == set(tiny.LEVELS)
+
+
+def test_warm_start_problems_never_show_the_unknowable_answers():
+    cfg = tiny.TinyConfig()
+    splits = tiny.generate_problems(cfg)
+    sft = tiny.warm_start_problems(cfg, splits)
+    assert sft == tiny.warm_start_problems(cfg)  # deterministic
+    seen = [r for r in sft if r["difficulty"] != 6]
+    fresh = [r for r in sft if r["difficulty"] == 6]
+    # levels 1-5: exactly the train split's rows; level 6: fresh problems in neither split
+    assert seen == [r for r in splits["train"] if r["difficulty"] != 6]
+    assert len(fresh) == cfg.sft_unseen_count == 2000 and len({r["prompt"] for r in fresh}) == 2000
+    assert not {r["prompt"] for r in fresh} & {r["prompt"] for s in splits.values() for r in s}
+    for r in fresh:
+        assert r["answer"] == str(_value(_EXPR.match(r["prompt"]).group(1)))
+    with pytest.raises(ValueError, match="level 6 has only 7950 problems outside the splits, asked for 9000"):
+        tiny.warm_start_problems(dataclasses.replace(cfg, sft_unseen_count=9000))
+
+
+@pytest.mark.parametrize("mix, message", [
+    (((1, 90, 20),), r"level 1 has 100 distinct problems, asked for 90 train \+ 20 eval"),
+    (((7, 10, 2),), r"unknown difficulty level 7 \(known: \[1, 2, 3, 4, 5, 6\]\)"),
+    (((1, 10, 2), (1, 5, 1)), r"each level at most once, got levels \[1, 1\]"),
+    (((1, 10, 2),), r"sft_unseen_levels: levels \[6\] are not in the mix"),
+])
+def test_bad_mix_is_a_clear_error(mix, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.generate_problems(tiny.TinyConfig(mix=mix))
+
+
+def test_recipe_hash_covers_the_mix():
+    base = tiny.TinyConfig()
+    assert base.digest() != dataclasses.replace(base, mix=base.mix[:-1], sft_unseen_levels=()).digest()
+    assert base.digest() != dataclasses.replace(base, sft_label_smoothing=0.1).digest()
+    assert tiny.RECIPE_VERSION == 3  # bumped with the mix: caches of the old recipe are not reused
 
 
 def test_tokenizer_round_trip_and_chat_template():
@@ -102,9 +159,40 @@ def test_openrlhf_prompt_dataset_loads_the_split(assets):
     assert prompt == f"<|user|>{data[0]['prompt']}<|assistant|>" and label == data[0]["answer"]
 
 
-def test_warm_start_pass_rates_strictly_between_0_and_1(assets):
-    rows = tiny.read_jsonl(assets.train_file)[:48]
-    res = tiny.measure_pass_rates(assets.model_dir, rows, k=8, seed=0)
-    # measured at build time on this recipe: ~0.7 of prompts with 0 < successes < 8
-    assert res["share_between"] >= 0.35, res
-    assert 0.1 < res["mean_pass_rate"] < 0.9, res
+def test_warm_start_histogram_is_stored_and_reproducible(assets):
+    """The build measures every train and eval prompt (k = 8 samples at temperature 1) and keeps the
+    histogram in the meta and the per-prompt counts next to the data; re-measuring gives the same counts."""
+    import torch
+
+    cfg = tiny.TinyConfig()
+    hist = assets.meta["warm_start_pass_rates"]
+    per_prompt = json.loads((assets.root / "data" / "warm_start_successes.json").read_text())
+    for split, path, n in (("train", assets.train_file, 720), ("eval", assets.eval_file, 80)):
+        h, rows = hist[split], tiny.read_jsonl(path)
+        counts = [per_prompt[split][r["id"]] for r in rows]
+        assert len(counts) == h["num_prompts"] == n and (h["k"], h["temperature"]) == (cfg.measure_k, 1.0) == (8, 1.0)
+        assert h["histogram"] == [counts.count(j) for j in range(9)]
+        assert h["share_zero"] == counts.count(0) / n and h["share_all"] == counts.count(8) / n
+        assert abs(h["share_zero"] + h["share_between"] + h["share_all"] - 1) < 1e-12
+        assert abs(h["mean_pass_rate"] - sum(counts) / (8 * n)) < 1e-12
+        assert set(h["by_level"]) == set(h["by_level_shares"]) == {str(lvl) for lvl in tiny.LEVELS}
+    assert tiny.warm_start_summary_lines(assets.meta)[0].startswith(
+        "warm start pass rates (temperature 1), train (720 prompts, k=8): never solved ")
+    # the same measurement again (one thread, as the build): the same counts for the first batch of eval prompts
+    rows = tiny.read_jsonl(assets.eval_file)[:32]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = tiny.measure_pass_rates(assets.model_dir, rows, k=8, seed=cfg.seed)
+    finally:
+        torch.set_num_threads(threads)
+    assert again["successes"] == [per_prompt["eval"][r["id"]] for r in rows]
+
+
+def test_warm_start_has_a_spread_of_pass_rates(assets):
+    """What the recipe is for (measured at build time: train never 0.35, in between 0.45, always 0.20).
+    Level 6 (22.5% of the prompts) has answers the warm start never saw, so it is (almost) never
+    solved; levels 1-3 are drilled until most of their prompts are always solved."""
+    h = assets.meta["warm_start_pass_rates"]["train"]
+    assert h["by_level_shares"]["6"][0] >= 0.9, h
+    assert h["share_zero"] >= 0.2 and h["share_all"] >= 0.1 and h["share_between"] >= 0.3, h
