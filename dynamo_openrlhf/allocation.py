@@ -22,10 +22,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
 from dynamo_openrlhf._core import RULES, PassRatePool
 
-__all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio",
-           "default_bounds", "STATE_VERSION"]
+__all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
+           "default_bounds", "calibration_scores", "STATE_VERSION", "VARIANCE_MODELS"]
 
 STATE_VERSION = 1
 
@@ -39,18 +40,79 @@ def default_bounds(n_samples_per_prompt: int, oversample: float) -> Tuple[int, i
     return (n + 1) // 2, n + n // 2
 
 
-def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray) -> float:
-    """J(n) / J(uniform) for one step, J(n) = sum_i v_i c(n_i), c(n) = 1/n, c(0) = 1 (a skipped prompt
-    loses its signal, like a GRPO group of one); uniform spreads the same budget evenly over the same
-    prompts (J = sum v x N / B). 1.0 when every v_i is 0. ``variances`` (N,), ``counts`` (N,)."""
+#: Variance models of the allocator (the core's ``estimator=`` names); None = Σ v/n.
+SHIFTED_ESTIMATORS = ("rloo", "dr_grpo", "reinforce_baseline")
+VARIANCE_MODELS = (None,) + tuple(CORE_ESTIMATORS)
+
+
+def _group_norm_costs(variances: np.ndarray, alpha: np.ndarray, beta: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The core's group_norm cost v·(n−1)/(n²·P(n)), P(n) = 1 − E[pⁿ] − E[(1−p)ⁿ] under Beta(α, β), for
+    n ≥ 2 (the same recurrences as the core: P(2) = 2·E[p(1−p)], P(n+1) − P(n) = E[pⁿ(1−p)] +
+    E[(1−p)ⁿp]); ``variances`` is the weight v (the calibrated variance when allocating on it)."""
+    a, b = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.int64)
+    s = a + b
+    ep, eq = a / s * ((a + 1.0) / (s + 1.0)), b / s * ((b + 1.0) / (s + 1.0))
+    P = 2.0 * (a * b / (s * (s + 1.0)))
+    out = np.zeros(n.shape, dtype=np.float64)
+    top = int(n.max()) if n.size else 0
+    for level in range(2, top + 1):
+        at = n == level
+        if at.any():
+            out[at] = variances[at] * (level - 1.0) / (level * level * P[at])
+        inv = 1.0 / (s + level)
+        P = P + (ep * b + eq * a) * inv
+        ep, eq = ep * ((a + level) * inv), eq * ((b + level) * inv)
+    return out
+
+
+def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None, beta=None) -> np.ndarray:
+    """Each prompt's predicted variance (up to the common score-noise factor) of its contribution to the
+    update, at its count, under the allocator's model of ``estimator`` (float64, (N,)).
+
+    None (and "reinforce"/"gae", which have no group baseline): v/n; "rloo", "dr_grpo",
+    "reinforce_baseline": v/(n−1) (the prompt-balanced update's variance; the mean-baseline estimators
+    rescaled by n/(n−1) are RLOO); "group_norm": the core's v·(n−1)/(n²·P(n)) from the Beta posterior
+    (``alpha``, ``beta`` needed). A skipped prompt (n = 0), or a group of one for the baseline
+    estimators, costs v: it loses its signal."""
+    v = np.asarray(variances, dtype=np.float64)
+    n = np.asarray(counts, dtype=np.float64)
+    if estimator is None:
+        return v * np.where(n > 0, 1.0 / np.maximum(n, 1.0), 1.0)
+    if estimator in SHIFTED_ESTIMATORS:
+        return v * np.where(n >= 2, 1.0 / np.maximum(n - 1.0, 1.0), 1.0)
+    if estimator == "group_norm":
+        if alpha is None or beta is None:
+            raise ValueError("the group_norm variance model needs the Beta posteriors (alpha, beta)")
+        return np.where(n >= 2, _group_norm_costs(v, alpha, beta, np.maximum(n, 0).astype(np.int64)), v)
+    raise ValueError(f"unknown variance model {estimator!r}; expected one of {list(VARIANCE_MODELS)}")
+
+
+def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray, estimator: Optional[str] = None,
+                             alpha=None, beta=None) -> float:
+    """J(n) / J(uniform) for one step, J(n) = Σ_i cost_i(n_i) (:func:`prompt_costs` under ``estimator``'s
+    model); uniform spreads the same budget B evenly over the same N prompts. Without an estimator
+    J(uniform) = Σ v × N / B (today's formula, fractional B/N allowed); with one, when B/N is not an
+    integer, each prompt's uniform cost interpolates linearly between its costs at ⌊B/N⌋ and ⌈B/N⌉
+    (the mean over which prompts get the extra rollout). 1.0 when J(uniform) is 0."""
     v = np.asarray(variances, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
     budget = float(n.sum())
-    base = float(v.sum()) * len(v) / budget if budget > 0 else 0.0
+    if budget <= 0 or v.size == 0:
+        return 1.0
+    if estimator is None:
+        base = float(v.sum()) * len(v) / budget
+    else:
+        n0 = budget / len(v)
+        lo_n = math.floor(n0)
+        frac = n0 - lo_n
+        base = float(np.sum(prompt_costs(v, np.full(v.shape, lo_n), estimator, alpha, beta)))
+        if frac > 0:
+            hi_cost = float(np.sum(prompt_costs(v, np.full(v.shape, lo_n + 1), estimator, alpha, beta)))
+            base = (1.0 - frac) * base + frac * hi_cost
     if base <= 0.0:
         return 1.0
-    cost = np.where(n > 0, 1.0 / np.maximum(n, 1.0), 1.0)
-    return float(np.sum(v * cost)) / base
+    return float(np.sum(prompt_costs(v, n, estimator, alpha, beta))) / base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +130,11 @@ class AllocationConfig:
     and their numbers are the reference's options (None = the rule's default). Pool: prior
     Beta(``prior``), per-step forgetting ``forget``, empirical-Bayes prior refit every
     ``fit_prior_every`` steps (0 = never). A sample is a success when its score (its reward if the
-    reward function gives no score) is > ``success_threshold``.
+    reward function gives no score) is > ``success_threshold``. ``estimator``: the variance model the
+    allocation minimises and ``dynamo/pred_var_ratio`` predicts with (:data:`VARIANCE_MODELS`: None = Σ v/n,
+    "rloo"/"dr_grpo"/"reinforce_baseline" = Σ v/(n−1), "group_norm" = the core's Beta-moment model); the
+    trainer sets it from ``--algo.advantage.estimator`` ("reinforce"/"gae" → None). Rule neyman only
+    passes it to the core (uniform and proportional do not optimise a variance).
     """
 
     rule: str = "neyman"
@@ -89,6 +155,7 @@ class AllocationConfig:
     forget: float = 0.999
     fit_prior_every: int = 10
     success_threshold: float = 0.5
+    estimator: Optional[str] = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -149,6 +216,7 @@ class AllocationConfig:
                 p.append("--dynamo.allocation.min_rollouts needs --dynamo.allocation.lo 0 and rule neyman")
             elif self.min_rollouts > self.hi:
                 p.append(f"--dynamo.allocation.min_rollouts {self.min_rollouts} > --dynamo.allocation.hi {self.hi}")
+        p.extend(self._estimator_problems())
         if self.calibrated and self.rule == "uniform":
             p.append("--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule uniform")
         if self.rule == "uniform" and any(
@@ -165,6 +233,51 @@ class AllocationConfig:
         return p
 
 
+    def _estimator_problems(self) -> list:
+        e = self.estimator
+        if e is None:
+            return []
+        if e not in CORE_ESTIMATORS:
+            return [f"--algo.advantage.estimator {e}: no allocation variance model; expected one of "
+                    f"{list(CORE_ESTIMATORS)} (or none)"]
+        if self.rule != "neyman":
+            return []
+        flag = f"--algo.advantage.estimator {e} with --dynamo.allocation.rule neyman"
+        p = []
+        if e == "group_norm" and self.lo < 2:
+            p.append(f"{flag} needs --dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), got "
+                     f"lo={self.lo}")
+        elif e in SHIFTED_ESTIMATORS and self.lo < 2 and not (self.lo == 0 and (self.min_rollouts or 0) >= 2):
+            p.append(f"{flag} needs --dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), or lo 0 "
+                     f"with --dynamo.allocation.min_rollouts >= 2; got lo={self.lo}")
+        if self.skip_factor:
+            p.append(f"--dynamo.allocation.skip_factor is derived for the sum v/n objective: not with {flag} "
+                     "(use --dynamo.allocation.min_rollouts with lo 0)")
+        if self.exploration or self.mastery:
+            p.append(f"--dynamo.allocation.exploration/mastery do not apply with {flag}")
+        return p
+
+
+def calibration_scores(predicted, successes, trials) -> Dict[str, float]:
+    """How well pass-rate predictions ``predicted`` (per group, e.g. the pool's posterior means before the
+    step's update) matched the step's outcomes (``successes`` of ``trials`` per group), over the step's
+    rollouts: ``dynamo/pool_brier`` = mean over rollouts of (p̂ − y)² (y = 1 for a success),
+    ``dynamo/pool_pred_mean`` = trial-weighted mean of p̂, ``dynamo/pool_real_mean`` = successes / trials.
+    Empty dict when there are no trials."""
+    p = np.asarray(predicted, dtype=np.float64)
+    s = np.asarray(successes, dtype=np.float64)
+    t = np.asarray(trials, dtype=np.float64)
+    total = float(t.sum())
+    if total <= 0:
+        return {}
+    brier = float(np.sum(s * (1.0 - p) ** 2 + (t - s) * p ** 2)) / total
+    return {
+        "dynamo/pool_brier": brier,
+        "dynamo/pool_pred_mean": float(np.sum(t * p)) / total,
+        "dynamo/pool_real_mean": float(s.sum()) / total,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class AllocationStep:
     """One step's allocation: ``counts`` (N,) int64 per candidate prompt, the posterior expected
@@ -173,6 +286,9 @@ class AllocationStep:
     counts: np.ndarray
     variances: np.ndarray
     budget: int
+    estimator: Optional[str] = None
+    alpha: Optional[np.ndarray] = None
+    beta: Optional[np.ndarray] = None
 
     def metrics(self) -> Dict[str, float]:
         c = self.counts
@@ -185,7 +301,8 @@ class AllocationStep:
             "dynamo/alloc_prompts": float(used.size),
             "dynamo/alloc_candidates": float(c.size),
             "dynamo/alloc_budget": float(self.budget),
-            "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c),
+            "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c, self.estimator, self.alpha,
+                                                              self.beta),
         }
 
 
@@ -210,6 +327,8 @@ class RolloutAllocator:
             opts["min_rollouts"] = c.min_rollouts
         if c.calibrated:
             opts["calibrated"] = True
+        if c.estimator is not None and c.rule == "neyman":
+            opts["estimator"] = c.estimator
         return opts
 
     def allocate(self, prompt_ids: Sequence[int]) -> np.ndarray:
@@ -222,7 +341,13 @@ class RolloutAllocator:
         if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
             raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
         v = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
-        self.last = AllocationStep(counts=counts, variances=v, budget=budget)
+        alpha = beta = None
+        if c.estimator == "group_norm":
+            a0, b0 = self.pool.prior
+            succ, fail = self.pool.evidence(ids)
+            alpha, beta = a0 + succ, b0 + fail
+        self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator, alpha=alpha,
+                                   beta=beta)
         return counts
 
     # -- pool update ---------------------------------------------------------------------------
@@ -231,6 +356,8 @@ class RolloutAllocator:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         s = np.asarray(successes, dtype=np.int64)
         t = np.asarray(trials, dtype=np.int64)
+        # Score the pool's predictions on this step's prompts BEFORE it learns from them.
+        scores = calibration_scores(self.pool.mean(ids), s, t) if ids.size else {}
         self.pool.update(ids, s, t)
         self.steps += 1
         refit = self.config.fit_prior_every > 0 and self.steps % self.config.fit_prior_every == 0
@@ -248,6 +375,7 @@ class RolloutAllocator:
             "dynamo/step_successes": float(s.sum()),
             "dynamo/batch_posterior_mean": float(posterior.mean()) if posterior.size else 0.0,
             "dynamo/prior_refit": fitted,
+            **scores,
         }
 
     # -- logging -------------------------------------------------------------------------------

@@ -319,18 +319,25 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def allocation_config(args):
     """The run's :class:`~dynamo_openrlhf.allocation.AllocationConfig` (None with rule ``off``).
     Raises ValueError naming the flags when the settings are invalid or the budget infeasible."""
+    from dynamo_openrlhf.advantages import ESTIMATORS
     from dynamo_openrlhf.allocation import AllocationConfig, default_bounds
 
     al, pool = args.dynamo.allocation, args.dynamo.pool
     if al.rule == "off":
         return None
     n, bs = args.rollout.n_samples_per_prompt, args.rollout.batch_size
+    # The allocator's variance model: the run's advantage estimator ("reinforce"/"gae": none, sum v/n).
+    name = args.algo.advantage.estimator
+    estimator = ESTIMATORS[name].variance_model if name in ESTIMATORS else None
     lo_default, hi_default = default_bounds(n, al.oversample)
+    if estimator is not None and lo_default == 1:
+        lo_default = 2  # a baseline needs a group of two (n = 2: everybody gets 2)
     lo = lo_default if al.lo is None else al.lo
     hi = hi_default if al.hi is None else al.hi
     skip, min_rollouts = al.skip_factor, al.min_rollouts
     if skip is None:
-        skip = 4.0 if lo == 0 and al.rule == "neyman" else None
+        # The skip rule is derived for sum v/n; with a baseline estimator, lo 0 selects by min_rollouts.
+        skip = 4.0 if lo == 0 and al.rule == "neyman" and estimator is None else None
     if min_rollouts is None:
         min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
     return AllocationConfig(
@@ -339,7 +346,7 @@ def allocation_config(args):
         calibrated=bool(pool.calibrated) and al.rule != "uniform", exploration=al.exploration, exploration_rollouts=al.exploration_rollouts,
         mastery=al.mastery, mastery_threshold=al.mastery_threshold, priority_floor=al.priority_floor,
         prior=tuple(pool.prior), forget=pool.forget, fit_prior_every=pool.fit_prior_every,
-        success_threshold=pool.success_threshold,
+        success_threshold=pool.success_threshold, estimator=estimator,
     )
 
 

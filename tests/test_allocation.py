@@ -1,5 +1,7 @@
 """dynamo_openrlhf.allocation: the trainer's per-step allocator (torch-free)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -170,3 +172,148 @@ def test_allocation_module_needs_no_torch_ray_or_openrlhf():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[4, 4]"
+
+
+# ---------------------------------------------------------------------------------------------- estimator models
+
+
+def test_prompt_costs_hand_values():
+    from dynamo_openrlhf.allocation import prompt_costs
+
+    v = np.array([0.25, 0.09, 0.16, 0.2])
+    n = np.array([5, 3, 1, 0])
+    assert prompt_costs(v, n).tolist() == pytest.approx([0.05, 0.03, 0.16, 0.2], rel=1e-15)
+    for est in ("rloo", "dr_grpo", "reinforce_baseline"):  # v/(n-1); a group of one or none costs v
+        assert prompt_costs(v, n, est).tolist() == pytest.approx([0.0625, 0.045, 0.16, 0.2], rel=1e-15)
+    with pytest.raises(ValueError, match="needs the Beta posteriors"):
+        prompt_costs(v, n, "group_norm")
+    with pytest.raises(ValueError, match="unknown variance model 'gae'"):
+        prompt_costs(v, n, "gae")
+
+
+def _beta_moment(a, b, k):
+    """E[p^k] under Beta(a, b) = prod_{j<k} (a+j)/(a+b+j)."""
+    out = 1.0
+    for j in range(k):
+        out *= (a + j) / (a + b + j)
+    return out
+
+
+def test_group_norm_cost_is_the_beta_moment_formula():
+    from dynamo_openrlhf.allocation import prompt_costs
+
+    a = np.array([1.0, 0.7, 5.0, 2.5, 40.0])
+    b = np.array([1.0, 3.2, 0.4, 2.5, 3.0])
+    v = a * b / ((a + b) * (a + b + 1))
+    for n in (2, 3, 4, 7, 16):
+        got = prompt_costs(v, np.full(5, n), "group_norm", a, b)
+        want = [v[i] * (n - 1) / (n * n * (1 - _beta_moment(a[i], b[i], n) - _beta_moment(b[i], a[i], n)))
+                for i in range(5)]
+        assert np.allclose(got, want, rtol=1e-12, atol=0)
+    assert np.allclose(prompt_costs(v, np.array([1, 0, 2, 2, 2]), "group_norm", a, b)[:2], v[:2], rtol=0)
+
+
+def _brute_min(costs_fn, m, budget, lo, hi):
+    import itertools
+
+    best = None
+    for n in itertools.product(range(lo, hi + 1), repeat=m):
+        if sum(n) == budget:
+            c = float(np.sum(costs_fn(np.array(n))))
+            best = c if best is None else min(best, c)
+    return best
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "dr_grpo", "group_norm"])
+def test_the_cores_allocation_minimises_our_cost_model(estimator):
+    """The Python model behind dynamo/pred_var_ratio is the objective the core minimises: the core's
+    allocation attains the brute-force minimum of our costs."""
+    from dynamo_openrlhf.allocation import prompt_costs
+
+    ids = np.arange(5, dtype=np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0), forget=1.0)
+    pool.update(ids, [0, 1, 4, 7, 3], [8, 8, 8, 8, 4])
+    counts = pool.allocate(ids, 20, 2, 8, estimator=estimator)
+    v = pool.expected_variance(ids)
+    s, f = pool.evidence(ids)
+    a, b = 1.0 + s, 1.0 + f
+    fn = lambda n: prompt_costs(v, n, estimator, a, b)  # noqa: E731
+    assert float(np.sum(fn(counts))) == pytest.approx(_brute_min(fn, 5, 20, 2, 8), rel=1e-12)
+
+
+def test_predicted_variance_ratio_with_estimators():
+    # rloo, uniform 4 each: J = (0.25 + 0.09) / 3; n = (5, 3): 0.25/4 + 0.09/2
+    assert predicted_variance_ratio([0.25, 0.09], [4, 4], "rloo") == pytest.approx(1.0)
+    assert predicted_variance_ratio([0.25, 0.09], [5, 3], "rloo") == pytest.approx(
+        (0.25 / 4 + 0.09 / 2) / (0.34 / 3), rel=1e-12)
+    # B/N = 3.5 is not an integer: uniform interpolates between 3 and 4 each
+    base = 0.5 * (0.34 / 2) + 0.5 * (0.34 / 3)
+    assert predicted_variance_ratio([0.25, 0.09], [5, 2], "rloo") == pytest.approx((0.25 / 4 + 0.09) / base, rel=1e-12)
+    # None keeps today's continuous formula
+    assert predicted_variance_ratio([0.25, 0.09], [5, 2]) == pytest.approx((0.25 / 5 + 0.09 / 2) / (0.34 * 2 / 7))
+
+
+def test_allocator_passes_the_estimator_and_predicts_with_it():
+    ids = np.arange(100, 108, dtype=np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0), forget=1.0)
+    pool.update(ids, [0, 1, 2, 3, 4, 4, 2, 1], [4] * 8)
+    for est in ("rloo", "group_norm"):
+        p = PassRatePool.from_bytes(pool.to_bytes())
+        alloc = RolloutAllocator(_cfg(forget=1.0, estimator=est, hi=8), pool=p)
+        counts = alloc.allocate(ids)
+        assert counts.tolist() == p.allocate(ids, 32, 2, 8, estimator=est).tolist()
+        v = p.expected_variance(ids)
+        s, f = p.evidence(ids)
+        assert alloc.metrics()["dynamo/pred_var_ratio"] == pytest.approx(
+            predicted_variance_ratio(v, counts, est, 1.0 + s, 1.0 + f), rel=1e-12)
+    # uniform/proportional do not optimise a variance: nothing passed, but the estimator's prediction logged
+    alloc = RolloutAllocator(_cfg(forget=1.0, estimator="rloo", rule="uniform"), pool=pool)
+    assert alloc.allocate(ids).tolist() == [4] * 8 and alloc.metrics()["dynamo/pred_var_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(estimator="rloo", lo=1), "--algo.advantage.estimator rloo with --dynamo.allocation.rule neyman needs "
+                                   "--dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), or lo 0 "
+                                   "with --dynamo.allocation.min_rollouts >= 2; got lo=1"),
+    (dict(estimator="group_norm", lo=0, min_rollouts=2, oversample=2.0, hi=16),
+     "--algo.advantage.estimator group_norm with --dynamo.allocation.rule neyman needs --dynamo.allocation.lo >= 2"),
+    (dict(estimator="rloo", lo=0, hi=16, oversample=2.0, skip_factor=4.0, min_rollouts=2),
+     "--dynamo.allocation.skip_factor is derived for the sum v/n objective"),
+    (dict(estimator="gae"), "--algo.advantage.estimator gae: no allocation variance model"),
+])
+def test_estimator_settings_errors_name_the_flags(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _cfg(**kw)
+
+
+def test_estimator_settings_that_work():
+    _cfg(estimator="rloo", lo=0, hi=16, oversample=2.0, min_rollouts=2)  # lo 0 with min_rollouts 2
+    _cfg(estimator="rloo", lo=1, rule="uniform")  # the rule does not use the estimator
+    _cfg(estimator="group_norm", lo=2)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+def test_calibration_scores_exact():
+    from dynamo_openrlhf.allocation import calibration_scores
+
+    got = calibration_scores([0.5, 0.2, 0.9], [2, 0, 3], [4, 2, 4])
+    # rollouts: group 0: 2 x (0.5-1)^2 + 2 x 0.5^2; group 1: 2 x 0.2^2; group 2: 3 x 0.1^2 + 1 x 0.9^2
+    brier = (2 * 0.25 + 2 * 0.25 + 2 * 0.04 + 3 * 0.01 + 0.81) / 10
+    assert got == pytest.approx({"dynamo/pool_brier": brier, "dynamo/pool_pred_mean": (2.0 + 0.4 + 3.6) / 10,
+                                 "dynamo/pool_real_mean": 0.5}, rel=1e-14)
+    assert calibration_scores([0.5], [0], [0]) == {}
+
+
+def test_record_scores_the_pool_before_updating_it():
+    alloc = RolloutAllocator(_cfg(forget=1.0, prior=(1.0, 3.0)))
+    ids = np.array([7, 8], dtype=np.int64)
+    alloc.record(ids, [3, 0], [4, 4])  # unseen: prior mean 0.25 for both
+    m = alloc.metrics()
+    assert m["dynamo/pool_pred_mean"] == pytest.approx(0.25) and m["dynamo/pool_real_mean"] == pytest.approx(3 / 8)
+    assert m["dynamo/pool_brier"] == pytest.approx((3 * 0.75 ** 2 + 5 * 0.25 ** 2) / 8, rel=1e-14)
+    alloc.record(ids, [4, 0], [4, 4])  # now Beta(4, 4) -> 0.5 and Beta(1, 7) -> 0.125
+    m = alloc.metrics()
+    assert m["dynamo/pool_pred_mean"] == pytest.approx((0.5 + 0.125) / 2)
+    assert m["dynamo/pool_brier"] == pytest.approx((4 * 0.25 + 4 * 0.125 ** 2) / 8, rel=1e-14)
