@@ -127,16 +127,20 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default="neyman",
         choices=["off", "uniform", "proportional", "neyman"],
         help="How each step's rollout budget (--rollout.batch_size x --rollout.n_samples_per_prompt) is split over "
-        "its prompts. neyman: the exact integer minimiser of sum_i v_i/n_i (v_i = posterior expected p(1-p) of "
-        "prompt i from the pass-rate pool); proportional: the DynaMO reference code's n_i ~ v_i; uniform: n each "
+        "its prompts. neyman: the exact integer minimiser of the update's variance under the run's "
+        "--algo.advantage.estimator: sum_i v_i/(n_i-1) for rloo, dr_grpo, reinforce_baseline (with the balanced "
+        "loss), a Beta-moment model for group_norm, sum_i v_i/n_i for reinforce/gae (v_i = posterior expected "
+        "p(1-p) of prompt i from the pass-rate pool); proportional: the DynaMO reference code's n_i ~ v_i; uniform: n each "
         "(OpenRLHF's split, through DynaMO's sampler, pool and logs); off: OpenRLHF's own sampler, no pool.",
     )
     g.add_argument(
         "--dynamo.allocation.lo",
         type=int,
         default=None,
-        help="Fewest rollouts per prompt (default: ceil(n/2), e.g. 8 for n=16; 0 with --dynamo.allocation.oversample "
-        "> 1). 0 lets a prompt be skipped.",
+        help="Fewest rollouts per prompt (default: ceil(n/2), e.g. 8 for n=16, at least 2 with a baseline "
+        "estimator; 0 with --dynamo.allocation.oversample > 1). 0 lets a prompt be skipped. With "
+        "--algo.advantage.estimator rloo/dr_grpo/reinforce_baseline/group_norm and rule neyman: >= 2 (or 0 with "
+        "--dynamo.allocation.min_rollouts >= 2 for the rloo family).",
     )
     g.add_argument(
         "--dynamo.allocation.hi",
@@ -157,7 +161,8 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         type=float,
         default=None,
         help="With lo 0 and rule neyman: skip (0 rollouts) prompts whose expected variance is below skip_factor x the "
-        "allocation's shadow price; skipping pays when v < 4 x price (default: 4 when lo is 0, else off; 0 = off).",
+        "allocation's shadow price; skipping pays when v < 4 x price (default: 4 when lo is 0 and the estimator "
+        "has no group baseline (reinforce, gae), else off: it is derived for sum v/n; 0 = off).",
     )
     g.add_argument(
         "--dynamo.allocation.min_rollouts",
