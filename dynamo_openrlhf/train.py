@@ -787,6 +787,26 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
             f"{last['dynamo/alloc_budget']:g}/step; predicted variance vs uniform: mean {sum(ratios) / len(ratios):.3f}, "
             f"min {min(ratios):.3f}; pool {last['dynamo/pool_size']:g} prompts, mean pass rate "
             f"{last['dynamo/pool_mean_pass_rate']:.3f}")
+    from dynamo_openrlhf.advantages import prompt_balancing
+
+    try:
+        balancing = prompt_balancing(args)
+    except ValueError:
+        balancing = None
+    if balancing is not None:
+        per = f"token sum / {balancing.token_normalizer:g}" if balancing.token_level else "token mean"
+        lines.append(f"  policy loss: prompt-balanced (each prompt weighs the same; per rollout {per}; "
+                     f"{balancing.estimator} advantages)")
+    calib = [r for r in train if "dynamo/pool_brier" in r]
+    if calib:
+        # Trial-weighted over the steps (each step's numbers are means over its rollouts).
+        w = [r.get("dynamo/step_trials", 1.0) for r in calib]
+        wmean = lambda k: sum(r[k] * x for r, x in zip(calib, w)) / sum(w)  # noqa: E731
+        ref = sum(r["dynamo/pool_real_mean"] * (1 - r["dynamo/pool_real_mean"]) * x for r, x in zip(calib, w)) / sum(w)
+        lines.append(
+            f"  pool calibration (posterior before each update, {len(calib)} steps): Brier {wmean('dynamo/pool_brier'):.4f} "
+            f"(last step {calib[-1]['dynamo/pool_brier']:.4f}; the step's own mean pass rate would score {ref:.4f}), "
+            f"predicted pass rate {wmean('dynamo/pool_pred_mean'):.3f} vs realised {wmean('dynamo/pool_real_mean'):.3f}")
     mod = [r for r in train if "dynamo/beta_comp_mean" in r]
     if mod:
         mean = lambda k: sum(r[k] for r in mod) / len(mod)  # noqa: E731

@@ -497,3 +497,32 @@ def test_dynamo_flags_imply_openrlhf_settings_and_say_so(capsys):
     _apply_dynamo_to_openrlhf_args(a)
     assert a.actor.entropy_coef is None and a.actor.eps_clip_low_high is None  # nothing implied: OpenRLHF's
     assert capsys.readouterr().out == ""
+
+
+def test_summary_shows_the_pool_calibration_and_the_loss():
+    from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf.train import format_summary
+
+    args = NS(dynamo=NS(allocation=NS(rule="neyman"), modulation=NS(preset="off"), run_dir=None, reward_dump=None,
+                        loss=NS(prompt_weighting="auto", token_normalizer=None)),
+              algo=NS(advantage=NS(estimator="rloo")), actor=NS(loss_agg_mode="token-mean"),
+              rollout=NS(max_new_tokens=16), train=NS(batch_size=128, dynamic_batch_enable=False, async_enable=False),
+              eval=NS(dataset=None), ckpt=NS(path="/nonexistent/ckpt", output_dir="/nonexistent/final"),
+              logger=NS(tensorboard_dir=None))
+    history = [
+        {"type": "train", "step": 1, "dynamo/pool_brier": 0.25, "dynamo/pool_pred_mean": 0.5,
+         "dynamo/pool_real_mean": 0.25, "dynamo/step_trials": 32.0},
+        {"type": "train", "step": 2, "dynamo/pool_brier": 0.13, "dynamo/pool_pred_mean": 0.3,
+         "dynamo/pool_real_mean": 0.5, "dynamo/step_trials": 96.0},
+    ]
+    text = format_summary(history, args, 12.0)
+    # trial-weighted: Brier (0.25*32 + 0.13*96)/128 = 0.16; predicted (0.5*32+0.3*96)/128 = 0.35;
+    # realised (0.25*32+0.5*96)/128 = 0.4375; own-mean reference (0.1875*32 + 0.25*96)/128 = 0.234375
+    assert ("  pool calibration (posterior before each update, 2 steps): Brier 0.1600 (last step 0.1300; the step's "
+            "own mean pass rate would score 0.2344), predicted pass rate 0.350 vs realised 0.438") in text
+    assert "  policy loss: prompt-balanced (each prompt weighs the same; per rollout token sum / 16; rloo advantages)" \
+        in text
+    args.dynamo.allocation.rule = "off"
+    assert "pool calibration" not in format_summary(history[:0], args, 1.0)
+    assert "policy loss" not in format_summary(history, args, 1.0)
