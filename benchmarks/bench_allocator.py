@@ -21,6 +21,13 @@ There, exact solvers skip prompts whose estimate is 0, so Σ v/n with the TRUE v
 
 Times are medians over repeats (wall clock). Pool rows use a pool of 10,485,760 prompts
 (1,048,576 with --quick).
+
+Estimator table (N = 1,048,576; 262,144 with --quick), in the same run: allocate_rollouts with
+bounds 8..24 on the same estimates for estimator None (today's Σ v/n) and each Σ v/(n−1)
+estimator, and PassRatePool.allocate over N ids of an N-prompt pool (16 trials of evidence
+each, so every posterior variance is positive and nothing saturates) for None, "rloo" and
+"group_norm" (plain and calibrated), plus the 512-prompt batch. The ratio column divides by
+the estimator-None row of the same kind.
 """
 
 import argparse
@@ -35,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _alloc_numpy import neyman_numpy, reference_numpy  # noqa: E402
 
-from dynamo_openrlhf import PassRatePool, allocate_rollouts  # noqa: E402
+from dynamo_openrlhf import ESTIMATORS, PassRatePool, allocate_rollouts  # noqa: E402
 
 LO, HI, PER_PROMPT = 8, 24, 16
 
@@ -187,6 +194,44 @@ def pool_table(pool_size, rng):
     }
 
 
+def estimator_table(n, rng):
+    """Times per estimator at N prompts; ratios against estimator None of the same kind."""
+    estimate, _ = next(inputs_for([n], rng))
+    budget = PER_PROMPT * n
+    reps = repeats_for(n)
+    rows = []
+    base = median_time(lambda: allocate_rollouts(estimate, budget, LO, HI), reps)
+    rows.append(("allocate_rollouts", "None", base, base))
+    for e in ESTIMATORS:
+        if e == "group_norm":  # needs posteriors: refused by allocate_rollouts
+            continue
+        got = allocate_rollouts(estimate, budget, LO, HI, estimator=e)
+        assert got.sum() == budget and got.min() >= LO and got.max() <= HI
+        t = median_time(lambda: allocate_rollouts(estimate, budget, LO, HI, estimator=e), reps)
+        rows.append(("allocate_rollouts", e, t, base))
+    pool = PassRatePool(prior=(1.0, 1.0), forget=1.0, capacity=n)
+    ids = np.arange(n, dtype=np.int64)
+    p = rng.beta(0.7, 0.7, n)
+    for _ in range(2):  # two steps, so the revisit calibration has data
+        pool.update(ids, rng.binomial(8, p), np.full(n, 8))
+    batch = rng.choice(n, 512, replace=False)
+    for label, prompts, b in [(f"pool.allocate, {n:,} ids", ids, budget),
+                              ("pool.allocate, 512-id batch", batch, 8192)]:
+        r = reps if len(prompts) == n else 201
+        cases = [("None", {}), ("rloo", {"estimator": "rloo"}),
+                 ("group_norm", {"estimator": "group_norm"}),
+                 ("None, calibrated", {"calibrated": True}),
+                 ("group_norm, calibrated", {"estimator": "group_norm", "calibrated": True})]
+        base = None
+        for name, options in cases:
+            got = pool.allocate(prompts, b, LO, HI, **options)
+            assert got.sum() == b and got.min() >= LO and got.max() <= HI
+            t = median_time(lambda: pool.allocate(prompts, b, LO, HI, **options), r)
+            base = t if base is None else base
+            rows.append((label, name, t, base))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
@@ -208,6 +253,14 @@ def main():
     skipping = allocation_table(sizes, rng, 0, 64, score_estimate=True)
     print("\nSame inputs, bounds 0..64 (skipping allowed; exercises the threshold search):\n")
     print_table(skipping, scored="estimated v")
+
+    n_est = 262_144 if args.quick else 1_048_576
+    est_rows = estimator_table(n_est, rng)
+    print(f"\nEstimators, N = {n_est:,}, budget 16·N, bounds {LO}..{HI} (same run):\n")
+    print("| call | estimator | median ms | ÷ estimator None |")
+    print("|---|---|---:|---:|")
+    for call, name, t, base in est_rows:
+        print(f"| {call} | {name} | {t * 1e3:.3f} | {t / base:.2f}× |")
 
     p = pool_table(pool_size, rng)
     print(f"\nPassRatePool with {p['pool_size']:,} prompts (built in {p['build']:.2f} s by "

@@ -22,7 +22,7 @@
 
 use crate::error::{Error, Result};
 use crate::neyman;
-use crate::parallel::{map_chunks, map_chunks_mut};
+use crate::parallel::map_chunks_mut;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Estimator {
@@ -156,14 +156,10 @@ impl GainRow {
         }
     }
 
-    /// P(n + 1) − P(n) = E[pⁿ(1−p)] + E[(1−p)ⁿ p].
+    /// P(n + 1) − P(n) = E[pⁿ(1−p)] + E[(1−p)ⁿ p], and E[pⁿ⁺¹], E[(1−p)ⁿ⁺¹].
     #[inline]
     fn step(&self) -> (f64, f64, f64) {
-        let d = self.alpha + self.beta + self.n as f64;
-        let up = self.ep * (self.beta / d) + self.eq * (self.alpha / d);
-        let ep = self.ep * ((self.alpha + self.n as f64) / d);
-        let eq = self.eq * ((self.beta + self.n as f64) / d);
-        (up, ep, eq)
+        step_kernel(self.alpha, self.beta, self.n as f64, self.ep, self.eq)
     }
 
     /// Advances to level `n` (≥ the current one).
@@ -194,21 +190,35 @@ impl GainRow {
     #[inline]
     pub fn next_gain(&mut self) -> f64 {
         let (up, ep, eq) = self.step();
-        let n = self.n as f64;
-        let p1 = self.p + up;
-        let num = (n * n - n - 1.0) * self.p + (n - 1.0) * (n + 1.0) * (n + 1.0) * up;
-        let den = (n * n) * ((n + 1.0) * (n + 1.0)) * (self.p * p1);
-        let gain = if self.weight == 0.0 {
-            0.0
-        } else {
-            self.weight * (num / den)
-        };
-        self.p = p1;
+        let gain = gain_kernel(self.weight, self.n as f64, self.p, up);
+        self.p += up;
         self.ep = ep;
         self.eq = eq;
         self.n += 1;
         gain
     }
+}
+
+/// One level of the Beta moment recurrences (one division): with d = α + β + n,
+/// E[pⁿ(1−p)] = E[pⁿ]·β/d, E[(1−p)ⁿp] = E[(1−p)ⁿ]·α/d, E[pⁿ⁺¹] = E[pⁿ]·(α+n)/d, and the same
+/// for 1 − p. Returns (P(n+1) − P(n), E[pⁿ⁺¹], E[(1−p)ⁿ⁺¹]). Shared by the scalar rows and the
+/// vectorised table fill, so both compute bit-identical values.
+#[inline(always)]
+fn step_kernel(alpha: f64, beta: f64, n: f64, ep: f64, eq: f64) -> (f64, f64, f64) {
+    let inv = 1.0 / (alpha + beta + n);
+    let up = (ep * beta + eq * alpha) * inv;
+    (up, ep * ((alpha + n) * inv), eq * ((beta + n) * inv))
+}
+
+/// c(n) − c(n+1) for weight w, P(n) = p, P(n+1) = p + up, without cancellation:
+/// w·((n²−n−1)·P(n) + (n−1)(n+1)²·up) / (n²(n+1)²·P(n)·P(n+1)), evaluated as
+/// (w/P(n)) · (num / (P(n+1)·n²(n+1)²)) so that nothing underflows (w/P(n) ≤ scale/2).
+#[inline(always)]
+fn gain_kernel(w: f64, n: f64, p: f64, up: f64) -> f64 {
+    let p1 = p + up;
+    let m = n + 1.0;
+    let num = (n * n - n - 1.0) * p + ((n - 1.0) * (m * m)) * up;
+    (w / p) * (num / (p1 * ((n * n) * (m * m))))
 }
 
 /// The group_norm cost c(n) of one prompt (n ≥ 2), for tests and reports.
@@ -218,22 +228,30 @@ pub fn group_norm_cost(alpha: f64, beta: f64, scale: f64, n: u64) -> f64 {
     row.cost()
 }
 
-/// Largest gain table `solve_group_norm` builds (entries of 8 bytes: 2 GiB).
-pub const MAX_GROUP_NORM_UNITS: u64 = 1 << 28;
+/// Largest number of marginal gains N·(min(hi, lo + K) − lo) `solve_group_norm` evaluates per
+/// pass (a few passes of about a nanosecond each per gain).
+pub const MAX_GROUP_NORM_UNITS: u64 = 1 << 32;
 
-/// Checks the posterior parameters and the table size for `solve_group_norm`.
+/// Levels a prompt can actually use: at most lo + K rollouts, K = budget − N·lo.
+fn effective_hi(n: usize, budget: u64, lo: u64, hi: u64) -> u64 {
+    hi.min(lo + (budget - n as u64 * lo))
+}
+
+/// Checks the posterior parameters and the work bound for `solve_group_norm` (budget feasible).
 pub fn check_group_norm(
     alpha: &[f64],
     beta: &[f64],
     scale: Option<&[f64]>,
+    budget: u64,
     lo: u64,
     hi: u64,
 ) -> Result<()> {
-    let units = alpha.len() as u128 * (hi - lo) as u128;
-    if units > MAX_GROUP_NORM_UNITS as u128 {
+    let width = effective_hi(alpha.len(), budget, lo, hi) - lo;
+    if alpha.len() as u128 * width as u128 > MAX_GROUP_NORM_UNITS as u128 {
         return Err(Error::invalid(format!(
-            "estimator 'group_norm' supports N*(hi - lo) <= {MAX_GROUP_NORM_UNITS}, got \
-             N = {}, lo = {lo}, hi = {hi}",
+            "estimator 'group_norm' supports N*(min(hi, lo + budget - N*lo) - lo) <= \
+             {MAX_GROUP_NORM_UNITS} marginal gains, got N = {}, lo = {lo}, hi = {hi}, \
+             budget = {budget}",
             alpha.len()
         )));
     }
@@ -256,22 +274,6 @@ pub fn check_group_norm(
     Ok(())
 }
 
-/// One unit: raising `index` from `level` to `level + 1` has gain `gain`.
-#[derive(Clone, Copy, Debug)]
-struct Unit {
-    gain: f64,
-    level: u64,
-    index: usize,
-}
-
-/// Greedy order: larger gain first, then the lower level, then the lower index.
-fn unit_order(a: &Unit, b: &Unit) -> std::cmp::Ordering {
-    b.gain
-        .total_cmp(&a.gain)
-        .then(a.level.cmp(&b.level))
-        .then(a.index.cmp(&b.index))
-}
-
 /// Number of entries of a non-increasing row that are > λ (or ≥ λ when `inclusive`).
 #[inline]
 fn row_count(row: &[f64], lambda: f64, inclusive: bool) -> usize {
@@ -282,17 +284,61 @@ fn row_count(row: &[f64], lambda: f64, inclusive: bool) -> usize {
     }
 }
 
+/// The marginal gains of the prompts, computed block by block on the fly (never stored whole).
+struct Gains<'a> {
+    alpha: &'a [f64],
+    beta: &'a [f64],
+    scale: Option<&'a [f64]>,
+    lo: u64,
+    width: usize,
+}
+
+impl Gains<'_> {
+    /// Prompts per block: the block's rows (row-major, `width` each) stay within ~256 KiB.
+    fn block_len(&self) -> usize {
+        (32_768 / self.width).clamp(1, BLOCK)
+    }
+
+    /// Calls `f(first_index, rows)` for consecutive blocks of prompts `start..start + len`;
+    /// `rows` holds each prompt's gains at levels lo..lo + width, non-increasing.
+    fn for_blocks(&self, start: usize, len: usize, mut f: impl FnMut(usize, &[f64])) {
+        let step = self.block_len();
+        let mut buf = vec![0.0f64; step * self.width];
+        let ones = [1.0f64; BLOCK];
+        let mut i = start;
+        while i < start + len {
+            let k = step.min(start + len - i);
+            let s = self.scale.map_or(&ones[..k], |s| &s[i..i + k]);
+            let rows = &mut buf[..k * self.width];
+            fill_block(
+                &self.alpha[i..i + k],
+                &self.beta[i..i + k],
+                s,
+                self.lo,
+                self.width,
+                rows,
+            );
+            f(i, rows);
+            i += k;
+        }
+    }
+}
+
 /// Exact minimiser of Σ scale_i·c_i(n_i) (group_norm cost of Beta(alpha_i, beta_i)) with
 /// Σ n_i = budget, 2 ≤ lo ≤ n_i ≤ hi, for input checked by `check_group_norm` and a feasible
-/// budget. Ties: gain descending, then the lower level, then the lower index (as `neyman`).
+/// budget. The result is the greedy's: every prompt at lo plus the K = budget − N·lo largest
+/// units (prompt i, level n) under the order "gain descending, then the lower level, then the
+/// lower index" (as `neyman`); gains are each row's float64 gains made non-increasing by a
+/// running minimum (the exact gains are non-increasing; the float ones can differ only by
+/// rounding). Steps:
 ///
-/// 1. A table of the marginal gains at levels lo..hi−1 per prompt (each row made
-///    non-increasing by a running minimum: the exact gains are non-increasing, the float ones
-///    can only differ by rounding).
-/// 2. A bracket [λ_low, λ_high] for the gain of the K-th unit from a fixed-stride sample of the
-///    table, checked (and widened) with exact counts by binary search in the rows.
-/// 3. Units above λ_high are taken; the missing ones are picked from the units inside the
-///    bracket by `select_nth_unstable` under the unit order.
+/// 1. λ*, the gain of the K-th unit: a fixed-stride sample of rows gives a window [L, H) of
+///    gains, verified by exact counts (#≥H < K ≤ #≥L; widened until it holds). If #>L < K then
+///    λ* = L, else λ* is the (K − #≥H)-th largest of the gains strictly between L and H.
+/// 2. Every unit above λ* is taken; the K − #>λ* missing units are ties at λ*, taken level by
+///    level (lower first) and within a level by index, from a histogram of the tie levels.
+///
+/// Gains are recomputed in each pass (vectorised blocks), so memory stays O(N).
 pub fn solve_group_norm(
     alpha: &[f64],
     beta: &[f64],
@@ -303,6 +349,7 @@ pub fn solve_group_norm(
 ) -> Vec<i64> {
     debug_assert!(lo >= 2 && lo <= hi && alpha.len() == beta.len());
     let n = alpha.len();
+    let hi = effective_hi(n, budget, lo, hi);
     let width = (hi - lo) as usize;
     let units = budget - n as u64 * lo;
     if units == 0 || width == 0 {
@@ -312,28 +359,39 @@ pub fn solve_group_norm(
     if units == total {
         return vec![hi as i64; n];
     }
-    // 1. The gain table, rows of `width`.
-    let mut table = vec![0.0f64; n * width];
-    fill_rows(alpha, beta, scale, lo, width, &mut table);
-    let rows = |offset: usize, len: usize| &table[offset * width..(offset + len) * width];
-    let count = |lambda: f64, inclusive: bool| -> u64 {
-        map_chunks(alpha, |offset, chunk| {
-            rows(offset, chunk.len())
-                .chunks_exact(width)
-                .map(|r| row_count(r, lambda, inclusive) as u64)
-                .sum::<u64>()
-        })
-        .into_iter()
-        .sum()
+    let gains = Gains {
+        alpha,
+        beta,
+        scale,
+        lo,
+        width,
     };
-    // 2. Bracket: sample gains at a fixed stride, sorted descending.
-    const SAMPLE: u64 = 1 << 16;
-    let stride = (total / SAMPLE).max(1);
-    let mut sample: Vec<f64> = (0..total)
-        .step_by(stride as usize)
-        .map(|k| table[k as usize])
+    // 1. The sample: whole rows of prompts at a fixed stride, sorted descending.
+    const SAMPLE: usize = 1 << 15;
+    let rows = (SAMPLE / width).clamp(1, n);
+    let picks: Vec<usize> = (0..rows)
+        .map(|t| (t as u128 * n as u128 / rows as u128) as usize)
         .collect();
-    sample.sort_unstable_by(|a, b| b.total_cmp(a));
+    let pick = |xs: &[f64]| -> Vec<f64> { picks.iter().map(|&i| xs[i]).collect() };
+    let (sa, sb, ss) = (pick(alpha), pick(beta), scale.map(pick));
+    let picked = Gains {
+        alpha: &sa,
+        beta: &sb,
+        scale: ss.as_deref(),
+        lo,
+        width,
+    };
+    let mut sample = Vec::with_capacity(rows * width);
+    picked.for_blocks(0, rows, |_, block| sample.extend_from_slice(block));
+    // A sample of the whole table gives λ* (the K-th largest gain) directly.
+    let exact = (rows == n).then(|| {
+        let k = (units - 1) as usize;
+        sample.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
+        sample[k]
+    });
+    if exact.is_none() {
+        sample.sort_unstable_by(|a, b| b.total_cmp(a));
+    }
     let s = sample.len() as f64;
     let q = units as f64 / total as f64;
     let mut margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 8.0;
@@ -346,102 +404,195 @@ pub fn solve_group_norm(
             sample[k as usize]
         }
     };
-    let (mut lambda_high, mut lambda_low);
-    loop {
-        lambda_high = at((q * s - margin).floor());
-        lambda_low = at((q * s + margin).ceil());
-        // Units strictly above λ_high must not exceed K; units at or above λ_low must reach K.
-        let above = if lambda_high == f64::INFINITY {
-            0
-        } else {
-            count(lambda_high, false)
+    // One pass per window: per prompt (#≥H, #>L, #≥L) and its gains strictly between L and H
+    // (contiguous in its row), kept so that the counts at λ* need no second pass.
+    let mut counts = vec![(0u32, 0u32, 0u32); n];
+    let (lambda, low, parts) = loop {
+        let (high, low) = match exact {
+            Some(lambda) => (f64::INFINITY, lambda),
+            None => (at((q * s - margin).floor()), at((q * s + margin).ceil())),
         };
-        let reach = if lambda_low == f64::NEG_INFINITY {
-            total
-        } else {
-            count(lambda_low, true)
-        };
-        if above <= units && reach >= units {
-            break;
-        }
-        margin *= 8.0;
-    }
-    // 3. Take everything above λ_high; choose the rest inside [λ_low, λ_high].
-    let mut out = vec![lo as i64; n];
-    let parts = map_chunks_mut(alpha, &mut out, |offset, chunk, os| {
-        let mut inside = Vec::new();
-        let mut taken = 0u64;
-        for (j, (r, o)) in rows(offset, chunk.len())
-            .chunks_exact(width)
-            .zip(os.iter_mut())
-            .enumerate()
-        {
-            let a = if lambda_high == f64::INFINITY {
-                0
-            } else {
-                row_count(r, lambda_high, false)
-            };
-            let b = row_count(r, lambda_low, true);
-            *o += a as i64;
-            taken += a as u64;
-            for (level, &gain) in r.iter().enumerate().take(b).skip(a) {
-                inside.push(Unit {
-                    gain,
-                    level: lo + level as u64,
-                    index: offset + j,
+        let parts: Vec<(u64, u64, u64, Vec<f64>)> =
+            map_chunks_mut(alpha, &mut counts, |offset, chunk, cs| {
+                let (mut ge_high, mut gt_low, mut ge_low) = (0u64, 0u64, 0u64);
+                let mut between = Vec::new();
+                gains.for_blocks(offset, chunk.len(), |i0, block| {
+                    for (j, r) in block.chunks_exact(width).enumerate() {
+                        let a = row_count(r, high, true);
+                        let b = row_count(r, low, false).max(a);
+                        let c = row_count(r, low, true).max(a);
+                        ge_high += a as u64;
+                        gt_low += b as u64;
+                        ge_low += c as u64;
+                        between.extend_from_slice(&r[a..b]);
+                        cs[i0 - offset + j] = (a as u32, b as u32, c as u32);
+                    }
                 });
-            }
+                (ge_high, gt_low, ge_low, between)
+            });
+        let (mut ge_high, mut gt_low, mut ge_low) = (0u64, 0u64, 0u64);
+        for (a, b, c, _) in &parts {
+            (ge_high, gt_low, ge_low) = (ge_high + a, gt_low + b, ge_low + c);
         }
-        (taken, inside)
+        if !(ge_high < units && units <= ge_low) {
+            margin *= 8.0;
+            continue;
+        }
+        if gt_low < units {
+            break (low, low, parts);
+        }
+        let mut between: Vec<f64> = parts.iter().flat_map(|p| p.3.iter().copied()).collect();
+        let k = (units - ge_high - 1) as usize;
+        debug_assert!(k < between.len());
+        between.select_nth_unstable_by(k, |a, b| b.total_cmp(a));
+        break (between[k], low, parts);
+    };
+    // 2. Units above λ* are taken; ties at λ* occupy levels [above, at_or_above) per prompt.
+    // λ* lies in [L, H): the counts at λ* come from the stored counts and gains between.
+    let mut out = vec![lo as i64; n];
+    let mut ties = vec![(0u32, 0u32); n];
+    let hist: Vec<(u64, Vec<i64>)> = map_chunks_mut(&counts, &mut ties, |offset, cs, ts| {
+        let between = &parts[offset / crate::parallel::CHUNK_LEN].3;
+        let mut at = 0usize;
+        let mut taken = 0u64;
+        let mut diff = vec![0i64; width + 1];
+        for (&(a, b, c), t) in cs.iter().zip(ts.iter_mut()) {
+            let (a, b, c) = (a as usize, b as usize, c as usize);
+            let r = &between[at..at + (b - a)];
+            at += b - a;
+            // Entries before a are ≥ H > λ*; r holds those in (L, H); [b, c) equal L ≤ λ*.
+            let gt = a + row_count(r, lambda, false);
+            let ge = a + row_count(r, lambda, true) + if lambda == low { c - b } else { 0 };
+            taken += gt as u64;
+            diff[gt] += 1;
+            diff[ge] -= 1;
+            *t = (gt as u32, ge as u32);
+        }
+        (taken, diff)
     });
-    let mut taken = 0u64;
-    let mut inside = Vec::new();
-    for (t, mut units_inside) in parts {
-        taken += t;
-        inside.append(&mut units_inside);
+    let taken: u64 = hist.iter().map(|h| h.0).sum();
+    let mut missing = units - taken;
+    // Tie units per level, and per chunk at each level (for the index order within a level).
+    let mut per_level = vec![0u64; width];
+    let chunk_levels: Vec<Vec<u64>> = hist
+        .iter()
+        .map(|(_, diff)| {
+            let mut run = 0i64;
+            (0..width)
+                .map(|l| {
+                    run += diff[l];
+                    per_level[l] += run as u64;
+                    run as u64
+                })
+                .collect()
+        })
+        .collect();
+    let mut level = 0usize;
+    while level < width && per_level[level] <= missing {
+        missing -= per_level[level];
+        level += 1;
     }
-    let missing = (units - taken) as usize;
-    debug_assert!(missing <= inside.len());
-    if missing > 0 {
-        if missing < inside.len() {
-            inside.select_nth_unstable_by(missing - 1, unit_order);
-        }
-        for u in &inside[..missing] {
-            out[u.index] += 1;
-        }
+    // Prompts take their tie levels below `level`, and the first `missing` prompts (index
+    // order) with a tie at `level` take that one too.
+    let mut firsts = Vec::with_capacity(chunk_levels.len());
+    let mut before = 0u64;
+    for c in &chunk_levels {
+        firsts.push(before);
+        before += c.get(level).copied().unwrap_or(0);
     }
+    map_chunks_mut(&ties, &mut out, |offset, ts, os| {
+        // `map_chunks_mut` numbers its chunks offset / CHUNK_LEN (as the pass above did).
+        let mut rank = firsts[offset / crate::parallel::CHUNK_LEN];
+        for (&(a, b), o) in ts.iter().zip(os.iter_mut()) {
+            let (a, b) = (a as usize, b as usize);
+            let mut take = a + b.min(level).saturating_sub(a);
+            if a <= level && level < b {
+                if rank < missing {
+                    take += 1;
+                }
+                rank += 1;
+            }
+            *o += take as i64;
+        }
+    });
     out
 }
 
-fn fill_rows(
-    alpha: &[f64],
-    beta: &[f64],
-    scale: Option<&[f64]>,
-    lo: u64,
-    width: usize,
-    table: &mut [f64],
-) {
-    // Rows are written chunk by chunk of prompts; `map_chunks_mut` needs equal lengths, so the
-    // table is walked through per-prompt row views.
-    let mut rows: Vec<&mut [f64]> = table.chunks_exact_mut(width).collect();
-    map_chunks_mut(alpha, &mut rows, |offset, chunk, rs| {
-        for (j, r) in rs.iter_mut().enumerate() {
-            let i = offset + j;
-            let mut row = GainRow::new(chunk[j], beta[i], scale.map_or(1.0, |s| s[i]));
-            row.seek(lo);
-            let mut last = f64::INFINITY;
-            for g in r.iter_mut() {
-                last = last.min(row.next_gain());
-                *g = last;
-            }
+/// Prompts per vectorised block.
+const BLOCK: usize = 64;
+
+/// The gain rows of up to `BLOCK` prompts (row-major into `rows`, `width` per prompt), level by
+/// level across the prompts so that the inner loops vectorise; the same operations as
+/// [`GainRow`] with the running minimum, hence the same values.
+fn fill_block(a: &[f64], b: &[f64], s: &[f64], lo: u64, width: usize, rows: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(a: &[f64], b: &[f64], s: &[f64], lo: u64, width: usize, rows: &mut [f64]) {
+            fill_block_generic(a, b, s, lo, width, rows)
         }
-    });
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return unsafe { avx2(a, b, s, lo, width, rows) };
+        }
+    }
+    fill_block_generic(a, b, s, lo, width, rows)
+}
+
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // index loops over fixed blocks vectorise
+fn fill_block_generic(a: &[f64], b: &[f64], s: &[f64], lo: u64, width: usize, rows: &mut [f64]) {
+    let len = a.len();
+    debug_assert!(len <= BLOCK && rows.len() == len * width);
+    let (mut ep, mut eq, mut p, mut w) = ([0.0; BLOCK], [0.0; BLOCK], [0.0; BLOCK], [0.0; BLOCK]);
+    let mut last = [f64::INFINITY; BLOCK];
+    for k in 0..len {
+        let row = GainRow::new(a[k], b[k], s[k]);
+        (ep[k], eq[k], p[k], w[k]) = (row.ep, row.eq, row.p, row.weight);
+    }
+    for n in 2..lo {
+        let n = n as f64;
+        for k in 0..len {
+            let (up, e1, e2) = step_kernel(a[k], b[k], n, ep[k], eq[k]);
+            p[k] += up;
+            (ep[k], eq[k]) = (e1, e2);
+        }
+    }
+    for j in 0..width {
+        let n = (lo + j as u64) as f64;
+        for k in 0..len {
+            let (up, e1, e2) = step_kernel(a[k], b[k], n, ep[k], eq[k]);
+            let gain = gain_kernel(w[k], n, p[k], up);
+            p[k] += up;
+            (ep[k], eq[k]) = (e1, e2);
+            last[k] = if gain < last[k] { gain } else { last[k] };
+        }
+        for k in 0..len {
+            rows[k * width + j] = last[k];
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::neyman::tests::Rng;
+
+    /// One unit: raising `index` from `level` to `level + 1` has gain `gain`.
+    #[derive(Clone, Copy, Debug)]
+    struct Unit {
+        gain: f64,
+        level: u64,
+        index: usize,
+    }
+
+    /// Greedy order: larger gain first, then the lower level, then the lower index.
+    fn unit_order(a: &Unit, b: &Unit) -> std::cmp::Ordering {
+        b.gain
+            .total_cmp(&a.gain)
+            .then(a.level.cmp(&b.level))
+            .then(a.index.cmp(&b.index))
+    }
 
     /// Brute-force DP over Σ cost_i(n_i), n_i ∈ [lo, hi], Σ n_i = budget; returns the minimum.
     fn dp_min(costs: &[Vec<f64>], budget: u64, lo: u64, hi: u64) -> f64 {
@@ -653,11 +804,17 @@ mod tests {
         // greedy on the same gains (ties: level, then index).
         let mut rng = Rng::new(29);
         let n = 70_000;
-        let alpha: Vec<f64> = (0..n).map(|_| 1.0 + rng.below(20) as f64).collect();
-        let beta: Vec<f64> = (0..n).map(|_| 1.0 + rng.below(20) as f64).collect();
+        let varied: Vec<f64> = (0..2 * n).map(|_| 1.0 + rng.below(20) as f64).collect();
+        let same = vec![3.0; 2 * n];
+        let continuous: Vec<f64> = (0..2 * n).map(|_| 0.1 + 30.0 * rng.unit()).collect();
         let (lo, hi) = (2u64, 9u64);
-        for budget in [n as u64 * lo + 1, n as u64 * 5 + 12_345, n as u64 * hi - 1] {
-            let out = solve_group_norm(&alpha, &beta, None, budget, lo, hi);
+        let cases = [&varied, &same, &continuous];
+        for (budget, ab) in [n as u64 * lo + 1, n as u64 * 5 + 12_345, n as u64 * hi - 1]
+            .into_iter()
+            .flat_map(|b| cases.iter().map(move |ab| (b, ab)))
+        {
+            let (alpha, beta) = ab.split_at(n);
+            let out = solve_group_norm(alpha, beta, None, budget, lo, hi);
             let mut units = Vec::new();
             for i in 0..n {
                 let mut row = GainRow::new(alpha[i], beta[i], 1.0);

@@ -595,18 +595,22 @@ impl PassRatePool {
             }
             .selection()
             .check(budget, lo, hi)?;
-            let (alpha, beta): (Vec<f64>, Vec<f64>) = self
-                .map_ids(ids, |p, id| p.posterior_of(id))
-                .into_iter()
-                .unzip();
-            let scale = calibrated.then(|| {
-                self.map_ids(ids, |p, id| {
-                    let (s, f) = p.evidence_of(id);
+            // One lookup per id: posterior (α, β) and, when calibrated, the cell's factor.
+            let looked_up = self.map_ids(ids, |p, id| {
+                let (s, f) = p.evidence_of(id);
+                let factor = if calibrated {
                     p.calibration.factor(calibration::cell(s, f))
-                })
+                } else {
+                    1.0
+                };
+                (p.alpha0 + s, p.beta0 + f, factor)
             });
+            let alpha: Vec<f64> = looked_up.iter().map(|x| x.0).collect();
+            let beta: Vec<f64> = looked_up.iter().map(|x| x.1).collect();
+            let scale = calibrated.then(|| looked_up.iter().map(|x| x.2).collect::<Vec<f64>>());
+            drop(looked_up);
             let (lo, hi) = (lo as u64, hi as u64);
-            estimator::check_group_norm(&alpha, &beta, scale.as_deref(), lo, hi)?;
+            estimator::check_group_norm(&alpha, &beta, scale.as_deref(), budget as u64, lo, hi)?;
             return Ok(estimator::solve_group_norm(
                 &alpha,
                 &beta,
