@@ -5,8 +5,10 @@ The trainer glue (``dynamo_openrlhf.ppo_trainer``) calls, every training step:
 
 1. ``counts = allocator.allocate(prompt_ids)`` for the step's candidate prompts (the budget is
    ``n_samples_per_prompt x min(#candidates, prompts_per_step)``, so a full step always spends
-   exactly ``rollout.batch_size x rollout.n_samples_per_prompt`` rollouts);
-2. ``allocator.record(prompt_ids, successes, trials)`` with the step's verified outcomes per group;
+   exactly ``rollout.batch_size x rollout.n_samples_per_prompt`` rollouts), minimising the variance
+   model of the run's advantage estimator (``AllocationConfig.estimator``, :func:`prompt_costs`);
+2. ``allocator.record(prompt_ids, successes, trials)`` with the step's verified outcomes per group
+   (first scored against the pool's posterior means: :func:`calibration_scores`, then learnt);
 3. ``allocator.metrics()`` for the step's log line (``dynamo/*`` keys).
 
 Its whole state (the pass-rate pool, bit for bit, and the step counter) is ``state_dict()``, saved in
