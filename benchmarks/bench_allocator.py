@@ -24,7 +24,7 @@ Times are medians over repeats (wall clock). Pool rows use a pool of 10,485,760 
 
 Estimator table (N = 1,048,576; 262,144 with --quick), in the same run: allocate_rollouts with
 bounds 8..24 on the same estimates for estimator None (today's Σ v/n) and each Σ v/(n−1)
-estimator, and PassRatePool.allocate over N ids of an N-prompt pool (16 trials of evidence
+estimator (these saturate like the first table), the same with bounds 2..64, and PassRatePool.allocate over N ids of an N-prompt pool (16 trials of evidence
 each, so every posterior variance is positive and nothing saturates) for None, "rloo" and
 "group_norm" (plain and calibrated), plus the 512-prompt batch. The ratio column divides by
 the estimator-None row of the same kind.
@@ -209,6 +209,12 @@ def estimator_table(n, rng):
         assert got.sum() == budget and got.min() >= LO and got.max() <= HI
         t = median_time(lambda: allocate_rollouts(estimate, budget, LO, HI, estimator=e), reps)
         rows.append(("allocate_rollouts", e, t, base))
+    # Bounds 8..24 saturate on this recipe (a capacity check); 2..64 exercises the search.
+    base = median_time(lambda: allocate_rollouts(estimate, budget, 2, 64), reps)
+    rows.append(("allocate_rollouts, bounds 2..64", "None", base, base))
+    for e in ("rloo",):
+        t = median_time(lambda: allocate_rollouts(estimate, budget, 2, 64, estimator=e), reps)
+        rows.append(("allocate_rollouts, bounds 2..64", e, t, base))
     pool = PassRatePool(prior=(1.0, 1.0), forget=1.0, capacity=n)
     ids = np.arange(n, dtype=np.int64)
     p = rng.beta(0.7, 0.7, n)
