@@ -99,7 +99,7 @@ class TinyConfig:
     seed: int = 1234
     # problem set: (level, train prompts, eval prompts) per difficulty level. The eval split is held out
     # (disjoint expressions) with the same mix of levels. The mix gives the warm start a real spread of
-    # pass rates: level 1 it always solves, level 6 it never can, levels 2-5 in between or either way.
+    # pass rates: most level-1 prompts it always solves, level 6 it never can, levels 2-5 mostly in between.
     mix: Tuple[Tuple[int, int, int], ...] = ((1, 90, 10), (2, 90, 10), (3, 90, 10), (4, 180, 20), (5, 135, 15),
                                              (6, 135, 15))
     # Levels whose warm-start examples are fresh problems disjoint from both splits: the policy learns the
@@ -421,8 +421,10 @@ def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature:
                        batch_prompts: int = 32) -> Dict:
     """Per-prompt success counts of ``k`` samples, scored with the package's math reward.
 
-    Returns ``{"k", "successes": [...], "share_between": fraction with 0 < successes < k,
-    "share_zero", "share_all", "mean_pass_rate", "by_level": {level: mean pass rate}}``.
+    Returns ``{"k", "temperature", "num_prompts", "successes": [...], "histogram": [prompts with j
+    successes for j = 0..k], "share_between": fraction with 0 < successes < k, "share_zero",
+    "share_all", "mean_pass_rate", "by_level": {level: mean pass rate}, "by_level_shares": {level:
+    [share at 0, in between, at k]}}``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
