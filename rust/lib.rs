@@ -6,6 +6,7 @@ pub mod allocate;
 pub mod calibration;
 pub mod error;
 pub mod estimator;
+pub mod explore;
 pub mod neyman;
 pub mod parallel;
 pub mod pool;

@@ -232,6 +232,10 @@ pub struct PoolAllocateOptions {
     /// The advantage estimator whose update variance is minimised (`estimator.rs`); `None` =
     /// Σ v_i/n_i. Rule "neyman" only, without exploration or mastery.
     pub estimator: Option<Estimator>,
+    /// With `skip_factor > 0` only: a prompt is skipped only if a draw p̃ ~ Beta(α, β) of its
+    /// posterior also has p̃(1 − p̃) below the cut (`explore.rs`); the draw is a pure function of
+    /// (seed, id, update count). `None` = off.
+    pub explore_seed: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -582,6 +586,14 @@ impl PassRatePool {
         }
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
         let calibrated = o.calibrated == Some(true);
+        let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
+        if o.explore_seed.is_some() && !skipping {
+            return Err(Error::invalid(format!(
+                "explore_seed applies to the skipping rule only (skip_factor > 0), got \
+                 skip_factor = {:?}",
+                o.skip_factor
+            )));
+        }
         if let Some(e) = o
             .estimator
             .filter(|e| e.objective() == Objective::GroupNorm)
@@ -628,8 +640,20 @@ impl PassRatePool {
         // Skipping on calibrated variances: a prompt is skipped only if its plain posterior
         // variance is below the cut too. (A skipped prompt gets no revisit, so a calibration
         // factor that is too low could not correct itself.)
-        let guard = (calibrated && o.skip_factor.is_some_and(|f| f > 0.0))
-            .then(|| self.expected_variance(ids));
+        let mut guard = (calibrated && skipping).then(|| self.expected_variance(ids));
+        // Exploration: the posterior draw's variance joins the guard (skipped only if it is
+        // below the cut too).
+        if let Some(seed) = o.explore_seed {
+            let step = self.updates;
+            let draws = self.map_ids(ids, |p, id| {
+                let (a, b) = p.posterior_of(id);
+                crate::explore::variance_draw(a, b, seed, id, step)
+            });
+            guard = Some(match guard {
+                Some(g) => g.iter().zip(&draws).map(|(x, y)| x.max(*y)).collect(),
+                None => draws,
+            });
+        }
         let unseen: Option<Vec<bool>> =
             exploration.then(|| self.contains_each(ids).into_iter().map(|c| !c).collect());
         let pass_rates = mastery.then(|| self.mean(ids));
@@ -1046,6 +1070,49 @@ mod tests {
             ..rloo
         };
         assert!(err(2, Rule::Neyman, &explore).contains("cannot be combined with exploration"));
+    }
+
+    #[test]
+    fn explore_seed_keeps_uncertain_prompts_from_being_skipped_for_ever() {
+        let mut p = pool(1.0);
+        // Prompts 1..=8 are informative (Beta(9, 9)); 100 has 59 failures (Beta(1, 60): v just
+        // under the cut, p̃(1−p̃) above it about a third of the time), 200 has 999 (confident).
+        let ids: Vec<i64> = (1..=8).chain([100, 200]).collect();
+        let k: Vec<i64> = (1..=8).map(|_| 8).chain([0, 0]).collect();
+        let t: Vec<i64> = (1..=8).map(|_| 16).chain([59, 999]).collect();
+        p.update(&ids, &k, &t).unwrap();
+        let skip = PoolAllocateOptions {
+            skip_factor: Some(4.0),
+            ..Default::default()
+        };
+        let plain = p.allocate(&ids, 64, 0, 16, Rule::Neyman, &skip).unwrap();
+        assert_eq!(&plain[8..], &[0, 0]);
+        // With exploration, over many seeds the uncertain prompt is kept in the share of draws
+        // whose p̃(1−p̃) reaches the cut; the confident one (almost) never.
+        let (mut kept_uncertain, mut kept_confident) = (0, 0);
+        for seed in 0..400u64 {
+            let o = PoolAllocateOptions {
+                explore_seed: Some(seed),
+                ..skip
+            };
+            let out = p.allocate(&ids, 64, 0, 16, Rule::Neyman, &o).unwrap();
+            assert_eq!(out.iter().sum::<i64>(), 64);
+            kept_uncertain += (out[8] > 0) as usize;
+            kept_confident += (out[9] > 0) as usize;
+            // Deterministic: the same call gives the same result.
+            assert_eq!(out, p.allocate(&ids, 64, 0, 16, Rule::Neyman, &o).unwrap());
+        }
+        assert!(kept_uncertain > 100, "{kept_uncertain}");
+        assert!(kept_confident < 10, "{kept_confident}");
+        let bad = PoolAllocateOptions {
+            explore_seed: Some(1),
+            ..Default::default()
+        };
+        assert!(p
+            .allocate(&ids, 64, 0, 16, Rule::Neyman, &bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("explore_seed applies to the skipping rule only"));
     }
 
     #[test]

@@ -341,7 +341,7 @@ impl PyPassRatePool {
         prompt_ids, budget, lo, hi, rule = "neyman", *,
         exploration = None, mastery = None, exploration_rollouts = None,
         mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-        calibrated = None, estimator = None
+        calibrated = None, estimator = None, explore_seed = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn allocate<'py>(
@@ -361,6 +361,7 @@ impl PyPassRatePool {
         min_rollouts: Option<i64>,
         calibrated: Option<bool>,
         estimator: Option<&str>,
+        explore_seed: Option<u64>,
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let rule = Rule::parse(rule).map_err(to_py_err)?;
         let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
@@ -376,6 +377,7 @@ impl PyPassRatePool {
             min_rollouts,
             calibrated,
             estimator,
+            explore_seed,
         };
         let pool = &self.inner;
         let counts = maybe_detach(py, ids.len(), || {
