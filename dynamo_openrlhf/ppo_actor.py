@@ -110,7 +110,11 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
 
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
         # The loss weight is popped before OpenRLHF merges info into the logged metrics.
-        self._sample_weight = experience.info.pop(LOSS_WEIGHT_KEY, None)
+        weight = experience.info.pop(LOSS_WEIGHT_KEY, None)
+        if isinstance(weight, (list, tuple)):
+            # OpenRLHF's replay buffer collates per-sample 0-d info tensors into a list
+            weight = torch.stack([torch.as_tensor(w) for w in weight]) if weight else None
+        self._sample_weight = weight
         self._entropy, self._info = None, experience.info
         try:
             return super().training_step(experience, kl_ctl, step, loss_batch_info)

@@ -281,6 +281,15 @@ def test_actor_pops_the_weight_and_replaces_only_the_policy_normaliser(monkeypat
     want = PolicyLoss()(lp, old, A * w.float()[:, None], action_mask=mask, dp_size=2, batch_num_tokens=0.5)
     assert torch.equal(seen["out"][0], want[0])
     assert t._sample_weight is None
+    # after OpenRLHF's replay buffer (split into samples, collated back) the weights arrive as a list of 0-d tensors
+    from openrlhf.trainer.ppo_utils.experience import Experience, make_experience_batch, split_experience_batch
+
+    batch = Experience(sequences=torch.zeros(B, 3, dtype=torch.long), attention_mask=torch.ones(B, 3, dtype=torch.long),
+                       info={LOSS_WEIGHT_KEY: w})
+    replayed = make_experience_batch(split_experience_batch(batch))
+    assert isinstance(replayed.info[LOSS_WEIGHT_KEY], list)
+    t.training_step(replayed, 0.0, 0, openrlhf_info)
+    assert seen["info_keys"] == set() and torch.equal(seen["out"][0], want[0])
     # balanced on but no weight: a clear error, never a silent token-mean
     with pytest.raises(RuntimeError, match="carries no info\\['dynamo_loss_weight'\\]"):
         t.training_step(SimpleNamespace(info={}), 0.0, 0, openrlhf_info)
