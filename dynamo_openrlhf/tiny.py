@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 # Bump when the recipe changes in a way the config fields do not capture.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -262,9 +262,23 @@ def generate_problems(config: TinyConfig = TinyConfig()) -> Dict[str, List[dict]
         for split, chunk in (("eval", items[:n_eval]), ("train", items[n_eval:])):
             for i, (expr, value) in enumerate(chunk):
                 splits[split].append(_row(f"{split}-L{level}-{i:04d}", expr, value, level))
-    for rows in splits.values():
-        rng.shuffle(rows)
-    return splits
+    return {split: _interleave(rows, rng) for split, rows in splits.items()}
+
+
+def _interleave(rows: List[dict], rng: random.Random) -> List[dict]:
+    """A random order in which every prefix holds the levels in the split's proportions (within about
+    two rows per level), so the first ``--data.max_samples`` rows keep the mix: level ``l``'s i-th
+    row (of c_l, in random order) sorts at (i + u)/c_l, u uniform in [0, 1)."""
+    by_level: Dict[int, List[dict]] = {}
+    for row in rows:
+        by_level.setdefault(row["difficulty"], []).append(row)
+    keyed = []
+    for level in sorted(by_level):
+        group = by_level[level]
+        rng.shuffle(group)
+        keyed += [((i + rng.random()) / len(group), row["id"], row) for i, row in enumerate(group)]
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    return [t[2] for t in keyed]
 
 
 def _row(row_id: str, expr: str, value: int, level: int) -> dict:

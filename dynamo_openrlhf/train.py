@@ -478,10 +478,11 @@ def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
         "rollout.max_new_tokens": 16,  # room for \boxed{9801}</s>
         "rollout.temperature": 1.0,
         "data.max_len": 48,
-        # 128 prompts / 16 per step x 3 episodes = 24 steps; every prompt is revisited, so the
-        # pass-rate pool has evidence to allocate from from the second episode on
-        "data.max_samples": 128,
-        "train.num_episodes": 3,
+        # 96 prompts (the train file's order keeps the level mix in every prefix) / 16 per step x 4
+        # episodes = 24 steps; every prompt is seen 4 times, so the pass-rate pool has evidence to
+        # allocate from from the second episode on
+        "data.max_samples": 96,
+        "train.num_episodes": 4,
         "train.batch_size": 128,  # 16 prompts x 8: one optimizer step per rollout step
         "train.micro_batch_size": 16,
         "actor.adam.lr": 2e-4,

@@ -13,7 +13,7 @@
 # (final model, checkpoints, TensorBoard, metrics.jsonl).
 #
 #   bash examples/tiny_cpu.sh                       # the full preset (24 steps of 16 prompts x 8)
-#   bash examples/tiny_cpu.sh --data.max_samples 64 # shorter: 12 steps (64 prompts x 3 episodes)
+#   bash examples/tiny_cpu.sh --train.num_episodes 2 # shorter: 12 steps (96 prompts x 2 episodes)
 #   bash examples/tiny_cpu.sh --ckpt.load_enable    # resume from runs/tiny-cpu/ckpt
 #
 # Through a Ray cluster instead (on CPU its GPUs are fake: give it as many as the run's actors):

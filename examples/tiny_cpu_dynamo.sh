@@ -11,7 +11,7 @@
 # Outputs: runs/tiny-cpu-dynamo (metrics.jsonl, pass_rate_pool.bin, checkpoints, final model, TensorBoard).
 #
 #   bash examples/tiny_cpu_dynamo.sh                          # 24 steps, eval before and after
-#   bash examples/tiny_cpu_dynamo.sh --data.max_samples 64    # shorter: 12 steps (64 prompts x 3 episodes)
+#   bash examples/tiny_cpu_dynamo.sh --train.num_episodes 2   # shorter: 12 steps (96 prompts x 2 episodes)
 #   bash examples/tiny_cpu_dynamo.sh --ckpt.load_enable       # resume (the pool comes back from the checkpoint)
 set -euo pipefail
 

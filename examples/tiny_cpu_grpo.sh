@@ -13,7 +13,7 @@
 # Outputs: runs/tiny-cpu-grpo (metrics.jsonl, checkpoints, final model, TensorBoard).
 #
 #   bash examples/tiny_cpu_grpo.sh
-#   bash examples/tiny_cpu_grpo.sh --data.max_samples 64    # shorter: 12 steps (64 prompts x 3 episodes)
+#   bash examples/tiny_cpu_grpo.sh --train.num_episodes 2   # shorter: 12 steps (96 prompts x 2 episodes)
 set -euo pipefail
 
 DYNAMO_ARGS=(
