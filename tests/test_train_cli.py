@@ -338,14 +338,29 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
     assert len(step3) == 8 and sum(step3.values()) == 32
     ids = np.array([prompt_id(p, l) for p, l in step3], dtype=np.int64)
     got = np.array(list(step3.values()))
-    cfg = AllocationConfig(rule="neyman", n_samples_per_prompt=4, prompts_per_step=8, lo=2, hi=6, calibrated=True)
+    cfg = AllocationConfig(rule="neyman", n_samples_per_prompt=4, prompts_per_step=8, lo=2, hi=6, calibrated=True,
+                           estimator="rloo")
     want = RolloutAllocator(cfg, pool=PassRatePool.from_bytes(e2e["pool_run1"])).allocate(ids)
     v = PassRatePool.from_bytes(e2e["pool_run1"]).calibrated_variance(ids)
     for cls in np.unique(v):
         assert sorted(got[v == cls].tolist()) == sorted(want[v == cls].tolist())
     m3 = next(m for m in train if m["step"] == 3)
     assert m3["dynamo/alloc_min"] == got.min() and m3["dynamo/alloc_max"] == got.max()
-    assert abs(m3["dynamo/pred_var_ratio"] - predicted_variance_ratio(v, got)) < 1e-9
+    assert abs(m3["dynamo/pred_var_ratio"] - predicted_variance_ratio(v, got, "rloo")) < 1e-9
+
+
+def test_e2e_balanced_loss_and_pool_calibration(e2e):
+    train = [m for m in _metrics(e2e["run_dir"]) if m["type"] == "train"]
+    out = e2e["first"].stdout
+    assert "[dynamo] policy loss: prompt-balanced" in out and "token sum / 16" in out  # L = --rollout.max_new_tokens
+    assert "policy loss: prompt-balanced" in out.split("run summary")[-1]
+    for m in train:
+        assert not any("loss_weight" in k for k in m)  # the weights are popped, never logged as metrics
+        assert 0.0 <= m["dynamo/pool_brier"] <= 1.0 and 0.0 <= m["dynamo/pool_real_mean"] <= 1.0
+    for m in train[:2]:  # unseen prompts, prior Beta(1, 1): every prediction is 0.5, Brier exactly 0.25
+        assert m["dynamo/pool_pred_mean"] == 0.5 and m["dynamo/pool_brier"] == 0.25
+        assert m["dynamo/pool_real_mean"] == m["dynamo/step_successes"] / m["dynamo/step_trials"]
+    assert "pool calibration (posterior before each update" in e2e["second"].stdout
 
 
 def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
