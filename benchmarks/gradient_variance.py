@@ -1,52 +1,40 @@
 #!/usr/bin/env python3
-"""Does the rollout allocation lower the REAL policy-gradient variance? (issue 8, part 2)
+"""Does the rollout allocation lower the variance of the update the trainer actually takes?
 
-    python benchmarks/gradient_variance.py            # full run: 2 batches x 24 prompts, 64 repeats (~10 min, 2 cores)
-    python benchmarks/gradient_variance.py --quick    # 6 prompts, 4 repeats, one batch (for the tests)
+    python benchmarks/gradient_variance.py            # full run: 24 train prompts, 64 repeats (~15 min, 2 cores)
+    python benchmarks/gradient_variance.py --quick    # 6 prompts, 4 repeats (for the tests)
     python benchmarks/gradient_variance.py --from_json benchmarks/out/gradient_variance.json   # re-render only
 
-Setting: the tiny-cpu preset's warm-started policy (``dynamo_openrlhf.tiny``), fixed batches of
-``--prompts`` prompts, and the rollout budget B = 4 x prompts. Batches (``--splits``): ``train`` = random
-train prompts; ``mixed`` = train prompts picked by a separate 16-sample screening pass over 240 of them
-for DESIGN.md section 6's spread (30% never / 20% always solved; the tiny policy has few such prompts, so
-it gets what exists); ``eval`` = random eval prompts.
+Setting: the tiny-cpu preset's warm-started policy (``dynamo_openrlhf.tiny``), a fixed batch of ``--prompts``
+random train prompts (``--splits``: ``train``; ``eval`` = random eval prompts), and the preset's rollout
+budget B = 8 x prompts with bounds 2..16.
 
 1. Pass rates. An *oracle* estimate p* from ``--oracle_samples`` (64) samples per prompt, and a *pool
-   posterior* from a few earlier rollouts of the same policy: a ``PassRatePool`` (prior Beta(1,1))
-   updated with ``--pool_samples`` (8) samples per prompt, then ``fit_prior()``. Prompt ids are the
-   stable ``dynamo_openrlhf.prompt_ids`` hashes. Responses are sampled with
-   ``dynamo_openrlhf.evaluate.sample_batch`` (temperature 1, 16 new tokens; the exact sampled token ids
-   are kept) and scored with the training reward (``dynamo_openrlhf.reward.MathReward``, math-verify;
-   scores cached per (response, label) since scoring is deterministic).
-2. Allocations of B: uniform (4 each); ours = ``pool.allocate(ids, B, 2, 6, "neyman")``; oracle =
-   ``allocate_rollouts(p*(1-p*), B, 2, 6)``; and both with skipping (lo = 0, hi = 16, with the
-   allocator's ``skip_factor=4.0, min_rollouts=2`` when the installed extension has them, else plain lo = 0).
-3. For each allocation, ``--repeats`` independent rollout sets: n_i responses per prompt, scored, GRPO
-   group-normalised advantages with the variable group sizes
-   (``dynamo_openrlhf.advantages.group_normalized_advantages``), and the actual gradient over all
-   parameters of ``dynamo_openrlhf.loss.DynaMOPolicyLoss`` (OpenRLHF's PolicyLoss; token-mean loss,
-   clip 0.2/0.2) at the sampling policy (old log-probs = current log-probs, so ratio = 1). Loss
-   variants from the same rollouts (``--variants``): ``grpo`` (modulation "off") and ``decay6``
-   (DynaMO's token modulation, with the policy's token entropy) -- the losses as trained; and two
-   diagnostics with advantages scaled by (B/N)/n_i so that every prompt keeps uniform's weight in the
-   loss (the per-prompt-mean estimator the sum v/n model describes): ``grpo_balanced`` and
-   ``dr_grpo_balanced`` (mean baseline, no std normalisation: reward noise enters as p(1-p)).
-4. Measured variance of an allocation = trace of the covariance of the flattened gradient over repeats
-   (mean squared deviation from the mean, divisor R - 1), also per parameter block. Reported as a ratio
-   to uniform's with a percentile bootstrap CI over repeats, next to the ratio the allocator PREDICTED:
-   sum_i v_i c(n_i) / sum_i v_i c(4) with v_i = p*(1-p*) from the oracle estimate, c(n) = 1/n,
-   c(0) = 1 (the convention of benchmarks/_simulation.py: a skipped prompt with v > 0 loses its
-   signal). Also reported: noise/signal = trace(cov) / ||E g||^2 (debiased) as a ratio to uniform's,
-   and how far each allocation's MEAN gradient moves from uniform's (unbiased squared distance relative
-   to ||E g_uniform||^2): reweighting prompts, skipping and group normalisation with other group sizes
-   change the expected update, not only its noise.
+   posterior* from a few earlier rollouts of the same policy: a ``PassRatePool`` (prior Beta(1,1)) updated
+   with ``--pool_samples`` (8) samples per prompt, then ``fit_prior()``. Responses are sampled with
+   ``dynamo_openrlhf.evaluate.sample_batch`` (temperature 1, the exact sampled token ids are kept) and scored
+   with the training reward (math-verify; scores cached per (response, label)).
+2. Allocations of B, for each allocator objective (``estimator`` = "rloo": sum v/(n-1); "group_norm": the
+   pool's Beta-moment model; see docs/variance.md and docs/allocation_objectives.md): uniform (8 each);
+   ``ours`` = ``pool.allocate(ids, B, 2, 16, estimator=e)`` on the pool posterior; ``oracle`` = the same on
+   a pool that holds the oracle estimate as near-certain evidence (64,000 trials per prompt).
+3. Loss variants = the estimator/weighting pairs the trainer supports (``VARIANTS``): advantages from
+   ``dynamo_openrlhf.advantages`` on the variable groups; ``balanced`` = the trainer's prompt-balanced loss
+   (per-sample weights ``prompt_balanced_weights``, token sums over a constant L = ``MAX_NEW_TOKENS``, applied
+   after the token modulation, exactly as ``DynamoActorPPOTrainer`` does); ``tokens`` = OpenRLHF's token-mean.
+   For each allocation and each of ``--repeats`` independent rollout sets, the gradient over all parameters of
+   the loss at the sampling policy (old log-probs = current ones, ratio 1). Each variant is measured on the
+   allocations of its own estimator.
+4. Measured variance = trace of the covariance of the flattened gradient over repeats, as a ratio to
+   uniform's, with a paired percentile bootstrap CI over repeats (common random numbers: each repeat draws
+   one bank of max n_i rollouts per prompt and every allocation uses the first n_i). Next to it the ratio the
+   allocator PREDICTS with the variant's own estimator model and v = p*(1-p*) of the oracle estimate; the
+   noise/signal ratio (trace(cov) / ||E g||^2) and how far the MEAN gradient moves from uniform's
+   (||E g - E g_uniform||^2 / ||E g_uniform||^2, unbiased): an allocation that changes the expected update
+   is not a pure variance reduction.
 
-Common random numbers: each repeat draws one bank of max_a n_i rollouts per prompt and every allocation
-uses the first n_i of them, so the allocations' repeats are paired (within one allocation they are
-independent) and the ratio CIs come from a paired bootstrap over repeats.
-
-Outputs: a markdown table (printed and written to OUT/gradient_variance.md), OUT/gradient_variance.json
-with every number, and a PNG (docs/gradient_variance.png; with --quick OUT/gradient_variance.png).
+Outputs: a markdown table (printed and written to OUT/gradient_variance.md), OUT/gradient_variance.json with
+every number, and a PNG (docs/gradient_variance.png; with --quick OUT/gradient_variance.png).
 Deterministic given --seed (torch is reseeded before every sampling call; one thread by default).
 """
 from __future__ import annotations
@@ -66,22 +54,29 @@ for _p in (ROOT, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _simulation import objective  # noqa: E402  (c(n) = 1/n, c(0) = 1)
-
-UNIFORM_N = 4          # rollouts per prompt of the baseline (B = UNIFORM_N x prompts)
-BOUNDS = (2, 6)        # n/2 .. 3n/2
-SKIP_BOUNDS = (0, 16)  # skipping variants
-SKIP_FACTOR = 4.0
+UNIFORM_N = 8          # rollouts per prompt of the baseline (B = UNIFORM_N x prompts), as the tiny preset
+BOUNDS = (2, 16)       # the tiny preset's per-prompt bounds
 MAX_NEW_TOKENS = 16
-VARIANTS = ("grpo", "decay6", "grpo_balanced", "dr_grpo_balanced")
-VARIANT_DESC = {
-    "grpo": "the GRPO loss as trained: group_norm advantages, modulation off",
-    "decay6": "the DynaMO loss as trained: group_norm advantages, token modulation decay6",
-    "grpo_balanced": "group_norm advantages x (B/N)/n_i: every prompt keeps uniform's weight (diagnostic)",
-    "dr_grpo_balanced": "mean-baseline (Dr. GRPO) advantages x (B/N)/n_i: the estimator the sum v/n model describes (diagnostic)",
+TOKEN_NORMALIZER = MAX_NEW_TOKENS  # L of the balanced loss (the trainer's default: the generation limit)
+ORACLE_TRIALS = 64_000  # evidence per prompt of the oracle pool: its posterior is the oracle estimate
+# name -> (advantage estimator, loss weighting, token modulation)
+VARIANTS = {
+    "rloo_balanced": ("rloo", "balanced", "off"),
+    "dynamo": ("rloo", "balanced", "decay6"),
+    "rloo_tokens": ("rloo", "tokens", "off"),
+    "grpo": ("group_norm", "tokens", "off"),
+    "grpo_balanced": ("group_norm", "balanced", "off"),
 }
-VARIANT_SHORT = {"grpo": "GRPO", "decay6": "DynaMO decay6", "grpo_balanced": "GRPO, balanced",
-                 "dr_grpo_balanced": "Dr.GRPO, balanced"}
+VARIANT_DESC = {
+    "rloo_balanced": "RLOO advantages, prompt-balanced loss (the trainer's default with allocation on), modulation off",
+    "dynamo": "the DynaMO default as trained: RLOO, prompt-balanced loss, token modulation decay6",
+    "rloo_tokens": "RLOO advantages, OpenRLHF's token-mean loss",
+    "grpo": "OpenRLHF's GRPO as trained: group_norm advantages, token-mean loss",
+    "grpo_balanced": "group_norm advantages, prompt-balanced loss",
+}
+VARIANT_SHORT = {"rloo_balanced": "RLOO, balanced", "dynamo": "DynaMO (RLOO, balanced, decay6)",
+                 "rloo_tokens": "RLOO, token-mean", "grpo": "GRPO (group_norm, token-mean)",
+                 "grpo_balanced": "group_norm, balanced"}
 
 
 def log(msg: str) -> None:
@@ -93,13 +88,16 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def predicted_ratio(v: Sequence[float], n: Sequence[int], n_uniform: Sequence[int]) -> float:
-    """The allocator's predicted variance ratio sum v c(n) / sum v c(n_uniform) (c(n) = 1/n, c(0) = 1).
-    NaN when every v is 0 (no prompt carries signal)."""
-    base = objective(np.asarray(v, float), np.asarray(n_uniform, float))
-    if base <= 0:
-        return float("nan")
-    return objective(np.asarray(v, float), np.asarray(n, float)) / base
+def predicted_ratio(pool, ids, counts, estimator=None) -> float:
+    """The allocator's predicted variance ratio J(n) / J(uniform) under ``estimator``'s own variance model
+    (``dynamo_openrlhf.allocation.predicted_variance_ratio``) with the posteriors of ``pool`` (for the oracle:
+    the oracle estimate held as near-certain evidence, so v = p(1-p))."""
+    from dynamo_openrlhf.allocation import predicted_variance_ratio
+
+    s, f = pool.evidence(ids)
+    a0, b0 = pool.prior
+    return predicted_variance_ratio(pool.expected_variance(ids), counts, estimator,
+                                    alpha=np.asarray(s) + a0, beta=np.asarray(f) + b0)
 
 
 def centered_gram(X) -> np.ndarray:
@@ -201,8 +199,18 @@ class Policy:
             owner += part
         return texts, resp, owner
 
-    def gradients(self, encoded, resp, owner, advantages: Dict[str, "object"], losses: Dict[str, "object"]):
-        """Flattened gradient (float32 tensor) of each named loss, at the sampling policy (ratio = 1)."""
+    def gradients(self, encoded, resp, owner, terms: Dict[str, tuple]):
+        """Flattened gradient (float32 tensor) of each named loss term at the sampling policy (ratio = 1).
+
+        ``terms``: name -> (loss_fn, advantages (M,) per sample, weights (M,) or None). ``weights`` None: the
+        loss as OpenRLHF aggregates it (token-mean over the batch); else the prompt-balanced loss: the token
+        modulation (if any) on the unweighted advantages, then each sample's tokens weighted by its weight and
+        summed: ``DynaMOPolicyLoss(..., sample_weight=w)`` with ``balanced_normalizers`` (the actor's path, one
+        micro-batch, one rank)."""
+        from dynamo_openrlhf.loss import balanced_normalizers
+
+        norm = balanced_normalizers(1, 1)
+
         torch = self.torch
         seqs = [list(encoded[o]) + r for o, r in zip(owner, resp)]
         L = max(len(s) for s in seqs)
@@ -220,21 +228,19 @@ class Policy:
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1) * amask
         old = logp.detach()
-        out, done = {}, []
-        todo = []
-        for name, (loss_fn, adv_key) in losses.items():
-            a = advantages[adv_key]
-            prev = next((o for o, f, b in done if f is loss_fn and torch.equal(b, a)), None)
-            done.append((name, loss_fn, a))
-            (todo.append(name) if prev is None else out.setdefault(name, prev))
-        for k, name in enumerate(todo):
-            loss_fn, adv_key = losses[name]
-            A = advantages[adv_key].to(torch.float32).unsqueeze(1).expand(M, L - 1) * amask
-            loss = loss_fn(logp, old, A, amask, entropy=entropy)[0]
-            grads = torch.autograd.grad(loss, self.params, retain_graph=k < len(todo) - 1, allow_unused=True)
+        out: Dict[str, object] = {}
+        names = list(terms)
+        for k, name in enumerate(names):
+            loss_fn, adv, weights = terms[name]
+            A = adv.to(torch.float32).unsqueeze(1).expand(M, L - 1) * amask
+            if weights is None:
+                loss = loss_fn(logp, old, A, amask, entropy=entropy)[0]
+            else:
+                loss = loss_fn(logp, old, A, amask, entropy=entropy, sample_weight=weights.to(torch.float32), **norm)[0]
+            grads = torch.autograd.grad(loss, self.params, retain_graph=k < len(names) - 1, allow_unused=True)
             out[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                    for g, p in zip(grads, self.params)])
-        return {name: out[out[name]] if isinstance(out[name], str) else out[name] for name in losses}
+        return out
 
 
 def _parameter_blocks(model) -> Dict[str, List[int]]:
@@ -291,50 +297,40 @@ def count_successes(policy: Policy, scorer: CachedScorer, encoded, labels, k: in
 # ----------------------------------------------------------------------------------------------
 
 
-def skip_options() -> Dict:
-    """The joint-selection options the installed allocator has: skip_factor (and min_rollouts = 2, so no
-    group of one, which carries no GRPO gradient) when available, else {} (plain lo = 0)."""
-    from dynamo_openrlhf import allocate_rollouts
-
-    for kw in ({"skip_factor": SKIP_FACTOR, "min_rollouts": 2}, {"skip_factor": SKIP_FACTOR}):
-        try:
-            allocate_rollouts([0.1, 0.2, 0.15], 4, 0, 4, **kw)
-            return kw
-        except TypeError:
-            continue
-    return {}
+def objectives(variants) -> List[str]:
+    """The allocator objectives (estimator names) the variants need, in first-use order."""
+    out: List[str] = []
+    for v in variants:
+        e = VARIANTS[v][0]
+        if e not in out:
+            out.append(e)
+    return out
 
 
-def make_allocations(pool, ids, v_oracle: np.ndarray, budget: int, bounds=BOUNDS, skip_bounds=SKIP_BOUNDS):
-    """name -> int64 allocation of ``budget`` over the prompts, and a description of the skip rule used."""
+def make_allocations(pool, oracle_pool, ids, budget: int, estimators: Sequence[str], bounds=BOUNDS):
+    """name -> int64 allocation of ``budget`` over the prompts: uniform, and "ours[e]" (pool posterior) and
+    "oracle[e]" (the oracle estimate as near-certain evidence) for every allocator objective e."""
     from dynamo_openrlhf import allocate_rollouts
 
     N = len(ids)
-    kw = skip_options()
-    allocs = {
-        "uniform": np.asarray(allocate_rollouts(np.zeros(N), budget, UNIFORM_N, UNIFORM_N, "uniform")),
-        "ours": np.asarray(pool.allocate(ids, budget, bounds[0], bounds[1], "neyman")),
-        "oracle": np.asarray(allocate_rollouts(v_oracle, budget, bounds[0], bounds[1], "neyman")),
-        "ours, skipping": np.asarray(pool.allocate(ids, budget, skip_bounds[0], skip_bounds[1], "neyman", **kw)),
-        "oracle, skipping": np.asarray(allocate_rollouts(v_oracle, budget, skip_bounds[0], skip_bounds[1],
-                                                         "neyman", **kw)),
-    }
-    rule = (", ".join(f"{k}={v:g}" for k, v in kw.items()) if kw
-            else "plain lo=0 (the allocator has no skip_factor option)")
-    return allocs, rule
+    allocs = {"uniform": np.asarray(allocate_rollouts(np.zeros(N), budget, UNIFORM_N, UNIFORM_N, "uniform"))}
+    for e in estimators:
+        allocs[f"ours[{e}]"] = np.asarray(pool.allocate(ids, budget, bounds[0], bounds[1], "neyman", estimator=e))
+        allocs[f"oracle[{e}]"] = np.asarray(oracle_pool.allocate(ids, budget, bounds[0], bounds[1], "neyman",
+                                                                 estimator=e))
+    return allocs
+
+
+def allocation_estimator(name: str) -> Optional[str]:
+    """"ours[rloo]" -> "rloo"; "uniform" -> None (every variant is measured on uniform)."""
+    return name[name.index("[") + 1:-1] if "[" in name else None
 
 
 def check_allocation(name: str, n: np.ndarray, budget: int) -> None:
     """The budget and the bounds hold (raises AssertionError)."""
-    lo, hi = (UNIFORM_N, UNIFORM_N) if name == "uniform" else (SKIP_BOUNDS if "skipping" in name else BOUNDS)
+    lo, hi = (UNIFORM_N, UNIFORM_N) if name == "uniform" else BOUNDS
     assert int(n.sum()) == budget, f"{name}: {int(n.sum())} rollouts, budget {budget}"
     assert n.min() >= lo and n.max() <= hi, f"{name}: allocation outside [{lo}, {hi}]: {n.tolist()}"
-
-
-def balance_weights(n: np.ndarray, budget: int) -> np.ndarray:
-    """Per-prompt advantage scale (B/N)/n_i: every prompt gets uniform's total weight in the loss (0 for n_i = 0)."""
-    n = np.asarray(n, dtype=np.float64)
-    return np.where(n > 0, (budget / len(n)) / np.maximum(n, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,19 +339,15 @@ def balance_weights(n: np.ndarray, budget: int) -> np.ndarray:
 
 
 def make_losses(variants):
+    """name -> (loss function, estimator, weighting) for the requested variants."""
     from dynamo_openrlhf.cpu_backend import install_import_stand_ins
 
     install_import_stand_ins()  # a no-op for packages that import for real (GPU machines)
     from dynamo_openrlhf.loss import DynaMOPolicyLoss
 
-    off = DynaMOPolicyLoss(0.2, 0.2, modulation="off")
-    table = {
-        "grpo": (off, "group_norm"),
-        "grpo_balanced": (off, "group_norm_balanced"),
-        "decay6": (DynaMOPolicyLoss(0.2, 0.2, modulation="decay6", modulation_stats=False), "group_norm"),
-        "dr_grpo_balanced": (off, "dr_grpo_balanced"),
-    }
-    return {v: table[v] for v in variants}
+    fns = {"off": DynaMOPolicyLoss(0.2, 0.2, modulation="off"),
+           "decay6": DynaMOPolicyLoss(0.2, 0.2, modulation="decay6", modulation_stats=False)}
+    return {v: (fns[VARIANTS[v][2]], VARIANTS[v][0], VARIANTS[v][1]) for v in variants}
 
 
 def gradient_stats(X, blocks) -> Dict:
@@ -390,34 +382,11 @@ def noise_to_signal(st: Dict, W: Optional[np.ndarray] = None) -> np.ndarray:
         return np.where(sig > 0, tr / sig, np.inf)
 
 
-def select_mixed(policy, scorer, rows, n_prompts: int, rng, seed: int, candidates: int = 240, k: int = 16,
-                 shares=(0.3, 0.2)):
-    """A batch of train prompts with the pass-rate spread of a real RL batch (DESIGN.md section 6's pool:
-    30% never solved, 20% always solved, the rest in between), picked by a separate screening pass of
-    ``k`` samples on ``candidates`` random train prompts. The oracle is estimated afterwards from fresh samples."""
-    cand = [rows[i] for i in np.sort(rng.choice(len(rows), size=min(candidates, len(rows)), replace=False))]
-    enc = [policy.encode(r["prompt"]) for r in cand]
-    kk = count_successes(policy, scorer, enc, [str(r["answer"]) for r in cand], k, seed)
-    zero, one = np.flatnonzero(kk == 0), np.flatnonzero(kk == k)
-    mid = np.flatnonzero((kk > 0) & (kk < k))
-    n0 = min(len(zero), int(round(shares[0] * n_prompts)))
-    n1 = min(len(one), int(round(shares[1] * n_prompts)))
-    pick = np.concatenate([rng.permutation(zero)[:n0], rng.permutation(one)[:n1],
-                           rng.permutation(mid)[:n_prompts - n0 - n1]])
-    if len(pick) < n_prompts:  # not enough in between: fill from the rest
-        rest = np.setdiff1d(np.arange(len(cand)), pick)
-        pick = np.concatenate([pick, rng.permutation(rest)[:n_prompts - len(pick)]])
-    pick = np.sort(pick)
-    info = {"candidates": len(cand), "samples": k, "share_zero": float(np.mean(kk == 0)),
-            "share_one": float(np.mean(kk == k)), "picked_zero": int(n0), "picked_one": int(n1)}
-    return [cand[i] for i in pick], info
-
-
 def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dict:
     import torch
 
     from dynamo_openrlhf import PassRatePool
-    from dynamo_openrlhf.advantages import group_normalized_advantages
+    from dynamo_openrlhf.advantages import group_normalized_advantages, prompt_balanced_weights
     from dynamo_openrlhf.prompt_ids import prompt_ids
     from dynamo_openrlhf.tiny import read_jsonl
 
@@ -426,11 +395,7 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     seed0 = args.seed * 1_000_003 + 100_000 * batch_index
     rng = np.random.default_rng(seed0)
     n_prompts = min(args.prompts, len(rows))
-    screening = None
-    if split == "mixed":
-        batch, screening = select_mixed(policy, scorer, rows, n_prompts, rng, seed0 + 3)
-    else:
-        batch = [rows[i] for i in np.sort(rng.choice(len(rows), size=n_prompts, replace=False))]
+    batch = [rows[i] for i in np.sort(rng.choice(len(rows), size=n_prompts, replace=False))]
     encoded = [policy.encode(r["prompt"]) for r in batch]
     labels = [str(r["answer"]) for r in batch]
     ids = prompt_ids([r["prompt"] for r in batch], labels)
@@ -439,7 +404,6 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     # 1. pass rates: oracle (large sample) and the pool posterior from a few earlier rollouts
     k_or = count_successes(policy, scorer, encoded, labels, args.oracle_samples, seed0 + 1)
     p_or = k_or / args.oracle_samples
-    v_or = p_or * (1 - p_or)
     k_pool = count_successes(policy, scorer, encoded, labels, args.pool_samples, seed0 + 2)
     pool = PassRatePool(prior=(1.0, 1.0))
     pool.update(ids, k_pool, np.full(N, args.pool_samples))
@@ -448,18 +412,19 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
         prior = pool.prior
         log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
+    oracle_pool = PassRatePool(prior=(1.0, 1.0))
+    scale = ORACLE_TRIALS // args.oracle_samples
+    oracle_pool.update(ids, k_or * scale, np.full(N, args.oracle_samples * scale))
     log(f"[gv] batch '{split}': {N} prompts, B={B}; oracle pass rates from {args.oracle_samples} samples/prompt "
         f"(mean {p_or.mean():.3f}; p=0: {int((k_or == 0).sum())}, p=1: {int((k_or == args.oracle_samples).sum())}); "
         f"pool from {args.pool_samples}/prompt, fitted prior Beta({prior[0]:.3g}, {prior[1]:.3g}) "
         f"({time.time() - t_start:.1f}s)")
 
-    # 2. allocations
-    allocs, skip_rule = make_allocations(pool, ids, v_or, B)
+    # 2. allocations, one pair (ours, oracle) per allocator objective
+    estimators = objectives(losses)
+    allocs = make_allocations(pool, oracle_pool, ids, B, estimators)
     for name, n in allocs.items():
         check_allocation(name, n, B)
-    n_unif = allocs["uniform"]
-    v_pool = np.asarray(pool.expected_variance(ids))
-    estimators = {e for _, e in losses.values()}
 
     # 3. repeats, with common random numbers: repeat r draws one bank of max_a n_i rollouts per prompt
     # (i.i.d. from the policy) and every allocation takes the first n_i of prompt i's bank. Within an
@@ -476,17 +441,14 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     log(f"[gv] {split}: {R} banks of {int(m.sum())} rollouts sampled and scored in {time.time() - t0:.1f}s")
     results: Dict[str, Dict] = {}
     stats: Dict[str, Dict[str, Dict]] = {}
-    for a_idx, (name, n) in enumerate(allocs.items()):
+    X_uniform = None
+    for name, n in allocs.items():
         t0 = time.time()
-        same = next((o for o in results if np.array_equal(allocs[o], n)), None)
-        if same is not None:  # the same allocation on the same banks: identical numbers
-            results[name] = dict(results[same], same_as=same, seconds=0.0)
-            stats[name] = stats[same]
-            log(f"[gv] {split}/{name:17s} = {same} (same allocation)")
-            continue
-        X = {v: torch.empty((R, policy.dim), dtype=torch.float32) for v in losses}
+        objective_of = allocation_estimator(name)
+        measured = [v for v in losses if objective_of is None or losses[v][1] == objective_of]
+        X = {v: torch.empty((R, policy.dim), dtype=torch.float32) for v in measured}
         sizes = torch.tensor(n, dtype=torch.long)
-        scale = torch.tensor(np.repeat(balance_weights(n, B), n), dtype=torch.float32)
+        weights = {e: prompt_balanced_weights(sizes, e, TOKEN_NORMALIZER) for e in {losses[v][1] for v in measured}}
         take = np.concatenate([np.arange(starts[i], starts[i] + n[i]) for i in range(N)]).astype(np.int64)
         rewards_mean, zero_groups = [], []
         for r in range(R):
@@ -495,50 +457,49 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
             owner = [bank_owner[j] for j in take]
             rew = bank_rew[take]
             rt = torch.tensor(rew, dtype=torch.float32)
-            adv = {}
-            for est in estimators:
-                base = est.replace("_balanced", "")
-                a = group_normalized_advantages(rt, sizes, base)
-                adv[est] = a * scale if est.endswith("_balanced") else a
-            g = policy.gradients(encoded, resp, owner, adv, losses)
-            for v in losses:
+            adv = {e: group_normalized_advantages(rt, sizes, e) for e in weights}
+            terms = {v: (losses[v][0], adv[losses[v][1]], weights[losses[v][1]] if losses[v][2] == "balanced" else None)
+                     for v in measured}
+            g = policy.gradients(encoded, resp, owner, terms)
+            for v in measured:
                 X[v][r] = g[v]
             rewards_mean.append(float(rew.mean()))
             k_i = np.bincount(np.asarray(owner, dtype=np.int64), weights=rew, minlength=N)
             zero_groups.append(int(((n >= 2) & ((k_i == 0) | (k_i == n))).sum()))
-        stats[name] = {v: gradient_stats(X[v], policy.blocks) for v in losses}
+        stats[name] = {v: gradient_stats(X[v], policy.blocks) for v in measured}
         if name == "uniform":
             X_uniform = X
         else:  # paired: ||E g - E g_uniform||^2, unbiased from the per-repeat differences
-            for v in losses:
+            for v in measured:
                 D = (X[v] - X_uniform[v]).double()
                 dm = D.mean(0)
                 stats[name][v]["shift2"] = float((dm ** 2).sum()) - float(((D - dm) ** 2).sum()) / (R - 1) / R
-            del X, D
+            del X
         results[name] = {
             "n": n.tolist(),
-            "predicted_ratio": predicted_ratio(v_or, n, n_unif),
-            "predicted_ratio_pool_v": predicted_ratio(v_pool, n, n_unif),
+            "objective": objective_of,
+            "variants": measured,
+            "predicted_ratio": {e: predicted_ratio(oracle_pool, ids, n, e) for e in estimators
+                                if objective_of in (None, e)},
             "prompts_skipped": int((n == 0).sum()),
-            "groups_of_one": int((n == 1).sum()),
             "mean_reward": float(np.mean(rewards_mean)),
             "constant_reward_groups_mean": float(np.mean(zero_groups)),
-            "trace": {v: float(trace_cov(stats[name][v]["G"])) for v in losses},
-            "block_trace": {v: stats[name][v]["block_trace"] for v in losses},
+            "trace": {v: float(trace_cov(stats[name][v]["G"])) for v in measured},
+            "block_trace": {v: stats[name][v]["block_trace"] for v in measured},
             # per repeat ||g_r - mean||^2 (heavy tails show here: a few repeats can dominate the trace)
-            "repeat_sq_dev": {v: np.diag(stats[name][v]["G"]).round(6).tolist() for v in losses},
+            "repeat_sq_dev": {v: np.diag(stats[name][v]["G"]).round(9).tolist() for v in measured},
             "seconds": time.time() - t0,
         }
         log(f"[gv] {split}/{name:17s} {R} repeats in {time.time() - t0:5.1f}s: trace(cov) "
-            + ", ".join(f"{v} {results[name]['trace'][v]:.3e}" for v in losses)
-            + f"; predicted ratio {results[name]['predicted_ratio']:.3f}")
+            + ", ".join(f"{v} {results[name]['trace'][v]:.3e}" for v in measured)
+            + f"; predicted ratio {results[name]['predicted_ratio']}")
 
     # 4. ratios to uniform, bootstrap CIs, noise-to-signal, shift of the mean gradient
     su = stats["uniform"]
     for name in allocs:
         res, st = results[name], stats[name]
         res.update(ratio={}, ratio_ci={}, block_ratio={}, mean_shift_rel={}, nsr={}, nsr_ratio={}, nsr_ratio_ci={})
-        for j, v in enumerate(losses):
+        for j, v in enumerate(res["variants"]):
             tu, ta = results["uniform"]["trace"][v], res["trace"][v]
             res["ratio"][v] = ta / tu
             res["block_ratio"][v] = {b: res["block_trace"][v][b] / results["uniform"]["block_trace"][v][b]
@@ -552,19 +513,19 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
                 res["ratio_ci"][v] = res["nsr_ratio_ci"][v] = [1.0, 1.0]
                 continue
             # paired bootstrap (common random numbers): the same resampled repeats for both
-            Wa = Wu = _counts(np.random.default_rng([args.seed, batch_index, j]), R, args.bootstrap)
+            W = _counts(np.random.default_rng([args.seed, batch_index, j]), R, args.bootstrap)
             with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one repeat has trace 0
-                res["ratio_ci"][v] = _ci(trace_cov(st[v]["G"], Wa) / trace_cov(su[v]["G"], Wu))
-                res["nsr_ratio_ci"][v] = _ci(noise_to_signal(st[v], Wa) / noise_to_signal(su[v], Wu))
+                res["ratio_ci"][v] = _ci(trace_cov(st[v]["G"], W) / trace_cov(su[v]["G"], W))
+                res["nsr_ratio_ci"][v] = _ci(noise_to_signal(st[v], W) / noise_to_signal(su[v], W))
     return {
-        "split": split, "screening": screening, "prompts": N, "budget": B, "skip_rule": skip_rule,
+        "split": split, "prompts": N, "budget": B,
         "pool_prior_fitted": [float(x) for x in prior],
         "oracle_pass_rate_mean": float(p_or.mean()),
         "oracle_share_zero": float(np.mean(k_or == 0)), "oracle_share_one": float(np.mean(k_or == args.oracle_samples)),
         "prompt_rows": [{"id": r.get("id"), "prompt": r["prompt"], "answer": r["answer"],
                          "difficulty": r.get("difficulty"), "prompt_id": int(i), "oracle_successes": int(ko),
-                         "pool_successes": int(kp), "pool_mean": float(m), "pool_expected_variance": float(ev)}
-                        for r, i, ko, kp, m, ev in zip(batch, ids, k_or, k_pool, pool.mean(ids), v_pool)],
+                         "pool_successes": int(kp), "pool_mean": float(pm)}
+                        for r, i, ko, kp, pm in zip(batch, ids, k_or, k_pool, pool.mean(ids))],
         "allocations": results,
         "seconds": time.time() - t_start,
     }
@@ -598,13 +559,13 @@ def run(args) -> Dict:
     return {
         "setup": {
             "model": str(assets.model_dir), "prompts": args.prompts, "uniform_n": UNIFORM_N,
-            "bounds": list(BOUNDS), "skip_bounds": list(SKIP_BOUNDS), "repeats": args.repeats,
+            "bounds": list(BOUNDS), "repeats": args.repeats, "token_normalizer": TOKEN_NORMALIZER,
             "oracle_samples": args.oracle_samples, "pool_samples": args.pool_samples, "seed": args.seed,
             "threads": args.threads, "bootstrap": args.bootstrap, "max_new_tokens": MAX_NEW_TOKENS,
             "temperature": 1.0, "params": policy.dim,
             "blocks": {b: e - s for b, (s, e) in policy.blocks.items()},
             "variants": {v: VARIANT_DESC[v] for v in losses},
-            "loss": "DynaMOPolicyLoss(clip 0.2/0.2, token-mean), ratio = 1 (old = current log-probs)",
+            "loss": "DynaMOPolicyLoss(clip 0.2/0.2), token-mean or prompt-balanced, ratio = 1 (old = current log-probs)",
         },
         "batches": batches,
         "score_calls": scorer.calls,
@@ -623,37 +584,35 @@ def _fmt_ci(x: float, ci) -> str:
 
 def table(result: Dict) -> str:
     s = result["setup"]
-    vs = list(s["variants"])
-    head = (["batch", "allocation", "predicted"] + [f"{VARIANT_SHORT[v]}" for v in vs]
-            + ["noise/signal, GRPO", "mean shift, GRPO", "skipped / groups of 1"])
-    skip_rules = sorted({b["skip_rule"] for b in result["batches"]})
+    head = ["batch", "loss variant", "allocation", "predicted", "measured trace ratio", "measured − predicted",
+            "noise/signal", "mean shift"]
     lines = [f"Policy-gradient variance on the tiny-cpu warm start: trace of the gradient covariance over "
              f"{s['repeats']} independent rollout sets per allocation ({s['params']:,} parameters), as a ratio to "
-             f"uniform's (4 rollouts per prompt, same budget B = 4 x prompts), 95% paired bootstrap CI over repeats (common random numbers). "
-             f"Bounds {s['bounds'][0]}..{s['bounds'][1]}; skipping {s['skip_bounds'][0]}..{s['skip_bounds'][1]} "
-             f"with {'; '.join(skip_rules)}.", "",
+             f"uniform's ({s['uniform_n']} rollouts per prompt, same budget B = {s['uniform_n']} x prompts, bounds "
+             f"{s['bounds'][0]}..{s['bounds'][1]}), 95% paired bootstrap CI over repeats (common random numbers).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for bt in result["batches"]:
-        label = (f"{bt['split']} ({bt['prompts']} prompts, p=0: {bt['oracle_share_zero']:.0%}, "
-                 f"mean p {bt['oracle_pass_rate_mean']:.2f})")
-        for name, res in bt["allocations"].items():
-            cells = [label, name + (f" (= {res['same_as']})" if res.get("same_as") else ""),
-                     f"{res['predicted_ratio']:.3f}"]
-            uni = name == "uniform"
-            for v in vs:
-                cells.append("1" if uni else _fmt_ci(res["ratio"][v], res["ratio_ci"][v]))
-            g = "grpo" if "grpo" in vs else vs[0]
-            cells.append("1" if uni else _fmt_ci(res["nsr_ratio"][g], res["nsr_ratio_ci"][g]))
-            cells.append("–" if uni else f"{res['mean_shift_rel'][g]:+.2f}")
-            cells.append(f"{res['prompts_skipped']} / {res['groups_of_one']}")
-            lines.append("| " + " | ".join(cells) + " |")
-            label = ""
+        label = (f"{bt['split']} ({bt['prompts']} prompts; p=0: {bt['oracle_share_zero']:.0%}, "
+                 f"p=1: {bt['oracle_share_one']:.0%}, mean p {bt['oracle_pass_rate_mean']:.2f})")
+        for v in s["variants"]:
+            e = VARIANTS[v][0]
+            for name in (f"ours[{e}]", f"oracle[{e}]"):
+                res = bt["allocations"].get(name)
+                if res is None or v not in res["ratio"]:
+                    continue
+                pred = res["predicted_ratio"][e]
+                cells = [label, VARIANT_SHORT[v], name.replace("[", " (").replace("]", ")"), f"{pred:.3f}",
+                         _fmt_ci(res["ratio"][v], res["ratio_ci"][v]), f"{res['ratio'][v] - pred:+.2f}",
+                         _fmt_ci(res["nsr_ratio"][v], res["nsr_ratio_ci"][v]), f"{res['mean_shift_rel'][v]:+.2f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+                label = ""
     lines += ["",
-              f"predicted = Σ v·c(n) / Σ v·c(4) with v = p(1−p) from the oracle estimate ({s['oracle_samples']} samples/prompt), c(n) = 1/n, "
-              f"c(0) = 1. GRPO / DynaMO decay6: the losses as trained (DynaMOPolicyLoss, token-mean). \"balanced\": "
-              "advantages × (B/N)/n_i so every prompt keeps uniform's weight in the loss (the estimator the Σ v/n model "
-              "describes); Dr.GRPO: mean baseline, no std normalisation. noise/signal = trace(cov) / ‖E g‖² relative "
-              "to uniform's. mean shift = ‖E g − E g_uniform‖² / ‖E g_uniform‖² (unbiased)."]
+              "predicted = the allocator's own objective for the variant's estimator (rloo: Σ v/(n−1); group_norm: the "
+              f"Beta-moment model), with v = p(1−p) of the oracle estimate ({s['oracle_samples']} samples/prompt), as a "
+              "ratio to uniform's. balanced = the trainer's prompt-balanced loss (token sums / "
+              f"{s['token_normalizer']}); token-mean = OpenRLHF's. noise/signal = trace(cov) / ‖E g‖², relative to "
+              "uniform's. mean shift = ‖E g − E g_uniform‖² / ‖E g_uniform‖² (unbiased; 0 = the allocation changed only the "
+              "noise)."]
     return "\n".join(lines)
 
 
@@ -664,36 +623,31 @@ def plot(result: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     vs = list(result["setup"]["variants"])
-    g = "grpo" if "grpo" in vs else vs[0]
-    series = ([("predicted (Σ v/n)", None)] + [(f"measured: {VARIANT_SHORT[v]}", v) for v in vs]
-              + [(f"noise/signal: {VARIANT_SHORT[g]}", "nsr:" + g)])
-    colors = ["#999999", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#d62728"]
     nb = len(result["batches"])
-    fig, axes = plt.subplots(1, nb, figsize=(6.5 * nb, 4.2), squeeze=False)
-    w = 0.8 / len(series)
+    fig, axes = plt.subplots(1, nb, figsize=(max(7.0, 1.6 * len(vs)) * nb, 4.4), squeeze=False)
+    w = 0.2
     for ax, bt in zip(axes[0], result["batches"]):
-        names = [n for n in bt["allocations"] if n != "uniform"]
-        al = [bt["allocations"][n] for n in names]
-        x = np.arange(len(names))
-        for k, (label, v) in enumerate(series):
-            pos = x + (k - (len(series) - 1) / 2) * w
-            if v is None:
-                ax.bar(pos, [a["predicted_ratio"] for a in al], w, label=label, color=colors[0])
-            else:
-                key, ckey, vv = ("nsr_ratio", "nsr_ratio_ci", v[4:]) if v.startswith("nsr:") else ("ratio", "ratio_ci", v)
-                y = np.array([a[key][vv] for a in al])
-                ci = np.array([a[ckey][vv] for a in al])
-                ax.bar(pos, y, w, label=label, color=colors[k % len(colors)], hatch="//" if key == "nsr_ratio" else None,
-                       yerr=[np.maximum(y - ci[:, 0], 0), np.maximum(ci[:, 1] - y, 0)], capsize=2)
+        x = np.arange(len(vs))
+        series = [("ours", "predicted", "#aec7e8"), ("ours", "measured", "#1f77b4"),
+                  ("oracle", "predicted", "#ffbb78"), ("oracle", "measured", "#ff7f0e")]
+        for k, (which, kind, color) in enumerate(series):
+            ys, lo_err, hi_err = [], [], []
+            for v in vs:
+                res = bt["allocations"][f"{which}[{VARIANTS[v][0]}]"]
+                if kind == "predicted":
+                    ys.append(res["predicted_ratio"][VARIANTS[v][0]]); lo_err.append(0.0); hi_err.append(0.0)
+                else:
+                    y, ci = res["ratio"][v], res["ratio_ci"][v]
+                    ys.append(y); lo_err.append(max(y - ci[0], 0.0)); hi_err.append(max(ci[1] - y, 0.0))
+            ax.bar(x + (k - 1.5) * w, ys, w, color=color, label=f"{which}: {kind}",
+                   yerr=None if kind == "predicted" else [lo_err, hi_err], capsize=2)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        tops = [a["ratio_ci"][v][1] for a in al for v in vs if np.isfinite(a["ratio_ci"][v][1])] + [1.2]
-        ax.set_ylim(0, min(3.0, 1.05 * max(tops)))  # a wider CI is cut at 3 (the JSON has it)
         ax.set_xticks(x)
-        ax.set_xticklabels([n.replace(", ", ",\n") for n in names], fontsize=8)
-        ax.set_ylabel("ratio to uniform's")
+        ax.set_xticklabels([VARIANT_SHORT[v].replace(" (", "\n(").replace(", ", ",\n", 1) for v in vs], fontsize=7)
+        ax.set_ylabel("gradient-variance trace / uniform's")
         ax.set_title(f"{bt['split']} prompts (N={bt['prompts']}, B={bt['budget']}, "
                      f"{result['setup']['repeats']} repeats; 95% CI)", fontsize=10)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -703,10 +657,8 @@ def plot(result: Dict, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=None, help="prompts per batch (default 24; --quick 6)")
-    p.add_argument("--splits", default=None,
-                   help="batches: train (random train prompts), eval (random eval prompts), mixed (train prompts picked "
-                        "by a screening pass for DESIGN.md 6's spread: 30%% never / 20%% always solved) "
-                        "(default train,mixed; --quick train)")
+    p.add_argument("--splits", default="train",
+                   help="batches: train (random train prompts), eval (random eval prompts); default train")
     p.add_argument("--repeats", type=int, default=None, help="rollout sets per allocation (default 64; --quick 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a handful of repeats on a few prompts (tests)")
@@ -714,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="plot path (default docs/gradient_variance.png; --quick OUT/gradient_variance.png)")
     p.add_argument("--oracle_samples", type=int, default=None, help="samples per prompt for the oracle (default 64; --quick 16)")
     p.add_argument("--pool_samples", type=int, default=8, help="earlier rollouts per prompt fed to the pool (default 8)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"loss variants (default {','.join(VARIANTS)})")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="loss variants (estimator/weighting pairs, default all): " + "; ".join(
+                       f"{k} = {d}" for k, d in VARIANT_DESC.items()))
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000; --quick 200)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("DYNAMO_OPENRLHF_CPU_THREADS", "1")),
                    help="torch threads (default $DYNAMO_OPENRLHF_CPU_THREADS or 1)")
@@ -728,9 +682,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     q = args.quick
     args.prompts = args.prompts or (6 if q else 24)
-    args.splits = [x.strip() for x in (args.splits or ("train" if q else "train,mixed")).split(",") if x.strip()]
-    if not args.splits or any(x not in ("train", "eval", "mixed") for x in args.splits):
-        parser.error(f"--splits: choose from train, eval, mixed (got {args.splits})")
+    args.splits = [x.strip() for x in args.splits.split(",") if x.strip()]
+    if not args.splits or any(x not in ("train", "eval") for x in args.splits):
+        parser.error(f"--splits: choose from train, eval (got {args.splits})")
     args.repeats = args.repeats or (4 if q else 64)
     args.oracle_samples = args.oracle_samples or (16 if q else 64)
     args.bootstrap = args.bootstrap or (200 if q else 2000)
