@@ -370,12 +370,23 @@ class NumpyPassRatePool:
         return np.flatnonzero(self.seen)
 
     def allocate(self, ids, budget, lo, hi, rule="neyman", calibrated=None, skip_factor=None,
-                 min_rollouts=None, exploration=None, mastery=None):
+                 min_rollouts=None, exploration=None, mastery=None, explore_seed=None):
         if exploration or mastery:
             raise NotImplementedError("the numpy stand-in has no exploration/mastery switches")
+        if explore_seed is not None and not skip_factor:
+            raise ValueError("explore_seed applies to the skipping rule only (skip_factor > 0)")
         v = self.calibrated_variance(ids) if calibrated else self.expected_variance(ids)
         if skip_factor or (min_rollouts or 0) >= 2:
             guard = self.expected_variance(ids) if calibrated and skip_factor else None
+            if explore_seed is not None:
+                # same semantics as rust/explore.rs (other random numbers): p~ ~ Beta(1 + c s, 1 + c f),
+                # evidence capped at 16 trials (c = min(1, 16/(s+f))), seeded by (seed, update count);
+                # skipped only if p~(1 - p~) is below the cut too
+                k, f = self.evidence(ids)
+                c = np.minimum(1.0, 16.0 / np.maximum(k + f, 1e-300))
+                draw = np.random.default_rng([int(explore_seed), self.t]).beta(1.0 + c * k, 1.0 + c * f)
+                dv = draw * (1.0 - draw)
+                guard = dv if guard is None else np.maximum(guard, dv)
             return neyman_select(v, budget, hi, skip_factor, min_rollouts, guard)
         if rule == "neyman":
             return neyman_exact(v, budget, lo, hi)
@@ -524,6 +535,20 @@ def drift_speed(rng, size):
     return np.where(u < 0.75, up, down)
 
 
+def rising_init(rng, size):
+    """Half the prompts look impossible at first (p = 0.002) and will rise; the rest p ~ Beta(2, 2), static."""
+    return np.where(np.arange(size) % 2 == 0, 0.002, rng.beta(2.0, 2.0, size))
+
+
+def rising_speed(steps):
+    """The rising half crosses p = 0.5 (logit 0, from logit(0.002) = -6.2) at a uniform time within the
+    first 20%..80% of the run, and keeps rising; the rest does not move."""
+    def speed(rng, size):
+        cross = rng.uniform(0.2, 0.8, size) * steps
+        return np.where(np.arange(size) % 2 == 0, 6.2 * 1000.0 / cross, 0.0)
+    return speed
+
+
 def scenarios(quick: bool = False) -> Dict[str, Scenario]:
     """The benchmark's scenarios.  ``quick`` shrinks pools and epochs (same shapes; drift sped up so that
     p moves as much per epoch as in the full run)."""
@@ -552,6 +577,10 @@ def scenarios(quick: bool = False) -> Dict[str, Scenario]:
         "large_pool": Scenario(
             "large_pool", large, 2 * EL, EL, drift_init, drift_speed,
             f"{large // 1000}k prompts revisited every ~{EL} steps; same drift; scored on epoch 2", f),
+        "rising": Scenario(
+            "rising", small, 2 * E, 2 * (small // BATCH), rising_init, rising_speed(2 * E),
+            f"{small // 1024}k prompts: half look impossible (p = 0.002) and rise through p = 0.5 at a random "
+            "time in 20-80% of the run, half Beta(2,2); the trap for skipping without exploration"),
     }
 
 
@@ -729,7 +758,9 @@ class Ours(Method):
 
     def __init__(self, backend: Backend, forget=0.999, prior="fit", init_prior=(1.0, 1.0),
                  refit_every=1, lo=8, hi=24, candidates=1, skip_factor=4.0, name=None,
-                 rule="neyman", exploration=False, make_pool=None, min_rollouts=None, calibrated=False):
+                 rule="neyman", exploration=False, make_pool=None, min_rollouts=None, calibrated=False,
+                 explore_seed=None):
+        self.explore_seed = explore_seed
         self.backend, self.forget, self.prior_mode = backend, forget, prior
         self.rule, self.exploration, self._make_pool = rule, exploration, make_pool
         self.init_prior = init_prior if isinstance(prior, str) else prior
@@ -756,7 +787,14 @@ class Ours(Method):
             kw = dict(calibrated=True, exploration=False, mastery=False)
             if self.lo == 0:
                 kw.update(skip_factor=self.skip_factor or None, min_rollouts=self.min_rollouts)
+                if self.skip_factor and self.explore_seed is not None:
+                    kw.update(explore_seed=self.explore_seed)
             return np.asarray(self.pool.allocate(ids, budget, self.lo, self.hi, rule=self.rule, **kw))
+        if self.lo == 0 and self.skip_factor and self.explore_seed is not None:
+            # exploring skip decisions need the posteriors: the pool's own allocate
+            return np.asarray(self.pool.allocate(ids, budget, 0, self.hi, rule=self.rule,
+                                                 skip_factor=self.skip_factor, min_rollouts=self.min_rollouts,
+                                                 explore_seed=self.explore_seed))
         v = self.variances(ids)
         if self.lo == 0 and (self.skip_factor or (self.min_rollouts or 0) >= 2):
             return self._select(v, budget)
@@ -826,6 +864,7 @@ class Calibrated(Ours):
         kw.setdefault("name", "ours + revisit calibration" if kw.get("lo", 8) > 0
                       else "ours + revisit calibration, skipping")
         kw["calibrated"] = False  # its own (Python) calibration on the plain posterior
+        kw["explore_seed"] = None  # its own skip rule (_select)
         super().__init__(backend, **kw)
         self.cal_forget, self.tau, self.edges = cal_forget, tau, np.asarray(edges)
         self.clip, self.skip_on_posterior = clip, skip_on_posterior
@@ -910,6 +949,7 @@ class TruePriorPosterior(Ours):
     def __init__(self, backend, p_zero=0.3, p_one=0.2, a=0.7, b=0.7, **kw):
         kw.setdefault("name", "true-prior posterior" if kw.get("lo", 8) > 0 else "true-prior posterior, skipping")
         kw["calibrated"] = False  # its own exact posterior, not the pool
+        kw["explore_seed"] = None  # no pool posteriors to draw from
         super().__init__(backend, **kw)
         self.w0, self.w1, self.a, self.b = p_zero, p_one, a, b
 
@@ -958,6 +998,10 @@ DEFAULTS = dict(
     min_rollouts=None,  # skipping variant: no group-size floor (2 measured: see --ablations)
     lo=8, hi=24,  # DESIGN.md bounds; skipping variant: lo=0, hi=64 over 2x candidates
     skip_lo=0, skip_hi=64, skip_candidates=2, skip_factor=4.0,
+    # skipping variant: skip decisions explore (PassRatePool.allocate(explore_seed=0)): a prompt is skipped
+    # only if an exploration draw p~ ~ Beta(1 + c s, 1 + c f) (evidence capped at 16 trials) also has
+    # p~(1-p~) below the cut, so no prompt with signal stays skipped (see the starvation table)
+    explore_seed=0,
 )
 
 
@@ -966,7 +1010,8 @@ def ours_kwargs(skipping: bool = False, **over):
              refit_every=DEFAULTS["refit_every"], calibrated=DEFAULTS["calibrated"])
     if skipping:
         d.update(lo=DEFAULTS["skip_lo"], hi=DEFAULTS["skip_hi"], candidates=DEFAULTS["skip_candidates"],
-                 skip_factor=DEFAULTS["skip_factor"], min_rollouts=DEFAULTS["min_rollouts"])
+                 skip_factor=DEFAULTS["skip_factor"], min_rollouts=DEFAULTS["min_rollouts"],
+                 explore_seed=DEFAULTS["explore_seed"])
     else:
         d.update(lo=DEFAULTS["lo"], hi=DEFAULTS["hi"])
     d.update(over)
@@ -983,7 +1028,8 @@ def benchmark_methods(backend: Backend, scenario: Optional[Scenario] = None, pro
     if proposals:
         ms += [Ours(backend, **ours_kwargs(calibrated=False), name="ours, no calibration"),
                Ours(backend, **ours_kwargs(True, calibrated=False), name="ours, no calibration, skipping"),
-               Ours(backend, **ours_kwargs(True, min_rollouts=2), name="ours, skipping, min_rollouts 2")]
+               Ours(backend, **ours_kwargs(True, min_rollouts=2), name="ours, skipping, min_rollouts 2"),
+               Ours(backend, **ours_kwargs(True, explore_seed=None), name="ours, skipping, no exploration")]
     ms += [Oracle(8, 24, 1, allocate=backend.allocate),
            Oracle(0, 64, DEFAULTS["skip_candidates"], allocate=backend.allocate)]
     if diagnostics and scenario is not None and scenario.init is mixed_pool:
@@ -1028,9 +1074,40 @@ def ablation_methods(backend: Backend) -> List[Method]:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Starvation: a prompt with signal (true 0.1 < p < 0.9 at the visit) that gets no rollout on more than
+#: this many consecutive visits.  Visits come once per epoch; 3 means three epochs without any evidence
+#: on a prompt whose variance is at least 0.09 -- by then a posterior that wrongly called it negligible
+#: would have had three chances to be corrected, and a prompt that drifts does so over a few epochs.
+STARVE_VISITS = 3
+
+
+class StarvationTracker:
+    """Per method: consecutive visits with true 0.1 < p < 0.9 and n = 0, per prompt."""
+
+    def __init__(self, pool_size: int, k: int = STARVE_VISITS):
+        self.k = k
+        self.run = np.zeros(pool_size, dtype=np.int64)
+        self.starved = np.zeros(pool_size, dtype=bool)
+        self.eligible = np.zeros(pool_size, dtype=bool)
+
+    def visit(self, ids, p, n):
+        mid = (p > 0.1) & (p < 0.9)
+        self.eligible[ids[mid]] = True
+        zero = mid & (n == 0)
+        self.run[ids[~zero]] = 0
+        self.run[ids[zero]] += 1
+        self.starved[ids[zero & (self.run[ids] > self.k)]] = True
+
+    def share(self) -> float:
+        """Starved prompts / prompts visited at least once with 0.1 < p < 0.9."""
+        return float(self.starved.sum() / max(1, self.eligible.sum()))
+
+
 def run_scenario(scenario: Scenario, methods: Sequence[Method], seed: int,
-                 steps: Optional[int] = None, lost: Optional[dict] = None) -> Dict[str, np.ndarray]:
+                 steps: Optional[int] = None, lost: Optional[dict] = None,
+                 starved: Optional[dict] = None) -> Dict[str, np.ndarray]:
     """Simulate ``steps`` training steps; returns {method name: per-step ratio to uniform}.
+    ``starved`` (a dict) receives {method name: share of prompts starved} (:class:`StarvationTracker`).
 
     All methods with the same ``candidates`` see the same batches and true pass rates, and share common
     random numbers for the rollouts: rollout j of prompt i in a step succeeds iff U_ij < p_i with the
@@ -1051,6 +1128,7 @@ def run_scenario(scenario: Scenario, methods: Sequence[Method], seed: int,
     out = {m.name: np.empty(steps) for m in methods}
     if lost is not None:
         lost.update({m.name: np.zeros(steps) for m in methods})
+    trackers = {m.name: StarvationTracker(scenario.pool_size) for m in methods}
     budget = BATCH * ROLLOUTS
     for t in range(steps):
         for c in mults:
@@ -1068,6 +1146,9 @@ def run_scenario(scenario: Scenario, methods: Sequence[Method], seed: int,
                 out[m.name][t] = score_allocation(p, n, budget)
                 if lost is not None:
                     lost[m.name][t] = lost_signal(p, n)
+                trackers[m.name].visit(ids, p, n)
                 k = wins[rows, n].astype(np.int64)
                 m.observe(ids, n, k, t)
+    if starved is not None:
+        starved.update({name: tr.share() for name, tr in trackers.items()})
     return out

@@ -271,6 +271,7 @@ class PassRatePool:
         min_rollouts: int | None = None,
         calibrated: bool | None = None,
         estimator: _Estimator | None = None,
+        explore_seed: int | None = None,
     ) -> npt.NDArray[np.int64]:
         """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
         allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
@@ -307,9 +308,23 @@ class PassRatePool:
         prompt's cost is multiplied by its calibration factor. c is decreasing and convex in
         n (verified numerically over a wide (a, b) grid and n up to 512), so handing out
         rollouts by largest marginal gain c(n) - c(n+1) is exact; ties as above (fewer
-        rollouts first, then the lower index). Memory: a table of N*(hi - lo) float64 gains
-        (at most 2**28 entries, else ValueError). All estimators: rule "neyman" only, and
-        not with ``exploration``/``mastery``."""
+        rollouts first, then the lower index). Memory O(N) (the gains are recomputed per
+        pass); work N*(min(hi, lo + budget - N*lo) - lo) gain evaluations per pass, at most
+        2**32 (else ValueError). All estimators: rule "neyman" only, and not with
+        ``exploration``/``mastery``.
+
+        ``explore_seed``: ``None`` (default): off, the skipping rule as documented. An int in
+        [0, 2**64): skip decisions explore (requires ``skip_factor > 0``, else ValueError). Each
+        prompt gets one exploration draw p~ ~ Beta(1 + c*s, 1 + c*f), (s, f) its evidence and
+        c = min(1, 16/(s + f)) (a uniform prior and at most 16 trials' worth of evidence: the
+        draw is never as sure as a long, possibly stale, record of failures), and it is skipped
+        only if p~(1 - p~) is below ``skip_factor * lambda`` as well (with ``calibrated``: and
+        its plain posterior variance). So a prompt that looks hopeless is still re-probed on
+        most visits (a 0-of-16+ record is kept about 70% of the time at a cut of 0.02) and is
+        never skipped for ever because its pass rate moved. The draw is a pure function of
+        (explore_seed, prompt id, number of ``update`` calls so far): the same call on a pool
+        restored with :meth:`load` gives the same result, and each training step draws
+        afresh. The allocation among kept prompts is unchanged (the posterior variances)."""
     def fit_prior(self) -> tuple[float, float]:
         """Empirical-Bayes fit of (alpha0, beta0) to the pool, by the method of moments with a
         binomial-noise correction, over prompts with at least one trial of (forgotten)

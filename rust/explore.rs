@@ -4,10 +4,19 @@
 //! With `lo = 0` and `skip_factor`, a prompt whose posterior calls it negligible gets 0 rollouts,
 //! hence no new evidence, hence stays negligible: a prompt whose pass rate moved (or whose early
 //! evidence was unlucky) can be skipped for ever. With an exploration seed, the skip decision also
-//! looks at one draw p̃ ~ Beta(α, β) per prompt: the prompt is skipped only if its variance *and*
-//! the draw's p̃(1 − p̃) are below the cut. A confident posterior (much evidence near 0 or 1) draws
-//! near 0 or 1 and stays skipped; an uncertain one is kept with the probability that its pass rate
-//! is informative, so it is re-probed every few visits and corrects itself.
+//! looks at one exploration draw p̃ per prompt: the prompt is skipped only if its variance *and*
+//! the draw's p̃(1 − p̃) are below the cut.
+//!
+//! The draw is Thompson sampling from a deliberately less confident posterior,
+//! p̃ ~ Beta(1 + c·s, 1 + c·f) with c = min(1, 16/(s + f)): a uniform prior, and the evidence
+//! (s, f) scaled down to at most 16 trials (one default group). Both changes bound how sure the
+//! draw can be that a prompt is hopeless: the posterior itself can be sure for a bad reason (a
+//! fitted U-shaped prior puts much mass near 0; a pass rate that rose makes old failures
+//! misleading), and a skipped prompt gets no evidence to correct it. A prompt whose capped
+//! evidence is all failures, Beta(1, 17), draws p̃ below 0.02 with probability
+//! 1 − 0.98¹⁷ ≈ 0.29, so at a cut of about 0.02 it is re-probed on about 70% of its visits;
+//! a prompt with recent successes is re-probed more often. The price is that truly hopeless
+//! prompts are re-probed too (with the fewest rollouts the allocation gives).
 //!
 //! The draw is a pure function of (seed, prompt id, pool update count): the same call on a pool
 //! restored from a file gives the same result (runs resume exactly), and a prompt gets a fresh
@@ -80,6 +89,26 @@ pub fn beta_draw(alpha: f64, beta: f64, seed: u64, id: i64, step: u64) -> f64 {
     1.0 / (1.0 + (y - x).exp())
 }
 
+/// Trials of evidence beyond which the exploration draw scales the evidence down.
+pub const EXPLORE_EVIDENCE_CAP: f64 = 16.0;
+
+/// The exploration draw's Beta parameters for evidence (s, f): (1 + c·s, 1 + c·f),
+/// c = min(1, EXPLORE_EVIDENCE_CAP/(s + f)).
+pub fn exploration_beta(s: f64, f: f64) -> (f64, f64) {
+    let c = if s + f > EXPLORE_EVIDENCE_CAP {
+        EXPLORE_EVIDENCE_CAP / (s + f)
+    } else {
+        1.0
+    };
+    (1.0 + c * s, 1.0 + c * f)
+}
+
+/// p̃(1 − p̃) of the exploration draw for evidence (s, f) (see the module documentation).
+pub fn exploration_variance(s: f64, f: f64, seed: u64, id: i64, step: u64) -> f64 {
+    let (a, b) = exploration_beta(s, f);
+    variance_draw(a, b, seed, id, step)
+}
+
 /// p̃(1 − p̃) of [`beta_draw`]: the draw's Bernoulli variance.
 pub fn variance_draw(alpha: f64, beta: f64, seed: u64, id: i64, step: u64) -> f64 {
     let p = beta_draw(alpha, beta, seed, id, step);
@@ -127,5 +156,14 @@ mod tests {
         let p = beta_draw(1e-9, 1e-9, 3, 1, 1);
         assert!(p.is_finite() && (0.0..=1.0).contains(&p));
         assert_eq!(variance_draw(0.5, 2.0, 1, 42, 9), base * (1.0 - base));
+        // Exploration parameters: uniform prior, evidence capped at 16 trials.
+        assert_eq!(exploration_beta(3.0, 5.0), (4.0, 6.0));
+        assert_eq!(exploration_beta(0.0, 999.0), (1.0, 17.0));
+        assert_eq!(exploration_beta(8.0, 24.0), (5.0, 13.0));
+        let (a, b) = exploration_beta(2.0, 70.0);
+        assert_eq!(
+            exploration_variance(2.0, 70.0, 5, 7, 11),
+            variance_draw(a, b, 5, 7, 11)
+        );
     }
 }

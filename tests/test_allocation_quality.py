@@ -301,3 +301,46 @@ def test_skipping_uses_the_allocator_option():
         c = nat.allocate(v, B, 0, 64, skip_factor=4.0, min_rollouts=2)
         assert np.array_equal(c, npb.allocate(v, B, 0, 64, skip_factor=4.0, min_rollouts=2))
         assert not np.any(c == 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# starvation: skipping must keep learning what it skips
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_starvation_tracker_counts_consecutive_visits_with_signal_and_no_rollout():
+    tr = sim.StarvationTracker(4, k=2)
+    ids = np.arange(4)
+    p = np.array([0.5, 0.5, 0.05, 0.5])
+    # prompt 0: 3 zero visits in a row (> 2) -> starved; prompt 1: zeros broken by a rollout;
+    # prompt 2: no signal (p = 0.05) -> never counts; prompt 3: always served
+    for n in ([0, 0, 0, 4], [0, 3, 0, 4], [0, 0, 0, 4], [5, 0, 0, 4]):
+        tr.visit(ids, p, np.array(n))
+    assert tr.starved.tolist() == [True, False, False, False]
+    assert tr.eligible.tolist() == [True, True, False, True]
+    assert tr.share() == pytest.approx(1 / 3)
+    # p leaving (0.1, 0.9) resets the run
+    tr2 = sim.StarvationTracker(1, k=1)
+    for q in (0.5, 0.95, 0.5):
+        tr2.visit(np.array([0]), np.array([q]), np.array([0]))
+    assert not tr2.starved[0]
+
+
+def test_exploring_skip_decisions_end_starvation_in_the_rising_trap():
+    """Half the prompts look impossible (p = 0.002) and then rise through p = 0.5: without exploration the
+    skipping rule never looks at them again; with the default explore_seed none starves, at no cost."""
+    def init(rng, n):
+        return np.where(np.arange(n) % 2 == 0, 0.002, rng.beta(2.0, 2.0, n))
+
+    def speed(rng, n):
+        return np.where(np.arange(n) % 2 == 0, 80.0, 0.0)  # crosses p = 0.5 around step 78
+
+    trap = sim.Scenario("trap", 2048, 160, 40, init, speed)
+    methods = [sim.Ours(BACKEND, **sim.ours_kwargs(True)),
+               sim.Ours(BACKEND, **sim.ours_kwargs(True, explore_seed=None), name="no exploration")]
+    starved = {}
+    r = sim.run_scenario(trap, methods, 0, starved=starved)
+    assert sim.DEFAULTS["explore_seed"] == 0
+    assert starved["ours, skipping"] == 0.0
+    assert starved["no exploration"] > 0.05
+    assert r["ours, skipping"][40:].mean() < r["no exploration"][40:].mean()

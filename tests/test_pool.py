@@ -598,3 +598,57 @@ def test_pool_shifted_estimators_are_allocate_rollouts_on_posterior_variances():
 def test_allocate_estimator_errors(lo, rule, options, message):
     with pytest.raises(ValueError, match=message):
         sample_pool().allocate([1, 2, 3], 12, lo, 8, rule=rule, **options)
+
+
+# ---------------------------------------------------------------- exploring skip decisions
+
+
+def skip_trap_pool():
+    """Ids 1..8 informative; 100 (59 failures) and 200 (999 failures) are skipped by the plain rule."""
+    pool = PassRatePool()
+    ids = np.array(list(range(1, 9)) + [100, 200])
+    pool.update(ids, [8] * 8 + [0, 0], [16] * 8 + [59, 999])
+    return pool, ids
+
+
+def test_explore_seed_re_probes_what_skipping_drops():
+    pool, ids = skip_trap_pool()
+    plain = pool.allocate(ids, 64, 0, 16, skip_factor=4.0)
+    assert plain[8:].tolist() == [0, 0]
+    kept = np.zeros(2, dtype=int)
+    for seed in range(300):
+        got = pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=seed)
+        assert got.sum() == 64 and got.min() >= 0 and got.max() <= 16
+        kept += got[8:] > 0
+    # Exploration draw Beta(1, 17) for both (evidence capped at 16 trials, all failures): kept
+    # when p~(1 - p~) reaches the cut (~0.017), probability (1 - 0.0173)**17 ~ 0.74.
+    assert np.all((kept >= 180) & (kept <= 260)), kept
+
+
+def test_explore_seed_is_deterministic_and_resumes_exactly(tmp_path):
+    pool, ids = skip_trap_pool()
+    a = pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=7)
+    assert np.array_equal(a, pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=7))
+    path = tmp_path / "pool.bin"
+    pool.save(path)
+    restored = PassRatePool.load(path)
+    assert np.array_equal(a, restored.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=7))
+    assert np.array_equal(a, pickle.loads(pickle.dumps(pool)).allocate(
+        ids, 64, 0, 16, skip_factor=4.0, explore_seed=7))
+    # A new training step (update) draws afresh: over seeds the decisions differ between steps.
+    before = [pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=s)[8:] > 0 for s in range(40)]
+    pool.update([1], [8], [16])
+    after = [pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=s)[8:] > 0 for s in range(40)]
+    assert any(not np.array_equal(x, y) for x, y in zip(before, after))
+
+
+def test_explore_seed_needs_the_skipping_rule():
+    pool, ids = skip_trap_pool()
+    for options in ({}, {"skip_factor": 0.0}, {"min_rollouts": 2}):
+        with pytest.raises(ValueError, match=r"^explore_seed applies to the skipping rule only \(skip_factor > 0\)"):
+            pool.allocate(ids, 64, 0, 16, explore_seed=1, **options)
+    with pytest.raises((OverflowError, TypeError)):
+        pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=-1)
+    # Without skipping candidates nothing changes: the informative prompts are kept either way.
+    got = pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=3, calibrated=True)
+    assert got.sum() == 64 and np.all(got[:8] > 0)
