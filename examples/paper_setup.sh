@@ -4,17 +4,26 @@
 # environment below (and state their GPU needs) and exec this file; the GRPO baselines exec those with
 # `--dynamo.allocation.rule off --dynamo.modulation.preset off` appended.
 #
-# Setup: lr 1e-6, GRPO advantages (group_norm), no KL and no reference model, token-mean loss, temperature
-# 1.0, PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x 16 rollouts per step (8192 samples), ~2000 steps,
-# math-verify reward (dynamo_openrlhf.reward); DeepSpeed ZeRO-3 and vLLM engines colocated on every GPU
-# (hybrid engine, sleep mode). DynaMO on: exact Neyman allocation of each step's 8192 rollouts over its 512
-# prompts (8..24 each) from the Beta pass-rate pool, decay6 token-level modulation.
+# Setup: lr 1e-6, no KL and no reference model, temperature 1.0, PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x
+# 16 rollouts per step (8192 samples), ~2000 steps, math-verify reward (dynamo_openrlhf.reward); DeepSpeed ZeRO-3
+# and vLLM engines colocated on every GPU (hybrid engine, sleep mode); decay6 token-level modulation. The DynaMO
+# recipe (RECIPE):
+#   variance [default] - the combination for which the allocation minimises the variance of the update as
+#     trained (docs/variance.md): RLOO advantages, the prompt-balanced loss (every prompt of the step weighs the
+#     same; token sums over the constant --rollout.max_new_tokens), and the exact integer minimiser of
+#     sum v_i/(n_i - 1) from the Beta pass-rate pool (8..24 rollouts per prompt).
+#     Step size: the balanced loss divides token sums by 3072, OpenRLHF's token-mean by the mean response
+#     length, so at the same lr its steps are ~(mean length)/3072 of the paper's; pass
+#     --dynamo.loss.token_normalizer <typical response length> to keep the paper's step size (not tuned here).
+#   paper - the paper's runs: GRPO advantages (group_norm), OpenRLHF's token-mean loss and the reference code's
+#     proportional rule (n ∝ v, with its exploration budget and mastery rule), 8..24 rollouts per prompt.
+# The GRPO baselines run RECIPE=paper with DynaMO off, i.e. OpenRLHF's GRPO exactly.
 #
 # Environment (defaults in brackets): MODEL [required], RUN_NAME [required], RAY_ADDRESS
 #   [http://127.0.0.1:8265], NNODES [1], GPUS_PER_NODE [8], VLLM_TP [1] (engines = NNODES x GPUS_PER_NODE /
 #   VLLM_TP), ROLLOUT_MICRO_BATCH [8], TRAIN_MICRO_BATCH [4], DATA [/data/math_train.jsonl], INPUT_KEY [prompt],
 #   LABEL_KEY [answer], EVAL_DATA [none: no in-training eval], OUTPUT_ROOT [/data/runs], STEPS [2000],
-#   NUM_EPISODES [STEPS x 512 / lines of DATA when DATA is a local file, else 1], POOL_LOAD [none],
+#   NUM_EPISODES [STEPS x 512 / lines of DATA when DATA is a local file, else 1], POOL_LOAD [none], RECIPE [variance],
 #   WANDB_API_KEY [none: TensorBoard only], RUNTIME_ENV_JSON [TOKENIZERS_PARALLELISM=false, NCCL_DEBUG=WARN].
 # Extra arguments are appended to the train command and win (argparse: the last one counts).
 set -euo pipefail
@@ -35,6 +44,18 @@ EVAL_DATA=${EVAL_DATA:-}
 OUTPUT_ROOT=${OUTPUT_ROOT:-/data/runs}
 OUT="$OUTPUT_ROOT/$RUN_NAME"
 POOL_LOAD=${POOL_LOAD:-}
+RECIPE=${RECIPE:-variance}
+case "$RECIPE" in
+    variance)
+        ESTIMATOR=rloo                  # RLOO: unbiased, per-prompt variance p(1-p)/(n-1)
+        WEIGHTING=balanced              # every prompt of the step weighs the same, whatever its n_i
+        RULE=neyman ;;                  # exact minimiser of sum v_i/(n_i - 1)
+    paper)
+        ESTIMATOR=group_norm            # GRPO advantages, as in the paper's runs
+        WEIGHTING=tokens                # OpenRLHF's token-mean loss
+        RULE=proportional ;;            # the reference code's n ∝ v (exploration + mastery on)
+    *) echo "paper_setup.sh: RECIPE must be 'variance' or 'paper', got '$RECIPE'" >&2; exit 2 ;;
+esac
 DEFAULT_RUNTIME_ENV='{"env_vars": {"TOKENIZERS_PARALLELISM": "false", "NCCL_DEBUG": "WARN"}}'
 RUNTIME_ENV_JSON=${RUNTIME_ENV_JSON:-$DEFAULT_RUNTIME_ENV}
 
@@ -72,7 +93,7 @@ ROLLOUT_ARGS=(
 )
 
 ALGO_ARGS=(
-    --algo.advantage.estimator group_norm           # GRPO advantages
+    --algo.advantage.estimator "$ESTIMATOR"         # rloo (RECIPE=variance) or group_norm = GRPO (RECIPE=paper)
     --algo.kl.init_coef 0                           # no KL: no reference model is created
     --actor.policy_loss_type ppo
     --actor.loss_agg_mode token-mean
@@ -126,13 +147,14 @@ DYNAMO_ARGS=(
     --dynamo.run_dir "$OUT"                         # metrics.jsonl and pass_rate_pool.bin
     --dynamo.reward_timeout 5                       # seconds per sample for math-verify (0 reward on timeout)
     # sequence level: rollout allocation
-    --dynamo.allocation.rule neyman                 # exact variance-minimising integer allocation
+    --dynamo.allocation.rule "$RULE"                # neyman: exact minimiser of the estimator's variance; proportional: the reference's n ∝ v
     --dynamo.allocation.lo 8                        # fewest rollouts per prompt (n/2)
     --dynamo.allocation.hi 24                       # most rollouts per prompt (3n/2)
-    --dynamo.allocation.oversample 1                # no candidate over-sampling; to let prompts be skipped:
-                                                    #   --dynamo.allocation.oversample 2 --dynamo.allocation.lo 0 --dynamo.allocation.hi 64
+    --dynamo.allocation.oversample 1                # no candidate over-sampling; to let prompts be skipped (rloo):
+                                                    #   --dynamo.allocation.oversample 2 --dynamo.allocation.lo 0
+                                                    #   --dynamo.allocation.min_rollouts 2 --dynamo.allocation.hi 64
     # Left to their rule-dependent defaults so that overriding the rule picks that rule's own defaults:
-    #   --dynamo.allocation.skip_factor (4 when lo is 0 with neyman, else off),
+    #   --dynamo.allocation.skip_factor (off with an advantage estimator model; refused with rloo/group_norm),
     #   --[no-]dynamo.allocation.exploration / --dynamo.allocation.exploration_rollouts (off for neyman; 4),
     #   --[no-]dynamo.allocation.mastery / --dynamo.allocation.mastery_threshold / --dynamo.allocation.priority_floor
     #   (off for neyman; 0.85, 0.01).
@@ -141,6 +163,7 @@ DYNAMO_ARGS=(
     --dynamo.pool.forget 0.999                      # per-step evidence decay (half-life ~690 steps)
     --dynamo.pool.fit_prior_every 10                # empirical-Bayes prior refit every 10 steps
     --dynamo.pool.success_threshold 0.5             # a rollout with reward > 0.5 counts as a success
+    --dynamo.loss.prompt_weighting "$WEIGHTING"     # balanced (RECIPE=variance) or tokens = OpenRLHF's token-mean
     # token level: advantage modulation
     --dynamo.modulation.preset decay6               # mu_max 1.2, lambda_min 0.6, gamma 50, tau 0.99
     # --dynamo.modulation.{mu_max,lambda_min,gamma,tau} override single preset values (left to the preset, so

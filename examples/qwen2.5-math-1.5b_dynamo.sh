@@ -2,12 +2,15 @@
 # DynaMO (arXiv 2602.19208) on Qwen/Qwen2.5-Math-1.5B: the paper's training setup, ONE node.
 #
 # What it runs: `ray job submit ... -- python -m dynamo_openrlhf.train` (OpenRLHF 0.11.2's train_ppo_ray
-# plus the --dynamo.* flags) with the paper's setup: lr 1e-6, GRPO advantages (group_norm), no KL and no
-# reference model, token-mean loss, temperature 1.0, PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x 16
-# rollouts per step (8192 samples), ~2000 steps, math-verify reward (dynamo_openrlhf.reward).
-# DynaMO on: each step's 8192 rollouts are split over its 512 prompts by the exact Neyman rule (8..24
-# rollouts each) from the Beta pass-rate pool, and the policy loss uses the decay6 token-level modulation.
-# The matching GRPO baseline (same command, DynaMO off): examples/qwen2.5-math-1.5b_grpo_baseline.sh.
+# plus the --dynamo.* flags) with the paper's setup: lr 1e-6, no KL and no reference model, temperature 1.0,
+# PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x 16 rollouts per step (8192 samples), ~2000 steps,
+# math-verify reward (dynamo_openrlhf.reward), decay6 token-level modulation, and DynaMO's default recipe
+# (RECIPE=variance, see examples/paper_setup.sh): RLOO advantages and the prompt-balanced loss, for which each
+# step's 8192 rollouts split over its 512 prompts (8..24 each) by the exact minimiser of sum v_i/(n_i - 1)
+# lower the variance of the update as trained (docs/variance.md).
+# The paper's own recipe (GRPO advantages, token-mean loss, the reference's proportional rule):
+# examples/qwen2.5-math-1.5b_dynamo_paper.sh; its GRPO baseline (DynaMO off):
+# examples/qwen2.5-math-1.5b_grpo_baseline.sh.
 #
 # GPU needs: 1 node x 8 GPUs, 80 GB class (A100-80GB / H100). Hybrid engine: the actor (8 DeepSpeed ZeRO-3
 #   ranks) and 8 vLLM engines (tensor parallel 1) share all 8 GPUs and sleep in turn.
@@ -31,7 +34,7 @@
 # Environment (defaults in brackets): RAY_ADDRESS [http://127.0.0.1:8265], MODEL [Qwen/Qwen2.5-Math-1.5B],
 #   DATA [/data/math_train.jsonl], INPUT_KEY [prompt], LABEL_KEY [answer], EVAL_DATA [none: no in-training
 #   eval], OUTPUT_ROOT [/data/runs], RUN_NAME [qwen2.5-math-1.5b_dynamo], STEPS [2000], NUM_EPISODES
-#   [STEPS x 512 / lines of DATA when DATA is a local file, else 1], POOL_LOAD [none], WANDB_API_KEY [none:
+#   [STEPS x 512 / lines of DATA when DATA is a local file, else 1], POOL_LOAD [none], RECIPE [variance], WANDB_API_KEY [none:
 #   TensorBoard only], RUNTIME_ENV_JSON [TOKENIZERS_PARALLELISM=false, NCCL_DEBUG=WARN].
 # The command itself is built by examples/paper_setup.sh (shared by the Qwen scripts).
 set -euo pipefail

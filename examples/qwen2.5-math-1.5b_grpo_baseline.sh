@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GRPO baseline for examples/qwen2.5-math-1.5b_dynamo.sh (Qwen/Qwen2.5-Math-1.5B, the paper's setup, ONE node).
 #
-# What it runs: exactly that script's `ray job submit ... -- python -m dynamo_openrlhf.train` command with
-# DynaMO switched off (--dynamo.allocation.rule off --dynamo.modulation.preset off, appended, so they win):
+# What it runs: that script's `ray job submit ... -- python -m dynamo_openrlhf.train` command with the paper's
+# recipe (RECIPE=paper: GRPO advantages, token-mean loss) and DynaMO switched off (--dynamo.allocation.rule off --dynamo.modulation.preset off, appended, so they win):
 # then the run is OpenRLHF 0.11.2's GRPO exactly (its sampler with 16 rollouts for every prompt, its
 # advantages, its PolicyLoss) and every other flag is the DynaMO run's, so the two runs differ only in DynaMO.
 # The other --dynamo.allocation/pool flags of that script have no effect with rule off.
@@ -13,6 +13,8 @@
 #   DATA=/data/math_train.jsonl OUTPUT_ROOT=/data/runs bash examples/qwen2.5-math-1.5b_grpo_baseline.sh [flags...]
 # Environment: as examples/qwen2.5-math-1.5b_dynamo.sh; RUN_NAME defaults to qwen2.5-math-1.5b_grpo.
 set -euo pipefail
+
+export RECIPE=paper  # the paper's advantages (group_norm) and loss (token-mean); DynaMO off below
 
 export RUN_NAME=${RUN_NAME:-qwen2.5-math-1.5b_grpo}
 exec bash "$(dirname "${BASH_SOURCE[0]}")/qwen2.5-math-1.5b_dynamo.sh" \

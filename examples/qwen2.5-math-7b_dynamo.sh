@@ -2,13 +2,13 @@
 # DynaMO (arXiv 2602.19208) on Qwen/Qwen2.5-Math-7B: the paper's training setup, ONE node.
 #
 # What it runs: `ray job submit ... -- python -m dynamo_openrlhf.train` (OpenRLHF 0.11.2's train_ppo_ray
-# plus the --dynamo.* flags) with the paper's setup: lr 1e-6, GRPO advantages (group_norm), no KL and no
-# reference model, token-mean loss, temperature 1.0, PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x 16
-# rollouts per step (8192 samples), ~2000 steps, math-verify reward (dynamo_openrlhf.reward).
-# DynaMO on: each step's 8192 rollouts are split over its 512 prompts by the exact Neyman rule (8..24
-# rollouts each) from the Beta pass-rate pool, and the policy loss uses the decay6 token-level modulation.
-# The matching GRPO baseline: examples/qwen2.5-math-7b_grpo_baseline.sh; on several nodes:
-# examples/qwen2.5-math-7b_dynamo_multinode.sh.
+# plus the --dynamo.* flags) with the paper's setup: lr 1e-6, no KL and no reference model, temperature 1.0,
+# PPO clip 0.2/0.2 with dual-clip 10, 512 prompts x 16 rollouts per step (8192 samples), ~2000 steps,
+# math-verify reward (dynamo_openrlhf.reward), decay6 token-level modulation, and DynaMO's default recipe
+# (RECIPE=variance: RLOO advantages, prompt-balanced loss, exact minimiser of sum v_i/(n_i - 1), 8..24
+# rollouts per prompt; see examples/paper_setup.sh). RECIPE=paper runs the paper's own recipe (GRPO advantages,
+# token-mean loss, proportional rule). The GRPO baseline: examples/qwen2.5-math-7b_grpo_baseline.sh; on several
+# nodes: examples/qwen2.5-math-7b_dynamo_multinode.sh.
 #
 # GPU needs: 1 node x 8 GPUs, 80 GB class (A100-80GB / H100). Hybrid engine: the actor (8 DeepSpeed ZeRO-3
 #   ranks) and 4 vLLM engines (tensor parallel 2) share all 8 GPUs and sleep in turn.

@@ -3,13 +3,14 @@
 # (default 4 nodes x 8 GPUs), submitted to an existing Ray cluster.
 #
 # What it runs: `ray job submit ... -- python -m dynamo_openrlhf.train` with the same flags as
-# examples/qwen2.5-math-7b_dynamo.sh (lr 1e-6, GRPO advantages, no KL, token-mean loss, temperature 1.0,
-# clip 0.2/0.2 with dual-clip 10, 512 prompts x 16 rollouts per step, ~2000 steps, math-verify reward;
-# DynaMO: Neyman allocation 8..24 rollouts per prompt from the pass-rate pool, decay6 modulation), only
+# examples/qwen2.5-math-7b_dynamo.sh (lr 1e-6, no KL, temperature 1.0, clip 0.2/0.2 with dual-clip 10,
+# 512 prompts x 16 rollouts per step, ~2000 steps, math-verify reward, decay6 modulation; RECIPE=variance
+# [default]: RLOO + prompt-balanced loss + exact variance-minimising allocation 8..24; RECIPE=paper: GRPO
+# advantages + token-mean + proportional rule), only
 # spread over NNODES x GPUS_PER_NODE GPUs: DeepSpeed ZeRO-3 over all of them and NNODES x GPUS_PER_NODE /
 # VLLM_TP vLLM engines (tensor parallel VLLM_TP), colocated (hybrid engine).
-# GRPO baseline on the same cluster: this script with `--dynamo.allocation.rule off --dynamo.modulation.preset off`
-# appended (then the run is OpenRLHF's GRPO exactly).
+# GRPO baseline on the same cluster: RECIPE=paper and this script with `--dynamo.allocation.rule off
+# --dynamo.modulation.preset off` appended (then the run is OpenRLHF's GRPO exactly).
 #
 # GPU needs: NNODES (4) nodes x GPUS_PER_NODE (8) GPUs, 80 GB class (A100-80GB / H100), fast interconnect
 #   (InfiniBand/RoCE) between nodes for ZeRO-3's all-gathers and the NCCL weight sync to vLLM.
