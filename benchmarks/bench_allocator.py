@@ -24,8 +24,9 @@ Times are medians over repeats (wall clock). Pool rows use a pool of 10,485,760 
 
 Estimator table (N = 1,048,576; 262,144 with --quick), in the same run: allocate_rollouts with
 bounds 8..24 on the same estimates for estimator None (today's Σ v/n) and each Σ v/(n−1)
-estimator (these saturate like the first table), the same with bounds 2..64, and PassRatePool.allocate over N ids of an N-prompt pool (16 trials of evidence
-each, so every posterior variance is positive and nothing saturates) for None, "rloo" and
+estimator (these saturate like the first table), the same with bounds 2..64, and
+PassRatePool.allocate over N ids of an N-prompt pool (two steps of 8 trials of evidence each, so
+every posterior variance is positive and nothing saturates) for None, "rloo" and
 "group_norm" (plain and calibrated), plus the 512-prompt batch. The ratio column divides by
 the estimator-None row of the same kind.
 """
