@@ -28,15 +28,17 @@ EXAMPLES = REPO / "examples"
 SCRIPTS = sorted(EXAMPLES.glob("*.sh"))
 GPU_SCRIPTS = [
     "qwen2.5-math-1.5b_dynamo.sh",
+    "qwen2.5-math-1.5b_dynamo_paper.sh",
     "qwen2.5-math-1.5b_grpo_baseline.sh",
     "qwen2.5-math-7b_dynamo.sh",
     "qwen2.5-math-7b_grpo_baseline.sh",
     "qwen2.5-math-7b_dynamo_multinode.sh",
 ]
 CPU_SCRIPTS = ["tiny_cpu.sh", "tiny_cpu_dynamo.sh", "tiny_cpu_grpo.sh"]
+# (DynaMO run, its baseline): the GRPO baselines are the paper recipe (RECIPE=paper) with DynaMO off
 PAIRS = [
-    ("qwen2.5-math-1.5b_dynamo.sh", "qwen2.5-math-1.5b_grpo_baseline.sh"),
-    ("qwen2.5-math-7b_dynamo.sh", "qwen2.5-math-7b_grpo_baseline.sh"),
+    ("qwen2.5-math-1.5b_dynamo_paper.sh", "qwen2.5-math-1.5b_grpo_baseline.sh"),
+    ("7b+paper", "qwen2.5-math-7b_grpo_baseline.sh"),
     ("tiny_cpu_dynamo.sh", "tiny_cpu_grpo.sh"),
 ]
 EXTRA = ["--train.seed", "7"]  # forwarded "$@"
@@ -85,6 +87,7 @@ def summary(a):
         "train_batch_size": a.train.batch_size, "num_episodes": a.train.num_episodes,
         "preset": a.dynamo.preset, "backend": a.dynamo.backend, "run_dir": a.dynamo.run_dir,
         "eval_dataset": a.eval.dataset, "pool_load": a.dynamo.pool.load,
+        "prompt_weighting": a.dynamo.loss.prompt_weighting,
         "allocation": None if alloc is None else {
             "rule": alloc.rule, "lo": alloc.lo, "hi": alloc.hi, "oversample": alloc.oversample,
             "skip_factor": alloc.skip_factor, "budget": alloc.budget, "candidates": alloc.candidates_per_step,
@@ -187,6 +190,7 @@ def recorded(tmp_path_factory):
     (tmp / "eval.jsonl").write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
     PassRatePool().save(tmp / "pool.bin")  # a real (empty) pool: the launcher loads it to check it
     runs = {s: _train_args(_record(s, tmp)) for s in GPU_SCRIPTS + CPU_SCRIPTS}
+    runs["7b+paper"] = _train_args(_record("qwen2.5-math-7b_dynamo.sh", tmp, dict(RECIPE="paper")))
     runs["1.5b+eval+pool"] = _train_args(_record(
         "qwen2.5-math-1.5b_dynamo.sh", tmp,
         dict(EVAL_DATA=str(tmp / "eval.jsonl"), POOL_LOAD=str(tmp / "pool.bin"), WANDB_API_KEY="x")))
@@ -214,7 +218,7 @@ def test_scripts_forward_extra_arguments_last(recorded):
         assert argv[-len(EXTRA):] == EXTRA, name
 
 
-@pytest.mark.parametrize("name", GPU_SCRIPTS + CPU_SCRIPTS + ["1.5b+eval+pool"])
+@pytest.mark.parametrize("name", GPU_SCRIPTS + CPU_SCRIPTS + ["1.5b+eval+pool", "7b+paper"])
 def test_the_train_cli_accepts_every_flag(parsed, name):
     res = parsed[name]
     assert "error" not in res, res.get("error")
@@ -240,14 +244,19 @@ def test_baseline_differs_only_in_dynamo_flags(recorded, parsed, dynamo, baselin
     base = parsed[baseline]["values"]
     assert base["allocation"] is None and base["modulation"]["identity"]  # = OpenRLHF's GRPO exactly
     dyn = parsed[dynamo]["values"]
-    assert dyn["allocation"]["rule"] == "neyman" and not dyn["modulation"]["identity"]
+    assert dyn["allocation"]["rule"] in ("neyman", "proportional") and not dyn["modulation"]["identity"]
+    if "grpo" in baseline:  # OpenRLHF's GRPO exactly: group_norm advantages, token-mean loss
+        assert base["estimator"] == dyn["estimator"] == "group_norm"
+        assert base["prompt_weighting"] in ("auto", "tokens") and dyn["prompt_weighting"] == "tokens"
 
 
-def _assert_paper_setup(v, model):
+def _assert_paper_setup(v, model, recipe):
     assert v["model"] == model
     assert (v["rollout_batch_size"], v["n_samples"]) == (512, 16)
     assert v["lr"] == 1e-6
-    assert v["estimator"] == "group_norm"
+    # the paper's recipe: GRPO advantages; DynaMO's default recipe: RLOO with the prompt-balanced loss
+    assert v["estimator"] == ("group_norm" if recipe == "paper" else "rloo")
+    assert v["prompt_weighting"] == ("tokens" if recipe == "paper" else "balanced")
     assert v["kl_init_coef"] == 0 and not v["kl_use_loss"]
     assert v["loss_agg_mode"] == "token-mean" and v["policy_loss_type"] == "ppo"
     assert v["temperature"] == 1.0 and v["top_p"] == 1.0
@@ -260,16 +269,18 @@ def _assert_paper_setup(v, model):
     assert v["num_episodes"] * DATA_LINES // 512 == 2000
 
 
-@pytest.mark.parametrize("name,model", [
-    ("qwen2.5-math-1.5b_dynamo.sh", "Qwen/Qwen2.5-Math-1.5B"),
-    ("qwen2.5-math-1.5b_grpo_baseline.sh", "Qwen/Qwen2.5-Math-1.5B"),
-    ("qwen2.5-math-7b_dynamo.sh", "Qwen/Qwen2.5-Math-7B"),
-    ("qwen2.5-math-7b_grpo_baseline.sh", "Qwen/Qwen2.5-Math-7B"),
-    ("qwen2.5-math-7b_dynamo_multinode.sh", "Qwen/Qwen2.5-Math-7B"),
+@pytest.mark.parametrize("name,model,recipe", [
+    ("qwen2.5-math-1.5b_dynamo.sh", "Qwen/Qwen2.5-Math-1.5B", "variance"),
+    ("qwen2.5-math-1.5b_dynamo_paper.sh", "Qwen/Qwen2.5-Math-1.5B", "paper"),
+    ("qwen2.5-math-1.5b_grpo_baseline.sh", "Qwen/Qwen2.5-Math-1.5B", "paper"),
+    ("qwen2.5-math-7b_dynamo.sh", "Qwen/Qwen2.5-Math-7B", "variance"),
+    ("7b+paper", "Qwen/Qwen2.5-Math-7B", "paper"),
+    ("qwen2.5-math-7b_grpo_baseline.sh", "Qwen/Qwen2.5-Math-7B", "paper"),
+    ("qwen2.5-math-7b_dynamo_multinode.sh", "Qwen/Qwen2.5-Math-7B", "variance"),
 ])
-def test_gpu_scripts_are_the_paper_setup(parsed, name, model):
+def test_gpu_scripts_are_the_paper_setup(parsed, name, model, recipe):
     v = parsed[name]["values"]
-    _assert_paper_setup(v, model)
+    _assert_paper_setup(v, model, recipe)
     gpus = v["actor_num_nodes"] * v["actor_gpus_per_node"]
     if v["colocate_all"]:
         assert v["vllm_num_engines"] * v["vllm_tp"] == gpus
@@ -279,11 +290,12 @@ def test_gpu_scripts_are_the_paper_setup(parsed, name, model):
         assert v["actor_num_nodes"] == 1 and gpus == 8
 
 
-@pytest.mark.parametrize("name", [n for n in GPU_SCRIPTS if "baseline" not in n])
+@pytest.mark.parametrize("name", [n for n in GPU_SCRIPTS if "baseline" not in n] + ["7b+paper"])
 def test_dynamo_scripts_use_the_paper_defaults(parsed, name):
     v = parsed[name]["values"]
     a = v["allocation"]
-    assert (a["rule"], a["lo"], a["hi"], a["oversample"], a["skip_factor"]) == ("neyman", 8, 24, 1.0, None)
+    rule = "proportional" if "paper" in name else "neyman"
+    assert (a["rule"], a["lo"], a["hi"], a["oversample"], a["skip_factor"]) == (rule, 8, 24, 1.0, None)
     assert (a["budget"], a["candidates"]) == (8192, 512)
     assert (a["prior"], a["forget"], a["fit_prior_every"], a["success_threshold"]) == ([1.0, 1.0], 0.999, 10, 0.5)
     assert v["modulation"] == {"identity": False, "mu_max": 1.2, "lambda_min": 0.6, "gamma": 50.0, "tau": 0.99}
