@@ -9,9 +9,11 @@
   written as JSONL rows ``{"prompt", "answer", "difficulty", "id"}`` that OpenRLHF's prompt dataset
   loads with ``--data.input_key prompt --data.label_key answer``;
 * a short supervised warm start (plain torch on CPU) that leaves the policy with a real spread of
-  pass rates, as on real math sets: sampled at temperature 1, about a third of the train prompts are
-  never solved (two-digit products, whose answers it never saw), a sixth to a fifth always (drilled
-  one-digit sums and products), the rest in between — where group-baseline RL gets its signal;
+  pass rates, as on real math sets: sampled at temperature 1 (k = 8), about a quarter of the train
+  prompts are never solved (mostly two-digit products, whose answers it never saw), a quarter always
+  (mostly drilled one-digit sums and products), the rest in between — where group-baseline RL gets
+  its signal (measured for the default recipe: 0.27 / 0.46 / 0.27; the held-out eval split, which it
+  cannot have memorised, 0.50 / 0.36 / 0.14);
 * the warm start's pass-rate histogram (k samples per prompt, every train and eval prompt), measured
   at build time, kept in ``meta.json`` (``warm_start_pass_rates``) and per prompt in
   ``data/warm_start_successes.json``.
