@@ -28,7 +28,7 @@ from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
 from dynamo_openrlhf._core import RULES, PassRatePool
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
-           "default_bounds", "calibration_scores", "STATE_VERSION", "VARIANCE_MODELS"]
+           "default_bounds", "calibration_scores", "load_pool", "STATE_VERSION", "VARIANCE_MODELS"]
 
 STATE_VERSION = 1
 
@@ -164,6 +164,41 @@ class AllocationConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @classmethod
+    def from_args(cls, args) -> Optional["AllocationConfig"]:
+        """The run's config from OpenRLHF's nested args (``--dynamo.allocation.*``, ``--dynamo.pool.*``,
+        ``--rollout.*`` and ``--algo.advantage.estimator``); None with rule ``off``. Fills the defaults
+        that depend on the run (bounds, skip rule, ``min_rollouts``, the estimator's variance model).
+        Raises ValueError naming the flags when the settings are invalid or the budget infeasible."""
+        from dynamo_openrlhf.advantages import ESTIMATORS
+
+        al, pool = args.dynamo.allocation, args.dynamo.pool
+        if al.rule == "off":
+            return None
+        n, bs = args.rollout.n_samples_per_prompt, args.rollout.batch_size
+        # The allocator's variance model: the run's advantage estimator ("reinforce"/"gae": none, sum v/n).
+        name = args.algo.advantage.estimator
+        estimator = ESTIMATORS[name].variance_model if name in ESTIMATORS else None
+        lo_default, hi_default = default_bounds(n, al.oversample)
+        if estimator is not None and lo_default == 1:
+            lo_default = 2  # a baseline needs a group of two (n = 2: everybody gets 2)
+        lo = lo_default if al.lo is None else al.lo
+        hi = hi_default if al.hi is None else al.hi
+        skip, min_rollouts = al.skip_factor, al.min_rollouts
+        if skip is None:
+            # The skip rule is derived for sum v/n; with a baseline estimator, lo 0 selects by min_rollouts.
+            skip = 4.0 if lo == 0 and al.rule == "neyman" and estimator is None else None
+        if min_rollouts is None:
+            min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
+        return cls(
+            rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
+            skip_factor=skip or None, min_rollouts=min_rollouts or None,
+            calibrated=bool(pool.calibrated) and al.rule != "uniform", exploration=al.exploration,
+            exploration_rollouts=al.exploration_rollouts, mastery=al.mastery, mastery_threshold=al.mastery_threshold,
+            priority_floor=al.priority_floor, prior=tuple(pool.prior), forget=pool.forget,
+            fit_prior_every=pool.fit_prior_every, success_threshold=pool.success_threshold, estimator=estimator,
+        )
+
     @property
     def candidates_per_step(self) -> int:
         return max(1, int(round(self.oversample * self.prompts_per_step)))
@@ -177,6 +212,21 @@ class AllocationConfig:
         """Budget of a step with ``num_candidates`` prompts (fewer than a full step only at the end of
         the data): what OpenRLHF would spend on min(num_candidates, prompts_per_step) prompts."""
         return self.n_samples_per_prompt * min(int(num_candidates), self.prompts_per_step)
+
+    def samples_per_pass(self, num_prompts: int) -> int:
+        """Rollouts of one pass over ``num_prompts`` prompts: full steps of ``candidates_per_step``
+        prompts, each spending :attr:`budget`, then the remainder's :meth:`budget_for` (the loop of
+        :class:`~dynamo_openrlhf.samples_generator.DynamoSamplesGenerator`)."""
+        m = self.candidates_per_step
+        full, rest = divmod(int(num_prompts), m)
+        return full * self.budget + (self.budget_for(rest) if rest else 0)
+
+    def scheduler_steps(self, num_prompts: int, train_batch_size: int, num_episodes: int, max_epochs: int) -> int:
+        """Optimizer steps of the run for the LR scheduler: OpenRLHF 0.11.2's own formula
+        (``prepare_datasets``: prompts x n_samples_per_prompt // train_batch_size x episodes x max_epochs)
+        with the rollouts actually generated per pass (:meth:`samples_per_pass`) in place of prompts x
+        n. Without over-sampling they are equal; with it, a pass spends fewer rollouts."""
+        return self.samples_per_pass(num_prompts) // int(train_batch_size) * int(num_episodes) * int(max_epochs)
 
     def problems(self) -> list:
         """Everything wrong with the settings, as flag-named messages (empty when valid)."""
@@ -306,6 +356,23 @@ class AllocationStep:
             "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c, self.estimator, self.alpha,
                                                               self.beta),
         }
+
+
+def load_pool(path: str, forget: float) -> PassRatePool:
+    """The pass-rate pool file ``path`` (``--dynamo.pool.load``) for a run whose forgetting factor is
+    ``forget`` (``--dynamo.pool.forget``): the file's evidence, prior and calibration, with the run's
+    ``forget`` (the flag wins over the file's value, as when resuming from a checkpoint). Raises
+    ValueError naming the flag and the file when it is missing or not a pool file, or when ``forget``
+    is outside (0, 1]."""
+    try:
+        pool = PassRatePool.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--dynamo.pool.load {path}: {e}") from None
+    try:
+        pool.forget = forget
+    except ValueError as e:
+        raise ValueError(f"--dynamo.pool.forget: {e}") from None
+    return pool
 
 
 class RolloutAllocator:

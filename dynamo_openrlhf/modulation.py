@@ -50,7 +50,7 @@ sentinel values).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -137,6 +137,18 @@ class ModulationConfig:
         """The reference's one-knob family: μ_max = 1 + α, λ_min = 1 − α (``decay5`` is α = 0.4)."""
         alpha = _check_number("", "alpha", alpha, lo=0.0, hi=1.0)
         return cls(mu_max=1.0 + alpha, lambda_min=1.0 - alpha, gamma=gamma, tau=tau, name=f"alpha={alpha:g}")
+
+    @classmethod
+    def from_args(cls, args) -> "ModulationConfig":
+        """The run's config from OpenRLHF's nested args: ``--dynamo.modulation.preset`` with any of
+        ``--dynamo.modulation.mu_max/lambda_min/gamma/tau`` overriding it (then named
+        ``"<preset>+custom"``). Raises ValueError for out-of-range values."""
+        m = args.dynamo.modulation
+        config = cls.preset(m.preset)
+        over = {k: getattr(m, k) for k in ("mu_max", "lambda_min", "gamma", "tau") if getattr(m, k) is not None}
+        if over:
+            config = replace(config, name=f"{m.preset}+custom", **over)
+        return config
 
     @classmethod
     def coerce(cls, value: Union["ModulationConfig", str, None], *, argument: str = "config") -> "ModulationConfig":

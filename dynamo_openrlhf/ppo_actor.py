@@ -33,7 +33,7 @@ from openrlhf.trainer.ray import ppo_actor as _openrlhf_ppo_actor  # noqa: E402
 
 from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, prompt_balancing  # noqa: E402
 from dynamo_openrlhf.loss import DynaMOPolicyLoss, balanced_normalizers  # noqa: E402
-from dynamo_openrlhf.train import modulation_config  # noqa: E402
+from dynamo_openrlhf.modulation import ModulationConfig  # noqa: E402
 
 __all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "STAT_PREFIX"]
 
@@ -70,7 +70,7 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             is_correction_mode=a.algo.advantage.is_correction_mode,
             is_correction_gating=a.algo.advantage.is_correction_gating,
             is_correction_threshold=a.algo.advantage.is_correction_threshold,
-            modulation=modulation_config(a),
+            modulation=ModulationConfig.from_args(a),
         )
         self.actor_loss_fn = self._policy_loss
         self.balancing = prompt_balancing(a)

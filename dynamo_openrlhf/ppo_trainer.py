@@ -38,12 +38,12 @@ import ray  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
-from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
+from dynamo_openrlhf._core import PassRatePool  # noqa: E402
+from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
 from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator  # noqa: E402
-from dynamo_openrlhf.train import allocation_config  # noqa: E402
 
 __all__ = ["DynamoPPOTrainer", "STATE_VERSION"]
 
@@ -64,7 +64,10 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     """OpenRLHF's ``PPOTrainer`` with DynaMO's allocation loop (see module docstring)."""
 
     def __init__(self, pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
-                 reference_model_group, vllm_engines, **generate_kwargs):
+                 reference_model_group, vllm_engines, dynamo_pool: Optional[PassRatePool] = None, **generate_kwargs):
+        """OpenRLHF's arguments, plus ``dynamo_pool``: the initial pass-rate pool (``--dynamo.pool.load``,
+        read once by the launcher, with the run's ``--dynamo.pool.forget``; a checkpoint's pool replaces
+        it on resume)."""
         cpu_backend.apply_if_chosen(strategy.args)
         self.history: List[Dict[str, Any]] = []
         self._evaluated_steps = set()
@@ -75,13 +78,12 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                          reference_model_group, vllm_engines, **generate_kwargs)
         self.allocator: Optional[RolloutAllocator] = None
-        config = allocation_config(self.args)
+        config = AllocationConfig.from_args(self.args)
         if config is not None:
-            self.allocator = RolloutAllocator(config)
-            if self.args.dynamo.pool.load:
-                from dynamo_openrlhf import PassRatePool
-
-                self.allocator.pool = PassRatePool.load(self.args.dynamo.pool.load)
+            if dynamo_pool is not None and dynamo_pool.forget != config.forget:
+                raise ValueError(f"dynamo_pool: forget {dynamo_pool.forget} != --dynamo.pool.forget {config.forget} "
+                                 "(load it with dynamo_openrlhf.allocation.load_pool)")
+            self.allocator = RolloutAllocator(config, pool=dynamo_pool)
         # Without an allocator (rule off) this is OpenRLHF's generator exactly, plus pass@k at eval.
         self.samples_generator = DynamoSamplesGenerator(
             strategy=strategy,
@@ -108,8 +110,11 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 tagged=config is not None,
             )
         if config is not None:
-            # Over-sampling consumes more prompts per step: fewer steps per epoch (LR schedule).
-            self.max_steps = max(1, int(self.max_steps / config.oversample))
+            # The LR scheduler's steps: OpenRLHF's formula with the rollouts a pass actually spends
+            # (fewer with over-sampling; the same without).
+            a = self.args
+            self.max_steps = max(1, config.scheduler_steps(len(self.prompts_dataloader.dataset), a.train.batch_size,
+                                                           a.train.num_episodes, a.train.max_epochs))
 
     # -- sequence level ------------------------------------------------------------------------
     def _allocate(self, prompts: List[str], labels: List[str]):

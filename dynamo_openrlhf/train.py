@@ -10,7 +10,7 @@ How it hooks OpenRLHF (its own code path runs; nothing of it is copied):
   and a built-in reward module name given to ``--reward.remote_url`` becomes its file path.
 * ``openrlhf.utils.config.hierarchize`` is wrapped to keep the nested config, build a preset's
   assets, check that local input files exist and that the DynaMO settings fit the run
-  (:func:`allocation_config`, :func:`modulation_config`, infeasible budgets, unsupported
+  (``AllocationConfig.from_args``, ``ModulationConfig.from_args``, infeasible budgets, unsupported
   combinations: one clear error, exit 2) before Ray starts, and to apply what DynaMO flags imply
   for OpenRLHF's (``--dynamo.clip_higher``; ``--actor.entropy_coef 0`` when modulating), said on
   the console.
@@ -52,6 +52,8 @@ BUILTIN_REWARDS = ("dynamo_openrlhf.reward",)
 def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``--dynamo.*`` flags, in OpenRLHF's dotted style (``args.dynamo.<name>`` after
     OpenRLHF's ``hierarchize``). The one place where DynaMO flags are defined."""
+    from dynamo_openrlhf._core import RULES
+
     g = parser.add_argument_group(
         "DynaMO (dynamo_openrlhf)",
         "Flags added by dynamo_openrlhf. Every other flag is OpenRLHF 0.11.2's train_ppo_ray, unchanged. "
@@ -125,7 +127,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--dynamo.allocation.rule",
         type=str,
         default="neyman",
-        choices=["off", "uniform", "proportional", "neyman"],
+        choices=["off", *RULES],
         help="How each step's rollout budget (--rollout.batch_size x --rollout.n_samples_per_prompt) is split over "
         "its prompts. neyman: the exact integer minimiser of the update's variance under the run's "
         "--algo.advantage.estimator: sum_i v_i/(n_i-1) for rloo, dr_grpo, reinforce_baseline (with the balanced "
@@ -248,7 +250,8 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=None,
         help="Start from a pass-rate pool file (PassRatePool.save; a run writes <run_dir>/pass_rate_pool.bin at the "
         "end). Prompt ids are a 64-bit hash of prompt text + label, so a pool carries over between runs and "
-        "dataset edits. Ignored when resuming from a checkpoint (its pool wins).",
+        "dataset edits. The file gives the evidence, prior and calibration; --dynamo.pool.forget is this run's (the "
+        "flag wins over the file's value, as on resume). Ignored when resuming from a checkpoint (its pool wins).",
     )
     # -- token level: modulated policy loss --------------------------------------------------------
     g.add_argument(
@@ -321,65 +324,18 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def allocation_config(args):
-    """The run's :class:`~dynamo_openrlhf.allocation.AllocationConfig` (None with rule ``off``).
-    Raises ValueError naming the flags when the settings are invalid or the budget infeasible."""
-    from dynamo_openrlhf.advantages import ESTIMATORS
-    from dynamo_openrlhf.allocation import AllocationConfig, default_bounds
-
-    al, pool = args.dynamo.allocation, args.dynamo.pool
-    if al.rule == "off":
-        return None
-    n, bs = args.rollout.n_samples_per_prompt, args.rollout.batch_size
-    # The allocator's variance model: the run's advantage estimator ("reinforce"/"gae": none, sum v/n).
-    name = args.algo.advantage.estimator
-    estimator = ESTIMATORS[name].variance_model if name in ESTIMATORS else None
-    lo_default, hi_default = default_bounds(n, al.oversample)
-    if estimator is not None and lo_default == 1:
-        lo_default = 2  # a baseline needs a group of two (n = 2: everybody gets 2)
-    lo = lo_default if al.lo is None else al.lo
-    hi = hi_default if al.hi is None else al.hi
-    skip, min_rollouts = al.skip_factor, al.min_rollouts
-    if skip is None:
-        # The skip rule is derived for sum v/n; with a baseline estimator, lo 0 selects by min_rollouts.
-        skip = 4.0 if lo == 0 and al.rule == "neyman" and estimator is None else None
-    if min_rollouts is None:
-        min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
-    return AllocationConfig(
-        rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
-        skip_factor=skip or None, min_rollouts=min_rollouts or None,
-        calibrated=bool(pool.calibrated) and al.rule != "uniform", exploration=al.exploration, exploration_rollouts=al.exploration_rollouts,
-        mastery=al.mastery, mastery_threshold=al.mastery_threshold, priority_floor=al.priority_floor,
-        prior=tuple(pool.prior), forget=pool.forget, fit_prior_every=pool.fit_prior_every,
-        success_threshold=pool.success_threshold, estimator=estimator,
-    )
-
-
-def modulation_config(args):
-    """The run's :class:`~dynamo_openrlhf.modulation.ModulationConfig`: the preset with any of
-    ``--dynamo.modulation.*`` overriding it. Raises ValueError for out-of-range values."""
-    import dataclasses
-
-    from dynamo_openrlhf.modulation import ModulationConfig
-
-    m = args.dynamo.modulation
-    config = ModulationConfig.preset(m.preset)
-    over = {k: getattr(m, k) for k in ("mu_max", "lambda_min", "gamma", "tau") if getattr(m, k) is not None}
-    if over:
-        config = dataclasses.replace(config, name=f"{m.preset}+custom", **over)
-    return config
-
-
 def _dynamo_problems(args) -> List[str]:
     """DynaMO settings that cannot work with the rest of the run, found before Ray starts."""
+    from dynamo_openrlhf.allocation import AllocationConfig
+    from dynamo_openrlhf.modulation import ModulationConfig
+
     problems = []
     try:
-        alloc = allocation_config(args)
+        AllocationConfig.from_args(args)
     except ValueError as e:
         problems.append(str(e))
-        alloc = None
     try:
-        mod = modulation_config(args)
+        mod = ModulationConfig.from_args(args)
     except ValueError as e:
         problems.append(f"--dynamo.modulation.*: {e}")
         mod = None
@@ -405,16 +361,9 @@ def _dynamo_problems(args) -> List[str]:
         if args.algo.advantage.estimator not in SUPPORTED_ESTIMATORS:
             problems.append(f"--algo.advantage.estimator {args.algo.advantage.estimator} is not supported with "
                             f"--dynamo.allocation.rule {rule}; use one of {list(SUPPORTED_ESTIMATORS)}")
-        if args.dynamo.pool.load:
-            if not os.path.exists(args.dynamo.pool.load):
-                problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
-            else:
-                from dynamo_openrlhf import PassRatePool
-
-                try:
-                    PassRatePool.load(args.dynamo.pool.load)  # the trainer loads it again inside Ray
-                except (OSError, ValueError) as e:
-                    problems.append(f"--dynamo.pool.load {args.dynamo.pool.load}: {e}")
+        if args.dynamo.pool.load and not os.path.isfile(args.dynamo.pool.load):
+            # Only found here; the trainer loads it, once (allocation.load_pool).
+            problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
     from dynamo_openrlhf.advantages import ESTIMATORS, prompt_balancing
 
     try:
@@ -425,8 +374,18 @@ def _dynamo_problems(args) -> List[str]:
     if mod is not None and not mod.is_identity and args.actor.policy_loss_type != "ppo":
         problems.append(f"--dynamo.modulation.preset {args.dynamo.modulation.preset} needs the token-level ratio of "
                         f"--actor.policy_loss_type ppo, got {args.actor.policy_loss_type}")
-    del alloc
     return problems
+
+
+def _initial_pool(args):
+    """The ``--dynamo.pool.load`` pool with the run's ``--dynamo.pool.forget`` (None without the flag or
+    with rule off). Read once, here, before Ray starts; the trainer actor gets the object. Raises
+    ValueError naming the flag for a file that is not a pool file."""
+    if not args.dynamo.pool.load or args.dynamo.allocation.rule == "off":
+        return None
+    from dynamo_openrlhf.allocation import load_pool
+
+    return load_pool(args.dynamo.pool.load, args.dynamo.pool.forget)
 
 
 def _apply_dynamo_to_openrlhf_args(args) -> None:
@@ -435,7 +394,9 @@ def _apply_dynamo_to_openrlhf_args(args) -> None:
         low = args.actor.eps_clip if args.actor.eps_clip_low_high is None else args.actor.eps_clip_low_high[0]
         args.actor.eps_clip_low_high = (low, args.dynamo.clip_higher)
         print(f"[dynamo] --dynamo.clip_higher: PPO clip range (low, high) = {args.actor.eps_clip_low_high}")
-    if not modulation_config(args).is_identity and args.actor.entropy_coef is None:
+    from dynamo_openrlhf.modulation import ModulationConfig
+
+    if not ModulationConfig.from_args(args).is_identity and args.actor.entropy_coef is None:
         args.actor.entropy_coef = 0.0
         print("[dynamo] modulation needs the token entropy: --actor.entropy_coef 0 (computed and logged, no "
               "entropy loss)")
@@ -616,13 +577,17 @@ def __getattr__(name: str):
 
 
 class _Recorder:
-    """Stands for an ActorClass; remembers the handle ``.remote()`` returned."""
+    """Stands for an ActorClass; remembers the handle ``.remote()`` returned. ``extra()`` gives keyword
+    arguments added to the constructor call (values the launcher hands to the actor explicitly)."""
 
-    def __init__(self, actor_class):
+    def __init__(self, actor_class, extra: Optional[Callable[[], Dict[str, Any]]] = None):
         self._cls = actor_class
+        self._extra = extra
         self.handle = None
 
     def remote(self, *args, **kwargs):
+        if self._extra is not None:
+            kwargs.update(self._extra())
         self.handle = self._cls.remote(*args, **kwargs)
         return self.handle
 
@@ -641,6 +606,7 @@ class _Hooks:
         self.backend = backend
         self.parser: Optional[argparse.ArgumentParser] = None
         self.args = None  # nested config (OpenRLHF's hierarchize output)
+        self.pool = None  # --dynamo.pool.load, read once here and handed to the trainer actor
         self.training_started = False
         self.trainer = None
         self._undo: List[Callable[[], None]] = []
@@ -703,7 +669,8 @@ class _Hooks:
 
         self._patch(ray, "init", ray_init)
 
-        self.trainer = _Recorder(sys.modules[__name__].DynamoPPOTrainer)
+        self.trainer = _Recorder(sys.modules[__name__].DynamoPPOTrainer,
+                                 extra=lambda: {"dynamo_pool": hooks.pool} if hooks.pool is not None else {})
         self._patch(ppo_trainer, "PPOTrainer", self.trainer)
         self._patch(ppo_actor, "PolicyModelActor", sys.modules[__name__].DynamoPolicyModelActor)
         return self
@@ -736,6 +703,11 @@ class _Hooks:
         if preset is not None:
             preset[1](args)
         problems = _preflight(args) + _dynamo_problems(args)
+        if not problems:
+            try:
+                self.pool = _initial_pool(args)
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             self.parser.error("; ".join(problems))
         _apply_dynamo_to_openrlhf_args(args)

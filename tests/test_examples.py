@@ -67,8 +67,11 @@ class Stop(Exception):
 orig_hierarchize = openrlhf.utils.config.hierarchize
 
 def summary(a):
-    alloc = T.allocation_config(a)
-    mod = T.modulation_config(a)
+    from dynamo_openrlhf.allocation import AllocationConfig
+    from dynamo_openrlhf.modulation import ModulationConfig
+
+    alloc = AllocationConfig.from_args(a)
+    mod = ModulationConfig.from_args(a)
     url = a.reward.remote_url
     return {
         "model": a.actor.model_name_or_path, "prompt_dataset": a.data.prompt_dataset,

@@ -381,7 +381,7 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     from dynamo_openrlhf import PassRatePool
 
     from dynamo_openrlhf import cpu_backend
-    from dynamo_openrlhf.train import _dynamo_problems
+    from dynamo_openrlhf.train import _dynamo_problems, _initial_pool
 
     cpu_backend.install_import_stand_ins()  # the launcher has done this before it checks
 
@@ -422,13 +422,19 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     assert "needs the token-level ratio" in p
     (p,) = _dynamo_problems(args(**{"dynamo.pool.load": "/no/such/pool.bin"}))
     assert p == "--dynamo.pool.load: pool file not found: /no/such/pool.bin"
+    # the file is read once, by _initial_pool (before Ray; the trainer actor gets the object)
     bad = tmp_path / "pool.bin"
     bad.write_bytes(b"not a pool")
-    (p,) = _dynamo_problems(args(**{"dynamo.pool.load": str(bad)}))
-    assert p.startswith(f"--dynamo.pool.load {bad}: ") and "magic" in p
+    assert _dynamo_problems(args(**{"dynamo.pool.load": str(bad)})) == []
+    with pytest.raises(ValueError, match=f"^--dynamo.pool.load {re.escape(str(bad))}: .*magic"):
+        _initial_pool(args(**{"dynamo.pool.load": str(bad)}))
     good = tmp_path / "good.bin"
-    PassRatePool().save(good)
+    PassRatePool(forget=0.5).save(good)
     assert _dynamo_problems(args(**{"dynamo.pool.load": str(good)})) == []
+    # --dynamo.pool.forget wins over the file's value (as on checkpoint resume)
+    assert _initial_pool(args(**{"dynamo.pool.load": str(good)})).forget == 0.999
+    assert _initial_pool(args(**{"dynamo.pool.load": str(good), "dynamo.pool.forget": 0.9})).forget == 0.9
+    assert _initial_pool(args(**{"dynamo.pool.load": str(good), "dynamo.allocation.rule": "off"})) is None
     (p,) = _dynamo_problems(args(**{"dynamo.eval_pass_k": "1,x"}))
     assert p == "--dynamo.eval_pass_k: expected comma-separated integers >= 1, got '1,x'"
 
