@@ -353,3 +353,38 @@ def test_import_check_names_symbol(monkeypatch):
     monkeypatch.delattr(SamplesGenerator, "_process_response_into_experience")
     with pytest.raises(ImportError, match="_process_response_into_experience"):
         sg._check_openrlhf_api()
+
+
+@pytest.mark.parametrize("oversample", [1.0, 1.34, 2.0])
+@pytest.mark.parametrize("num_prompts", [64, 63, 7])
+def test_scheduler_steps_count_the_rollouts_a_pass_spends(passthrough_ray, oversample, num_prompts):
+    """The LR scheduler's step count (AllocationConfig.scheduler_steps, what the trainer hands OpenRLHF
+    as max_steps) is OpenRLHF's formula over the rollouts this generator really spends in a pass: with a
+    non-integer over-sampling ratio the old max_steps / oversample was a step short (issue 15 item 4)."""
+    from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    n, bs, episodes = 4, 4, 2
+    config = AllocationConfig(rule="neyman", n_samples_per_prompt=n, prompts_per_step=bs, lo=0, hi=16,
+                              oversample=oversample)
+    allocator = RolloutAllocator(config)
+    prompts = [f"What is {i}+1?" for i in range(num_prompts)]
+    labels = [str(i + 1) for i in range(num_prompts)]
+    gen = _gen(DynamoSamplesGenerator, [FakeEngine()], loader=_loader(prompts, labels, batch=1),
+               rollout_allocator=lambda p, l: allocator.allocate(prompt_ids(p, l)),
+               num_candidates=config.candidates_per_step)
+    steps, total = 0, 0
+    while True:  # OpenRLHF's PPOTrainer.fit loop over one episode
+        exps, _, _, exhausted = gen.generate_samples(**GEN_KW)
+        if exps:
+            steps += 1
+            total += len(exps)
+        if exhausted:
+            break
+    assert total == config.samples_per_pass(num_prompts)
+    train_bs = n * bs  # one optimizer step per full rollout step
+    assert config.scheduler_steps(num_prompts, train_bs, episodes, 1) == total // train_bs * episodes
+    if oversample == 1.0:  # OpenRLHF's own formula (prepare_datasets) exactly
+        assert config.scheduler_steps(num_prompts, train_bs, episodes, 1) == num_prompts * n // train_bs * episodes
+    if (oversample, num_prompts) == (1.34, 64):
+        # 12 steps of 5 candidates and one of 4 prompts: 13 optimizer steps; the old count was int(16 / 1.34)
+        assert (steps, config.scheduler_steps(64, 16, 1, 1)) == (13, 13) and int(16 / 1.34) == 11
