@@ -43,7 +43,7 @@ from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noq
 from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
-from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator  # noqa: E402
+from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator, reward_source  # noqa: E402
 
 __all__ = ["DynamoPPOTrainer", "STATE_VERSION"]
 
@@ -93,6 +93,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             vllm_engines=vllm_engines,
             rollout_allocator=self._allocate if config is not None else None,
             num_candidates=config.candidates_per_step if config is not None else None,
+            reward_source=reward_source(self.args),
         )
         self.balancing = prompt_balancing(self.args)
         if config is not None or self.balancing is not None:

@@ -40,7 +40,7 @@ from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
 from .prompt_ids import prompt_id
 
-__all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY"]
+__all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source"]
 
 PROMPT_ID_KEY = "dynamo_prompt_id"
 GROUP_KEY = "dynamo_group"
@@ -68,6 +68,38 @@ def _check_openrlhf_api() -> None:
 _check_openrlhf_api()
 
 
+def _short(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def check_reward(response: dict, source: str) -> None:
+    """Raise one clear error when a rollout engine's ``response`` has no reward although the run has a
+    reward function ``source``. OpenRLHF 0.11.2's ``SingleTurnAgentExecutor`` catches any exception of
+    the reward function (or of the HTTP call), logs it at info level in the rollout engine's log and
+    leaves the reward None, which otherwise fails much later inside batch concatenation."""
+    if response.get("reward") is None:
+        raise RuntimeError(
+            f"reward function {source} gave no reward for a sample of prompt {_short(response.get('prompt'))} "
+            f"with label {_short(response.get('label'))}: it raised an exception or returned no 'rewards' "
+            "(OpenRLHF logs the exception at info level in the rollout engine's log as '[SingleTurnExecutor] "
+            "Failed to fetch reward'). A reward function must return a reward for every sample; the built-in "
+            "dynamo_openrlhf.reward never raises (a sample it cannot score gets 0, counted as math_error)")
+
+
+def reward_source(args) -> Optional[str]:
+    """What gives the run's rewards at rollout time (``--train.agent_func_path`` or
+    ``--reward.remote_url``, a file, module path or URL; OpenRLHF may have split it into a list), or None
+    when rewards come from a reward model."""
+    agent = getattr(args.train, "agent_func_path", None)
+    if agent:
+        return str(agent)
+    url = args.reward.remote_url
+    if not url:
+        return None
+    return ",".join(url) if isinstance(url, (list, tuple)) else str(url)
+
+
 def _validate_allocation(allocation, num_prompts: int) -> List[int]:
     counts = list(allocation)
     if len(counts) != num_prompts:
@@ -84,14 +116,17 @@ class DynamoSamplesGenerator(SamplesGenerator):
     """``SamplesGenerator`` whose prompts each get their own number of rollouts (see module docstring).
 
     ``num_candidates``: prompts drawn per training step when allocating (default
-    ``rollout.batch_size``; more for over-sampling with skipping).
+    ``rollout.batch_size``; more for over-sampling with skipping). ``reward_source``: the run's reward
+    function file or URL (``--reward.remote_url``) or agent file; when set, every sample must come back
+    with a reward, else one error names the sample and the source (:func:`check_reward`).
     """
 
     def __init__(self, *args, rollout_allocator: Optional[Callable] = None, num_candidates: Optional[int] = None,
-                 **kwargs):
+                 reward_source: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rollout_allocator = rollout_allocator
         self.num_candidates = num_candidates
+        self.reward_source = reward_source
         self._evaluating = False
         self._next_group = 0
         self.last_allocation: Optional[List[int]] = None
@@ -209,6 +244,10 @@ class DynamoSamplesGenerator(SamplesGenerator):
         return refs, requests
 
     def _process_response_into_experience(self, response, **generate_kwargs) -> Experience:
+        # Every sample of a run with a reward function passes here: training with or without an
+        # allocator (OpenRLHF's own _generate_vllm calls this method too) and evaluation.
+        if self.reward_source is not None:
+            check_reward(response, self.reward_source)
         experience = super()._process_response_into_experience(response, **generate_kwargs)
         if self.rollout_allocator is not None and not self._evaluating:
             experience.info[PROMPT_ID_KEY] = torch.tensor([prompt_id(response["prompt"], response["label"])],

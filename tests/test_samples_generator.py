@@ -388,3 +388,49 @@ def test_scheduler_steps_count_the_rollouts_a_pass_spends(passthrough_ray, overs
     if (oversample, num_prompts) == (1.34, 64):
         # 12 steps of 5 candidates and one of 4 prompts: 13 optimizer steps; the old count was int(16 / 1.34)
         assert (steps, config.scheduler_steps(64, 16, 1, 1)) == (13, 13) and int(16 / 1.34) == 11
+
+
+class RaisingReward(FakeEngine):
+    """The reward function raised for the sample of prompt 2: OpenRLHF's executor left its reward None."""
+
+    def _generate(self, **kw):
+        out = super()._generate(**kw)
+        for r in out.value:
+            if r["prompt"] == PROMPTS[2]:
+                r["reward"] = r["scores"] = None
+        return out
+
+
+@pytest.mark.parametrize("path", ["allocated", "openrlhf", "eval"])
+def test_a_sample_without_reward_is_one_clear_error(passthrough_ray, path):
+    """With --dynamo.allocation.rule off (OpenRLHF's own generate path), with an allocator, and at
+    evaluation: one error naming the sample and the reward file (issue 15 item 3), not a crash later in
+    batch concatenation."""
+    alloc = (lambda p, l: [2, 2, 2, 2]) if path == "allocated" else None
+    gen = _gen(DynamoSamplesGenerator, [RaisingReward()], loader=_loader(PROMPTS, LABELS, 4), rollout_allocator=alloc,
+               reward_source="/data/my_reward.py")
+    want = (r"^reward function /data/my_reward\.py gave no reward for a sample of prompt 'What is 5\+1\?' with "
+            r"label '6': it raised an exception or returned no 'rewards'")
+    with pytest.raises(RuntimeError, match=want):
+        if path == "eval":
+            gen.eval_dataloader = [(None, PROMPTS, LABELS, [None] * 4)]
+            gen.generate_eval_samples(n_samples_per_prompt=2, **GEN_KW)
+        else:
+            gen.generate_samples(**GEN_KW)
+    # rewards from a reward model (no reward function): None is expected at this point
+    gen = _gen(DynamoSamplesGenerator, [RaisingReward()], loader=_loader(PROMPTS, LABELS, 4), rollout_allocator=alloc)
+    if path != "eval":
+        exps = gen.generate_samples(**GEN_KW)[0]
+        assert sum(e.rewards is None for e in exps) == (2 if path == "allocated" else 4)
+
+
+def test_reward_source_names_the_file_agent_or_urls():
+    from dynamo_openrlhf.samples_generator import reward_source
+
+    def args(url, agent=None):
+        return SimpleNamespace(reward=SimpleNamespace(remote_url=url), train=SimpleNamespace(agent_func_path=agent))
+
+    assert reward_source(args(None)) is None
+    assert reward_source(args(["/r.py"])) == "/r.py"  # OpenRLHF splits the flag into a list
+    assert reward_source(args("http://a,http://b")) == "http://a,http://b"
+    assert reward_source(args("agent", "/agent.py")) == "/agent.py"
