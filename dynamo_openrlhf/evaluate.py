@@ -110,20 +110,29 @@ def summarize(successes: Sequence[int], n: int, ks: Sequence[int], tags: Optiona
     return out
 
 
-def train_eval_logs(rewards: Sequence[float], n: int, ks: Sequence[int], threshold: float = 0.5) -> Dict:
+def is_success(values, threshold: float) -> np.ndarray:
+    """The package's one success rule, for the pass-rate pool and for in-training pass@k: a sample
+    succeeds when its value — its score (what the reward function returns as ``scores``; OpenRLHF
+    uses the reward when there is none), else its reward (a reward model's) — is > ``threshold``
+    (``--dynamo.pool.success_threshold``, default 0.5). Bool array of ``values``' shape."""
+    return np.asarray(values, dtype=np.float64) > float(threshold)
+
+
+def train_eval_logs(values: Sequence[float], n: int, ks: Sequence[int], threshold: float = 0.5) -> Dict:
     """Flat ``eval_*`` metrics for OpenRLHF's loggers from one in-training evaluation's samples.
 
-    ``rewards``: (S,) in OpenRLHF's evaluation order, where each prompt's ``n`` samples
-    (``--eval.n_samples_per_prompt``) are contiguous: prompt j is ``rewards[j*n:(j+1)*n]``. Samples are
-    grouped by position, as OpenRLHF's own eval metrics do, never by prompt text or label, so duplicate
-    rows of the eval set stay separate prompts and labels of any type are fine. A sample is correct when
-    its reward is > ``threshold``; ``k`` values above n are left out. Returns ``eval_pass@k`` (unbiased
-    estimator, mean over prompts) for each k, and ``eval_frac_unsolved`` / ``eval_frac_between`` /
-    ``eval_frac_solved`` (prompts with c = 0, 0 < c < n, c = n)."""
+    ``values``: (S,) each sample's score (its reward when it has no score), in OpenRLHF's evaluation
+    order, where each prompt's ``n`` samples (``--eval.n_samples_per_prompt``) are contiguous: prompt j
+    is ``values[j*n:(j+1)*n]``. Samples are grouped by position, as OpenRLHF's own eval metrics do, never
+    by prompt text or label, so duplicate rows of the eval set stay separate prompts and labels of any
+    type are fine. A sample is correct by :func:`is_success` (value > ``threshold``, the pool's rule);
+    ``k`` values above n are left out. Returns ``eval_pass@k`` (unbiased estimator, mean over prompts)
+    for each k, and ``eval_frac_unsolved`` / ``eval_frac_between`` / ``eval_frac_solved`` (prompts with
+    c = 0, 0 < c < n, c = n)."""
     n = int(n)
     if n < 1:
         raise ValueError(f"--eval.n_samples_per_prompt must be >= 1, got {n}")
-    correct = [int(float(r) > threshold) for r in rewards]
+    correct = [int(ok) for ok in is_success([float(v) for v in values], threshold)]
     if not correct:
         return {}
     if len(correct) % n:

@@ -7,14 +7,16 @@ which pairs the wrong samples once prompts get different numbers of rollouts (DE
 
 1. reads the step's groups from the samples' tags (:class:`~dynamo_openrlhf.samples_generator.RolloutGroups`,
    raw scores, before any shaping) and keeps them in ``last_groups`` for the pass-rate pool update;
-2. when every group has ``n_samples_per_prompt`` samples, contiguous in rollout order, OpenRLHF's
-   own method is exactly right and runs unchanged;
-3. otherwise it applies OpenRLHF's length penalties, replaces OpenRLHF's baseline block by
+2. applies OpenRLHF's length penalties, replaces OpenRLHF's baseline block by
    :func:`dynamo_openrlhf.advantages.group_normalized_advantages` on the explicit groups, and runs
    the rest of OpenRLHF's method (KL-shaped token rewards, returns, whitening) unchanged on those
    rewards: the estimator and the length-penalty settings are switched for the duration of that
    call so that OpenRLHF's method does everything except the penalties and the baseline, which are
-   already applied. ``info["reward"]`` keeps the (penalised) reward, as in OpenRLHF.
+   already applied. ``info["reward"]`` keeps the (penalised) reward, as in OpenRLHF. This path runs
+   on every tagged step, also when all groups have ``n_samples_per_prompt`` samples: the results are
+   then OpenRLHF's bit for bit, except that a group whose rewards are all equal gets exactly 0
+   (OpenRLHF's group_norm divides the float mean's rounding error by std + 1e-9 there), so a group
+   gets the same advantages whichever allocation its step had.
 
 With the prompt-balanced loss (``balancing``), every experience also gets its samples' loss weights
 (:meth:`~dynamo_openrlhf.advantages.PromptBalancing.sample_weights` of the step's groups) in
@@ -100,12 +102,9 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
             return experiences
         groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True)
         self.last_groups = groups
-        if groups.uniform_size() == n:
-            # Contiguous groups of n in rollout order: exactly the layout OpenRLHF's reshape assumes.
-            experiences = super().compute_advantages_and_returns(experiences)
-            self._attach_weights(experiences, groups.sizes, groups.positions)
-            return experiences
-
+        # Always the explicit groups, also when the step's allocation happens to be uniform: OpenRLHF's
+        # reshape path would give a constant non-0/1 group its rounding error / 1e-9 (about ±0.95) where
+        # this path gives 0, so the same group would get different advantages on different steps.
         for exp in experiences:
             exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
         apply_length_penalties(experiences, args)

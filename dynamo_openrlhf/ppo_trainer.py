@@ -34,6 +34,7 @@ from dynamo_openrlhf import cpu_backend
 
 cpu_backend.install_import_stand_ins()
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
@@ -43,7 +44,11 @@ from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noq
 from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
-from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator, reward_source  # noqa: E402
+from dynamo_openrlhf.samples_generator import (  # noqa: E402
+    DynamoSamplesGenerator,
+    outcome_values,
+    reward_source,
+)
 
 __all__ = ["DynamoPPOTrainer", "STATE_VERSION"]
 
@@ -181,9 +186,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         logs = super().evaluate(global_step, **generate_kwargs)
         samples = self.samples_generator.last_eval_samples
         n = generate_kwargs["n_samples_per_prompt"]
-        extra = train_eval_logs([float(r) for s in samples for r in s.rewards.reshape(-1).tolist()], n,
-                                self._eval_ks(n),
-                                self.args.dynamo.pool.success_threshold)
+        # The pool's success rule (score, else reward, > --dynamo.pool.success_threshold).
+        values = np.concatenate([outcome_values(s, i) for i, s in enumerate(samples)]) if samples else []
+        extra = train_eval_logs(values, n, self._eval_ks(n), self.args.dynamo.pool.success_threshold)
         if extra:
             for lg in (self.wandb_logger, self.tensorboard_logger):
                 if lg is not None:

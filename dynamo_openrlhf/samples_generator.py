@@ -38,9 +38,11 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
 from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
+from .evaluate import is_success
 from .prompt_ids import prompt_id
 
-__all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source"]
+__all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source",
+           "outcome_values", "is_success"]
 
 PROMPT_ID_KEY = "dynamo_prompt_id"
 GROUP_KEY = "dynamo_group"
@@ -267,12 +269,22 @@ def _flat_tag(exp: Experience, key: str, i: int) -> np.ndarray:
     return np.asarray(torch.as_tensor(tag).reshape(-1).cpu().numpy(), dtype=np.int64)
 
 
+def outcome_values(exp: Experience, i: int = 0) -> np.ndarray:
+    """The values a sample's success is judged on, float64 (one per sample of ``exp``): its score (what
+    the reward function returns as ``scores``; OpenRLHF sets it to the reward when the function returns
+    none), else its reward (rewards from a reward model, which have no score)."""
+    value = exp.scores if exp.scores is not None else exp.rewards
+    if value is None:
+        raise ValueError(f"experience {i} has neither scores nor rewards")
+    return np.asarray(torch.as_tensor(value).reshape(-1).float().cpu().numpy(), dtype=np.float64)
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutGroups:
     """The groups of one step's samples, in rollout order (the order of ``Experience.index``).
 
     ``prompt_ids`` (G,) int64, ``sizes`` (G,) int64 (samples per group, sum = S), ``successes`` (G,)
-    int64 (samples whose score, or reward when there is no score, is > the threshold), and
+    int64 (samples that succeed by :func:`is_success`), and
     ``positions`` (S,) int64: the rollout-order position of each sample of the experiences, read in
     list order (so ``flat[positions] = torch.cat(values)`` puts per-sample values in group order).
     """
@@ -313,10 +325,7 @@ class RolloutGroups:
             idx = np.arange(start, start + g.size) if exp.index is None else np.asarray(exp.index, dtype=np.int64)
             if idx.size != g.size:
                 raise ValueError(f"experience {i}: {idx.size} index entries for {g.size} samples")
-            score = exp.scores if exp.scores is not None else exp.rewards
-            if score is None:
-                raise ValueError(f"experience {i} has neither scores nor rewards")
-            v = np.asarray(torch.as_tensor(score).reshape(-1).float().cpu().numpy(), dtype=np.float64)
+            v = outcome_values(exp, i)
             if v.size != g.size:
                 raise ValueError(f"experience {i}: {v.size} scores for {g.size} samples")
             groups.append(g), pids.append(p), pos.append(idx), vals.append(v)
@@ -335,7 +344,7 @@ class RolloutGroups:
         order[positions] = np.arange(total)  # rollout position -> sample in list order
         g_sorted = np.concatenate(groups)[order]
         p_sorted = np.concatenate(pids)[order]
-        ok = (np.concatenate(vals)[order] > success_threshold).astype(np.int64)
+        ok = is_success(np.concatenate(vals)[order], success_threshold).astype(np.int64)
         starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
         uniq, runs = np.unique(g_sorted[starts], return_counts=True)
         if (runs > 1).any():

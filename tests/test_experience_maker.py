@@ -269,3 +269,28 @@ def test_modulation_without_entropy_is_refused():
     lp, old, adv, mask, ent = _batch()
     with pytest.raises(ValueError, match="needs the token entropy: set --actor.entropy_coef"):
         _trainer("decay5", _FakeActor(lp, ent), entropy_coef=None)
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 16], [12, 16, 20]])
+def test_constant_partial_credit_group_gets_zero_whatever_the_allocation(sizes):
+    """A group whose 16 rewards are all 0.7 (partial credit) gets advantage 0 on a uniform step as on a
+    variable one (issue 15 item 6): OpenRLHF's own reshape path, which used to run on uniform steps,
+    gives it its float32 mean's rounding error / (std + 1e-9) = +0.9528 per sample."""
+    exps, rewards, lengths, group = _step(sizes, seed=4, binary=False)
+    for e in exps:
+        for row, p in enumerate(e.index):
+            if group[p] == 1:
+                e.rewards[row] = 0.7
+                e.info["reward"][row] = 0.7
+    theirs = copy.deepcopy(exps)
+    out = _maker(DynamoExperienceMaker, _args("group_norm", n=16)).compute_advantages_and_returns(exps)
+    for e in out:
+        for row, p in enumerate(e.index):
+            if group[p] == 1:
+                assert (e.advantages[row] == 0).all()
+    if sizes == [16, 16, 16]:  # what OpenRLHF's method does with the same uniform step
+        for e in theirs:
+            e.info.pop(GROUP_KEY), e.info.pop(PROMPT_ID_KEY)
+        ref = _maker(RemoteExperienceMaker, _args("group_norm", n=16)).compute_advantages_and_returns(theirs)
+        got = [e.advantages[row, 0].item() for e in ref for row, p in enumerate(e.index) if group[p] == 1]
+        assert len(got) == 16 and min(got) >= 0.9528 - 1e-3  # the +0.9528 baseline term, after OpenRLHF's shaping
