@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from dynamo_openrlhf.sampling import sample_batch
+
 __all__ = ["pass_at_k", "pass_at_k_array", "bootstrap_ci", "summarize", "main"]
 
 
@@ -184,35 +186,6 @@ def _prompt_text(tokenizer, prompt: str, chat: bool) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
     return prompt
-
-
-def sample_batch(model, tokenizer, encoded: Sequence[Sequence[int]], n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, device="cpu") -> List[str]:
-    """``n`` responses per encoded prompt from one left-padded ``generate`` call.
-
-    Returns ``len(encoded) * n`` texts, prompt-major. Temperature 0 is greedy (one response, repeated).
-    """
-    import torch
-
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-        mask[i, width - len(e):] = 1
-    sample = temperature > 0
-    with torch.no_grad():
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=sample,
-            temperature=temperature if sample else None, top_p=top_p if sample else None,
-            top_k=0 if sample else None, max_new_tokens=max_new_tokens,
-            num_return_sequences=n if sample else 1, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
-    if not sample:  # HF refuses several return sequences without sampling
-        texts = [t for t in texts for _ in range(n)]
-    return texts
 
 
 def generate_hf(model_dir: str, prompts: Sequence[str], n: int, chat: bool, temperature: float, top_p: float,

@@ -404,7 +404,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, temperatu
     """``k`` sampled responses per prompt (plain HF generate, left padding)."""
     import torch
 
-    from dynamo_openrlhf.evaluate import sample_batch
+    from dynamo_openrlhf.sampling import sample_batch
 
     torch.manual_seed(seed)
     out: List[List[str]] = []
