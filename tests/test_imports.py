@@ -1,0 +1,110 @@
+"""The package's imports flow one way: no import circle inside dynamo_openrlhf/ and no module imports
+the launcher (dynamo_openrlhf.train). Read from the source with ast (every import statement counts,
+also one inside a function), nothing is imported."""
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+PACKAGE = "dynamo_openrlhf"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+LAUNCHER = f"{PACKAGE}.train"
+
+
+def _module_name(path: Path) -> str:
+    return PACKAGE if path.name == "__init__.py" else f"{PACKAGE}.{path.stem}"
+
+
+def package_imports(root: Path = ROOT) -> Dict[str, Set[str]]:
+    """module -> the other package modules it imports (``from dynamo_openrlhf import x`` names the submodule
+    x when there is one, else the package itself; relative imports resolved; the compiled ``_core`` is no
+    file here, so importing it counts as importing the package)."""
+    modules = {_module_name(p): p for p in sorted(root.glob("*.py"))}
+    graph: Dict[str, Set[str]] = {}
+    for name, path in modules.items():
+        edges: Set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = PACKAGE + ("." + base if base else "")
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                           for alias in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in modules and "." in t:  # import a.b.c -> the module a.b
+                    t = t.rsplit(".", 1)[0]
+                if t in modules:
+                    edges.add(t)
+        edges.discard(name)  # e.g. the launcher's __main__ block re-imports its importable copy
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on: Set[str] = set()
+    out: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def test_cycle_finder_finds_circles():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "d"}, "e": set()}
+    assert import_cycles(g) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_graph_reads_the_import_forms(tmp_path):
+    pkg = tmp_path / PACKAGE
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from dynamo_openrlhf._core import X\n")
+    (pkg / "a.py").write_text("from . import b\nfrom .c import f\n")
+    (pkg / "b.py").write_text("def g():\n    import dynamo_openrlhf.c as c\n    from dynamo_openrlhf import X\n")
+    (pkg / "c.py").write_text("from dynamo_openrlhf.a import h\nimport numpy\n")
+    g = package_imports(pkg)
+    assert g == {PACKAGE: set(), f"{PACKAGE}.a": {f"{PACKAGE}.b", f"{PACKAGE}.c"},
+                 f"{PACKAGE}.b": {f"{PACKAGE}.c", PACKAGE}, f"{PACKAGE}.c": {f"{PACKAGE}.a"}}
+    assert import_cycles(g) == [[f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c"]]
+
+
+def test_no_import_circle_in_the_package():
+    graph = package_imports()
+    assert len(graph) >= 15  # the package was read
+    assert import_cycles(graph) == []
+
+
+def test_no_module_imports_the_launcher():
+    graph = package_imports()
+    importers = sorted(m for m, edges in graph.items() if LAUNCHER in edges and m != LAUNCHER)
+    assert importers == []
