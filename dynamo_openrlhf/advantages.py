@@ -1,4 +1,4 @@
-"""Group-based advantage baselines for groups of *different* sizes (DESIGN.md §5).
+"""Group-based advantage baselines for groups of *different* sizes (docs/reference_notes.md, grouping pitfalls).
 
 OpenRLHF 0.11.2 (``RemoteExperienceMaker.compute_advantages_and_returns`` in
 ``openrlhf/trainer/ppo_utils/experience_maker.py``) reshapes the flat reward vector with

@@ -2,7 +2,7 @@
 
 Named after ``openrlhf/trainer/ppo_utils/experience_maker.py``. OpenRLHF's
 ``compute_advantages_and_returns`` groups samples by ``rewards.reshape(-1, n_samples_per_prompt)``,
-which pairs the wrong samples once prompts get different numbers of rollouts (DESIGN.md §5).
+which pairs the wrong samples once prompts get different numbers of rollouts (docs/reference_notes.md, grouping pitfalls).
 ``DynamoExperienceMaker.compute_advantages_and_returns``:
 
 1. reads the step's groups from the samples' tags (:class:`~dynamo_openrlhf.samples_generator.RolloutGroups`,

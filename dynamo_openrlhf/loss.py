@@ -122,7 +122,7 @@ def balanced_normalizers(dp_size: int, gradient_accumulation: int) -> Dict[str, 
 
 
 class DynaMOPolicyLoss(PolicyLoss):
-    """OpenRLHF's ``PolicyLoss`` + DynaMO token-level advantage modulation (DESIGN.md §3).
+    """OpenRLHF's ``PolicyLoss`` + DynaMO token-level advantage modulation (docs/reference_notes.md, token level).
 
     ``modulation``: a :class:`~dynamo_openrlhf.modulation.ModulationConfig` or a preset name
     (``"decay6"``, ``"decay5"``, ``"off"``). Clip-higher is the parent's own ``clip_eps_high``

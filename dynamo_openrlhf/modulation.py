@@ -1,4 +1,4 @@
-"""Token-level gradient-aware advantage modulation (DynaMO, arXiv 2602.19208; DESIGN.md §3).
+"""Token-level gradient-aware advantage modulation (DynaMO, arXiv 2602.19208; docs/reference_notes.md, token level).
 
 Pure torch, no OpenRLHF import. For every response token t of sequence i, with advantage ``A``,
 ratio ``r = exp(clamp(logπ − logπ_old, −20, 20))`` (the clamp is the one OpenRLHF's PPO loss
@@ -77,7 +77,7 @@ STAT_KEYS = (
     "beta_stab_damped_frac",
 )
 
-#: Reference presets (DESIGN.md §3). ``decay5`` is the α = 0.4 instance of
+#: Reference presets (docs/reference_notes.md, token level). ``decay5`` is the α = 0.4 instance of
 #: ``ModulationConfig.from_alpha``: μ_max = 1 + α, λ_min = 1 − α, γ = 50, τ = 0.9.
 PRESETS: Mapping[str, Mapping[str, float]] = {
     "decay6": {"mu_max": 1.2, "lambda_min": 0.6, "gamma": 50.0, "tau": 0.99},

@@ -8,7 +8,7 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
   their n_i and sends every prompt as ONE request with its own ``num_samples = n_i`` (n_i = 0: not
   sent; OpenRLHF's load-aware engine assignment with n_i as the load). Each returned sample is
   checked to carry its own request's prompt and label (never re-paired by position, unlike the
-  reference code, DESIGN.md §4), and tagged with ``info["dynamo_prompt_id"]`` (stable int64 id of
+  reference code, docs/reference_notes.md), and tagged with ``info["dynamo_prompt_id"]`` (stable int64 id of
   prompt + label, :mod:`dynamo_openrlhf.prompt_ids`) and ``info["dynamo_group"]`` (a serial number
   per request, unique in the run). The samples of one request are contiguous.
 - With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own

@@ -259,7 +259,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         type=str,
         default="decay6",
         choices=["off", "decay6", "decay5"],
-        help="Token-level advantage modulation (DESIGN.md section 3): decay6 = mu_max 1.2, lambda_min 0.6, gamma 50, "
+        help="Token-level advantage modulation (docs/reference_notes.md): decay6 = mu_max 1.2, lambda_min 0.6, gamma 50, "
         "tau 0.99; decay5 = mu_max 1.4, lambda_min 0.6, gamma 50, tau 0.9; off = OpenRLHF's PolicyLoss exactly. "
         "Needs the token entropy: --actor.entropy_coef defaults to 0 (computed and logged, no entropy loss).",
     )

@@ -1,4 +1,4 @@
-"""Tests of dynamo_openrlhf.advantages (DESIGN.md §5).
+"""Tests of dynamo_openrlhf.advantages (docs/reference_notes.md, grouping pitfalls).
 
 Equal-size groups are compared bit-for-bit with OpenRLHF 0.11.2's *actual* code path:
 ``RemoteExperienceMaker.compute_advantages_and_returns`` (openrlhf/trainer/ppo_utils/

@@ -30,7 +30,7 @@ def small(name, init, epochs=3, score_from=20, speed=None, pool=POOL, speed_scal
 
 
 # ---------------------------------------------------------------------------------------------------
-# scoring and the reference reproduce DESIGN.md section 6
+# scoring and the reference reproduce the measured table of docs/reference_notes.md
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -88,7 +88,7 @@ def test_half_unseen_reference_worse_than_uniform_ours_not():
     ref.reset(n, rng)
     ref.observe(seen, np.full(seen.size, 16), k, 0)
     r_ref = sim.score_allocation(p, ref.allocate(ids, 1, 0, None, 16 * n), 16 * n)
-    assert r_ref == pytest.approx(1.33, abs=0.01)  # DESIGN.md: 1.33, worse than uniform
+    assert r_ref == pytest.approx(1.33, abs=0.01)  # docs/reference_notes.md: 1.33, worse than uniform
     for calibrated, bound in ((False, 0.85), (True, 0.87)):
         ours = sim.Ours(BACKEND, **sim.ours_kwargs(calibrated=calibrated))
         ours.reset(n, np.random.default_rng(5))

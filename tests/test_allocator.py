@@ -95,7 +95,7 @@ def certify_optimal(v, counts, budget, lo, hi):
 
 
 def pool_recipe(n, seed, estimate=True):
-    """DESIGN section 6: 30% p=0, 20% p=1, the rest Beta(0.7, 0.7); v from 16 rollouts."""
+    """docs/reference_notes.md (measured table): 30% p=0, 20% p=1, the rest Beta(0.7, 0.7); v from 16 rollouts."""
     rng = np.random.default_rng(seed)
     u = rng.random(n)
     p = rng.beta(0.7, 0.7, n)
@@ -188,7 +188,7 @@ def test_medium_input_matches_the_greedy_exactly():
 
 
 def test_reproduces_the_design_oracle_figures():
-    """DESIGN section 6: knowing the true p, the exact optimum scores 0.667 of uniform with
+    """docs/reference_notes.md (measured table): knowing the true p, the exact optimum scores 0.667 of uniform with
     bounds 8..24 and 0.437 with skipping (0..64). On the 16-rollout estimate, Neyman beats the
     reference rule on the objective it is given (the estimated one)."""
     n = 100_000

@@ -186,7 +186,7 @@ def test_modulated_equals_parent_with_modulated_advantages(preset, name, mask_dt
 
 
 def _reference_factors(A, lp, old, H, mask, lo, hi, cfg):
-    """DESIGN.md §3 in float64 with torch.where (independent of the implementation's tricks)."""
+    """docs/reference_notes.md's token-level formulas in float64 with torch.where (independent of the implementation's tricks)."""
     A, lp, old, H = (t.double() for t in (A, lp, old, H))
     v = mask != 0
     h_max, h_min = H[v].max(), H[v].min()

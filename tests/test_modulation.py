@@ -1,4 +1,4 @@
-"""Tests of dynamo_openrlhf.modulation (DESIGN.md §3). Pure torch, no OpenRLHF import."""
+"""Tests of dynamo_openrlhf.modulation (docs/reference_notes.md, token level). Pure torch, no OpenRLHF import."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ DECAY5 = ModulationConfig.preset("decay5")
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent reference: plain Python floats, token by token, literally DESIGN.md §3.
+# An independent reference: plain Python floats, token by token, literally docs/reference_notes.md's token-level formulas.
 # (No clamp of the log-ratio: the tests keep |logπ − logπ_old| far below 20.)
 # ---------------------------------------------------------------------------------------------
 def ref_factors(A, lp, old, H, mask, clip_low, clip_high, cfg):
@@ -160,7 +160,7 @@ def hand_batch():
 
 
 def hand_expected(cfg):
-    """DESIGN.md §3 evaluated step by step with the math module on the hand batch."""
+    """docs/reference_notes.md's token-level formulas evaluated step by step with the math module on the hand batch."""
     pi = [[0.5, 0.25, 0.125], [0.6, 0.3]]
     r = [[1.1, 0.9, 1.5], [0.7, 1.3]]
     A = [1.0, -0.5]

@@ -234,7 +234,7 @@ def _loader(prompts, labels, batch=2):
 
 def test_alignment_through_generate_samples(passthrough_ray):
     """A deterministic rollout whose reward depends on the prompt, with allocations that differ per
-    prompt: every sample's reward, label and group are its own prompt's (DESIGN.md section 4)."""
+    prompt: every sample's reward, label and group are its own prompt's (docs/reference_notes.md, misalignment defect)."""
     engines = [FakeEngine(), FakeEngine(), FakeEngine()]
     alloc = [3, 0, 5, 1]
     seen = []
