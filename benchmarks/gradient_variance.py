@@ -243,6 +243,38 @@ class Policy:
         return out
 
 
+def per_prompt_grams(policy, loss_fn, encoded, banks, take_of, n: np.ndarray, N: int):
+    """Per-prompt decomposition of the RLOO prompt-balanced update (modulation off): g = sum_i g_i with
+    g_i = (1/N)(1/n_i) sum_j A_ij s_ij / L, and prompts' rollouts independent, so
+    trace Var(g) = sum_i trace Var(g_i) exactly (the cross-prompt covariances are zero and only add noise to the
+    whole-batch estimate). Returns (N, R, R) centred Gram matrices of each prompt's gradient over the repeats
+    (zeros where a prompt's rewards are constant in a repeat: its RLOO advantages are exactly 0)."""
+    import torch
+
+    from dynamo_openrlhf.advantages import group_normalized_advantages
+    from dynamo_openrlhf.loss import balanced_normalizers
+
+    R = len(banks)
+    norm = balanced_normalizers(1, 1)
+    grams = np.zeros((N, R, R))
+    for i in range(N):
+        if n[i] < 2:
+            continue
+        X = torch.zeros((R, policy.dim), dtype=torch.float32)
+        w = torch.full((int(n[i]),), 1.0 / (N * n[i] * TOKEN_NORMALIZER), dtype=torch.float32)
+        for r, (bank_resp, bank_owner, bank_rew) in enumerate(banks):
+            take = take_of[i]
+            rew = torch.tensor(bank_rew[take], dtype=torch.float32)
+            if float(rew.max()) == float(rew.min()):
+                continue
+            adv = group_normalized_advantages(rew, [int(n[i])], "rloo")
+            g = policy.gradients(encoded, [bank_resp[j] for j in take], [bank_owner[j] for j in take],
+                                 {"x": (loss_fn, adv, w)})
+            X[r] = g["x"]
+        grams[i] = centered_gram(X)
+    return grams
+
+
 def _parameter_blocks(model) -> Dict[str, List[int]]:
     """Parameter blocks for per-layer numbers: name -> [start, end) in the flattened gradient."""
     blocks: Dict[str, List[int]] = {}
@@ -404,6 +436,7 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     # 1. pass rates: oracle (large sample) and the pool posterior from a few earlier rollouts
     k_or = count_successes(policy, scorer, encoded, labels, args.oracle_samples, seed0 + 1)
     p_or = k_or / args.oracle_samples
+    v_or = p_or * (1 - p_or)
     k_pool = count_successes(policy, scorer, encoded, labels, args.pool_samples, seed0 + 2)
     pool = PassRatePool(prior=(1.0, 1.0))
     pool.update(ids, k_pool, np.full(N, args.pool_samples))
@@ -441,11 +474,31 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
     log(f"[gv] {split}: {R} banks of {int(m.sum())} rollouts sampled and scored in {time.time() - t0:.1f}s")
     results: Dict[str, Dict] = {}
     stats: Dict[str, Dict[str, Dict]] = {}
+    grams: Dict[str, np.ndarray] = {}
     X_uniform = None
     for name, n in allocs.items():
         t0 = time.time()
         objective_of = allocation_estimator(name)
         measured = [v for v in losses if objective_of is None or losses[v][1] == objective_of]
+        if name != "uniform" and np.array_equal(n, allocs["uniform"]):
+            # the same allocation as uniform on the same banks: identical gradients, identical numbers
+            stats[name] = {v: stats["uniform"][v] for v in measured}
+            if "uniform" in grams and "rloo_balanced" in measured:
+                grams[name] = grams["uniform"]
+            u = results["uniform"]
+            results[name] = {
+                "same_as": "uniform", "per_prompt": ({"trace": u["per_prompt"]["trace"], "seconds": 0.0}
+                                                     if name in grams else None),
+                "n": n.tolist(), "objective": objective_of, "variants": measured,
+                "predicted_ratio": {e: predicted_ratio(oracle_pool, ids, n, e) for e in estimators
+                                    if objective_of in (None, e)},
+                "prompts_skipped": 0, "mean_reward": u["mean_reward"],
+                "constant_reward_groups_mean": u["constant_reward_groups_mean"],
+                "trace": {v: u["trace"][v] for v in measured}, "block_trace": {v: u["block_trace"][v] for v in measured},
+                "repeat_sq_dev": {v: u["repeat_sq_dev"][v] for v in measured}, "seconds": 0.0,
+            }
+            log(f"[gv] {split}/{name:17s} = uniform (same allocation)")
+            continue
         X = {v: torch.empty((R, policy.dim), dtype=torch.float32) for v in measured}
         sizes = torch.tensor(n, dtype=torch.long)
         weights = {e: prompt_balanced_weights(sizes, e, TOKEN_NORMALIZER) for e in {losses[v][1] for v in measured}}
@@ -475,7 +528,14 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
                 dm = D.mean(0)
                 stats[name][v]["shift2"] = float((dm ** 2).sum()) - float(((D - dm) ** 2).sum()) / (R - 1) / R
             del X
+        per_prompt = None
+        if "rloo_balanced" in measured and args.per_prompt:
+            t1 = time.time()
+            take_of = [np.arange(starts[i], starts[i] + n[i]).astype(np.int64) for i in range(N)]
+            grams[name] = per_prompt_grams(policy, losses["rloo_balanced"][0], encoded, banks, take_of, n, N)
+            per_prompt = {"trace": [float(trace_cov(G)) for G in grams[name]], "seconds": time.time() - t1}
         results[name] = {
+            "per_prompt": per_prompt,
             "n": n.tolist(),
             "objective": objective_of,
             "variants": measured,
@@ -507,9 +567,10 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
             res["nsr"][v] = float(noise_to_signal(st[v])[0])
             res["nsr_ratio"][v] = res["nsr"][v] / float(noise_to_signal(su[v])[0])
             sig = su[v]["m2"] - tu / R  # unbiased ||E g_u||^2, and ||E g_a - E g_u||^2 below
+            same = st[v] is su[v]
             d2 = st[v].get("shift2", 0.0)
-            res["mean_shift_rel"][v] = 0.0 if st is su else (d2 / sig if sig > 0 else float("nan"))
-            if st is su:
+            res["mean_shift_rel"][v] = 0.0 if same else (d2 / sig if sig > 0 else float("nan"))
+            if same:
                 res["ratio_ci"][v] = res["nsr_ratio_ci"][v] = [1.0, 1.0]
                 continue
             # paired bootstrap (common random numbers): the same resampled repeats for both
@@ -517,7 +578,33 @@ def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dic
             with np.errstate(divide="ignore", invalid="ignore"):  # a resample of one repeat has trace 0
                 res["ratio_ci"][v] = _ci(trace_cov(st[v]["G"], W) / trace_cov(su[v]["G"], W))
                 res["nsr_ratio_ci"][v] = _ci(noise_to_signal(st[v], W) / noise_to_signal(su[v], W))
+    # 5. per-prompt decomposition (RLOO, balanced): the measured total as the sum of per-prompt variances (lower
+    # noise), and two predictions: the allocator's (common score noise S, v = p(1-p)) and the "n-law" one (each
+    # prompt's variance measured under uniform, scaled by RLOO's (n_u - 1)/(n_i - 1)). The n-law is exact for RLOO
+    # if the per-rollout noise of a prompt does not depend on n; what separates it from the allocator's
+    # prediction is how far the per-prompt noise scale differs from S x p(1-p).
+    if "uniform" in grams:
+        Gu = grams["uniform"]
+        vu = np.array([float(trace_cov(G)) for G in Gu])
+        W = _counts(np.random.default_rng([args.seed, batch_index, 99]), R, args.bootstrap)
+        tot_u = sum(trace_cov(G, W) for G in Gu)
+        for name, Ga in grams.items():
+            res = results[name]
+            n = np.asarray(res["n"])
+            va = np.array(res["per_prompt"]["trace"])
+            nlaw = float(np.sum(vu * (UNIFORM_N - 1) / np.maximum(n - 1, 1))) / float(vu.sum())
+            with np.errstate(divide="ignore", invalid="ignore"):
+                boot = sum(trace_cov(G, W) for G in Ga) / tot_u
+            res["per_prompt"].update(ratio=float(va.sum() / vu.sum()), ratio_ci=_ci(boot), nlaw_predicted=nlaw)
+        # per-prompt noise scale relative to the model: S_i = Var_i(uniform) (n_u - 1) / v_i, normalised to its mean
+        pos = v_or > 0
+        S = np.where(pos, vu * (UNIFORM_N - 1) / np.where(pos, v_or, 1.0), np.nan)
+        noise_scale = {"p": p_or.tolist(), "var_uniform": vu.tolist(),
+                       "S_rel": (S / np.nanmean(S)).tolist() if pos.any() else []}
+    else:
+        noise_scale = None
     return {
+        "noise_scale": noise_scale,
         "split": split, "prompts": N, "budget": B,
         "pool_prior_fitted": [float(x) for x in prior],
         "oracle_pass_rate_mean": float(p_or.mean()),
@@ -601,11 +688,36 @@ def table(result: Dict) -> str:
                 if res is None or v not in res["ratio"]:
                     continue
                 pred = res["predicted_ratio"][e]
-                cells = [label, VARIANT_SHORT[v], name.replace("[", " (").replace("]", ")"), f"{pred:.3f}",
+                shown = name.replace("[", " (").replace("]", ")") + (" = uniform" if res.get("same_as") else "")
+                cells = [label, VARIANT_SHORT[v], shown, f"{pred:.3f}",
                          _fmt_ci(res["ratio"][v], res["ratio_ci"][v]), f"{res['ratio'][v] - pred:+.2f}",
                          _fmt_ci(res["nsr_ratio"][v], res["nsr_ratio_ci"][v]), f"{res['mean_shift_rel'][v]:+.2f}"]
                 lines.append("| " + " | ".join(cells) + " |")
                 label = ""
+    for bt in result["batches"]:
+        pp = [(name, res) for name, res in bt["allocations"].items() if res.get("per_prompt") and name != "uniform"]
+        if not pp:
+            continue
+        lines += ["", f"Per-prompt decomposition, RLOO with the prompt-balanced loss ({bt['split']} batch): the measured "
+                  "variance as the sum of the prompts' own variances (exact for independent prompts, less noisy), next to "
+                  "the allocator's prediction (one noise scale S for all prompts, v = p(1−p)) and the n-law prediction "
+                  "(each prompt's variance measured under uniform, scaled by (n_u − 1)/(n_i − 1)).", "",
+                  "| allocation | allocator predicted | n-law predicted | measured (sum over prompts) | measured − allocator | measured − n-law |",
+                  "|---|---|---|---|---|---|"]
+        for name, res in pp:
+            d, pred = res["per_prompt"], res["predicted_ratio"]["rloo"]
+            lines.append(f"| {name} | {pred:.3f} | {d['nlaw_predicted']:.3f} | {_fmt_ci(d['ratio'], d['ratio_ci'])} | "
+                         f"{d['ratio'] - pred:+.2f} | {d['ratio'] - d['nlaw_predicted']:+.2f} |")
+        ns = bt.get("noise_scale")
+        if ns and ns["S_rel"]:
+            srel = np.array(ns["S_rel"], dtype=float)
+            p_ = np.array(ns["p"])
+            ok = np.isfinite(srel)
+            q = np.quantile(srel[ok], [0.0, 0.25, 0.5, 0.75, 1.0])
+            corr = float(np.corrcoef(p_[ok], srel[ok])[0, 1]) if ok.sum() > 2 else float("nan")
+            lines += ["", f"Per-prompt noise scale S_i = Var_i(uniform)·(n_u − 1)/(p_i(1−p_i)) relative to its mean over the "
+                      f"{int(ok.sum())} prompts with 0 < p < 1 (the allocator assumes 1 for all): min {q[0]:.2f}, quartiles "
+                      f"{q[1]:.2f} / {q[2]:.2f} / {q[3]:.2f}, max {q[4]:.2f}; correlation with p: {corr:+.2f}."]
     lines += ["",
               "predicted = the allocator's own objective for the variant's estimator (rloo: Σ v/(n−1); group_norm: the "
               f"Beta-moment model), with v = p(1−p) of the oracle estimate ({s['oracle_samples']} samples/prompt), as a "
@@ -669,6 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="loss variants (estimator/weighting pairs, default all): " + "; ".join(
                        f"{k} = {d}" for k, d in VARIANT_DESC.items()))
+    p.add_argument("--no_per_prompt", dest="per_prompt", action="store_false",
+                   help="skip the per-prompt decomposition of the RLOO balanced variant (N small backward passes per "
+                        "repeat and allocation)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000; --quick 200)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("DYNAMO_OPENRLHF_CPU_THREADS", "1")),
                    help="torch threads (default $DYNAMO_OPENRLHF_CPU_THREADS or 1)")
