@@ -43,7 +43,6 @@ from dynamo_openrlhf._core import PassRatePool  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
-from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
     outcome_values,
@@ -96,7 +95,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             eval_dataloader=self.eval_dataloader,
             tokenizer=self.tokenizer,
             vllm_engines=vllm_engines,
-            rollout_allocator=self._allocate if config is not None else None,
+            rollout_allocator=self.allocator.allocate if config is not None else None,
             num_candidates=config.candidates_per_step if config is not None else None,
             reward_source=reward_source(self.args),
         )
@@ -123,9 +122,6 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                                                            a.train.num_episodes, a.train.max_epochs))
 
     # -- sequence level ------------------------------------------------------------------------
-    def _allocate(self, prompts: List[str], labels: List[str]):
-        return self.allocator.allocate(prompt_ids(prompts, labels))
-
     def train_step(self, rollout_samples, global_step: int):
         if self.allocator is not None:
             expected = self.allocator.last.budget if self.allocator.last is not None else None

@@ -3,14 +3,15 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
 
 ``DynamoSamplesGenerator`` (``openrlhf.trainer.ppo_utils.samples_generator.SamplesGenerator``):
 
-- With ``rollout_allocator`` set (a callable ``(prompts, labels) -> per-prompt n``), a training step
-  (``generate_samples``) draws ``num_candidates`` prompts from the loader, asks the allocator for
-  their n_i and sends every prompt as ONE request with its own ``num_samples = n_i`` (n_i = 0: not
+- With ``rollout_allocator`` set (a callable ``(prompt_ids) -> per-prompt n``), a training step
+  (``generate_samples``) draws ``num_candidates`` prompts from the loader, hashes each (prompt, label)
+  once into its stable int64 id (:mod:`dynamo_openrlhf.prompt_ids`), asks the allocator for their n_i
+  and sends every prompt as ONE request with its own ``num_samples = n_i`` (n_i = 0: not
   sent; OpenRLHF's load-aware engine assignment with n_i as the load). Each returned sample is
   checked to carry its own request's prompt and label (never re-paired by position, unlike the
-  reference code, docs/reference_notes.md), and tagged with ``info["dynamo_prompt_id"]`` (stable int64 id of
-  prompt + label, :mod:`dynamo_openrlhf.prompt_ids`) and ``info["dynamo_group"]`` (a serial number
-  per request, unique in the run). The samples of one request are contiguous.
+  reference code, docs/reference_notes.md), and tagged with ``info["dynamo_prompt_id"]`` (its
+  request's id) and ``info["dynamo_group"]`` (a serial number per request, unique in the run). The
+  samples of one request are contiguous.
 - With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own
   methods run unchanged (and nothing is tagged). ``last_eval_samples`` keeps the last evaluation's
   samples (for pass@k).
@@ -39,7 +40,7 @@ from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _coll
 from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
 from .evaluate import is_success
-from .prompt_ids import prompt_id
+from .prompt_ids import prompt_ids
 
 __all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source",
            "outcome_values", "is_success"]
@@ -175,7 +176,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=10.0)
             for ref in ready:
-                group, prompt, label, n = request_of[ref]
+                group, prompt, label, n, pid = request_of[ref]
                 responses = ray.get(ref)
                 if len(responses) != n:
                     raise RuntimeError(f"rollout engine returned {len(responses)} samples for a request of n={n}")
@@ -184,6 +185,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
                         raise RuntimeError("rollout engine returned a sample of another prompt/label for group "
                                            f"{group}; samples are never re-paired by position")
                     exp = self._process_response_into_experience(response, **generate_kwargs)
+                    exp.info[PROMPT_ID_KEY] = torch.tensor([pid], dtype=torch.int64)
                     exp.info[GROUP_KEY] = torch.tensor([group], dtype=torch.int64)
                     out.append(exp)
         return out
@@ -197,12 +199,14 @@ class DynamoSamplesGenerator(SamplesGenerator):
         return self._dispatch_allocated(prompts, labels, images, **generate_kwargs)[0]
 
     def _dispatch_allocated(self, prompts, labels, images, **generate_kwargs) -> Tuple[List, List[tuple]]:
-        """Refs and their requests ``(group serial, prompt, label, n)``; prompts with n = 0 are not sent."""
-        counts = _validate_allocation(self.rollout_allocator(list(prompts), list(labels)), len(prompts))
+        """Refs and their requests ``(group serial, prompt, label, n, prompt id)``; prompts with n = 0 are not
+        sent. Each (prompt, label) is hashed here, once per step."""
+        ids = prompt_ids(prompts, labels)
+        counts = _validate_allocation(self.rollout_allocator(ids), len(prompts))
         self.last_allocation = counts
         if images is None:
             images = [None] * len(prompts)
-        todo = [(p, l, img, n) for p, l, img, n in zip(prompts, labels, images, counts) if n > 0]
+        todo = [(p, l, img, n, int(pid)) for p, l, img, n, pid in zip(prompts, labels, images, counts, ids) if n > 0]
         if not todo:
             return [], []
 
@@ -223,13 +227,13 @@ class DynamoSamplesGenerator(SamplesGenerator):
         engine_heap = [(count, idx) for idx, count in enumerate(pending_counts)]
         heapq.heapify(engine_heap)
         engine_indices = []
-        for _, _, _, n in todo:
+        for _, _, _, n, _ in todo:
             load, idx = heapq.heappop(engine_heap)
             engine_indices.append(idx)
             heapq.heappush(engine_heap, (load + n, idx))
 
         refs, requests = [], []
-        for (prompt, label, img, n), idx in zip(todo, engine_indices):
+        for (prompt, label, img, n, pid), idx in zip(todo, engine_indices):
             refs.append(
                 self.vllm_engines[idx].generate_responses.remote(
                     prompt=prompt,
@@ -241,7 +245,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
                     images=img,
                 )
             )
-            requests.append((self._next_group, prompt, label, n))
+            requests.append((self._next_group, prompt, label, n, pid))
             self._next_group += 1
         return refs, requests
 
@@ -250,11 +254,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
         # allocator (OpenRLHF's own _generate_vllm calls this method too) and evaluation.
         if self.reward_source is not None:
             check_reward(response, self.reward_source)
-        experience = super()._process_response_into_experience(response, **generate_kwargs)
-        if self.rollout_allocator is not None and not self._evaluating:
-            experience.info[PROMPT_ID_KEY] = torch.tensor([prompt_id(response["prompt"], response["label"])],
-                                                          dtype=torch.int64)
-        return experience
+        return super()._process_response_into_experience(response, **generate_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -166,9 +166,9 @@ def test_per_prompt_n_reaches_each_request(passthrough_ray):
     engines = [FakeEngine(), FakeEngine()]
     seen = []
     gen = _gen(DynamoSamplesGenerator, engines,
-               rollout_allocator=lambda p, l: (seen.append((p, l)), np.array([3, 0, 5, 1]))[1])
+               rollout_allocator=lambda ids: (seen.append(ids), np.array([3, 0, 5, 1]))[1])
     refs = gen._dispatch_prompts_to_vllm(PROMPTS, LABELS, images=None, **GEN_KW)
-    assert seen == [(PROMPTS, LABELS)]
+    assert len(seen) == 1 and seen[0].dtype == np.int64 and seen[0].tolist() == prompt_ids(PROMPTS, LABELS).tolist()
     assert len(refs) == 3
     calls = [c for e in engines for c in e.calls]
     by_prompt = {c["prompt"]: c for c in calls}
@@ -186,7 +186,7 @@ def test_per_prompt_n_reaches_each_request(passthrough_ray):
 
 def test_load_balance_respects_pending_counts(passthrough_ray):
     engines = [FakeEngine(pending=10), FakeEngine(pending=0)]
-    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [8, 1, 1, 1])
+    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda ids: [8, 1, 1, 1])
     gen._dispatch_prompts_to_vllm(PROMPTS, LABELS, **GEN_KW)
     # e1 (load 0) takes n=8 → 8; e1 still < e0(10): takes 1 → 9, 1 → 10; tie (10,0)<(10,1): e0 takes the last
     assert [c["num_samples"] for c in engines[1].calls] == [8, 1, 1]
@@ -195,13 +195,13 @@ def test_load_balance_respects_pending_counts(passthrough_ray):
 
 def test_all_zero_and_bad_allocations(passthrough_ray):
     engines = [FakeEngine()]
-    assert _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [0] * 4)._dispatch_prompts_to_vllm(
+    assert _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda ids: [0] * 4)._dispatch_prompts_to_vllm(
         PROMPTS, LABELS, **GEN_KW) == []
     assert engines[0].calls == []
     for bad, msg in (([1, 2], "2 counts for 4 prompts"), ([1, -1, 1, 1], "non-negative"),
                      ([1, 1.5, 1, 1], "non-negative integers")):
         with pytest.raises(ValueError, match=msg):
-            _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l, b=bad: b)._dispatch_prompts_to_vllm(
+            _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda ids, b=bad: b)._dispatch_prompts_to_vllm(
                 PROMPTS, LABELS, **GEN_KW)
 
 
@@ -217,7 +217,7 @@ def test_default_none_is_openrlhf_exactly(passthrough_ray):
 
 def test_eval_ignores_allocator(passthrough_ray):
     engines = [FakeEngine()]
-    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda p, l: [7, 0, 0, 0])
+    gen = _gen(DynamoSamplesGenerator, engines, rollout_allocator=lambda ids: [7, 0, 0, 0])
     gen.eval_dataloader = [(None, PROMPTS[:2], LABELS[:2], [None, None])]
     exps = gen.generate_eval_samples(n_samples_per_prompt=2, **GEN_KW)
     assert [c["num_samples"] for c in engines[0].calls] == [2, 2] and len(exps) == 4
@@ -239,9 +239,9 @@ def test_alignment_through_generate_samples(passthrough_ray):
     alloc = [3, 0, 5, 1]
     seen = []
     gen = _gen(DynamoSamplesGenerator, engines, loader=_loader(PROMPTS, LABELS),
-               rollout_allocator=lambda p, l: (seen.append(list(p)), alloc)[1], num_candidates=4)
+               rollout_allocator=lambda ids: (seen.append(ids.tolist()), alloc)[1], num_candidates=4)
     exps, filter_rate, consumed, exhausted = gen.generate_samples(**GEN_KW)
-    assert seen == [PROMPTS] and filter_rate is None and consumed == 4 and not exhausted
+    assert seen == [prompt_ids(PROMPTS, LABELS).tolist()] and filter_rate is None and consumed == 4 and not exhausted
     assert len(exps) == sum(alloc)
     lab = dict(zip(PROMPTS, LABELS))
     for e in exps:
@@ -269,7 +269,7 @@ def test_duplicate_prompts_stay_separate_groups(passthrough_ray):
     engines = [FakeEngine()]
     prompts, labels = [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [LABELS[0], LABELS[1], LABELS[0]]
     gen = _gen(DynamoSamplesGenerator, engines, loader=_loader(prompts, labels, batch=3),
-               rollout_allocator=lambda p, l: [2, 1, 3], num_candidates=3)
+               rollout_allocator=lambda ids: [2, 1, 3], num_candidates=3)
     exps, _, _, _ = gen.generate_samples(**GEN_KW)
     groups = RolloutGroups.from_experiences(exps)
     assert sorted(groups.sizes.tolist()) == [1, 2, 3] and len(set(groups.prompt_ids.tolist())) == 2
@@ -283,7 +283,7 @@ def test_engine_answering_for_another_prompt_is_an_error(passthrough_ray):
             return out
 
     gen = _gen(DynamoSamplesGenerator, [Misaligned()], loader=_loader(PROMPTS, LABELS, 4),
-               rollout_allocator=lambda p, l: [1, 1, 1, 1])
+               rollout_allocator=lambda ids: [1, 1, 1, 1])
     with pytest.raises(RuntimeError, match="another prompt/label"):
         gen.generate_samples(**GEN_KW)
 
@@ -292,7 +292,7 @@ def test_engine_answering_for_another_prompt_is_an_error(passthrough_ray):
             return _Ref(super()._generate(**kw).value[:-1])
 
     gen = _gen(DynamoSamplesGenerator, [Short()], loader=_loader(PROMPTS, LABELS, 4),
-               rollout_allocator=lambda p, l: [2, 2, 2, 2])
+               rollout_allocator=lambda ids: [2, 2, 2, 2])
     with pytest.raises(RuntimeError, match="returned 1 samples for a request of n=2"):
         gen.generate_samples(**GEN_KW)
 
@@ -370,7 +370,7 @@ def test_scheduler_steps_count_the_rollouts_a_pass_spends(passthrough_ray, overs
     prompts = [f"What is {i}+1?" for i in range(num_prompts)]
     labels = [str(i + 1) for i in range(num_prompts)]
     gen = _gen(DynamoSamplesGenerator, [FakeEngine()], loader=_loader(prompts, labels, batch=1),
-               rollout_allocator=lambda p, l: allocator.allocate(prompt_ids(p, l)),
+               rollout_allocator=allocator.allocate,
                num_candidates=config.candidates_per_step)
     steps, total = 0, 0
     while True:  # OpenRLHF's PPOTrainer.fit loop over one episode
@@ -406,7 +406,7 @@ def test_a_sample_without_reward_is_one_clear_error(passthrough_ray, path):
     """With --dynamo.allocation.rule off (OpenRLHF's own generate path), with an allocator, and at
     evaluation: one error naming the sample and the reward file (issue 15 item 3), not a crash later in
     batch concatenation."""
-    alloc = (lambda p, l: [2, 2, 2, 2]) if path == "allocated" else None
+    alloc = (lambda ids: [2, 2, 2, 2]) if path == "allocated" else None
     gen = _gen(DynamoSamplesGenerator, [RaisingReward()], loader=_loader(PROMPTS, LABELS, 4), rollout_allocator=alloc,
                reward_source="/data/my_reward.py")
     want = (r"^reward function /data/my_reward\.py gave no reward for a sample of prompt 'What is 5\+1\?' with "
@@ -434,3 +434,19 @@ def test_reward_source_names_the_file_agent_or_urls():
     assert reward_source(args(["/r.py"])) == "/r.py"  # OpenRLHF splits the flag into a list
     assert reward_source(args("http://a,http://b")) == "http://a,http://b"
     assert reward_source(args("agent", "/agent.py")) == "/agent.py"
+
+
+def test_prompt_ids_are_hashed_once_per_step(passthrough_ray, monkeypatch):
+    """Each (prompt, label) of a step is hashed once, before the allocation; its samples carry that id
+    (no second hash per sample)."""
+    from dynamo_openrlhf import prompt_ids as pid_module
+
+    hashed = []
+    real = pid_module.prompt_id
+    monkeypatch.setattr(pid_module, "prompt_id", lambda p, l: (hashed.append(p), real(p, l))[1])
+    gen = _gen(DynamoSamplesGenerator, [FakeEngine()], loader=_loader(PROMPTS, LABELS, 4),
+               rollout_allocator=lambda ids: [3, 0, 5, 1], num_candidates=4)
+    exps = gen.generate_samples(**GEN_KW)[0]
+    assert sorted(hashed) == sorted(PROMPTS) and len(exps) == 9
+    assert sorted(e.info[PROMPT_ID_KEY].item() for e in exps) == sorted(
+        [real(PROMPTS[0], LABELS[0])] * 3 + [real(PROMPTS[2], LABELS[2])] * 5 + [real(PROMPTS[3], LABELS[3])])
