@@ -6,7 +6,7 @@ which pairs the wrong samples once prompts get different numbers of rollouts (do
 ``DynamoExperienceMaker.compute_advantages_and_returns``:
 
 1. reads the step's groups from the samples' tags (:class:`~dynamo_openrlhf.samples_generator.RolloutGroups`,
-   raw scores, before any shaping) and keeps them in ``last_groups`` for the pass-rate pool update;
+   raw scores, before any shaping) and hands them to ``on_groups`` (the trainer's pass-rate pool update);
 2. applies OpenRLHF's length penalties, replaces OpenRLHF's baseline block by
    :func:`dynamo_openrlhf.advantages.group_normalized_advantages` on the explicit groups, and runs
    the rest of OpenRLHF's method (KL-shaped token rewards, returns, whitening) unchanged on those
@@ -28,7 +28,7 @@ contiguous groups of n.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -72,16 +72,18 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
     """``RemoteExperienceMaker`` whose baselines use the tagged groups (see module docstring).
 
     ``success_threshold``: a sample counts as a success for the pool when its score (reward without
-    a score) is above it. After each call, ``last_groups`` holds the step's :class:`RolloutGroups`.
+    a score) is above it. ``on_groups``: called with each tagged step's :class:`RolloutGroups` as soon
+    as they are read (OpenRLHF's ``train_step`` makes the experiences and keeps them, so this is how
+    the step's outcomes leave it).
     """
 
     def __init__(self, *args, success_threshold: float = 0.5, balancing: Optional[PromptBalancing] = None,
-                 tagged: bool = True, **kwargs):
+                 tagged: bool = True, on_groups: Optional[Callable[[RolloutGroups], None]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.success_threshold = float(success_threshold)
         self.balancing = balancing
         self.tagged = bool(tagged)
-        self.last_groups: Optional[RolloutGroups] = None
+        self.on_groups = on_groups
         estimator = self.args.algo.advantage.estimator
         if estimator not in SUPPORTED_ESTIMATORS:
             raise ValueError(f"--algo.advantage.estimator {estimator}: not supported with per-prompt rollout "
@@ -101,7 +103,8 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
             self._attach_weights(experiences, np.full(positions.size // n, n, dtype=np.int64), positions)
             return experiences
         groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True)
-        self.last_groups = groups
+        if self.on_groups is not None:
+            self.on_groups(groups)
         # Always the explicit groups, also when the step's allocation happens to be uniform: OpenRLHF's
         # reshape path would give a constant non-0/1 group its rounding error / 1e-9 (about ±0.95) where
         # this path gives 0, so the same group would get different advantages on different steps.

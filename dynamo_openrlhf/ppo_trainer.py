@@ -45,6 +45,7 @@ from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
+    RolloutGroups,
     outcome_values,
     reward_source,
 )
@@ -113,6 +114,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 success_threshold=config.success_threshold if config is not None else 0.5,
                 balancing=self.balancing,
                 tagged=config is not None,
+                on_groups=self._record_groups if config is not None else None,
             )
         if config is not None:
             # The LR scheduler's steps: OpenRLHF's formula with the rollouts a pass actually spends
@@ -130,11 +132,14 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         status, global_step = super().train_step(rollout_samples, global_step)
         if self.allocator is not None:
             t0 = time.time()
-            groups = self.experience_maker.last_groups
-            self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes)
             status.update(self.allocator.metrics())
-            status["timing/dynamo_pool"] = time.time() - t0
+            status["timing/dynamo_pool"] = time.time() - t0  # the pool's metrics (its update: make_experience)
         return status, global_step
+
+    def _record_groups(self, groups: RolloutGroups) -> None:
+        """The experience maker hands each step's groups here as soon as it has read them (inside
+        OpenRLHF's ``train_step``): the pool learns the step's verified outcomes."""
+        self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes)
 
     # -- state kept in OpenRLHF checkpoints -----------------------------------------------------
     def dynamo_state_dict(self) -> Dict[str, Any]:

@@ -101,7 +101,8 @@ def _expected_group_norm(rewards, group):
 def test_variable_groups_get_their_own_baselines(shuffle):
     sizes = [3, 1, 6, 2, 4, 5, 3]  # sum 24 = 6 prompts x 4 on average
     exps, rewards, lengths, group = _step(sizes, seed=5, shuffle=shuffle, binary=False)
-    maker = _maker(DynamoExperienceMaker, _args("group_norm"))
+    seen = []
+    maker = _maker(DynamoExperienceMaker, _args("group_norm"), on_groups=seen.append)
     out = maker.compute_advantages_and_returns(exps)
     want = _expected_group_norm(rewards, group)
     for e in out:
@@ -114,7 +115,7 @@ def test_variable_groups_get_their_own_baselines(shuffle):
             same = rewards[group == group[p]]
             std = torch.from_numpy(same).std().item() if len(same) > 1 else 0.0
             assert e.info["group_reward_std"][row].item() == pytest.approx(std, abs=1e-6)
-    g = maker.last_groups
+    (g,) = seen  # handed over once, explicitly
     assert g.sizes.tolist() == sizes and g.prompt_ids.tolist() == [1000 + 7 * i for i in range(len(sizes))]
     assert g.successes.tolist() == [int((rewards[group == i] > 0.5).sum()) for i in range(len(sizes))]
     assert want[np.flatnonzero(group == 1)[0]] == 0.0  # a group of one sample has no baseline: 0
