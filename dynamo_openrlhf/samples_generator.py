@@ -132,7 +132,6 @@ class DynamoSamplesGenerator(SamplesGenerator):
         self.reward_source = reward_source
         self._evaluating = False
         self._next_group = 0
-        self.last_allocation: Optional[List[int]] = None
         self.last_eval_samples: List[Experience] = []
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
@@ -203,7 +202,6 @@ class DynamoSamplesGenerator(SamplesGenerator):
         sent. Each (prompt, label) is hashed here, once per step."""
         ids = prompt_ids(prompts, labels)
         counts = _validate_allocation(self.rollout_allocator(ids), len(prompts))
-        self.last_allocation = counts
         if images is None:
             images = [None] * len(prompts)
         todo = [(p, l, img, n, int(pid)) for p, l, img, n, pid in zip(prompts, labels, images, counts, ids) if n > 0]

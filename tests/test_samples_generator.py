@@ -178,7 +178,6 @@ def test_per_prompt_n_reaches_each_request(passthrough_ray):
     # load-aware with each prompt's own n: e0 gets n=3, e1 n=5, then the lighter e0 gets n=1
     assert [c["prompt"] for c in engines[0].calls] == [PROMPTS[0], PROMPTS[3]]
     assert [c["prompt"] for c in engines[1].calls] == [PROMPTS[2]]
-    assert gen.last_allocation == [3, 0, 5, 1]
     for c in calls:
         assert c["max_length"] == 64 and c["hf_tokenizer"] == "TOK" and c["images"] is None
         assert c["sampling_params"].temperature == 0.7 and c["sampling_params"].max_tokens == 16
