@@ -1,4 +1,5 @@
-"""NumPy baselines for benchmarks/bench_allocator.py (written for this project).
+"""The benchmarks' one module of NumPy allocation solvers (written for this project): the baselines of
+benchmarks/bench_allocator.py and the numpy backend of benchmarks/_simulation.py.
 
 - ``reference_numpy``: the DynaMO reference code's allocation procedure, from its description
   (priorities max(P, floor), n proportional to priority, iterative water-filling for the
@@ -13,6 +14,8 @@ import numpy as np
 
 def reference_numpy(priority, budget, lo, hi, floor=0.01):
     w = np.maximum(np.asarray(priority, dtype=np.float64), floor)
+    if w.sum() <= 0:  # no priority anywhere: an even split
+        w = np.ones_like(w)
     n = len(w)
     x = np.zeros(n)
     free = np.ones(n, dtype=bool)

@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from _alloc_numpy import neyman_numpy, reference_numpy  # noqa: E402  (the one numpy solver module)
+
 # ----------------------------------------------------------------------------------------------
 # scoring
 # ----------------------------------------------------------------------------------------------
@@ -57,12 +59,15 @@ def objective(v: np.ndarray, n: np.ndarray) -> float:
 
 
 def score_allocation(p: np.ndarray, n: np.ndarray, budget: int) -> float:
-    """J(n) / J(uniform over the same prompts and budget).  1.0 when every v_i is 0."""
-    v = bernoulli_var(p)
-    base = float(v.sum()) * len(v) / float(budget)
-    if base <= 0.0:
-        return 1.0
-    return objective(v, n) / base
+    """J(n) / J(uniform over the same prompts and budget) with the true v = p(1-p): the trainer's
+    ``predicted_variance_ratio`` (Σ v/n model, c(0) = 1) on the true pass rates. 1.0 when every v_i is 0.
+    ``budget`` must be ``n.sum()`` (kept for the callers' readability)."""
+    from dynamo_openrlhf.allocation import predicted_variance_ratio
+
+    n = np.asarray(n)
+    if int(n.sum()) != int(budget):
+        raise ValueError(f"allocation spends {int(n.sum())} rollouts, budget {budget}")
+    return predicted_variance_ratio(bernoulli_var(p), n)
 
 
 def lost_signal(p: np.ndarray, n: np.ndarray) -> float:
@@ -83,90 +88,21 @@ def _check_budget(N: int, budget: int, lo: int, hi: int) -> None:
 
 
 def neyman_exact(v: np.ndarray, budget: int, lo: int, hi: int) -> np.ndarray:
-    """Exact integer minimiser of sum v_i/n_i, sum n_i = budget, lo <= n_i <= hi (v/0 = inf for v > 0).
-
-    Bisection on the Lagrange multiplier, then the remaining increments by largest marginal gain
-    v/(n(n+1)) (ties: lower index first).  Prompts with v = 0 stay at lo unless the budget forces more.
-    """
+    """Exact integer minimiser of sum v_i/n_i, sum n_i = budget, lo <= n_i <= hi: the one numpy solver
+    (``_alloc_numpy.neyman_numpy``, the Rust solver's tie rule), with the budget checked."""
     v = np.asarray(v, dtype=np.float64)
-    N = v.size
-    _check_budget(N, budget, lo, hi)
-    n = np.full(N, lo, dtype=np.int64)
-    rem = budget - N * lo
-    if rem == 0 or N == 0:
-        return n
-
-    def count(lam: float) -> np.ndarray:
-        # number of rollouts whose marginal gain exceeds lam: n(n-1) < v/lam  (plus n>=1 if v>0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = v / lam
-            k = np.floor((1.0 + np.sqrt(1.0 + 4.0 * r)) / 2.0)  # largest k with k(k-1) <= r, approx
-        k = np.where(v > 0, np.maximum(k, 1.0), 0.0)
-        return np.clip(k, lo, hi).astype(np.int64)
-
-    vpos = v[v > 0]
-    if vpos.size:
-        lam_hi = float(vpos.max()) * 4.0 + 1.0  # everything at lo (or 1)
-        lam_lo = float(vpos.min()) / (4.0 * hi * hi + 4.0)  # everything at hi
-        if count(lam_lo).sum() <= budget:
-            n = count(lam_lo)
-        else:
-            for _ in range(200):
-                mid = math.sqrt(lam_lo * lam_hi)
-                if count(mid).sum() > budget:
-                    lam_lo = mid
-                else:
-                    lam_hi = mid
-                if lam_hi / lam_lo < 1.0 + 1e-13:
-                    break
-            n = count(lam_hi)
-    # exact fix-up by marginal gains (also corrects float fuzz in count())
-    while True:
-        s = int(n.sum())
-        if s == budget:
-            break
-        if s < budget:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g = np.where(n > 0, v / (n * (n + 1.0)), np.where(v > 0, np.inf, 0.0))
-            g = np.where(n < hi, g, -1.0)
-            k = budget - s
-            order = np.lexsort((np.arange(N), -g))[:k]
-            order = order[g[order] >= 0]
-            n[order] += 1
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g = np.where(n > 1, v / (n * (n - 1.0)), np.where(v > 0, np.inf, 0.0))
-            cand = np.flatnonzero(n > lo)
-            k = s - budget
-            order = cand[np.lexsort((-cand, g[cand]))][:k]
-            n[order] -= 1
-    return n
+    _check_budget(v.size, budget, lo, hi)
+    return neyman_numpy(v, budget, lo, hi)
 
 
 def water_fill_proportional(w: np.ndarray, budget: int, lo: int, hi: int) -> np.ndarray:
-    """n proportional to w, bounds by water-filling, largest-remainder rounding (the reference rule)."""
+    """n proportional to w, bounds by water-filling, largest-remainder rounding (the reference rule):
+    ``_alloc_numpy.reference_numpy`` without a priority floor, with the budget checked."""
     w = np.asarray(w, dtype=np.float64)
-    N = w.size
-    _check_budget(N, budget, lo, hi)
-    if N == 0:
+    _check_budget(w.size, budget, lo, hi)
+    if w.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if w.sum() <= 0:
-        w = np.ones(N)
-    c_lo, c_hi = 0.0, (hi * N) / max(w[w > 0].min(), 1e-300)
-    for _ in range(200):
-        c = 0.5 * (c_lo + c_hi)
-        if np.clip(c * w, lo, hi).sum() > budget:
-            c_hi = c
-        else:
-            c_lo = c
-    x = np.clip(c_lo * w, lo, hi)
-    n = np.floor(x).astype(np.int64)
-    rem = budget - int(n.sum())
-    if rem > 0:
-        frac = np.where(n < hi, x - n, -1.0)
-        order = np.lexsort((np.arange(N), -frac))[:rem]
-        n[order] += 1
-    return n
+    return reference_numpy(w, budget, lo, hi, floor=0.0)
 
 
 def neyman_select(v: np.ndarray, budget: int, hi: int, skip_factor=None, min_rollouts=None,
