@@ -11,7 +11,8 @@ reads each run's ``<run_dir>/metrics.jsonl``:
 
 Every run also gets ``--ckpt.save_steps 1000000 --ckpt.best_metric_key none`` (no checkpoints: their
 wall time has nothing to do with the method), ``--train.seed S``, ``--eval.steps K`` and, by default,
-``--train.num_episodes 6`` (48 steps of 32 prompts x 4 rollouts; every prompt is seen 6 times).
+``--train.num_episodes 6`` (the tiny-cpu preset's 96 prompts / 16 per step = 6 steps per episode, 36 steps of
+16 prompts x 8 rollouts; every prompt is seen 6 times).
 
 Writes ``<out>/learning_curves.md`` (table, also printed), ``<out>/learning_curves.json`` (every number,
 per run and aggregated) and a PNG (eval pass@1 / pass@k vs rollouts consumed and vs training wall clock,
@@ -33,7 +34,7 @@ Definitions (all computed from metrics.jsonl):
 
 Usage::
 
-    python benchmarks/learning_curves.py                  # 4 variants x 4 seeds x 48 steps (~25 min, 2 cores)
+    python benchmarks/learning_curves.py                  # 4 variants x 4 seeds x 36 steps (2 cores)
     python benchmarks/learning_curves.py --quick          # smoke run: 1 seed, grpo + dynamo, few steps
     python benchmarks/learning_curves.py --from-existing  # re-aggregate / re-plot existing run dirs
 """
@@ -427,7 +428,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="1,2,3,4", help="comma-separated training seeds (--train.seed)")
     p.add_argument("--episodes", type=int, default=6,
-                   help="--train.num_episodes (256 prompts / 32 per step = 8 steps each; the preset's is 3); "
+                   help="--train.num_episodes (the preset's 96 prompts / 16 per step = 6 steps each; the preset's is 4); "
                         "0: the preset's")
     p.add_argument("--eval-steps", type=int, default=8, help="--eval.steps (in-training evaluation interval)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
