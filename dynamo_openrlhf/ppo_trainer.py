@@ -89,6 +89,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 raise ValueError(f"dynamo_pool: forget {dynamo_pool.forget} != --dynamo.pool.forget {config.forget} "
                                  "(load it with dynamo_openrlhf.allocation.load_pool)")
             self.allocator = RolloutAllocator(config, pool=dynamo_pool)
+            if dynamo_pool is not None:
+                print(f"[dynamo] initial pass-rate pool (--dynamo.pool.load): {len(dynamo_pool)} prompts, sha256 "
+                      f"{self.allocator.pool_digest()}, forget {dynamo_pool.forget:g}", flush=True)
         # Without an allocator (rule off) this is OpenRLHF's generator exactly, plus pass@k at eval.
         self.samples_generator = DynamoSamplesGenerator(
             strategy=strategy,

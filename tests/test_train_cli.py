@@ -211,7 +211,11 @@ def e2e(tmp_path_factory):
     weights_run1 = _load_weights(run_dir / "final")
     rows_run1 = len((base / "rewards.jsonl").read_text().splitlines())
     pool_run1 = (run_dir / "pass_rate_pool.bin").read_bytes()
-    second = _run(common + ["--train.num_episodes", "2", "--ckpt.load_enable"])
+    # run 2 also names run 1's pool file: the launcher reads it once and hands it to the trainer actor
+    # (the checkpoint's pool then replaces it on resume)
+    (base / "pool_run1.bin").write_bytes(pool_run1)
+    second = _run(common + ["--train.num_episodes", "2", "--ckpt.load_enable", "--dynamo.pool.load",
+                            str(base / "pool_run1.bin")])
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-5000:])
     return dict(base=base, run_dir=run_dir, first=first, second=second, weights_run1=weights_run1,
                 rows_run1=rows_run1, pool_run1=pool_run1)
@@ -326,6 +330,9 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
     # run 2 restored that pool bit for bit from the step-2 checkpoint
     digest = hashlib.sha256(e2e["pool_run1"]).hexdigest()
     assert f"[dynamo] restored pass-rate pool: 16 prompts, 2 updates, sha256 {digest}" in e2e["second"].stdout
+    # the --dynamo.pool.load file (run 1's pool) reached the trainer actor before the checkpoint replaced it
+    assert (f"[dynamo] initial pass-rate pool (--dynamo.pool.load): 16 prompts, sha256 {digest}, forget 0.999"
+            in e2e["second"].stdout)
 
     # step 3 (the first of run 2) allocated from that pool: each prompt's number of scored samples is the
     # n_i the allocator gives it on the restored pool (per class of equal variance, as ties go by position)
