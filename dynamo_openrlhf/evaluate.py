@@ -400,7 +400,7 @@ def main(argv=None) -> int:
             for text in resp:
                 s = scorer.score(text, row[label_key])
                 statuses[s.status] += 1
-                c += int(s.reward > 0)
+                c += int(is_success(s.reward, 0.5))  # the rule of the pool and in-training pass@k
             successes.append(c)
     finally:
         scorer.close()
