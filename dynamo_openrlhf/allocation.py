@@ -127,7 +127,9 @@ class AllocationConfig:
     (needs ``lo = 0`` room: ``lo x candidates <= budget``). ``lo``/``hi``: per-prompt bounds.
     ``skip_factor``: with lo = 0 and rule neyman, skip prompts whose expected variance is below
     ``skip_factor`` x the allocation's shadow price (None: no skip rule); ``min_rollouts``: with lo = 0,
-    a prompt gets 0 or at least this many. ``calibrated``: allocate on the pool's revisit-calibrated
+    a prompt gets 0 or at least this many. ``explore_seed``: with the skip rule, a prompt is skipped only if a
+    seeded draw from its (capped) posterior also falls below the cut, so skipped prompts keep being
+    re-probed (None: no exploration). ``calibrated``: allocate on the pool's revisit-calibrated
     variance (:meth:`PassRatePool.calibrated_variance`). ``exploration``/``mastery``
     and their numbers are the reference's options (None = the rule's default). Pool: prior
     Beta(``prior``), per-step forgetting ``forget``, empirical-Bayes prior refit every
@@ -158,6 +160,7 @@ class AllocationConfig:
     fit_prior_every: int = 10
     success_threshold: float = 0.5
     estimator: Optional[str] = None
+    explore_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -190,6 +193,11 @@ class AllocationConfig:
             skip = 4.0 if lo == 0 and al.rule == "neyman" and estimator is None else None
         if min_rollouts is None:
             min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
+        # Skip decisions explore (seeded draws from a capped posterior) unless --dynamo.allocation.explore_seed -1.
+        explore_seed = getattr(al, "explore_seed", None)
+        if explore_seed is None:
+            explore_seed = int(getattr(args.train, "seed", 0) or 0)
+        explore_seed = explore_seed if (skip and explore_seed >= 0) else None
         return cls(
             rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
             skip_factor=skip or None, min_rollouts=min_rollouts or None,
@@ -197,6 +205,7 @@ class AllocationConfig:
             exploration_rollouts=al.exploration_rollouts, mastery=al.mastery, mastery_threshold=al.mastery_threshold,
             priority_floor=al.priority_floor, prior=tuple(pool.prior), forget=pool.forget,
             fit_prior_every=pool.fit_prior_every, success_threshold=pool.success_threshold, estimator=estimator,
+            explore_seed=explore_seed,
         )
 
     @property
@@ -263,6 +272,8 @@ class AllocationConfig:
                          f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
                          f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
                          "--dynamo.allocation.skip_factor 0")
+        if self.explore_seed is not None and not self.skip_factor:
+            p.append("--dynamo.allocation.explore_seed applies to the skip rule only (--dynamo.allocation.skip_factor > 0)")
         if self.min_rollouts is not None and self.min_rollouts > 1:
             if self.lo != 0 or self.rule != "neyman":
                 p.append("--dynamo.allocation.min_rollouts needs --dynamo.allocation.lo 0 and rule neyman")
@@ -392,6 +403,8 @@ class RolloutAllocator:
                                            "priority_floor") if getattr(c, k) is not None}
         if c.skip_factor:
             opts["skip_factor"] = c.skip_factor
+            if c.explore_seed is not None:
+                opts["explore_seed"] = c.explore_seed
         if c.min_rollouts is not None and c.min_rollouts > 1:
             opts["min_rollouts"] = c.min_rollouts
         if c.calibrated:

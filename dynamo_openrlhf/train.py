@@ -167,6 +167,15 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "has no group baseline (reinforce, gae), else off: it is derived for sum v/n; 0 = off).",
     )
     g.add_argument(
+        "--dynamo.allocation.explore_seed",
+        type=int,
+        default=None,
+        help="With the skip rule: a prompt is skipped only if a draw p~ from its posterior (evidence capped at 16 "
+        "trials) also has p~(1-p~) below the cut, so skipped prompts are re-probed now and then instead of starving. "
+        "The draw is seeded by this seed, the prompt id and the pool's update count (a resumed run decides the "
+        "same). Default: --train.seed; -1 = no exploration.",
+    )
+    g.add_argument(
         "--dynamo.allocation.min_rollouts",
         type=int,
         default=None,

@@ -317,3 +317,33 @@ def test_record_scores_the_pool_before_updating_it():
     m = alloc.metrics()
     assert m["dynamo/pool_pred_mean"] == pytest.approx((0.5 + 0.125) / 2)
     assert m["dynamo/pool_brier"] == pytest.approx((4 * 0.25 + 4 * 0.125 ** 2) / 8, rel=1e-14)
+
+
+def test_skip_decisions_explore_by_default_seeded_by_the_run():
+    from types import SimpleNamespace as NS
+
+    def args(estimator="gae", lo=0, **al):
+        d = dict(rule="neyman", lo=lo, hi=64, oversample=2.0, skip_factor=None, min_rollouts=None, exploration=None,
+                 exploration_rollouts=None, mastery=None, mastery_threshold=None, priority_floor=None)
+        d.update(al)
+        return NS(dynamo=NS(allocation=NS(**d), pool=NS(calibrated=True, prior=(1.0, 1.0), forget=0.999,
+                                                        fit_prior_every=10, success_threshold=0.5)),
+                  rollout=NS(n_samples_per_prompt=16, batch_size=32), algo=NS(advantage=NS(estimator=estimator)),
+                  train=NS(seed=7))
+
+    c = AllocationConfig.from_args(args())
+    assert (c.skip_factor, c.explore_seed) == (4.0, 7)  # the skip rule explores, seeded by --train.seed
+    assert AllocationConfig.from_args(args(explore_seed=11)).explore_seed == 11
+    assert AllocationConfig.from_args(args(explore_seed=-1)).explore_seed is None  # -1: no exploration
+    assert AllocationConfig.from_args(args(lo=8, oversample=1.0)).explore_seed is None  # no skip rule, no draws
+    assert AllocationConfig.from_args(args(estimator="rloo")).explore_seed is None  # rloo selects by min_rollouts
+    with pytest.raises(ValueError, match=r"explore_seed applies to the skip rule only"):
+        AllocationConfig(rule="neyman", n_samples_per_prompt=16, prompts_per_step=32, lo=8, hi=24, explore_seed=3)
+    # the allocator hands the seed to the pool: same counts as the pool's own call with it
+    ra = RolloutAllocator(c)
+    ids = np.arange(64, dtype=np.int64)
+    ra.pool.update(ids, np.where(ids % 3 == 0, 0, 8), np.full(64, 8))
+    assert ra._options()["explore_seed"] == 7
+    got = ra.allocate(ids)
+    want = ra.pool.allocate(ids, 512, 0, 64, "neyman", skip_factor=4.0, min_rollouts=2, calibrated=True, explore_seed=7)
+    assert got.tolist() == np.asarray(want).tolist() and int(got.sum()) == 512
