@@ -19,8 +19,8 @@ same budget over the same prompts; = 16 rollouts each for the 512-prompt batches
 contributes nothing whatever it gets.  A *skipped* prompt (n_i = 0) with v_i > 0 loses its signal and is
 charged v_i -- the objective's value for a group of one rollout, which in GRPO carries no gradient
 either (a group of size one has advantage 0).  For allocations that never skip a prompt with v_i > 0 the
-convention is irrelevant and J is exactly DESIGN.md section 1's objective; the oracle with skipping
-never skips such a prompt, which is how DESIGN.md section 6's 0.437 is reproduced.  Because uniform's
+convention is irrelevant and J is exactly the allocator's Σ v/n objective; the oracle with skipping
+never skips such a prompt, which is how the reference measurement's 0.437 (docs/reference_notes.md) is reproduced.  Because uniform's
 per-prompt-mean gradient variance is mean(v)/B whatever the number of prompts sharing the budget,
 ratios over 1024-candidate batches (skipping variant) and 512-prompt batches are comparable.
 
@@ -417,7 +417,7 @@ def _logit(p):
 
 
 def mixed_pool(rng, size, p_zero=0.3, p_one=0.2, a=0.7, b=0.7):
-    """DESIGN.md section 6 recipe: 30% impossible, 20% solved, the rest Beta(0.7, 0.7)."""
+    """The reference measurement's pool recipe (docs/reference_notes.md): 30% impossible, 20% solved, the rest Beta(0.7, 0.7)."""
     u = rng.random(size)
     mid = rng.beta(a, b, size)
     return np.where(u < p_zero, 0.0, np.where(u < p_zero + p_one, 1.0, mid))
@@ -600,7 +600,7 @@ class Oracle(Method):
 
 
 class Reference(Method):
-    """The reference allocator (DESIGN.md sections 1 and 6), reproduced from its description:
+    """The reference allocator (docs/reference_notes.md), reproduced from its description:
 
     cumulative per-prompt (successes, rollouts); priority = unbiased proxy k(G-k)/(G(G-1)); cumulative
     accuracy >= 0.85 -> priority 0.01 ("mastery"); floor 0.01; prompts never seen get the exploration
@@ -932,7 +932,7 @@ DEFAULTS = dict(
     mastery=False,
     calibrated=True,  # PassRatePool.allocate(..., calibrated=True): revisit calibration (rust/calibration.rs)
     min_rollouts=None,  # skipping variant: no group-size floor (2 measured: see --ablations)
-    lo=8, hi=24,  # DESIGN.md bounds; skipping variant: lo=0, hi=64 over 2x candidates
+    lo=8, hi=24,  # the reference's bounds; skipping variant: lo=0, hi=64 over 2x candidates
     skip_lo=0, skip_hi=64, skip_candidates=2, skip_factor=4.0,
     # skipping variant: skip decisions explore (PassRatePool.allocate(explore_seed=0)): a prompt is skipped
     # only if an exploration draw p~ ~ Beta(1 + c s, 1 + c f) (evidence capped at 16 trials) also has

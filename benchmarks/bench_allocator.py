@@ -3,8 +3,8 @@
     python benchmarks/bench_allocator.py           # the full table (N up to 10,485,760; ~2 GB RAM)
     python benchmarks/bench_allocator.py --quick   # smoke run (N up to 262,144, 1M-prompt pool)
 
-Allocation rows, all on the same inputs: budget 16·N, bounds 8..24, variances from the DESIGN
-section 6 pool recipe (30% p=0, 20% p=1, the rest p ~ Beta(0.7, 0.7)); every method is given
+Allocation rows, all on the same inputs: budget 16·N, bounds 8..24, variances from the reference
+measurement's pool recipe (docs/reference_notes.md: 30% p=0, 20% p=1, the rest p ~ Beta(0.7, 0.7)); every method is given
 the unbiased 16-rollout estimate P = k(16−k)/(16·15) (what a trainer sees), and the quality
 columns score Σ v/n with the TRUE v = p(1−p), as a ratio to the uniform split.
 
