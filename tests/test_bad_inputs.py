@@ -1,0 +1,73 @@
+"""The README's table of bad inputs is kept current: every row's message is what the code says today.
+
+Each case below triggers one bad input through the public function the launcher or the library uses and
+returns the error message; the test checks that the README's "Bad inputs" table has a row for the case
+whose message cell is exactly that message (paths are made stable with a fixed file name in a temporary
+directory and shown as ``FILE`` in the README)."""
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _message(fn) -> str:
+    with pytest.raises(Exception) as info:
+        fn()
+    return str(info.value)
+
+
+def _cases(tmp: Path):
+    from dynamo_openrlhf import PassRatePool, allocate_rollouts
+    from dynamo_openrlhf.allocation import AllocationConfig, load_pool
+    from dynamo_openrlhf.prompt_ids import prompt_ids
+
+    corrupt = tmp / "FILE"
+    corrupt.write_bytes(b"not a pool file at all, just some bytes........................................")
+    missing = tmp / "MISSING"
+    pool = PassRatePool()
+    return {
+        "infeasible rollout budget": lambda: AllocationConfig(rule="neyman", n_samples_per_prompt=8,
+                                                              prompts_per_step=16, lo=4, hi=16, oversample=3.0),
+        "NaN pass-rate variance": lambda: allocate_rollouts(np.array([0.1, np.nan]), 8, 2, 6),
+        "pool update with successes > trials": lambda: pool.update(np.array([1]), np.array([5]), np.array([4])),
+        "corrupt `--dynamo.pool.load` file": lambda: load_pool(str(corrupt), 0.999),
+        "missing `--dynamo.pool.load` file": lambda: load_pool(str(missing), 0.999),
+        "rloo allocation with lo = 1": lambda: allocate_rollouts(np.array([0.1, 0.2]), 8, 1, 6, estimator="rloo"),
+        "label that is not a JSON value": lambda: prompt_ids(["What is 1+1?"], [{1, 2}]),
+        "reward function that raises": lambda: _reward_check(),
+    }
+
+
+def _reward_check():
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    from dynamo_openrlhf.samples_generator import check_reward
+
+    check_reward({"prompt": "What is 5+1?", "label": "6", "reward": None}, "/data/my_reward.py")
+
+
+def _readme_rows():
+    text = README.read_text()
+    start = text.index("### Bad inputs")
+    rows = {}
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("### ") or line.startswith("## "):
+            break
+        m = re.match(r"^\| (.+?) \| `(.+)` \|$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_readme_bad_inputs_table_matches_the_code(tmp_path):
+    rows = _readme_rows()
+    cases = _cases(tmp_path)
+    assert set(rows) == set(cases), (sorted(rows), sorted(cases))
+    for name, fn in cases.items():
+        msg = _message(fn).replace(str(tmp_path) + os.sep, "")
+        assert rows[name] == msg, (name, msg)
