@@ -19,7 +19,10 @@ if [[ "${DYNAMO_ALLOCATOR_ONLY:-0}" == "1" ]]; then
 fi
 
 # torch first: DeepSpeed's setup inspects it. PyPI's torch is the CUDA build; it runs on CPU.
-$PY -m pip install torch "numpy>=1.24" maturin
+# Pinned to what OpenRLHF 0.11.2's vLLM pin (vllm==0.29.0) requires, so that a GPU user's
+# `pip install vllm==0.29.0` afterwards does not swap torch under DeepSpeed.
+TORCH_PIN="torch==2.13.0"
+$PY -m pip install "$TORCH_PIN" "numpy>=1.24" maturin
 # DS_BUILD_OPS=0: no JIT/AOT op builds (no nvcc here); the CPU backend uses torch's Adam.
 DS_BUILD_OPS=0 $PY -m pip install -e ".[train,test,bench]"
 # openrlhf pins flash-attn==2.8.3, which cannot be built without CUDA: its other pins are in our
