@@ -140,8 +140,11 @@ def train_eval_logs(values: Sequence[float], n: int, ks: Sequence[int], threshol
     if len(correct) % n:
         raise ValueError(f"evaluation returned {len(correct)} samples, not a multiple of --eval.n_samples_per_prompt {n}")
     counts = [sum(correct[j:j + n]) for j in range(0, len(correct), n)]
-    summary = summarize(counts, n, [k for k in ks if k <= n], resamples=0)
+    summary = summarize(counts, n, [k for k in ks if k <= n], resamples=1000)
     logs = {f"eval_pass@{k}": v["mean"] for k, v in summary["pass_at_k"].items()}
+    if "1" in summary["pass_at_k"]:  # 95 % bootstrap CI over prompts (seeded): how far apart two evals must be
+        logs["eval_pass@1_ci_low"] = summary["pass_at_k"]["1"]["ci_low"]
+        logs["eval_pass@1_ci_high"] = summary["pass_at_k"]["1"]["ci_high"]
     fr = summary["pass_rate_fractions"]
     logs.update({"eval_frac_unsolved": fr["zero"], "eval_frac_between": fr["between"], "eval_frac_solved": fr["one"]})
     return logs

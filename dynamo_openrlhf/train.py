@@ -796,14 +796,18 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
                      f"mean beta_stab {mean('dynamo/beta_stab_mean'):.3f}, damped tokens "
                      f"{mean('dynamo/beta_stab_damped_frac'):.3f}")
     if evals:
-        keys = sorted(k for k in evals[0] if k.startswith("eval_") and "_pass" in k)
+        keys = sorted(k for k in evals[0] if k.startswith("eval_") and "_pass" in k and "_ci_" not in k)
         first, last = evals[0], evals[-1]
+
+        def value(row, k):
+            ci = (row.get(k + "_ci_low"), row.get(k + "_ci_high"))
+            return _fmt(row.get(k)) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if None not in ci else "")
         desc = f"eval on {args.eval.dataset} ({args.eval.n_samples_per_prompt} samples/prompt, " \
                f"temperature {args.eval.temperature}):"
         lines.append("  " + desc)
         for k in keys:
-            after = f" -> step {last['step']}: {_fmt(last.get(k))}" if last is not first else ""
-            lines.append(f"    {k}: step {first['step']}: {_fmt(first.get(k))}{after}")
+            after = f" -> step {last['step']}: {value(last, k)}" if last is not first else ""
+            lines.append(f"    {k}: step {first['step']}: {value(first, k)}{after}")
     ckpt_dir = os.path.join(args.ckpt.path, "_actor")
     latest = os.path.join(ckpt_dir, "latest")
     tag = open(latest).read().strip() if os.path.exists(latest) else None

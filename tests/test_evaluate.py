@@ -194,6 +194,9 @@ def test_train_eval_logs_from_in_training_samples():
     assert logs["eval_pass@2"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert logs["eval_pass@4"] == pytest.approx(2 / 3) and "eval_pass@8" not in logs  # k > n left out
     assert (logs["eval_frac_unsolved"], logs["eval_frac_between"], logs["eval_frac_solved"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert logs["eval_pass@1_ci_low"] <= logs["eval_pass@1"] <= logs["eval_pass@1_ci_high"]
+    assert logs["eval_pass@1_ci_low"] < logs["eval_pass@1_ci_high"]  # prompts differ: a real interval
+    assert logs == train_eval_logs(rewards, 4, [1, 2, 4, 8])  # seeded bootstrap: the same numbers again
     assert train_eval_logs([], 4, [1]) == {}
     with pytest.raises(ValueError, match="3 samples, not a multiple of --eval.n_samples_per_prompt 2"):
         train_eval_logs([1, 0, 1], 2, [1])

@@ -554,3 +554,26 @@ def test_summary_shows_the_pool_calibration_and_the_loss():
     args.dynamo.allocation.rule = "off"
     assert "pool calibration" not in format_summary(history[:0], args, 1.0)
     assert "policy loss" not in format_summary(history, args, 1.0)
+
+
+def test_summary_shows_eval_pass_at_1_with_its_ci():
+    from types import SimpleNamespace as NS
+
+    from dynamo_openrlhf.train import format_summary
+
+    args = NS(dynamo=NS(allocation=NS(rule="off"), modulation=NS(preset="off"), run_dir=None, reward_dump=None,
+                        loss=NS(prompt_weighting="auto", token_normalizer=None)),
+              algo=NS(advantage=NS(estimator="group_norm")), actor=NS(loss_agg_mode="token-mean"),
+              rollout=NS(max_new_tokens=16), train=NS(batch_size=128, dynamic_batch_enable=False, async_enable=False),
+              eval=NS(dataset="e.jsonl", n_samples_per_prompt=8, temperature=1.0),
+              ckpt=NS(path="/nonexistent/ckpt", output_dir="/nonexistent/final"), logger=NS(tensorboard_dir=None))
+    history = [
+        {"type": "eval", "step": 0, "eval_pass@1": 0.25, "eval_pass@1_ci_low": 0.2, "eval_pass@1_ci_high": 0.3,
+         "eval_pass@2": 0.4},
+        {"type": "eval", "step": 4, "eval_pass@1": 0.5, "eval_pass@1_ci_low": 0.45, "eval_pass@1_ci_high": 0.55,
+         "eval_pass@2": 0.6},
+    ]
+    text = format_summary(history, args, 1.0)
+    assert "    eval_pass@1: step 0: 0.250 [0.200, 0.300] -> step 4: 0.500 [0.450, 0.550]" in text
+    assert "    eval_pass@2: step 0: 0.400 -> step 4: 0.600" in text
+    assert "_ci_" not in text
