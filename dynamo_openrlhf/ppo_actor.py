@@ -3,11 +3,17 @@
 * ``DynamoActorPPOTrainer(ActorPPOTrainer)``: its ``actor_loss_fn`` is
   :class:`~dynamo_openrlhf.loss.DynaMOPolicyLoss` built from the same OpenRLHF flags as OpenRLHF's
   ``PolicyLoss`` plus ``--dynamo.modulation.*``. The modulation needs the current policy's token
-  entropy: OpenRLHF computes it in the actor forward when ``--actor.entropy_coef`` is set (the
-  launcher sets 0.0 = computed and logged, no entropy loss, when modulation is on and the flag is
-  not given); a forward hook on the actor hands ``output.entropy[:, -A:]`` to the loss. The
-  modulation statistics go into the micro-batch's ``info`` as ``dynamo/<stat>``, so OpenRLHF's own
-  metric reduction (token-weighted over micro-batches and data-parallel ranks) logs them.
+  entropy, as a constant: a forward hook on the actor computes it during the training step's forward
+  from the logits that forward produced, under ``torch.no_grad``, chunked over tokens, only at the
+  response positions (:func:`dynamo_openrlhf.entropy.response_entropy`; padded and packed layouts,
+  ring attention through OpenRLHF's own gather), so no (tokens, vocab) graph is kept. When the user
+  asks for OpenRLHF's entropy (``--actor.entropy_coef`` set, e.g. a real entropy bonus > 0), the
+  forward already carries ``output.entropy``; the hook reuses it (detached) instead. The mean token
+  entropy over the micro-batch's valid tokens is logged as ``dynamo/token_entropy``. The modulation
+  statistics go into the micro-batch's ``info`` as ``dynamo/<stat>``, so OpenRLHF's own metric
+  reduction (token-weighted over micro-batches and data-parallel ranks) logs the means; the
+  ``*_max`` / ``*_min`` statistics are kept out of it and reduced as a max / min over the step's
+  micro-batches and the data-parallel ranks (:meth:`DynamoActorPPOTrainer.ppo_train`).
   With the prompt-balanced loss (``--dynamo.loss.prompt_weighting``), each micro-batch carries the
   per-sample weights in ``info["dynamo_loss_weight"]`` (popped before OpenRLHF logs ``info``); they
   multiply the modulated advantages, and the policy term's normaliser only cancels DeepSpeed's 1/gas
@@ -21,7 +27,8 @@ Importing this module imports OpenRLHF (the import stand-ins are installed first
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from typing import Callable, Dict, Optional
 
 from dynamo_openrlhf import cpu_backend
 
@@ -32,12 +39,37 @@ import torch  # noqa: E402
 from openrlhf.trainer.ray import ppo_actor as _openrlhf_ppo_actor  # noqa: E402
 
 from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, prompt_balancing  # noqa: E402
+from dynamo_openrlhf.entropy import response_entropy  # noqa: E402
 from dynamo_openrlhf.loss import DynaMOPolicyLoss, balanced_normalizers  # noqa: E402
-from dynamo_openrlhf.modulation import ModulationConfig  # noqa: E402
+from dynamo_openrlhf.modulation import STAT_KEYS, ModulationConfig  # noqa: E402
 
-__all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "STAT_PREFIX"]
+__all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "EXTREME_STATS", "STAT_PREFIX", "TOKEN_ENTROPY_KEY",
+           "reduce_extremes"]
 
 STAT_PREFIX = "dynamo/"
+#: The mean token entropy (over the valid response tokens) that the modulation saw.
+TOKEN_ENTROPY_KEY = STAT_PREFIX + "token_entropy"
+#: Modulation statistics reduced as a max / min over the step (not OpenRLHF's token-weighted mean).
+EXTREME_STATS = tuple(k for k in STAT_KEYS if k.endswith(("_max", "_min")))
+
+
+def reduce_extremes(extremes: Dict[str, float],
+                    all_reduce_max: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """``{dynamo/<stat>: value}`` for the :data:`EXTREME_STATS`: ``*_max`` the max, ``*_min`` the min of
+    this rank's values (``extremes``, missing keys = nothing seen) and, with ``all_reduce_max`` (an
+    element-wise MAX all-reduce over the data-parallel ranks, e.g. the strategy's
+    ``all_reduce(t, op="max")``), of every rank's. Every rank must call it with the same key set
+    (all of EXTREME_STATS), as it is a collective; the min is reduced as the max of the negation.
+    A statistic no rank saw is left out."""
+    signed = [extremes.get(k, -math.inf) if k.endswith("_max") else -extremes.get(k, math.inf) for k in EXTREME_STATS]
+    vals = torch.tensor(signed, dtype=torch.float64)
+    if all_reduce_max is not None:
+        vals = torch.as_tensor(all_reduce_max(vals)).to("cpu", torch.float64)
+    out = {}
+    for k, v in zip(EXTREME_STATS, vals.tolist()):
+        if v != -math.inf:
+            out[STAT_PREFIX + k] = v if k.endswith("_max") else -v
+    return out
 
 
 class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
@@ -77,15 +109,33 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         self._entropy: Optional[torch.Tensor] = None
         self._info: Optional[Dict] = None
         self._sample_weight: Optional[torch.Tensor] = None
+        self._extremes: Optional[Dict[str, float]] = None
         if not self.dynamo_loss.modulation.is_identity:
-            if a.actor.entropy_coef is None:
-                raise ValueError("DynaMO modulation needs the token entropy: set --actor.entropy_coef (0 = compute "
-                                 "and log it without an entropy loss)")
-            self.actor.register_forward_hook(self._keep_entropy)
+            self.actor.register_forward_hook(self._keep_entropy, with_kwargs=True)
 
-    def _keep_entropy(self, module, inputs, output) -> None:
-        if isinstance(output, tuple) and len(output) == 2:
-            self._entropy = getattr(output[1], "entropy", None)
+    def _keep_entropy(self, module, args, kwargs, output) -> None:
+        """Forward hook: during a training step's forward (``return_output=True``), the response
+        tokens' entropy — OpenRLHF's ``output.entropy`` (detached) when the forward computed it, else
+        :func:`~dynamo_openrlhf.entropy.response_entropy` of the forward's logits (no graph)."""
+        if self._info is None or not (isinstance(output, tuple) and len(output) == 2):
+            return
+        action_mask = args[1] if len(args) > 1 else kwargs.get("action_mask")
+        if action_mask is None:
+            return
+        A = action_mask.shape[1]
+        out = output[1]
+        entropy = getattr(out, "entropy", None)
+        if entropy is not None:
+            self._entropy = entropy[:, -A:].detach()
+            return
+        actor = getattr(module, "module", module)  # a DeepSpeed engine wraps the Actor
+        self._entropy = response_entropy(
+            out["logits"],
+            A,
+            attention_mask=kwargs.get("attention_mask"),
+            packed=bool(getattr(actor, "packing_samples", False)),
+            ring_attn_group=kwargs.get("ring_attn_group"),
+        )
 
     def _policy_loss(self, log_probs, old_log_probs, advantages, action_mask=None, **kwargs):
         entropy = self._entropy
@@ -105,8 +155,30 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         stats = self.dynamo_loss.last_modulation_stats
         if stats and self._info is not None:
             for k, v in stats.items():
+                if k in EXTREME_STATS:
+                    if self._extremes is not None:
+                        x, old = float(v), self._extremes.get(k)
+                        self._extremes[k] = x if old is None else (max(old, x) if k.endswith("_max") else min(old, x))
+                    continue
                 self._info[STAT_PREFIX + k] = v.detach().reshape(())
+            self._info[TOKEN_ENTROPY_KEY] = _masked_mean(entropy, action_mask)
         return out
+
+    def ppo_train(self, kl_ctl: float):
+        """OpenRLHF's ``ppo_train``; the modulation's ``*_max`` / ``*_min`` statistics are added as the
+        max / min over the step's micro-batches and (torch.distributed initialised) the ranks."""
+        self._extremes = {}
+        try:
+            status = super().ppo_train(kl_ctl)
+            if not self.dynamo_loss.modulation.is_identity:
+                reduce = None
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    def reduce(t):
+                        return self.strategy.all_reduce(t, op="max")
+                status.update(reduce_extremes(self._extremes, reduce))
+            return status
+        finally:
+            self._extremes = None
 
     def training_step(self, experience, kl_ctl, step, loss_batch_info=None):
         # The loss weight is popped before OpenRLHF merges info into the logged metrics.
@@ -120,6 +192,14 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
         finally:
             self._entropy, self._info, self._sample_weight = None, None, None
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    x = x.detach().float()
+    if mask is None:
+        return x.mean().reshape(())
+    m = mask.to(x.dtype)
+    return ((x * m).sum() / m.sum().clamp(min=1.0)).reshape(())
 
 
 class DynamoPolicyModelActor(_openrlhf_ppo_actor.PolicyModelActor.__ray_actor_class__):

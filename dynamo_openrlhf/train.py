@@ -12,8 +12,8 @@ How it hooks OpenRLHF (its own code path runs; nothing of it is copied):
   assets, check that local input files exist and that the DynaMO settings fit the run
   (``AllocationConfig.from_args``, ``ModulationConfig.from_args``, infeasible budgets, unsupported
   combinations: one clear error, exit 2) before Ray starts, and to apply what DynaMO flags imply
-  for OpenRLHF's (``--dynamo.clip_higher``; ``--actor.entropy_coef 0`` when modulating), said on
-  the console.
+  for OpenRLHF's (``--dynamo.clip_higher``), said on the console, as is where the modulation's
+  token entropy comes from (``--actor.entropy_coef`` is never implied).
 * ``ray.init`` is routed through ``cpu_backend.ray_init`` (same runtime env as OpenRLHF's, plus
   ours; connects to ``RAY_ADDRESS`` / a running cluster like ``ray.init()``; else a local
   cluster, with fake GPUs on the CPU backend).
@@ -270,7 +270,9 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         choices=["off", "decay6", "decay5"],
         help="Token-level advantage modulation (docs/reference_notes.md): decay6 = mu_max 1.2, lambda_min 0.6, gamma 50, "
         "tau 0.99; decay5 = mu_max 1.4, lambda_min 0.6, gamma 50, tau 0.9; off = OpenRLHF's PolicyLoss exactly. "
-        "Needs the token entropy: --actor.entropy_coef defaults to 0 (computed and logged, no entropy loss).",
+        "Its token entropy is computed from the actor's logits without autograd (chunked; logged as "
+        "dynamo/token_entropy); --actor.entropy_coef is not needed (set it only for an entropy bonus, then "
+        "OpenRLHF's entropy is reused).",
     )
     g.add_argument(
         "--dynamo.modulation.mu_max",
@@ -398,17 +400,21 @@ def _initial_pool(args):
 
 
 def _apply_dynamo_to_openrlhf_args(args) -> None:
-    """The two OpenRLHF settings DynaMO flags imply, stated on the console (never silent)."""
+    """The OpenRLHF setting DynaMO flags imply (the clip range), and where the modulation's entropy
+    comes from, stated on the console (never silent)."""
     if args.dynamo.clip_higher is not None:
         low = args.actor.eps_clip if args.actor.eps_clip_low_high is None else args.actor.eps_clip_low_high[0]
         args.actor.eps_clip_low_high = (low, args.dynamo.clip_higher)
         print(f"[dynamo] --dynamo.clip_higher: PPO clip range (low, high) = {args.actor.eps_clip_low_high}")
     from dynamo_openrlhf.modulation import ModulationConfig
 
-    if not ModulationConfig.from_args(args).is_identity and args.actor.entropy_coef is None:
-        args.actor.entropy_coef = 0.0
-        print("[dynamo] modulation needs the token entropy: --actor.entropy_coef 0 (computed and logged, no "
-              "entropy loss)")
+    if not ModulationConfig.from_args(args).is_identity:
+        if args.actor.entropy_coef is None:
+            print("[dynamo] modulation: token entropy computed from the actor's logits without autograd, chunked "
+                  "(logged as dynamo/token_entropy); --actor.entropy_coef stays unset")
+        else:
+            print(f"[dynamo] modulation: reuses OpenRLHF's token entropy (--actor.entropy_coef "
+                  f"{args.actor.entropy_coef}, detached; also logged as dynamo/token_entropy)")
     from dynamo_openrlhf.advantages import prompt_balancing
 
     balancing = prompt_balancing(args)

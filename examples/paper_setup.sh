@@ -99,7 +99,6 @@ ALGO_ARGS=(
     --actor.loss_agg_mode token-mean
     --actor.eps_clip_low_high 0.2 0.2               # the paper's clip; the reference code uses 0.28 high (--dynamo.clip_higher 0.28)
     --actor.dual_clip 10
-    --actor.entropy_coef 0                          # token entropy computed and logged, no entropy loss
     --actor.adam.lr 1e-6
     --actor.lr_scheduler constant
     --actor.lr_warmup_ratio 0

@@ -303,7 +303,7 @@ def test_dynamo_scripts_use_the_paper_defaults(parsed, name):
     assert (a["budget"], a["candidates"]) == (8192, 512)
     assert (a["prior"], a["forget"], a["fit_prior_every"], a["success_threshold"]) == ([1.0, 1.0], 0.999, 10, 0.5)
     assert v["modulation"] == {"identity": False, "mu_max": 1.2, "lambda_min": 0.6, "gamma": 50.0, "tau": 0.99}
-    assert v["entropy_coef"] == 0  # the modulation's token entropy, no entropy loss
+    assert v["entropy_coef"] is None  # the modulation computes its own token entropy; no entropy loss
 
 
 def test_optional_eval_and_pool_flags(parsed):

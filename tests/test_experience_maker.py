@@ -203,7 +203,7 @@ class _FakeActor(torch.nn.Module):
         super().__init__()
         self.lp, self.ent = log_probs, entropy_full
 
-    def forward(self, *a, **k):
+    def forward(self, sequences, action_mask=None, **k):
         return self.lp, SimpleNamespace(entropy=self.ent)
 
 
@@ -241,16 +241,24 @@ def test_actor_loss_gets_the_entropy_and_logs_the_statistics():
     lp, old, adv, mask, ent = _batch()
     actor = _FakeActor(lp, ent)
     t = _trainer("decay6", actor)
-    t._entropy, t._info = None, {}
-    actor(None)  # the training step's forward; the hook keeps output.entropy
+    t._entropy, t._info, t._extremes = None, {}, {}
+    actor(None, mask)  # the training step's forward; the hook keeps output.entropy (OpenRLHF's, coef set)
     got = t.actor_loss_fn(lp, old, adv, action_mask=mask)
     ref = DynaMOPolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=10.0, modulation="decay6")
     want = ref(lp, old, adv, action_mask=mask, entropy=ent[:, -A:])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     stats = ref.last_modulation_stats
-    assert set(t._info) == {"dynamo/" + k for k in stats}
+    # means go to info (OpenRLHF's token-weighted reduction), max/min to the step's extremes
+    extremes = {k for k in stats if k.endswith(("_max", "_min"))}
+    assert len(extremes) == 4
+    assert set(t._info) == {"dynamo/" + k for k in stats if k not in extremes} | {"dynamo/token_entropy"}
     for k, v in stats.items():
-        assert torch.equal(t._info["dynamo/" + k], v) and t._info["dynamo/" + k].dim() == 0
+        if k in extremes:
+            assert t._extremes[k] == float(v)
+        else:
+            assert torch.equal(t._info["dynamo/" + k], v) and t._info["dynamo/" + k].dim() == 0
+    e = ent[:, -A:]
+    assert t._info["dynamo/token_entropy"].item() == pytest.approx(e[mask].double().mean().item(), rel=1e-6)
     plain = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=10.0)(lp, old, adv, action_mask=mask)
     assert not torch.equal(got[0], plain[0])  # decay6 does change the loss on this batch
 
@@ -266,10 +274,12 @@ def test_actor_loss_off_is_openrlhfs_policy_loss():
     assert t._info == {}
 
 
-def test_modulation_without_entropy_is_refused():
+def test_modulation_no_longer_needs_entropy_coef():
+    """Without --actor.entropy_coef OpenRLHF's forward has no output.entropy; the trainer builds and
+    registers its own entropy hook (tests/test_entropy.py runs it through OpenRLHF's Actor)."""
     lp, old, adv, mask, ent = _batch()
-    with pytest.raises(ValueError, match="needs the token entropy: set --actor.entropy_coef"):
-        _trainer("decay5", _FakeActor(lp, ent), entropy_coef=None)
+    t = _trainer("decay5", _FakeActor(lp, ent), entropy_coef=None)
+    assert len(t.actor._forward_hooks) == 1
 
 
 @pytest.mark.parametrize("sizes", [[16, 16, 16], [12, 16, 20]])

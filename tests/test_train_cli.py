@@ -306,7 +306,11 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
         assert 2 <= m["dynamo/alloc_min"] <= m["dynamo/alloc_max"] <= 6 and m["dynamo/alloc_skipped"] == 0
         assert m["dynamo/step_trials"] == 32 and 0 <= m["dynamo/pred_var_ratio"] <= 1.0 + 1e-12
         assert m["dynamo/beta_comp_mean"] >= 1.0 and 0.6 <= m["dynamo/beta_stab_mean"] <= 1.0  # decay6 is on
-        assert m["entropy_loss"] > 0  # the entropy the modulation needs is computed (coef 0: logged only)
+        # the step's max / min over micro-batches bracket the token-weighted mean; decay6's ranges
+        assert 1.0 <= m["dynamo/beta_comp_min"] <= m["dynamo/beta_comp_mean"] <= m["dynamo/beta_comp_max"] <= 1.2
+        assert 0.6 <= m["dynamo/beta_stab_min"] <= m["dynamo/beta_stab_mean"] <= m["dynamo/beta_stab_max"] <= 1.0
+        # the modulation's own entropy (no graph); OpenRLHF's is not computed (no --actor.entropy_coef)
+        assert 0 < m["dynamo/token_entropy"] and "entropy_loss" not in m
     first_pass, revisits = train[:2], train[2:]
     assert all(m["dynamo/alloc_min"] == m["dynamo/alloc_max"] == 4 for m in first_pass)  # nothing known yet
     assert all(m["dynamo/pool_size"] == 16 for m in revisits)
@@ -514,13 +518,15 @@ def test_dynamo_flags_imply_openrlhf_settings_and_say_so(capsys):
 
     a = args("decay6", clip_higher=0.28)
     _apply_dynamo_to_openrlhf_args(a)
-    assert a.actor.entropy_coef == 0.0 and a.actor.eps_clip_low_high == (0.2, 0.28)
+    # the modulation computes its own entropy (no graph): --actor.entropy_coef is not implied
+    assert a.actor.entropy_coef is None and a.actor.eps_clip_low_high == (0.2, 0.28)
     out = capsys.readouterr().out
-    assert "PPO clip range (low, high) = (0.2, 0.28)" in out and "--actor.entropy_coef 0" in out
+    assert "PPO clip range (low, high) = (0.2, 0.28)" in out
+    assert "token entropy computed from the actor's logits without autograd" in out and "stays unset" in out
     a = args("decay5", entropy_coef=0.01, clip_higher=0.3, low_high=[0.1, 0.2])
     _apply_dynamo_to_openrlhf_args(a)
     assert a.actor.entropy_coef == 0.01 and a.actor.eps_clip_low_high == (0.1, 0.3)  # explicit flags kept
-    capsys.readouterr()
+    assert "reuses OpenRLHF's token entropy (--actor.entropy_coef 0.01" in capsys.readouterr().out
     a = args("off")
     _apply_dynamo_to_openrlhf_args(a)
     assert a.actor.entropy_coef is None and a.actor.eps_clip_low_high is None  # nothing implied: OpenRLHF's
