@@ -6,7 +6,7 @@ with autograd on over every token of the sequence when ``--actor.entropy_coef`` 
 over the full vocabulary whose float32 (tokens, vocab) graph lives until the step's backward.
 
 :func:`response_entropy` computes the same quantity, ``logsumexp(z) − Σ softmax(z)·z`` per token
-(the formula of ``compute_entropy``), under ``torch.no_grad``, from the (temperature-scaled, float32)
+(OpenRLHF's ``compute_entropy`` itself, applied to one chunk at a time), under ``torch.no_grad``, from the (temperature-scaled, float32)
 logits the actor forward has already produced, only at the positions the loss reads (the last
 ``response_len`` next-token predictions), a chunk of tokens at a time, so the extra memory is a few
 (chunk, vocab) temporaries (``chunk_bytes`` each, 32 MiB by default) and the (batch, response_len)
@@ -24,7 +24,10 @@ result. Layouts of OpenRLHF 0.11.2's ``Actor.forward`` (``openrlhf/models/actor.
   ``gather_and_pad_tensor`` over the ring group (a collective: every rank of the ring runs the same
   training forward, so every rank reaches it), then sliced like the padded layout.
 
-The result equals ``compute_entropy`` on the same logits to float32 rounding (tests/test_entropy.py).
+The result equals ``compute_entropy`` on the same logits (bit for bit in tests/test_entropy.py; the
+compiled kernel may in principle split a reduction differently for another chunk length, i.e. float32
+rounding). OpenRLHF's import stand-ins must be installed first on machines without CUDA
+(``dynamo_openrlhf.cpu_backend.install_import_stand_ins()``), as for every OpenRLHF import.
 """
 
 from __future__ import annotations
@@ -48,10 +51,14 @@ def chunk_tokens_for(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
 
 
 def entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each row of (n, vocab) logits, float32, the formula of OpenRLHF's
-    ``compute_entropy``: ``logsumexp(z) − Σ softmax(z)·z``. No chunking: callers pass a chunk."""
-    z = logits.float()
-    return torch.logsumexp(z, dim=-1) - torch.sum(torch.softmax(z, dim=-1) * z, dim=-1)
+    """Entropy of each row of (n, vocab) float32 logits: OpenRLHF's own ``compute_entropy``
+    (``openrlhf/models/utils.py``, ``@torch.compile``: ``logsumexp(z) − Σ softmax(z)·z``), called on
+    one chunk. Callers run it under ``torch.no_grad`` and pass a chunk; the compiled kernel is the
+    one OpenRLHF uses, so the values are OpenRLHF's (bit for bit in the tests), and it is faster per
+    token than the eager formula (one fused pass over a cache-sized chunk)."""
+    from openrlhf.models.utils import compute_entropy
+
+    return compute_entropy(logits)
 
 
 @torch.no_grad()
