@@ -29,7 +29,9 @@ def test_quick_mode_runs_and_reports(tmp_path, capsys):
     assert res["loss"]["dynamo_new"] == res["loss"]["dynamo_old"]  # same entropy bit for bit: same loss
     # the eager formula rounds differently from the compiled kernel, by float32 rounding only
     assert res["loss"]["dynamo_old_eager"] == pytest.approx(res["loss"]["dynamo_new"], rel=1e-5)
-    assert res["dynamo_new_vs_old_max_rel_grad_diff"] == 0.0
+    # same loss bit for bit; the gradients of separate backward passes agree to float32 accumulation
+    # order (CPU backward kernels need not sum in the same order every call)
+    assert res["dynamo_new_vs_old_max_rel_grad_diff"] <= 1e-5
     assert res["peak_vs_grpo"]["grpo"] == res["wall_vs_grpo"]["grpo"] == 1.0
     table = capsys.readouterr().out
     assert "| DynaMO now: no-graph chunked entropy |" in table and "vocab 4,096" in table

@@ -189,11 +189,12 @@ def _training_loss(packing, entropy_coef):
 @pytest.mark.parametrize("packing", [False, True])
 def test_hook_entropy_gives_the_loss_and_gradients_of_openrlhfs_entropy(packing):
     """New path (no --actor.entropy_coef: our no-graph entropy) vs the old one (coef 0: OpenRLHF's
-    output.entropy, detached): the same entropy, modulated loss, gradients and statistics, bit for bit."""
+    output.entropy, detached): the same entropy, modulated loss and statistics bit for bit, and gradients."""
     new_loss, new_grads, new_info, new_ext, new_ent = _training_loss(packing, None)
     old_loss, old_grads, old_info, old_ext, old_ent = _training_loss(packing, 0.0)
     assert torch.equal(new_ent, old_ent) and torch.equal(new_loss, old_loss)
-    assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+    # separate backward passes: equal up to the float32 accumulation order of CPU backward kernels
+    assert all((a - b).abs().max() <= 1e-6 * b.abs().max() for a, b in zip(new_grads, old_grads))
     assert set(new_info) == set(old_info) and "dynamo/token_entropy" in new_info
     assert all(torch.equal(new_info[k], old_info[k]) for k in new_info)
     assert set(new_ext) == set(EXTREME_STATS) and new_ext == old_ext
