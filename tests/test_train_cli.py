@@ -307,8 +307,11 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
         assert m["dynamo/step_trials"] == 32 and 0 <= m["dynamo/pred_var_ratio"] <= 1.0 + 1e-12
         assert m["dynamo/beta_comp_mean"] >= 1.0 and 0.6 <= m["dynamo/beta_stab_mean"] <= 1.0  # decay6 is on
         # the step's max / min over micro-batches bracket the token-weighted mean; decay6's ranges
-        assert 1.0 <= m["dynamo/beta_comp_min"] <= m["dynamo/beta_comp_mean"] <= m["dynamo/beta_comp_max"] <= 1.2
-        assert 0.6 <= m["dynamo/beta_stab_min"] <= m["dynamo/beta_stab_mean"] <= m["dynamo/beta_stab_max"] <= 1.0
+        e = 1e-6  # float32 factors: 1.2 is 1.2000000477 in float32; means of float32 values round
+        assert 1.0 - e <= m["dynamo/beta_comp_min"] <= m["dynamo/beta_comp_mean"] + e
+        assert m["dynamo/beta_comp_mean"] <= m["dynamo/beta_comp_max"] + e and m["dynamo/beta_comp_max"] <= 1.2 + e
+        assert 0.6 - e <= m["dynamo/beta_stab_min"] <= m["dynamo/beta_stab_mean"] + e
+        assert m["dynamo/beta_stab_mean"] <= m["dynamo/beta_stab_max"] + e and m["dynamo/beta_stab_max"] <= 1.0 + e
         # the modulation's own entropy (no graph); OpenRLHF's is not computed (no --actor.entropy_coef)
         assert 0 < m["dynamo/token_entropy"] and "entropy_loss" not in m
     first_pass, revisits = train[:2], train[2:]
