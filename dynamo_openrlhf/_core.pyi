@@ -20,6 +20,7 @@ __all__ = [
     "RULES",
     "__version__",
     "allocate_rollouts",
+    "group_norm_costs",
 ]
 
 __version__: str
@@ -181,6 +182,21 @@ class _PoolStats(TypedDict):
     failures: float  #: total forgotten failure evidence over the pool
 
 @final
+def group_norm_costs(
+    alpha: _FloatArrayLike,
+    beta: _FloatArrayLike,
+    weights: _FloatArrayLike,
+    counts: _IntArrayLike,
+) -> npt.NDArray[np.float64]:
+    """group_norm's per-prompt cost at the given counts, the one the allocator minimises with
+    ``estimator="group_norm"``: ``weights[i] * (n - 1) / (n**2 * P(n))`` with
+    ``P(n) = 1 - E[p**n] - E[(1 - p)**n]`` under Beta(alpha[i], beta[i]) (exact moments; see
+    docs/allocation_objectives.md); 0 where ``counts[i] < 2``. ``weights`` = the posterior E[p(1-p)]
+    gives the plain cost, a calibrated variance the calibrated one. All (N,) 1-D; alpha, beta finite
+    and > 0, weights finite and >= 0, lengths equal — else ValueError naming the argument."""
+    ...
+
+
 class PassRatePool:
     """Per-prompt Beta posteriors of the pass rate, keyed by int64 prompt id.
 

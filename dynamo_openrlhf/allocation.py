@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
-from dynamo_openrlhf._core import RULES, PassRatePool
+from dynamo_openrlhf._core import RULES, PassRatePool, group_norm_costs
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
            "default_bounds", "calibration_scores", "load_pool", "STATE_VERSION", "VARIANCE_MODELS"]
@@ -47,27 +47,6 @@ SHIFTED_ESTIMATORS = ("rloo", "dr_grpo", "reinforce_baseline")
 VARIANCE_MODELS = (None,) + tuple(CORE_ESTIMATORS)
 
 
-def _group_norm_costs(variances: np.ndarray, alpha: np.ndarray, beta: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The core's group_norm cost v·(n−1)/(n²·P(n)), P(n) = 1 − E[pⁿ] − E[(1−p)ⁿ] under Beta(α, β), for
-    n ≥ 2 (the same recurrences as the core: P(2) = 2·E[p(1−p)], P(n+1) − P(n) = E[pⁿ(1−p)] +
-    E[(1−p)ⁿp]); ``variances`` is the weight v (the calibrated variance when allocating on it)."""
-    a, b = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
-    n = np.asarray(counts, dtype=np.int64)
-    s = a + b
-    ep, eq = a / s * ((a + 1.0) / (s + 1.0)), b / s * ((b + 1.0) / (s + 1.0))
-    P = 2.0 * (a * b / (s * (s + 1.0)))
-    out = np.zeros(n.shape, dtype=np.float64)
-    top = int(n.max()) if n.size else 0
-    for level in range(2, top + 1):
-        at = n == level
-        if at.any():
-            out[at] = variances[at] * (level - 1.0) / (level * level * P[at])
-        inv = 1.0 / (s + level)
-        P = P + (ep * b + eq * a) * inv
-        ep, eq = ep * ((a + level) * inv), eq * ((b + level) * inv)
-    return out
-
-
 def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None, beta=None) -> np.ndarray:
     """Each prompt's predicted variance (up to the common score-noise factor) of its contribution to the
     update, at its count, under the allocator's model of ``estimator`` (float64, (N,)).
@@ -86,7 +65,10 @@ def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None,
     if estimator == "group_norm":
         if alpha is None or beta is None:
             raise ValueError("the group_norm variance model needs the Beta posteriors (alpha, beta)")
-        return np.where(n >= 2, _group_norm_costs(v, alpha, beta, np.maximum(n, 0).astype(np.int64)), v)
+        # the core's own cost (the one the allocator minimises), weighted by v (calibrated when allocating on it)
+        costs = group_norm_costs(np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64), v,
+                                 np.maximum(n, 0).astype(np.int64))
+        return np.where(n >= 2, costs, v)
     raise ValueError(f"unknown variance model {estimator!r}; expected one of {list(VARIANCE_MODELS)}")
 
 

@@ -228,6 +228,58 @@ pub fn group_norm_cost(alpha: f64, beta: f64, scale: f64, n: u64) -> f64 {
     row.cost()
 }
 
+/// Each prompt's group_norm cost at its count: `weights[i] · (n−1)/(n²·P(n))` under Beta(α_i, β_i)
+/// (`weights` = the posterior E[p(1−p)] gives [`group_norm_cost`] with scale 1; a calibrated variance
+/// gives the calibrated cost); 0 for n < 2 (a group of 0 or 1 has no group_norm gradient — callers
+/// charge what they choose). The one implementation the trainer's predicted ratio uses.
+pub fn group_norm_costs(
+    alpha: &[f64],
+    beta: &[f64],
+    weights: &[f64],
+    counts: &[i64],
+) -> Result<Vec<f64>> {
+    let n = alpha.len();
+    if beta.len() != n || weights.len() != n || counts.len() != n {
+        return Err(Error::invalid(format!(
+            "alpha, beta, weights and counts must have the same length, got {}, {}, {}, {}",
+            n,
+            beta.len(),
+            weights.len(),
+            counts.len()
+        )));
+    }
+    for (name, xs) in [("alpha", alpha), ("beta", beta)] {
+        if let Some((i, x)) = xs
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+        {
+            return Err(Error::invalid(format!(
+                "{name}[{i}] must be a finite number > 0, got {x}"
+            )));
+        }
+    }
+    if let Some((i, w)) = weights
+        .iter()
+        .enumerate()
+        .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+    {
+        return Err(Error::invalid(format!(
+            "weights[{i}] must be a finite number >= 0, got {w}"
+        )));
+    }
+    Ok((0..n)
+        .map(|i| {
+            if counts[i] < 2 {
+                return 0.0;
+            }
+            let (a, b) = (alpha[i], beta[i]);
+            let v = a * b / ((a + b) * (a + b + 1.0));
+            group_norm_cost(a, b, weights[i] / v, counts[i] as u64)
+        })
+        .collect())
+}
+
 /// Largest number of marginal gains N·(min(hi, lo + K) − lo) `solve_group_norm` evaluates per
 /// pass (a few passes of about a nanosecond each per gain).
 pub const MAX_GROUP_NORM_UNITS: u64 = 1 << 32;
@@ -752,6 +804,28 @@ mod tests {
         let v = a * b / ((a + b) * (a + b + 1.0));
         let c = group_norm_cost(a, b, 1.0, 400);
         assert!((c / (v * 399.0 / 160_000.0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn group_norm_costs_per_prompt() {
+        let (a, b) = ([0.5, 3.0, 40.0], [2.0, 3.0, 1.5]);
+        let v: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| x * y / ((x + y) * (x + y + 1.0)))
+            .collect();
+        let w = [v[0], 2.0 * v[1], 0.0];
+        let got = group_norm_costs(&a, &b, &w, &[7, 2, 5]).unwrap();
+        assert!((got[0] / group_norm_cost(a[0], b[0], 1.0, 7) - 1.0).abs() < 1e-12);
+        assert!((got[1] / group_norm_cost(a[1], b[1], 2.0, 2) - 1.0).abs() < 1e-12);
+        assert_eq!(got[2], 0.0);
+        assert_eq!(
+            group_norm_costs(&a, &b, &w, &[1, 0, 1]).unwrap(),
+            vec![0.0; 3]
+        );
+        assert!(group_norm_costs(&a, &b, &w, &[2, 2]).is_err());
+        assert!(group_norm_costs(&[0.0], &[1.0], &[0.1], &[2]).is_err());
+        assert!(group_norm_costs(&[1.0], &[1.0], &[f64::NAN], &[2]).is_err());
     }
 
     #[test]

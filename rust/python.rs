@@ -243,6 +243,25 @@ fn allocate_rollouts<'py>(
     Ok(PyArray1::from_vec(py, counts))
 }
 
+/// group_norm's per-prompt cost at given counts (see the type stub).
+#[pyfunction]
+#[pyo3(signature = (alpha, beta, weights, counts))]
+fn group_norm_costs<'py>(
+    py: Python<'py>,
+    alpha: &Bound<'py, PyAny>,
+    beta: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    counts: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray1<f64>>> {
+    let (a, b) = (float_array(alpha, "alpha")?, float_array(beta, "beta")?);
+    let w = float_array(weights, "weights")?;
+    let n = int_array(counts, "counts", false)?;
+    let out =
+        crate::estimator::group_norm_costs(a.as_slice(), b.as_slice(), w.as_slice(), n.as_slice())
+            .map_err(to_py_err)?;
+    Ok(PyArray1::from_vec(py, out))
+}
+
 /// Beta posteriors of per-prompt pass rates, keyed by int64 prompt id.
 #[pyclass(name = "PassRatePool", module = "dynamo_openrlhf._core")]
 struct PyPassRatePool {
@@ -502,6 +521,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ESTIMATORS", PyTuple::new(m.py(), Estimator::NAMES)?)?;
     m.add("FORMAT_VERSION", storage::VERSION)?;
     m.add_function(wrap_pyfunction!(allocate_rollouts, m)?)?;
+    m.add_function(wrap_pyfunction!(group_norm_costs, m)?)?;
     m.add_class::<PyPassRatePool>()?;
     Ok(())
 }

@@ -347,3 +347,15 @@ def test_skip_decisions_explore_by_default_seeded_by_the_run():
     got = ra.allocate(ids)
     want = ra.pool.allocate(ids, 512, 0, 64, "neyman", skip_factor=4.0, min_rollouts=2, calibrated=True, explore_seed=7)
     assert got.tolist() == np.asarray(want).tolist() and int(got.sum()) == 512
+
+
+def test_core_group_norm_costs_checks_its_inputs():
+    from dynamo_openrlhf._core import group_norm_costs
+
+    assert group_norm_costs([1.0, 2.0], [1.0, 3.0], [0.2, 0.1], [1, 0]).tolist() == [0.0, 0.0]  # groups < 2
+    with pytest.raises(ValueError, match=r"^alpha\[1\] must be a finite number > 0, got 0"):
+        group_norm_costs([1.0, 0.0], [1.0, 1.0], [0.1, 0.1], [2, 2])
+    with pytest.raises(ValueError, match=r"^weights\[0\] must be a finite number >= 0, got NaN"):
+        group_norm_costs([1.0], [1.0], [float("nan")], [2])
+    with pytest.raises(ValueError, match="same length, got 2, 2, 2, 1"):
+        group_norm_costs([1.0, 1.0], [1.0, 1.0], [0.1, 0.1], [2])
