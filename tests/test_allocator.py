@@ -47,19 +47,22 @@ def objective(v, counts):
     return total
 
 
-def dp_optimum(v, budget, lo, hi):
-    """Minimum of sum v/n over integer n in [lo, hi] with sum n = budget (dynamic programming)."""
+def dp_optimum(v, budget, lo, hi, cost=None):
+    """Minimum of sum cost(v_i, n_i) over integer n in [lo, hi] with sum n = budget (dynamic programming);
+    default cost v/n (0 for v = 0, inf for n = 0 with v > 0)."""
+    if cost is None:
+        def cost(x, k):
+            return 0.0 if x == 0 else (math.inf if k == 0 else x / k)
     best = [0.0] + [math.inf] * budget
     for x in v:
         nxt = [math.inf] * (budget + 1)
-        for used, cost in enumerate(best):
-            if cost == math.inf:
+        for used, total in enumerate(best):
+            if total == math.inf:
                 continue
             for k in range(lo, hi + 1):
                 if used + k > budget:
                     break
-                term = 0.0 if x == 0 else (math.inf if k == 0 else x / k)
-                nxt[used + k] = min(nxt[used + k], cost + term)
+                nxt[used + k] = min(nxt[used + k], total + cost(x, k))
         best = nxt
     return best[budget]
 
@@ -572,18 +575,7 @@ def test_estimator_names():
 
 def dp_optimum_shifted(v, budget, lo, hi):
     """Minimum of sum v/(n-1) over integer n in [lo, hi] (lo >= 2) with sum n = budget."""
-    best = [0.0] + [math.inf] * budget
-    for x in v:
-        nxt = [math.inf] * (budget + 1)
-        for used, cost in enumerate(best):
-            if cost == math.inf:
-                continue
-            for k in range(lo, hi + 1):
-                if used + k > budget:
-                    break
-                nxt[used + k] = min(nxt[used + k], cost + x / (k - 1))
-        best = nxt
-    return best[budget]
+    return dp_optimum(v, budget, lo, hi, cost=lambda x, k: x / (k - 1))
 
 
 @settings(max_examples=300, deadline=None)
