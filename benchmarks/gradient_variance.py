@@ -183,7 +183,7 @@ class Policy:
 
     def sample(self, encoded: Sequence[Sequence[int]], counts: Sequence[int], seed: int, chunk: int = 512):
         """``counts[i]`` responses to prompt i, prompt-major. Returns (texts, response id lists, prompt index)."""
-        from dynamo_openrlhf.evaluate import sample_batch
+        from dynamo_openrlhf.sampling import sample_batch
 
         self.torch.manual_seed(seed)
         flat = [i for i, c in enumerate(counts) for _ in range(int(c))]

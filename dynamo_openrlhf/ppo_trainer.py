@@ -114,7 +114,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 self.kl_ctl,
                 strategy,
                 self.tokenizer,
-                success_threshold=config.success_threshold if config is not None else 0.5,
+                success_threshold=self.args.dynamo.pool.success_threshold,
                 balancing=self.balancing,
                 tagged=config is not None,
                 on_groups=self._record_groups if config is not None else None,
