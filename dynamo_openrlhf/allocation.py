@@ -28,9 +28,46 @@ from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
 from dynamo_openrlhf._core import RULES, PassRatePool, group_norm_costs
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
-           "default_bounds", "calibration_scores", "load_pool", "STATE_VERSION", "VARIANCE_MODELS"]
+           "default_bounds", "calibration_scores", "load_pool", "filter_counts", "STATE_VERSION", "VARIANCE_MODELS",
+           "ALLOCATION_RULES", "DEFAULT_FILTER_BAND"]
 
 STATE_VERSION = 1
+
+#: The trainer's rules: the core's (:data:`RULES`) and "filter", a selection composed from the core's uniform rule.
+ALLOCATION_RULES = tuple(RULES) + ("filter",)
+#: Rule "filter": a prompt whose posterior mean pass rate is <= band or >= 1 - band is skipped.
+DEFAULT_FILTER_BAND = 0.1
+
+
+def filter_counts(means, variances, budget: int, lo: int, hi: int, band: float) -> np.ndarray:
+    """The "filter" rule (what DAPO/GRESO-style filtering does without variable n): prompts whose
+    posterior mean pass rate ``means`` (N,) lies outside (``band``, 1 − ``band``) get 0 rollouts, the
+    others share ``budget`` evenly within [``lo``, ``hi``] (the core's uniform rule: ``budget // K``
+    each, the remainder one each to the first kept prompts). If the kept prompts cannot absorb the
+    budget at ``hi`` each, skipped prompts are readmitted, largest expected variance ``variances``
+    first (ties: lower index), until they can; if none are kept, every prompt is. int64 (N,), sums
+    to ``budget``."""
+    from dynamo_openrlhf._core import allocate_rollouts
+
+    m = np.asarray(means, dtype=np.float64)
+    v = np.asarray(variances, dtype=np.float64)
+    if m.shape != v.shape or m.ndim != 1:
+        raise ValueError(f"filter_counts: means and variances must be 1-D of one length, got {m.shape}, {v.shape}")
+    if not (0.0 <= band < 0.5):
+        raise ValueError(f"filter band must lie in [0, 0.5), got {band}")
+    keep = (m > band) & (m < 1.0 - band)
+    if not keep.any():
+        keep[:] = True
+    need = -(-int(budget) // max(int(hi), 1))  # prompts needed to place the budget at hi each
+    if int(keep.sum()) < need:
+        skipped = [i for i in np.argsort(-v, kind="stable") if not keep[i]]
+        for i in skipped[:need - int(keep.sum())]:
+            keep[i] = True
+    counts = np.zeros(m.size, dtype=np.int64)
+    kept = np.flatnonzero(keep)
+    counts[kept] = np.asarray(allocate_rollouts(np.ones(kept.size), int(budget), int(lo), int(hi), rule="uniform"),
+                              dtype=np.int64)
+    return counts
 
 
 def default_bounds(n_samples_per_prompt: int, oversample: float) -> Tuple[int, int]:
@@ -103,8 +140,9 @@ def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray, estimato
 class AllocationConfig:
     """The ``--dynamo.allocation.*`` / ``--dynamo.pool.*`` settings (units: rollouts, prompts, steps).
 
-    ``rule``: "neyman" (exact variance minimiser), "proportional" (the reference's n ∝ v) or "uniform"
-    (OpenRLHF's n each). ``n_samples_per_prompt`` x ``prompts_per_step`` is the per-step budget;
+    ``rule``: "neyman" (exact variance minimiser), "proportional" (the reference's n ∝ v), "uniform"
+    (OpenRLHF's n each) or "filter" (skip prompts whose posterior mean pass rate is within ``filter_band``
+    of 0 or 1, uniform n on the rest: :func:`filter_counts`). ``n_samples_per_prompt`` x ``prompts_per_step`` is the per-step budget;
     ``oversample`` >= 1 draws ``round(oversample x prompts_per_step)`` candidate prompts per step
     (needs ``lo = 0`` room: ``lo x candidates <= budget``). ``lo``/``hi``: per-prompt bounds.
     ``skip_factor``: with lo = 0 and rule neyman, skip prompts whose expected variance is below
@@ -143,6 +181,7 @@ class AllocationConfig:
     success_threshold: float = 0.5
     estimator: Optional[str] = None
     explore_seed: Optional[int] = None
+    filter_band: Optional[float] = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -180,14 +219,17 @@ class AllocationConfig:
         if explore_seed is None:
             explore_seed = int(getattr(args.train, "seed", 0) or 0)
         explore_seed = explore_seed if (skip and explore_seed >= 0) else None
+        band = getattr(al, "filter_band", None)
+        if band is None and al.rule == "filter":
+            band = DEFAULT_FILTER_BAND
         return cls(
             rule=al.rule, n_samples_per_prompt=n, prompts_per_step=bs, lo=lo, hi=hi, oversample=al.oversample,
             skip_factor=skip or None, min_rollouts=min_rollouts or None,
-            calibrated=bool(pool.calibrated) and al.rule != "uniform", exploration=al.exploration,
+            calibrated=bool(pool.calibrated) and al.rule not in ("uniform", "filter"), exploration=al.exploration,
             exploration_rollouts=al.exploration_rollouts, mastery=al.mastery, mastery_threshold=al.mastery_threshold,
             priority_floor=al.priority_floor, prior=tuple(pool.prior), forget=pool.forget,
             fit_prior_every=pool.fit_prior_every, success_threshold=pool.success_threshold, estimator=estimator,
-            explore_seed=explore_seed,
+            explore_seed=explore_seed, filter_band=band,
         )
 
     @property
@@ -222,8 +264,13 @@ class AllocationConfig:
     def problems(self) -> list:
         """Everything wrong with the settings, as flag-named messages (empty when valid)."""
         p = []
-        if self.rule not in RULES:
-            p.append(f"--dynamo.allocation.rule: unknown rule {self.rule!r}; expected one of {list(RULES)}")
+        if self.rule not in ALLOCATION_RULES:
+            p.append(f"--dynamo.allocation.rule: unknown rule {self.rule!r}; expected one of {list(ALLOCATION_RULES)}")
+        if self.filter_band is not None and (self.rule != "filter" or not 0.0 <= self.filter_band < 0.5):
+            p.append(f"--dynamo.allocation.filter_band: needs rule filter and a value in [0, 0.5), got "
+                     f"{self.filter_band} with rule {self.rule}")
+        if self.rule == "filter" and self.filter_band is None:
+            p.append("rule filter needs filter_band")
         if self.n_samples_per_prompt < 1 or self.prompts_per_step < 1:
             p.append("--rollout.n_samples_per_prompt and --rollout.batch_size must be >= 1")
             return p
@@ -262,12 +309,12 @@ class AllocationConfig:
             elif self.min_rollouts > self.hi:
                 p.append(f"--dynamo.allocation.min_rollouts {self.min_rollouts} > --dynamo.allocation.hi {self.hi}")
         p.extend(self._estimator_problems())
-        if self.calibrated and self.rule == "uniform":
-            p.append("--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule uniform")
-        if self.rule == "uniform" and any(
+        if self.calibrated and self.rule in ("uniform", "filter"):
+            p.append(f"--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule {self.rule}")
+        if self.rule in ("uniform", "filter") and any(
             x is not None for x in (self.exploration, self.mastery, self.exploration_rollouts,
                                     self.mastery_threshold, self.priority_floor)):
-            p.append("--dynamo.allocation.rule uniform takes no exploration/mastery options")
+            p.append(f"--dynamo.allocation.rule {self.rule} takes no exploration/mastery options")
         a, b_ = self.prior
         if not (math.isfinite(a) and math.isfinite(b_) and a > 0 and b_ > 0):
             p.append(f"--dynamo.pool.prior: need two finite numbers > 0, got {self.prior}")
@@ -400,7 +447,11 @@ class RolloutAllocator:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         c = self.config
         budget = c.budget_for(ids.size)
-        counts = self.pool.allocate(ids, budget, c.lo, c.hi, c.rule, **self._options())
+        if c.rule == "filter":
+            counts = filter_counts(self.pool.mean(ids), self.pool.expected_variance(ids), budget, c.lo, c.hi,
+                                   c.filter_band)
+        else:
+            counts = self.pool.allocate(ids, budget, c.lo, c.hi, c.rule, **self._options())
         counts = np.asarray(counts, dtype=np.int64)
         if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
             raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")

@@ -52,7 +52,7 @@ BUILTIN_REWARDS = ("dynamo_openrlhf.reward",)
 def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``--dynamo.*`` flags, in OpenRLHF's dotted style (``args.dynamo.<name>`` after
     OpenRLHF's ``hierarchize``). The one place where DynaMO flags are defined."""
-    from dynamo_openrlhf._core import RULES
+    from dynamo_openrlhf.allocation import ALLOCATION_RULES, DEFAULT_FILTER_BAND
 
     g = parser.add_argument_group(
         "DynaMO (dynamo_openrlhf)",
@@ -127,13 +127,23 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--dynamo.allocation.rule",
         type=str,
         default="neyman",
-        choices=["off", *RULES],
+        choices=["off", *ALLOCATION_RULES],
         help="How each step's rollout budget (--rollout.batch_size x --rollout.n_samples_per_prompt) is split over "
         "its prompts. neyman: the exact integer minimiser of the update's variance under the run's "
         "--algo.advantage.estimator: sum_i v_i/(n_i-1) for rloo, dr_grpo, reinforce_baseline (with the balanced "
         "loss), a Beta-moment model for group_norm, sum_i v_i/n_i for reinforce/gae (v_i = posterior expected "
         "p(1-p) of prompt i from the pass-rate pool); proportional: the DynaMO reference code's n_i ~ v_i; uniform: n each "
-        "(OpenRLHF's split, through DynaMO's sampler, pool and logs); off: OpenRLHF's own sampler, no pool.",
+        "(OpenRLHF's split, through DynaMO's sampler, pool and logs); filter: skip the prompts whose posterior mean "
+        "pass rate is within --dynamo.allocation.filter_band of 0 or 1 (DAPO/GRESO-style filtering without variable n), "
+        "n_i even over the rest (same budget); off: OpenRLHF's own sampler, no pool.",
+    )
+    g.add_argument(
+        "--dynamo.allocation.filter_band",
+        type=float,
+        default=None,
+        help="Rule filter: a prompt whose posterior mean pass rate is <= this or >= 1 - this gets 0 rollouts "
+        f"(default {DEFAULT_FILTER_BAND}); if the rest cannot take the budget at --dynamo.allocation.hi each, the "
+        "skipped prompts with the largest expected variance are readmitted.",
     )
     g.add_argument(
         "--dynamo.allocation.lo",

@@ -359,3 +359,38 @@ def test_core_group_norm_costs_checks_its_inputs():
         group_norm_costs([1.0], [1.0], [float("nan")], [2])
     with pytest.raises(ValueError, match="same length, got 2, 2, 2, 1"):
         group_norm_costs([1.0, 1.0], [1.0, 1.0], [0.1, 0.1], [2])
+
+
+def test_filter_rule_skips_confident_prompts_and_spreads_the_budget_evenly():
+    from dynamo_openrlhf.allocation import filter_counts
+
+    means = np.array([0.02, 0.5, 0.95, 0.3, 0.9, 0.12])
+    v = means * (1 - means)
+    # band 0.1: 0.02 and 0.95 skipped, 0.9 too (>= 1 - band); 0.5, 0.3, 0.12 share 20 -> 7, 7, 6
+    assert filter_counts(means, v, 20, 2, 16, 0.1).tolist() == [0, 7, 0, 7, 0, 6]
+    # the kept three cannot take 60 at hi 16 (4 needed): the skipped with the largest variance (0.9) comes back,
+    # for 70 (5 needed) the next one (0.95) too
+    assert filter_counts(means, v, 60, 2, 16, 0.1).tolist() == [0, 15, 0, 15, 15, 15]
+    assert filter_counts(means, v, 70, 2, 16, 0.1).tolist() == [0, 14, 14, 14, 14, 14]
+    # nothing kept: everybody (the core's uniform split, remainder to the first)
+    assert filter_counts(np.array([0.0, 1.0, 0.99]), np.zeros(3), 7, 2, 16, 0.1).tolist() == [3, 2, 2]
+    with pytest.raises(ValueError, match=r"band must lie in \[0, 0.5\)"):
+        filter_counts(means, v, 20, 2, 16, 0.5)
+    with pytest.raises(ValueError, match="1-D of one length"):
+        filter_counts(means, v[:3], 20, 2, 16, 0.1)
+
+
+def test_filter_rule_through_the_allocator_uses_the_pool_posterior_means():
+    c = _cfg(rule="filter", filter_band=0.1)
+    ra = RolloutAllocator(c)
+    ids = np.arange(8, dtype=np.int64)
+    # prior Beta(1,1): 0/16 -> mean 1/18 (skipped), 16/16 -> 17/18 (skipped), 8/16 -> 0.5
+    ra.pool.update(ids[:2], np.array([0, 16]), np.array([16, 16]))
+    ra.pool.update(ids[2:4], np.array([8, 8]), np.array([16, 16]))
+    counts = ra.allocate(ids)  # ids 4..7 unseen: prior mean 0.5, kept
+    assert counts.tolist() == [0, 0, 6, 6, 5, 5, 5, 5] and int(counts.sum()) == c.budget == 32
+    assert ra.metrics()["dynamo/alloc_skipped"] == 2.0
+    with pytest.raises(ValueError, match="filter_band: needs rule filter"):
+        _cfg(rule="neyman", filter_band=0.1)
+    with pytest.raises(ValueError, match="calibrated does not apply to --dynamo.allocation.rule filter"):
+        _cfg(rule="filter", filter_band=0.1, calibrated=True)
