@@ -39,6 +39,8 @@ def _cases(tmp: Path):
         "rloo allocation with lo = 1": lambda: allocate_rollouts(np.array([0.1, 0.2]), 8, 1, 6, estimator="rloo"),
         "label that is not a JSON value": lambda: prompt_ids(["What is 1+1?"], [{1, 2}]),
         "reward function that raises": lambda: _reward_check(),
+        "filter band outside [0, 0.5)": lambda: AllocationConfig(rule="filter", n_samples_per_prompt=8,
+                                                                 prompts_per_step=16, lo=2, hi=16, filter_band=0.6),
     }
 
 
