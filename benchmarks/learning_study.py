@@ -67,9 +67,10 @@ ARMS: Dict[str, List[str]] = {
     "proportional": ["--dynamo.allocation.rule", "proportional", "--dynamo.modulation.preset", "off"],
     "dynamo-alloc": ["--dynamo.modulation.preset", "off"],
     "dynamo": [],
-    # 1.5x the rollouts per step at the same prompts and optimizer steps (one optimizer step per rollout step)
-    "control": GRPO + ["--rollout.n_samples_per_prompt", "12", "--train.batch_size", "192"],
+    # 1.5x the rollouts per step at the same prompts and optimizer steps (sizing_flags)
+    "control": GRPO,
 }
+CONTROL_FACTOR = 1.5
 BASELINE = "grpo"
 COLORS = {"grpo": "tab:gray", "grpo+loss": "tab:brown", "filter": "tab:green", "proportional": "tab:purple",
           "dynamo-alloc": "tab:blue", "dynamo": "tab:red", "control": "black"}
@@ -114,13 +115,21 @@ def run_dir_for(out: str, arm: str, seed: int) -> str:
     return os.path.join(out, "runs", f"{arm}-s{seed}")
 
 
+def sizing_flags(arm: str, n: int = 8, prompts_per_step: int = 16) -> List[str]:
+    """Rollouts per prompt and prompts per step of an arm (the control: round(1.5 n) per prompt), with one
+    optimizer step per rollout step (``--train.batch_size`` = prompts x rollouts)."""
+    n_arm = int(round(CONTROL_FACTOR * n)) if arm == "control" else int(n)
+    return ["--rollout.n_samples_per_prompt", str(n_arm), "--rollout.batch_size", str(prompts_per_step),
+            "--train.batch_size", str(prompts_per_step * n_arm)]
+
+
 def train_command(arm: str, seed: int, run_dir: str, data: Dict[str, Any], episodes: int, eval_steps: int,
-                  eval_at_start: bool, extra: Sequence[str] = ()) -> List[str]:
+                  eval_at_start: bool, extra: Sequence[str] = (), n: int = 8, prompts_per_step: int = 16) -> List[str]:
     return [sys.executable, "-m", "dynamo_openrlhf.train", "--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", run_dir,
             "--train.seed", str(seed), "--train.num_episodes", str(episodes), "--eval.steps", str(eval_steps),
             "--data.prompt_dataset", data["train"], "--eval.dataset", data["eval"],
             "--dynamo.eval_at_start" if eval_at_start else "--no-dynamo.eval_at_start",
-            *COMMON_FLAGS, *ARMS[arm], *extra]
+            *COMMON_FLAGS, *ARMS[arm], *sizing_flags(arm, n, prompts_per_step), *extra]
 
 
 def job_order(arms: Sequence[str], seeds: Sequence[int]) -> List[tuple]:
@@ -462,6 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                            "steps each)")
     p.add_argument("--eval-steps", type=int, default=8, help="--eval.steps")
     p.add_argument("--train-prompts", type=int, default=96)
+    p.add_argument("--n", type=int, default=8, help="rollouts per prompt of every arm but the control (1.5x)")
+    p.add_argument("--prompts-per-step", type=int, default=16, help="--rollout.batch_size")
     p.add_argument("--heldout-extra", default="4:160,5:160",
                    help="fresh held-out problems per level added to the 80 eval-split prompts (level:count,...)")
     p.add_argument("--workers", type=int, default=2, help="runs at a time")
@@ -503,14 +514,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = write_study_data(args.out, args.train_prompts, heldout_extra)
         meta = {"seeds": seeds, "arms": arms, "episodes": args.episodes, "eval_steps": args.eval_steps,
                 "train_prompts": data["train_prompts"], "heldout_prompts": data["heldout_prompts"],
-                "heldout_extra": heldout_extra, "workers": args.workers, "extra": extra, "flags": ARMS,
+                "heldout_extra": heldout_extra, "workers": args.workers, "n": args.n,
+                "prompts_per_step": args.prompts_per_step, "extra": extra, "flags": ARMS,
                 "common_flags": COMMON_FLAGS}
         jobs = job_order(arms, seeds)
 
         def go(job):
             arm, seed = job
             cmd = train_command(arm, seed, run_dir_for(args.out, arm, seed), data, args.episodes, args.eval_steps,
-                                eval_at_start=(arm == BASELINE), extra=extra)
+                                eval_at_start=(arm == BASELINE), extra=extra, n=args.n,
+                                prompts_per_step=args.prompts_per_step)
             print(f"[learning_study] start {arm} seed {seed}", flush=True)
             info = run_one(arm, seed, args.out, cmd)
             print(f"[learning_study] done  {arm} seed {seed} in {info['wall_s']:.0f} s "

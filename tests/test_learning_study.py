@@ -67,8 +67,12 @@ def test_arms_flags_match_the_study_design():
     a = ls.ARMS
     assert a["grpo"] == ["--algo.advantage.estimator", "group_norm", "--dynamo.allocation.rule", "off",
                          "--dynamo.modulation.preset", "off"]
-    assert a["control"][:6] == a["grpo"] and a["control"][6:] == ["--rollout.n_samples_per_prompt", "12",
-                                                                   "--train.batch_size", "192"]
+    assert a["control"] == a["grpo"]
+    assert ls.sizing_flags("control") == ["--rollout.n_samples_per_prompt", "12", "--rollout.batch_size", "16",
+                                          "--train.batch_size", "192"]
+    assert ls.sizing_flags("dynamo", 4, 8) == ["--rollout.n_samples_per_prompt", "4", "--rollout.batch_size", "8",
+                                               "--train.batch_size", "32"]
+    assert ls.sizing_flags("control", 4, 8)[1] == "6"
     assert a["dynamo"] == [] and a["dynamo-alloc"] == ["--dynamo.modulation.preset", "off"]
     assert a["filter"][:2] == ["--dynamo.allocation.rule", "filter"]
     cmd = ls.train_command("filter", 3, "/r", {"train": "/t.jsonl", "eval": "/e.jsonl"}, 4, 8, False)
