@@ -12,6 +12,9 @@ but ``control`` spends 128 rollouts per step):
 * ``dynamo``        the full default (allocation + token modulation)
 * ``control``       ``grpo`` with 1.5x the budget (n = 12, 192 rollouts per step): the positive control
 
+``--n`` and ``--prompts-per-step`` resize every arm (the control gets round(1.5 n)); one optimizer step per
+rollout step throughout.
+
 Evaluation (each run): at steps 8, 16 and 24 on ``heldout`` = the preset's 80 eval-split prompts plus 320
 fresh level-4/5 problems that neither the train split nor the warm start contains (400 prompts), and on
 ``train`` = the 96 train prompts (fresh samples), 8 samples per prompt at temperature 1. Step 0 (the same
@@ -33,7 +36,9 @@ per seed, so a pair of concurrent runs differs from seed to seed and contention 
 
 Usage::
 
-    python benchmarks/learning_study.py                  # 7 arms x 8 seeds (about 100 min, 2 cores)
+    python benchmarks/learning_study.py                  # 7 arms x 8 seeds (83 min, 2 cores)
+    python benchmarks/learning_study.py --arms grpo,control --n 4 --prompts-per-step 8 --eval-steps 16 \
+        --out benchmarks/out/learning_study_probe --png docs/learning_study_probe.png   # the resize probe
     python benchmarks/learning_study.py --quick          # smoke run (tests): 2 arms, 2 seeds, 2 steps
     python benchmarks/learning_study.py --from-existing  # re-aggregate / re-plot the run dirs
 """
