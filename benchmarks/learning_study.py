@@ -146,6 +146,15 @@ def job_order(arms: Sequence[str], seeds: Sequence[int]) -> List[tuple]:
     return jobs
 
 
+def finished(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a completed run (its run_info.json says returncode 0, metrics.jsonl exists)."""
+    info = os.path.join(run_dir, "run_info.json")
+    if not (os.path.exists(info) and os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
+        return False
+    with open(info) as f:
+        return json.load(f).get("returncode") == 0
+
+
 def run_one(arm: str, seed: int, out: str, cmd: List[str], timeout: float = 3600) -> Dict[str, Any]:
     run_dir = run_dir_for(out, arm, seed)
     if os.path.exists(run_dir):
@@ -486,6 +495,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="default benchmarks/out/learning_study (…_quick with --quick)")
     p.add_argument("--png", default=None, help="default docs/learning_study.png (<out>/learning_study.png with --quick)")
     p.add_argument("--from-existing", action="store_true")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the runs under --out that finished (run_info.json with returncode 0) and run only the "
+                        "missing (arm, seed) pairs, e.g. to add arms to a study")
     p.add_argument("--extra", default="", help="extra trainer flags for every run (one string)")
     args = p.parse_args(argv)
 
@@ -523,6 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "prompts_per_step": args.prompts_per_step, "extra": extra, "flags": ARMS,
                 "common_flags": COMMON_FLAGS}
         jobs = job_order(arms, seeds)
+        if args.reuse:
+            jobs = [j for j in jobs if not finished(run_dir_for(args.out, *j))]
 
         def go(job):
             arm, seed = job
@@ -537,6 +551,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, args.workers)) as ex:
             infos = list(ex.map(go, jobs))
+        if args.reuse and os.path.exists(meta_path):  # keep the earlier runs' records
+            with open(meta_path) as f:
+                old = json.load(f)["meta"]
+            done = {(i["arm"], i["seed"]) for i in infos}
+            infos = [i for i in old.get("runs", []) if (i["arm"], i["seed"]) not in done] + infos
+            meta["arms"] = list(dict.fromkeys(old.get("arms", []) + arms))
+            meta["benchmark_wall_s_earlier"] = old.get("benchmark_wall_s")
         meta["runs"] = infos
         meta["benchmark_wall_s"] = time.time() - t_start
     runs = collect(args.out, arms if not args.from_existing else meta["arms"])

@@ -160,6 +160,17 @@ def test_from_existing_writes_table_json_and_plot(study, tmp_path):
     assert set(data["summary"]) == {"grpo", "dynamo"} and data["meta"]["arms"] == ["grpo", "dynamo"]
 
 
+def test_finished_runs_are_recognised_for_reuse(tmp_path):
+    d = tmp_path / "grpo-s1"
+    assert not ls.finished(str(d))
+    _write(d, {2: {"heldout": (0.3, 0.5)}})
+    assert not ls.finished(str(d))  # no run_info.json yet
+    (d / "run_info.json").write_text(json.dumps({"returncode": 1}))
+    assert not ls.finished(str(d))
+    (d / "run_info.json").write_text(json.dumps({"returncode": 0}))
+    assert ls.finished(str(d))
+
+
 def test_extra_heldout_problems_are_fresh_and_deterministic():
     from dynamo_openrlhf import tiny
 
