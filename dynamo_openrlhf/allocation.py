@@ -447,15 +447,14 @@ class RolloutAllocator:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         c = self.config
         budget = c.budget_for(ids.size)
+        v = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
         if c.rule == "filter":
-            counts = filter_counts(self.pool.mean(ids), self.pool.expected_variance(ids), budget, c.lo, c.hi,
-                                   c.filter_band)
+            counts = filter_counts(self.pool.mean(ids), v, budget, c.lo, c.hi, c.filter_band)
         else:
             counts = self.pool.allocate(ids, budget, c.lo, c.hi, c.rule, **self._options())
         counts = np.asarray(counts, dtype=np.int64)
         if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
             raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
-        v = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
         alpha = beta = None
         if c.estimator == "group_norm":
             a0, b0 = self.pool.prior

@@ -317,15 +317,15 @@ def extra_heldout_problems(per_level: Dict[int, int], config: TinyConfig = TinyC
     larger than the eval split (e.g. ``benchmarks/learning_study.py``). Raises ValueError when a level
     has fewer problems left."""
     splits = generate_problems(config)
-    taken = {r["prompt"] for split in splits.values() for r in split}
-    taken |= {r["prompt"] for r in warm_start_problems(config, splits)}
+    used = [r for split in splits.values() for r in split] + warm_start_problems(config, splits)
+    taken = {r["prompt"] for r in used}
     rng = random.Random(config.seed + 3)
     rows: List[dict] = []
     for level in sorted(per_level):
         want = int(per_level[level])
         if level not in LEVEL_SIZES:
             raise ValueError(f"unknown difficulty level {level} (known: {list(LEVELS)})")
-        room = LEVEL_SIZES[level] - sum(1 for p in taken if _level_of(p, level))
+        room = LEVEL_SIZES[level] - len({r["prompt"] for r in used if r["difficulty"] == level})
         if want > room:
             raise ValueError(f"level {level} has only {room} problems left outside the splits and the warm start, "
                              f"asked for {want}")
@@ -336,13 +336,6 @@ def extra_heldout_problems(per_level: Dict[int, int], config: TinyConfig = TinyC
                 fresh.setdefault(expr, value)
         rows += [_row(f"heldout-L{level}-{i:04d}", e, v, level) for i, (e, v) in enumerate(sorted(fresh.items()))]
     return _interleave(rows, rng)
-
-
-def _level_of(prompt: str, level: int) -> bool:
-    """Whether ``prompt`` ("What is <expr>?") has the shape of ``level``'s expressions."""
-    expr = prompt[len("What is "):-1]
-    shapes = {1: r"\d\+\d", 2: r"\d-\d", 3: r"\d\*\d", 4: r"\d\+\d\+\d", 5: r"\d\*\d\+\d", 6: r"\d\d\*\d\d"}
-    return re.fullmatch(shapes[level], expr) is not None
 
 
 def write_jsonl(rows: Iterable[dict], path: Path) -> None:
