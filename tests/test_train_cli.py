@@ -237,10 +237,31 @@ def test_e2e_grpo_updates_the_actor(e2e):
     assert all(torch.isfinite(w.float()).all() for w in final.values())
 
 
+def _expected_engine():
+    """The engine the CPU backend picks: real vLLM whenever its CPU build imports (CI installs it)."""
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    return "vllm" if cpu_backend.vllm_cpu_build() is not None else "transformers"
+
+
+def test_e2e_runs_on_the_expected_rollout_engine_and_stops_it(e2e):
+    out = e2e["first"].stdout
+    if _expected_engine() == "vllm":
+        assert "rollout engine: vLLM 0.29.0 CPU build (OpenRLHF's RolloutRayActor, gloo weight sync)" in out
+    else:
+        assert "rollout engine: transformers stand-in (dynamo_openrlhf.cpu_backend.CPURolloutActor)" in out
+    # nothing of the engines outlives the runs
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    assert [line for line in ps if line.startswith("VLLM::")] == []
+
+
 def test_e2e_rollout_engine_gets_the_actors_weights_every_step(e2e):
-    """Weight sync through the Ray object store: one update per step; the last one is the final actor."""
+    """Weight sync (vLLM: OpenRLHF's broadcast over gloo; stand-in: the Ray object store): one update
+    per step; the last one is the final actor."""
     out = e2e["first"].stdout + e2e["first"].stderr
-    sums = [float(x) for x in re.findall(r"\[CPURolloutActor\] weights update \d+: \d+ tensors, checksum (\S+)", out)]
+    tag = r"\[rollout engine vllm\]" if _expected_engine() == "vllm" else r"\[CPURolloutActor\]"
+    sums = [float(x) for x in re.findall(tag + r" weights update \d+: \d+ tensors, checksum (\S+)", out)]
     assert len(sums) == 2, out[-3000:]
     final = e2e["weights_run1"]
     expected = float(sum(w.double().sum() for w in final.values()))
