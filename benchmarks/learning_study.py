@@ -84,9 +84,11 @@ TARGET_GAIN = 0.03  # secondary: rollouts to reach step-0 pass@1 + this, on the 
 BOOTSTRAP = 10_000
 PHASES = ("generation", "make_experience", "dynamo_pool", "ppo_train", "broadcast", "step_total")
 
-# No checkpoints (their wall time has nothing to do with the method); no best-model tracking.
+# No checkpoints (their wall time has nothing to do with the method); no best-model tracking. The
+# transformers rollout engine: the one the README's results were measured with (float32 sampling), also where
+# vLLM's CPU build is installed.
 COMMON_FLAGS = ["--ckpt.save_steps", "1000000", "--ckpt.best_metric_key", "none", "--dynamo.eval_pass_k", "1,8",
-                "--data.max_samples", "100000000"]
+                "--data.max_samples", "100000000", "--dynamo.cpu_engine", "transformers"]
 
 
 # ----------------------------------------------------------------------------------------------

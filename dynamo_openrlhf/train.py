@@ -72,8 +72,8 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         type=str,
         default="auto",
         choices=["auto", "cpu", "gpu"],
-        help="cpu: run the loop on CPU (stand-ins for flash-attn/vLLM/NCCL, fake Ray GPUs, transformers rollout "
-        "engine). auto: cpu iff this process sees no CUDA. Pass gpu when submitting from a CPU-only head node to a "
+        help="cpu: run the loop on CPU (a flash-attn stand-in, gloo instead of NCCL, fake Ray GPUs, the rollout engine "
+        "of --dynamo.cpu_engine). auto: cpu iff this process sees no CUDA. Pass gpu when submitting from a CPU-only head node to a "
         "GPU cluster.",
     )
     g.add_argument(
