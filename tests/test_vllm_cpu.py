@@ -132,6 +132,26 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
                     engine.generate.remote(ids[2], sp(1))])
     res = ray.get(engine.generate_responses.remote(prompt=prompts[1], label="7", sampling_params=sp(1),
                                                    max_length=48, hf_tokenizer=tok, num_samples=4))
+    # DynaMO off: DynamoSamplesGenerator's rollouts are OpenRLHF's SamplesGenerator's, on this engine
+    # (greedy, so that both see the same samples; experiences compared field by field, in prompt order)
+    from types import SimpleNamespace
+    from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator
+    from dynamo_openrlhf.samples_generator import DynamoSamplesGenerator
+    gen_args = SimpleNamespace(
+        algo=SimpleNamespace(advantage=SimpleNamespace(is_correction_level="off"), dynamic_filtering_enable=False),
+        rollout=SimpleNamespace(n_samples_per_prompt=3, batch_size=4), vllm=SimpleNamespace(enable_sleep=False))
+    labels = [str(a + b) for a, b in qs]
+
+    def rollouts(cls):
+        gen = cls(SimpleNamespace(args=gen_args), [(None, prompts[:4], labels[:4], [None] * 4)], None, tok, [engine])
+        exps, _, consumed, _ = gen.generate_samples(temperature=0.0, top_p=1.0, max_new_tokens=12, max_len=48)
+        rows = [(e.prompts[0], e.labels[0], e.sequences[0].tolist(), e.attention_mask[0].tolist(),
+                 e.action_mask[0].tolist(), e.rewards.tolist(), e.scores.tolist(), e.response_length.tolist(),
+                 e.truncated.tolist(), e.total_length.tolist(), sorted((k, v.tolist()) for k, v in e.info.items()))
+                for e in exps]
+        return consumed, sorted(rows, key=lambda r: (prompts.index(r[0]), r[2]))
+
+    theirs, ours = rollouts(SamplesGenerator), rollouts(DynamoSamplesGenerator)
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12)
     engine_greedy = lambda: [list(o.outputs[0].token_ids) for o in ray.get([engine.generate.remote(i, greedy) for i in ids])]
 
@@ -176,6 +196,7 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
         "before": before, "hf_before": hf_before, "after": after, "hf_after": hf_after,
         "checksum": float(sum(t.double().sum() for t in new.values())), "num_tensors": len(items),
         "running": running, "shut": shut, "left": vllm_processes(),
+        "openrlhf_rollouts": theirs, "dynamo_rollouts": ours,
     }))
 """
 
@@ -225,3 +246,15 @@ def test_vllm_engine_processes_are_stopped(engine_run):
     assert out["shut"] == 1
     assert any(p.startswith("VLLM::EngineCore") for p in out["running"])  # what the check would catch
     assert out["left"] == []
+
+
+def test_dynamo_off_rollouts_are_openrlhfs_on_the_real_engine(engine_run):
+    out, _ = engine_run
+    consumed, theirs = out["openrlhf_rollouts"]
+    assert consumed == 4 and len(theirs) == 4 * 3
+    # each prompt's 3 rollouts carry its own label (1+2, 3+4, 5+6, 12+7)
+    expected = {"What is 1+2?": "3", "What is 3+4?": "7", "What is 5+6?": "11", "What is 12+7?": "19"}
+    for prompt, label, *_ in theirs:
+        assert [label] == [v for k, v in expected.items() if k in prompt]
+    assert sorted(r[1] for r in theirs) == sorted(list(expected.values()) * 3)
+    assert out["dynamo_rollouts"] == out["openrlhf_rollouts"]
