@@ -7,9 +7,10 @@ build through OpenRLHF's ``RolloutRayActor``) vs the transformers stand-in (``CP
 Both engines are started exactly as a training run starts them (``create_cpu_rollout_engines``: a
 Ray actor on one fake-GPU bundle, the trainer's thread settings), one after the other, and get the
 same requests: one step's worth, ``--prompts`` prompts x ``--n`` samples, submitted concurrently as
-one request per prompt with ``n`` samples (what DynaMO's dispatch sends), temperature 1, and
-``min_tokens = max_tokens`` so that every sample is exactly ``max_tokens`` tokens long whatever the
-weights (the ~27M model is randomly initialised). One untimed warm-up step, then ``--rounds`` timed
+one request per sample (what OpenRLHF's executor sends for each ``generate_responses(num_samples=n)``
+call of DynaMO's dispatch), temperature 1, and
+``min_tokens = max_tokens`` (and vLLM's ``ignore_eos``) so that every sample is exactly ``max_tokens``
+tokens long whatever the weights (the ~27M model is randomly initialised). One untimed warm-up step, then ``--rounds`` timed
 steps; the table gives the median wall-clock per step and generated tokens/s, and vLLM's speed-up.
 Start-up time (engine ready for its first request) is reported too.
 """
@@ -63,11 +64,13 @@ def run_engine(engine_name: str, model_dir: Path, prompts, n: int, max_tokens: i
     engine, = cpu_backend.create_cpu_rollout_engines(1, 1, str(model_dir), 0, False, True, True, max_model_len)
     ray.get(engine.get_num_unfinished_requests.remote())
     startup = time.perf_counter() - t0
-    params = SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_tokens, min_tokens=max_tokens)
+    params = SamplingParams(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_tokens, min_tokens=max_tokens,
+                            ignore_eos=True)  # vLLM: every sample max_tokens long; the stand-in: min_tokens
 
     def step():
+        # as OpenRLHF's executor asks: one n = 1 request per sample, all of a step at once
         t = time.perf_counter()
-        outs = ray.get([engine.generate.remote(p, params) for p in prompts])
+        outs = ray.get([engine.generate.remote(p, params) for p in prompts for _ in range(n)])
         wall = time.perf_counter() - t
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
         assert tokens == len(prompts) * n * max_tokens, (engine_name, tokens)
@@ -119,7 +122,8 @@ def main(argv=None) -> int:
 
     # every engine in the same Ray session, one at a time; the workers see the env set here
     os.environ[cpu_backend.ENGINE_ENV] = "vllm"
-    cpu_backend.ray_init(cpu_backend=True, num_gpus=1)
+    # one fake GPU per engine started: a killed engine's placement group keeps its bundle
+    cpu_backend.ray_init(cpu_backend=True, num_gpus=2 * len(models))
     rows = []
     for label, model_dir in models:
         params = count_params(Path(model_dir))

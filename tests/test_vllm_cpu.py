@@ -127,11 +127,12 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     sp = lambda n, **kw: SamplingParams(n=n, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=12, min_tokens=1,
                                         skip_special_tokens=False, **kw)
-    # concurrent requests, each with its own n (what DynaMO's dispatch sends)
-    outs = ray.get([engine.generate.remote(ids[0], sp(3)), engine.generate.remote(ids[1], sp(5, logprobs=1)),
-                    engine.generate.remote(ids[2], sp(1))])
-    res = ray.get(engine.generate_responses.remote(prompt=prompts[1], label="7", sampling_params=sp(1),
-                                                   max_length=48, hf_tokenizer=tok, num_samples=4))
+    # single samples, as OpenRLHF's executor requests them (n = 1 each), all at once
+    outs = ray.get([engine.generate.remote(ids[k % 3], sp(1, logprobs=1 if k % 2 else None)) for k in range(8)])
+    # DynaMO's dispatch: one generate_responses call per prompt with its own number of samples
+    res = ray.get([engine.generate_responses.remote(prompt=prompts[k], label=str(sum(qs[k])), sampling_params=sp(1),
+                                                    max_length=48, hf_tokenizer=tok, num_samples=n)
+                   for k, n in enumerate((3, 5, 1))])
     # DynaMO off: DynamoSamplesGenerator's rollouts are OpenRLHF's SamplesGenerator's, on this engine
     # (greedy, so that both see the same samples; experiences compared field by field, in prompt order)
     from types import SimpleNamespace
@@ -191,8 +192,8 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
         "reasons": [[c.finish_reason for c in o.outputs] for o in outs],
         "ends_eos": [[c.token_ids[-1] == tok.eos_token_id for c in o.outputs] for o in outs],
         "logprobs": [[None if c.logprobs is None else len(c.logprobs) for c in o.outputs] for o in outs],
-        "responses": [{"reward": float(r["reward"]), "label": r["label"], "prompt": r["prompt"],
-                       "extra": sorted(r["extra_logs"])} for r in res],
+        "responses": [[{"reward": float(r["reward"]), "label": r["label"], "prompt": r["prompt"],
+                        "extra": sorted(r["extra_logs"])} for r in req] for req in res],
         "before": before, "hf_before": hf_before, "after": after, "hf_after": hf_after,
         "checksum": float(sum(t.double().sum() for t in new.values())), "num_tensors": len(items),
         "running": running, "shut": shut, "left": vllm_processes(),
@@ -216,19 +217,22 @@ def engine_run(tmp_path_factory):
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout + r.stderr
 
 
-def test_vllm_engine_honours_per_request_n(engine_run):
+def test_vllm_engine_samples_and_per_prompt_sample_counts(engine_run):
     out, _ = engine_run
-    assert out["n"] == [3, 5, 1]
+    assert out["n"] == [1] * 8
     for lens, reasons, eos in zip(out["lens"], out["reasons"], out["ends_eos"]):
         for n_tok, reason, ends in zip(lens, reasons, eos):
             assert 1 <= n_tok <= 12
             assert (reason == "stop") == ends and (reason == "length") == (n_tok == 12 and not ends)
-    assert out["logprobs"][1] == out["lens"][1] and out["logprobs"][0] == [None] * 3
-    # generate_responses is OpenRLHF's own: n samples, each scored by the math reward against its label
-    assert len(out["responses"]) == 4
-    for resp in out["responses"]:
-        assert resp["label"] == "7" and "What is 3+4?" in resp["prompt"]
-        assert resp["reward"] in (0.0, 1.0) and {"math_correct", "math_wrong"} <= set(resp["extra"])
+    assert [lp[0] is None for lp in out["logprobs"]] == [True, False] * 4
+    assert all(lp == lens for lp, lens in zip(out["logprobs"], out["lens"]) if lp[0] is not None)
+    # OpenRLHF's own generate_responses, as DynaMO's dispatch calls it: each prompt gets its own number of
+    # samples, each scored by the math reward against that prompt's label
+    assert [len(req) for req in out["responses"]] == [3, 5, 1]
+    for req, (q, label) in zip(out["responses"], (("1+2", "3"), ("3+4", "7"), ("5+6", "11"))):
+        for resp in req:
+            assert resp["label"] == label and f"What is {q}?" in resp["prompt"]
+            assert resp["reward"] in (0.0, 1.0) and {"math_correct", "math_wrong"} <= set(resp["extra"])
 
 
 def test_vllm_engine_greedy_is_transformers_greedy_before_and_after_a_weight_sync(engine_run):
