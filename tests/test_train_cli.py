@@ -193,7 +193,7 @@ def _label_of(prompt: str) -> str:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """DynaMO on (neyman allocation from the pool, decay6 modulation, rloo; the tiny preset's defaults,
-    except 4 rollouts per prompt within 2..6 to keep it short).
+    except 4 rollouts per prompt within 2..6 to keep it short), two rollout engines.
     Run 1: 2 steps over 16 prompts (each seen once), a checkpoint every step, eval at the end.
     Run 2 resumes with a second episode: the same 16 prompts again, now allocated from the pool."""
     from dynamo_openrlhf import tiny
@@ -205,7 +205,8 @@ def e2e(tmp_path_factory):
               "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
               "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.hi", "6",
               "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
-              "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16"]
+              "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16",
+              "--vllm.num_engines", "2"]
     first = _run(common + ["--train.num_episodes", "1"])
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     weights_run1 = _load_weights(run_dir / "final")
@@ -261,8 +262,14 @@ def test_e2e_rollout_engine_gets_the_actors_weights_every_step(e2e):
     per step; the last one is the final actor."""
     out = e2e["first"].stdout + e2e["first"].stderr
     tag = r"\[rollout engine vllm\]" if _expected_engine() == "vllm" else r"\[CPURolloutActor\]"
-    sums = [float(x) for x in re.findall(tag + r" weights update \d+: \d+ tensors, checksum (\S+)", out)]
-    assert len(sums) == 2, out[-3000:]
+    per_engine = {}  # Ray prefixes each line with the actor's pid
+    for pid, step, total in re.findall(r"Actor pid=(\d+)\).*?" + tag + r" weights update (\d+): \d+ tensors, checksum (\S+)",
+                                       out):
+        per_engine.setdefault(pid, []).append((int(step), float(total)))
+    assert len(per_engine) == 2, out[-3000:]  # both engines, one update per step each, the same weights
+    (a, b) = per_engine.values()
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2] and [t for _, t in a] == [t for _, t in b]
+    sums = [t for _, t in a]
     final = e2e["weights_run1"]
     expected = float(sum(w.double().sum() for w in final.values()))
     assert abs(sums[-1] - expected) < 1e-6 * max(1.0, abs(expected))
