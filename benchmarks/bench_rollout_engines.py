@@ -82,7 +82,6 @@ def run_engine(engine_name: str, model_dir: Path, prompts, n: int, max_tokens: i
         cpu_backend.shutdown_cpu_rollout_engines()
     else:
         ray.kill(engine)
-    cpu_backend._ENGINES.clear()
     wall = statistics.median(walls)
     return dict(startup=startup, wall=wall, tokens=len(prompts) * n * max_tokens, walls=walls)
 

