@@ -55,7 +55,11 @@ __all__ = [
     "LOSS_WEIGHT_KEY",
     "PROMPT_WEIGHTINGS",
     "PromptBalancing",
+    "RunningTokenNormalizer",
+    "TOKEN_NORMALIZER_MODES",
+    "balanced_mean_length",
     "estimator_spec",
+    "parse_token_normalizer",
     "prompt_balanced_weights",
     "prompt_balancing",
     "register_estimator",
@@ -302,27 +306,171 @@ def prompt_balanced_weights(group_sizes: SizesLike, estimator: str, token_normal
     return torch.repeat_interleave(per_group, sizes)
 
 
+def balanced_mean_length(response_lengths, group_sizes: SizesLike) -> float:
+    """The step's mean response length as the balanced loss weighs it: the mean over prompts (groups with
+    n_i > 0) of each prompt's mean response length, in tokens.
+
+    ``response_lengths``: (total,) action tokens per sample (what token-mean counts), contiguous groups as in
+    :func:`group_normalized_advantages`; ``group_sizes``: (num_groups,) n_i. With L equal to this value the
+    balanced weights of a step sum to 1 over its tokens (Σ_s w_s len_s = 1), as token-mean's 1/(token count)
+    does; with equal n_i it is the plain mean over samples. 0.0 when no group has a sample."""
+    lengths = torch.as_tensor(response_lengths).detach().to("cpu")
+    if lengths.dim() != 1:
+        raise ValueError(f"response_lengths must be 1-D (total_samples,), got shape {tuple(lengths.shape)}")
+    if lengths.is_complex() or lengths.dtype == torch.bool:
+        raise ValueError(f"response_lengths must be real numbers of tokens, got {lengths.dtype}")
+    lengths = lengths.to(torch.float64)
+    if lengths.numel() and not (bool(torch.isfinite(lengths).all()) and float(lengths.min()) >= 0):
+        raise ValueError("response_lengths must be finite and >= 0 (tokens)")
+    sizes = _check_sizes(group_sizes, lengths.numel())
+    nonempty = sizes > 0
+    if not bool(nonempty.any()):
+        return 0.0
+    sums = torch.zeros(sizes.numel(), dtype=torch.float64).index_add_(0, sample_group_ids(sizes), lengths)
+    return float((sums[nonempty] / sizes[nonempty]).mean())
+
+
+#: Values of ``--dynamo.loss.token_normalizer`` besides a number: ``auto`` (default) = the running mean
+#: response length of the earlier steps (:class:`RunningTokenNormalizer`); ``max_new_tokens`` = the fixed
+#: ``--rollout.max_new_tokens`` (the default before ``auto``).
+TOKEN_NORMALIZER_MODES = ("auto", "max_new_tokens")
+
+
+def parse_token_normalizer(value) -> Union[str, float]:
+    """``--dynamo.loss.token_normalizer`` as given (str from the command line, or a number / None from code):
+    ``"auto"`` (also for None), ``"max_new_tokens"``, or a finite float > 0. ValueError naming the flag otherwise."""
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip()
+        if text in TOKEN_NORMALIZER_MODES:
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--dynamo.loss.token_normalizer: expected auto, max_new_tokens or a number > 0 "
+                             f"(tokens), got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"--dynamo.loss.token_normalizer: expected auto, max_new_tokens or a number > 0 "
+                         f"(tokens), got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--dynamo.loss.token_normalizer must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+#: Version of :meth:`RunningTokenNormalizer.state_dict`.
+TOKEN_NORMALIZER_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class RunningTokenNormalizer:
+    """L of ``--dynamo.loss.token_normalizer auto``: the running mean response length (tokens) of the steps seen
+    so far, so that the balanced loss's step matches OpenRLHF's token-mean step at the same learning rate.
+
+    Step t uses :attr:`value` = (m_1 + ... + m_{t-1}) / (t - 1), m_s = :func:`balanced_mean_length` of step s's
+    responses (each step counts once): a constant within the step, computed before its responses are seen,
+    so the expected update stays independent of the step's n_i. The first step, with no earlier step, uses
+    ``first`` = ``--rollout.max_new_tokens``: a constant too, and an upper bound on any mean length, so that
+    step is never larger than token-mean's (at most one step at ≈ mean length / max_new_tokens of the size).
+    :meth:`update` adds a step's m once its weights are made; :meth:`state_dict` / :meth:`load_state_dict`
+    travel in the trainer's checkpoints, so a resumed run continues with the same L.
+
+    ``first``: L of the first step (tokens, > 0); ``total``: Σ m_s of the steps seen (tokens); ``steps``: their
+    number."""
+
+    first: float
+    total: float = 0.0
+    steps: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.first, bool) or not isinstance(self.first, (int, float)) \
+                or not (math.isfinite(self.first) and self.first > 0):
+            raise ValueError(f"RunningTokenNormalizer: first must be a finite number > 0 (tokens), got {self.first!r}")
+        self.first = float(self.first)
+        self._check(self.total, self.steps)
+
+    @staticmethod
+    def _check(total, steps) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"RunningTokenNormalizer: steps must be an int >= 0, got {steps!r}")
+        if isinstance(total, bool) or not isinstance(total, (int, float)) or not math.isfinite(total) \
+                or total < 0 or (steps > 0) != (total > 0):
+            raise ValueError(f"RunningTokenNormalizer: total must be a finite number of tokens, > 0 exactly when "
+                             f"steps > 0, got total {total!r} with steps {steps!r}")
+
+    @property
+    def value(self) -> float:
+        """L for the next step (tokens)."""
+        return self.first if self.steps == 0 else self.total / self.steps
+
+    def update(self, step_mean_length: float) -> None:
+        """Count one more step whose :func:`balanced_mean_length` is ``step_mean_length`` (tokens, finite, > 0;
+        a step without response tokens has no gradient to size: leave it out)."""
+        m = step_mean_length
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m > 0):
+            raise ValueError(f"RunningTokenNormalizer.update: the step's mean response length must be a finite "
+                             f"number > 0 (tokens), got {m!r}")
+        self.total += float(m)
+        self.steps += 1
+
+    def state_dict(self) -> Dict[str, object]:
+        """Plain Python values (exact floats): ``{"version", "total", "steps"}``. ``first`` is not saved: it
+        is the run's flag and only matters before any step."""
+        return {"version": TOKEN_NORMALIZER_STATE_VERSION, "total": self.total, "steps": self.steps}
+
+    def load_state_dict(self, state) -> None:
+        """Restore :meth:`state_dict`'s values; ValueError naming the problem for anything else."""
+        if not isinstance(state, dict):
+            raise ValueError(f"token normaliser state must be a dict, got {type(state).__name__}")
+        if state.get("version") != TOKEN_NORMALIZER_STATE_VERSION:
+            raise ValueError(f"token normaliser state version {state.get('version')!r} is not supported "
+                             f"(expected {TOKEN_NORMALIZER_STATE_VERSION})")
+        total, steps = state.get("total"), state.get("steps")
+        self._check(total, steps)
+        self.total, self.steps = float(total), int(steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptBalancing:
     """The run's prompt-balanced loss settings (:func:`prompt_balancing`).
 
     ``estimator``: the advantage estimator (its c(n)); ``token_normalizer``: L of the weights (1.0 with
-    ``--actor.loss_agg_mode seq-mean-token-mean``, where each sequence's loss already is its token mean);
-    ``token_level``: True for token-mean; ``train_batch_size``: samples per optimizer step
-    (``--train.batch_size``); each sample's weight is multiplied by (samples in the step) /
+    ``--actor.loss_agg_mode seq-mean-token-mean``, where each sequence's loss already is its token mean; with
+    ``running`` the first step's L); ``token_level``: True for token-mean; ``train_batch_size``: samples per
+    optimizer step (``--train.batch_size``); each sample's weight is multiplied by (samples in the step) /
     ``train_batch_size``, the number of optimizer steps per rollout step, so that every optimizer step is
-    an unbiased estimate of the same balanced update (exactly it when there is one)."""
+    an unbiased estimate of the same balanced update (exactly it when there is one); ``running``: True for
+    ``--dynamo.loss.token_normalizer auto`` (L of each step from a :class:`RunningTokenNormalizer`, see
+    :meth:`normalizer`)."""
 
     estimator: str
     token_normalizer: float
     token_level: bool
     train_batch_size: int
+    running: bool = False
 
-    def sample_weights(self, group_sizes: SizesLike) -> torch.Tensor:
-        """What the experience maker attaches per sample (float64, (total,)): the balanced weights times
-        (samples in the step) / (samples per optimizer step)."""
-        w = prompt_balanced_weights(group_sizes, self.estimator, self.token_normalizer)
+    def sample_weights(self, group_sizes: SizesLike, token_normalizer: Optional[float] = None) -> torch.Tensor:
+        """What the experience maker attaches per sample (float64, (total,)): the balanced weights with L =
+        ``token_normalizer`` (the step's L; default the fixed :attr:`token_normalizer`) times (samples in the
+        step) / (samples per optimizer step)."""
+        L = self.token_normalizer if token_normalizer is None else token_normalizer
+        w = prompt_balanced_weights(group_sizes, self.estimator, L)
         return w * (w.numel() / self.train_batch_size)
+
+    def normalizer(self) -> Optional[RunningTokenNormalizer]:
+        """A fresh :class:`RunningTokenNormalizer` (first step's L = :attr:`token_normalizer`) with ``running``;
+        None with a fixed L."""
+        return RunningTokenNormalizer(self.token_normalizer) if self.running else None
+
+    def describe(self) -> str:
+        """What each rollout contributes, for the console: e.g. ``token sum / 16``, ``token sum / L, L = running
+        mean response length of the earlier steps (first step: 16)`` or ``token mean``."""
+        if not self.token_level:
+            return "token mean"
+        if self.running:
+            return (f"token sum / L, L = running mean response length of the earlier steps (first step: "
+                    f"{self.token_normalizer:g} = --rollout.max_new_tokens)")
+        return f"token sum / {self.token_normalizer:g}"
 
 
 def _get(obj, path: str, default=None):
@@ -338,17 +486,19 @@ def prompt_balancing(args) -> Optional[PromptBalancing]:
 
     ``--dynamo.loss.prompt_weighting``: ``tokens`` = OpenRLHF's loss (with allocation off the run is
     OpenRLHF's GRPO exactly); ``balanced`` = the prompt-balanced loss; ``auto`` (default) = balanced when
-    ``--dynamo.allocation.rule`` is not off, else tokens. Raises ValueError naming the flags when the
-    settings cannot give the balanced loss exactly."""
+    ``--dynamo.allocation.rule`` is not off, else tokens. ``--dynamo.loss.token_normalizer``: ``auto``
+    (default; None means the same) = running mean response length, ``max_new_tokens``, or a number (see
+    :func:`parse_token_normalizer`). Raises ValueError naming the flags when the settings cannot give the
+    balanced loss exactly."""
     requested = _get(args, "dynamo.loss.prompt_weighting", "auto")
     if requested not in PROMPT_WEIGHTINGS:
         raise ValueError(f"--dynamo.loss.prompt_weighting: unknown value {requested!r}; expected one of "
                          f"{list(PROMPT_WEIGHTINGS)}")
-    normalizer = _get(args, "dynamo.loss.token_normalizer")
+    normalizer = parse_token_normalizer(_get(args, "dynamo.loss.token_normalizer"))
     allocation_on = _get(args, "dynamo.allocation.rule", "off") != "off"
     mode = ("balanced" if allocation_on else "tokens") if requested == "auto" else requested
     if mode == "tokens":
-        if normalizer is not None:
+        if normalizer != "auto":
             raise ValueError("--dynamo.loss.token_normalizer applies to the balanced loss only; the run uses "
                              f"--dynamo.loss.prompt_weighting tokens{' (auto, allocation off)' if requested == 'auto' else ''}")
         return None
@@ -359,17 +509,23 @@ def prompt_balancing(args) -> Optional[PromptBalancing]:
                         f"{list(ESTIMATORS)} (or use --dynamo.loss.prompt_weighting tokens)")
     agg = _get(args, "actor.loss_agg_mode", "token-mean")
     token_level = agg == "token-mean"
+    running = False
     if token_level:
-        L = normalizer if normalizer is not None else _get(args, "rollout.max_new_tokens")
-        if L is None:
-            problems.append("--dynamo.loss.prompt_weighting balanced needs a constant token normaliser: set "
-                            "--dynamo.loss.token_normalizer L (e.g. the longest response) or --rollout.max_new_tokens")
-        elif not (isinstance(L, (int, float)) and math.isfinite(L) and L > 0):
-            problems.append(f"--dynamo.loss.token_normalizer must be a finite number > 0, got {L!r}")
+        if isinstance(normalizer, float):
+            L = normalizer
+        else:
+            running = normalizer == "auto"
+            L = _get(args, "rollout.max_new_tokens")
+            if L is None:
+                problems.append(f"--dynamo.loss.token_normalizer {normalizer} needs --rollout.max_new_tokens "
+                                f"({'the first step' if running else 'every step'}'s L); set it or --dynamo.loss.token_normalizer L")
+            elif isinstance(L, bool) or not (isinstance(L, (int, float)) and math.isfinite(L) and L > 0):
+                problems.append(f"--rollout.max_new_tokens must be a finite number > 0 for the balanced loss's "
+                                f"token normaliser, got {L!r}")
     else:
         # seq-mean-token-mean: each sequence's loss is already its token mean; balanced keeps that and
         # weights sequences so that every prompt has the same total weight.
-        if normalizer is not None:
+        if normalizer != "auto":
             problems.append("--dynamo.loss.token_normalizer does not apply with --actor.loss_agg_mode "
                             f"{agg} (each sequence's loss is its token mean; the balanced loss keeps it)")
         L = 1.0
@@ -386,4 +542,4 @@ def prompt_balancing(args) -> Optional[PromptBalancing]:
     if problems:
         raise ValueError("; ".join(problems))
     return PromptBalancing(estimator=estimator, token_normalizer=float(L), token_level=token_level,
-                           train_batch_size=int(tbs))
+                           train_batch_size=int(tbs), running=running)

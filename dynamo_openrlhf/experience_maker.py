@@ -20,7 +20,10 @@ which pairs the wrong samples once prompts get different numbers of rollouts (do
 
 With the prompt-balanced loss (``balancing``), every experience also gets its samples' loss weights
 (:meth:`~dynamo_openrlhf.advantages.PromptBalancing.sample_weights` of the step's groups) in
-``info["dynamo_loss_weight"]``, on both paths; the actor pops them. ``tagged=False`` is for runs with
+``info["dynamo_loss_weight"]``, on both paths; the actor pops them. With ``--dynamo.loss.token_normalizer
+auto`` the step's L is the maker's :class:`~dynamo_openrlhf.advantages.RunningTokenNormalizer` value (one L for
+every sample of the step, whichever micro-batch or rank it lands on), which then counts the step's responses
+(action tokens, the count token-mean divides by). ``tagged=False`` is for runs with
 OpenRLHF's own sampler (allocation off): OpenRLHF's method runs unchanged and the groups are its
 contiguous groups of n.
 """
@@ -41,6 +44,7 @@ from dynamo_openrlhf.advantages import (
     GROUP_ESTIMATORS,
     LOSS_WEIGHT_KEY,
     PromptBalancing,
+    balanced_mean_length,
     group_normalized_advantages,
     group_reward_std,
 )
@@ -74,7 +78,9 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
     ``success_threshold``: a sample counts as a success for the pool when its score (reward without
     a score) is above it. ``on_groups``: called with each tagged step's :class:`RolloutGroups` as soon
     as they are read (OpenRLHF's ``train_step`` makes the experiences and keeps them, so this is how
-    the step's outcomes leave it).
+    the step's outcomes leave it). ``token_normalizer``: the running L of ``--dynamo.loss.token_normalizer
+    auto`` (``balancing.normalizer()``, None with a fixed L); ``last_token_normalizer``: the L of the latest
+    step's weights (None before the first).
     """
 
     def __init__(self, *args, success_threshold: float = 0.5, balancing: Optional[PromptBalancing] = None,
@@ -82,6 +88,8 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
         super().__init__(*args, **kwargs)
         self.success_threshold = float(success_threshold)
         self.balancing = balancing
+        self.token_normalizer = balancing.normalizer() if balancing is not None else None
+        self.last_token_normalizer: Optional[float] = None
         self.tagged = bool(tagged)
         self.on_groups = on_groups
         estimator = self.args.algo.advantage.estimator
@@ -144,7 +152,30 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
         once for the whole step from its groups (nothing when the loss keeps OpenRLHF's weighting)."""
         if self.balancing is None or not experiences:
             return
-        w = self.balancing.sample_weights(torch.as_tensor(np.asarray(sizes, dtype=np.int64)))
+        sizes = torch.as_tensor(np.asarray(sizes, dtype=np.int64))
+        positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        running = self.token_normalizer
+        L = running.value if running is not None else self.balancing.token_normalizer
+        w = self.balancing.sample_weights(sizes, L)
         lengths = [len(exp.rewards) for exp in experiences]
-        for exp, part in zip(experiences, w[torch.as_tensor(np.asarray(positions, dtype=np.int64))].split(lengths)):
+        for exp, part in zip(experiences, w[positions].split(lengths)):
             exp.info[LOSS_WEIGHT_KEY] = part
+        self.last_token_normalizer = L
+        if running is not None:
+            # After the weights: this step's lengths size the next steps only (L is never the step's own count).
+            tokens = torch.cat([self._action_tokens(exp) for exp in experiences])
+            flat = torch.empty_like(tokens)
+            flat[positions] = tokens  # rollout order: groups contiguous
+            m = balanced_mean_length(flat, sizes)
+            if m > 0:  # a step without response tokens has no gradient to size
+                running.update(m)
+
+    @staticmethod
+    def _action_tokens(exp: Experience) -> torch.Tensor:
+        """(B,) float64 number of action tokens of each sample: what OpenRLHF's token-mean divides by."""
+        if exp.action_mask is not None:
+            return exp.action_mask.detach().to("cpu").sum(-1).to(torch.float64)
+        if exp.response_length is not None:
+            return torch.as_tensor(exp.response_length).detach().to("cpu", torch.float64).reshape(-1)
+        raise ValueError("--dynamo.loss.token_normalizer auto: an experience has neither action_mask nor "
+                         "response_length; cannot count its response tokens")

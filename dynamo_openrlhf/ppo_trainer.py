@@ -10,10 +10,12 @@
   outcomes (successes and trials per prompt id);
 * prompt-balanced loss (``--dynamo.loss.prompt_weighting``, default on with allocation): the experience
   maker attaches every sample's loss weight, computed once per step from the step's groups (also with
-  allocation off, from OpenRLHF's contiguous groups of n);
+  allocation off, from OpenRLHF's contiguous groups of n), with the step's L
+  (``--dynamo.loss.token_normalizer``; ``auto``: the running mean response length of the earlier steps),
+  logged as ``dynamo/token_normalizer``;
 * logs ``dynamo/*`` metrics through OpenRLHF's status dict (console, wandb, TensorBoard) and keeps
   a per-step history (``<run_dir>/metrics.jsonl``);
-* saves its state (pool bit for bit, step counter, history) in every OpenRLHF checkpoint
+* saves its state (pool bit for bit, step counter, the running token normaliser, history) in every OpenRLHF checkpoint
   (``client_states["dynamo"]``) and restores it on ``--ckpt.load_enable``;
 * adds unbiased pass@k (``--dynamo.eval_pass_k``) and solved/unsolved fractions to OpenRLHF's
   in-training evaluation (``--eval.steps``, ``--eval.dataset``, ``--eval.n_samples_per_prompt``,
@@ -52,7 +54,7 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
 
 __all__ = ["DynamoPPOTrainer", "STATE_VERSION"]
 
-STATE_VERSION = 2  # of client_states["dynamo"]; 1 = history only
+STATE_VERSION = 3  # of client_states["dynamo"]; 1 = history only; 2 = + pool; 3 = + running token normaliser
 
 
 def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -133,6 +135,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             if expected is not None and len(rollout_samples) != expected:
                 raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
         status, global_step = super().train_step(rollout_samples, global_step)
+        L = getattr(self.experience_maker, "last_token_normalizer", None)
+        if self.balancing is not None and self.balancing.token_level and L is not None:
+            status["dynamo/token_normalizer"] = L  # the L of this step's weights
         if self.allocator is not None:
             t0 = time.time()
             status.update(self.allocator.metrics())
@@ -145,13 +150,30 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes)
 
     # -- state kept in OpenRLHF checkpoints -----------------------------------------------------
+    def _running_normalizer(self):
+        """The experience maker's :class:`~dynamo_openrlhf.advantages.RunningTokenNormalizer` (None unless
+        ``--dynamo.loss.token_normalizer auto`` with the balanced token-mean loss)."""
+        return getattr(getattr(self, "experience_maker", None), "token_normalizer", None)
+
     def dynamo_state_dict(self) -> Dict[str, Any]:
         state = {"version": STATE_VERSION, "history": list(self.history)}
         if self.allocator is not None:
             state["allocator"] = self.allocator.state_dict()
+        running = self._running_normalizer()
+        if running is not None:
+            state["token_normalizer"] = running.state_dict()
         return state
 
     def load_dynamo_state_dict(self, state: Dict[str, Any]) -> None:
+        running = self._running_normalizer()
+        if running is not None:
+            if "token_normalizer" not in state:
+                raise ValueError("the checkpoint has no running token normaliser (saved with a fixed "
+                                 "--dynamo.loss.token_normalizer or by an older version), so --dynamo.loss."
+                                 "token_normalizer auto cannot continue it exactly; resume with the L the run was "
+                                 "started with: --dynamo.loss.token_normalizer max_new_tokens (the default before "
+                                 "auto) or its number")
+            running.load_state_dict(state["token_normalizer"])
         self.history = list(state.get("history", []))
         if self.allocator is not None:
             if "allocator" not in state:
@@ -160,6 +182,9 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             self.allocator.load_state_dict(state["allocator"])
             print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
                   f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()}", flush=True)
+        if running is not None:
+            print(f"[dynamo] restored token normaliser: L = {running.value!r} (running mean response length of "
+                  f"{running.steps} steps)", flush=True)
 
     def init_checkpoint_states(self):
         states = super().init_checkpoint_states()

@@ -353,14 +353,30 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     g.add_argument(
         "--dynamo.loss.token_normalizer",
-        type=float,
-        default=None,
-        metavar="L",
-        help="Balanced loss: the constant L each rollout's token sum is divided by (default: "
-        "--rollout.max_new_tokens). Token-mean loss only. With token-mean, the balanced loss's steps are smaller "
-        "than OpenRLHF's by about (mean response length)/L at the same learning rate.",
+        type=_token_normalizer_arg,
+        default="auto",
+        metavar="{auto,max_new_tokens,L}",
+        help="Balanced loss: the L each rollout's token sum is divided by, one constant per step (never the "
+        "step's own token count, so the allocation still moves only the noise). auto (default): the running mean "
+        "response length of the earlier steps (each step's mean over prompts of the mean over its rollouts, in "
+        "tokens; the first step uses --rollout.max_new_tokens), so that at the same learning rate a balanced "
+        "step is as large as OpenRLHF's token-mean step; kept in checkpoints, logged as dynamo/token_normalizer. "
+        "max_new_tokens: the fixed --rollout.max_new_tokens (steps about (mean response length)/max_new_tokens "
+        "of token-mean's). A number: that fixed L. Token-mean loss only.",
     )
     return parser
+
+
+def _token_normalizer_arg(text: str):
+    """argparse type of --dynamo.loss.token_normalizer: auto, max_new_tokens or a number > 0."""
+    from dynamo_openrlhf.advantages import parse_token_normalizer
+
+    try:
+        return parse_token_normalizer(text)
+    except ValueError as e:
+        # argparse names the flag itself
+        msg = str(e).removeprefix("--dynamo.loss.token_normalizer").removeprefix(":").strip()
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _dynamo_problems(args) -> List[str]:
@@ -447,9 +463,9 @@ def _apply_dynamo_to_openrlhf_args(args) -> None:
 
     balancing = prompt_balancing(args)
     if balancing is not None:
-        per = f"token sum / {balancing.token_normalizer:g}" if balancing.token_level else "token mean"
         print(f"[dynamo] policy loss: prompt-balanced (--dynamo.loss.prompt_weighting), each prompt weighs the same: "
-              f"mean over prompts of the mean over its rollouts of ({per}); estimator {balancing.estimator}")
+              f"mean over prompts of the mean over its rollouts of ({balancing.describe()}); estimator "
+              f"{balancing.estimator}")
 
 
 def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
@@ -845,7 +861,10 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
     except ValueError:
         balancing = None
     if balancing is not None:
-        per = f"token sum / {balancing.token_normalizer:g}" if balancing.token_level else "token mean"
+        per = balancing.describe()
+        Ls = [r["dynamo/token_normalizer"] for r in train if "dynamo/token_normalizer" in r]
+        if balancing.running and Ls:
+            per = f"token sum / L, L = running mean response length: {Ls[0]:.3g} at the first step, {Ls[-1]:.3g} at the last"
         lines.append(f"  policy loss: prompt-balanced (each prompt weighs the same; per rollout {per}; "
                      f"{balancing.estimator} advantages)")
     calib = [r for r in train if "dynamo/pool_brier" in r]

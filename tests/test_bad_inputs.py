@@ -7,6 +7,7 @@ directory and shown as ``FILE`` in the README)."""
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,7 +43,22 @@ def _cases(tmp: Path):
         "filter band outside [0, 0.5)": lambda: AllocationConfig(rule="filter", n_samples_per_prompt=8,
                                                                  prompts_per_step=16, lo=2, hi=16, filter_band=0.6),
         "`--dynamo.cpu_engine vllm` where vLLM's CPU build does not import": lambda: _cpu_engine_without_vllm(),
+        "resuming `--dynamo.loss.token_normalizer auto` from a checkpoint without its running L":
+            lambda: _resume_auto_L_without_state(),
     }
+
+
+def _resume_auto_L_without_state():
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    from dynamo_openrlhf.advantages import PromptBalancing
+    from dynamo_openrlhf.ppo_trainer import DynamoPPOTrainer
+
+    trainer = object.__new__(DynamoPPOTrainer.__ray_actor_class__)
+    trainer.experience_maker = SimpleNamespace(token_normalizer=PromptBalancing("rloo", 16.0, True, 8, True).normalizer())
+    trainer.allocator = None
+    trainer.load_dynamo_state_dict({"version": 2, "history": []})  # a checkpoint saved with a fixed L
 
 
 def _cpu_engine_without_vllm():

@@ -394,8 +394,17 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
 def test_e2e_balanced_loss_and_pool_calibration(e2e):
     train = [m for m in _metrics(e2e["run_dir"]) if m["type"] == "train"]
     out = e2e["first"].stdout
-    assert "[dynamo] policy loss: prompt-balanced" in out and "token sum / 16" in out  # L = --rollout.max_new_tokens
+    assert "[dynamo] policy loss: prompt-balanced" in out
+    assert "token sum / L, L = running mean response length of the earlier steps (first step: 16" in out
     assert "policy loss: prompt-balanced" in out.split("run summary")[-1]
+    # --dynamo.loss.token_normalizer auto: step 1 uses --rollout.max_new_tokens; step 2 the mean response length of
+    # step 1 (n = 4 for every prompt there: the balanced mean is OpenRLHF's plain mean); step 3, the first of the
+    # resumed run, the mean of steps 1 and 2, restored from the step-2 checkpoint
+    L = {m["step"]: m["dynamo/token_normalizer"] for m in train}
+    length = {m["step"]: m["rollout/response_length_mean"] for m in train}
+    assert L[1] == 16.0 and abs(L[2] - length[1]) < 1e-9 and abs(L[3] - (length[1] + length[2]) / 2) < 1e-9
+    assert f"[dynamo] restored token normaliser: L = {L[3]!r} (running mean response length of 2 steps)" \
+        in e2e["second"].stdout
     for m in train:
         assert not any("loss_weight" in k for k in m)  # the weights are popped, never logged as metrics
         assert 0.0 <= m["dynamo/pool_brier"] <= 1.0 and 0.0 <= m["dynamo/pool_real_mean"] <= 1.0
@@ -506,9 +515,12 @@ def test_prompt_weighting_flags_resolve_and_are_validated():
                       modulation=NS(preset="off", mu_max=None, lambda_min=None, gamma=None, tau=None)),
         )
 
-    # auto: balanced with allocation on (L = --rollout.max_new_tokens), tokens (None) with allocation off
-    assert prompt_balancing(args()) == PromptBalancing("rloo", 12.0, True, 16)
-    assert prompt_balancing(args(rule="off")) is None
+    # auto: balanced with allocation on (L: running mean response length, first step --rollout.max_new_tokens),
+    # tokens (None) with allocation off
+    assert prompt_balancing(args()) == PromptBalancing("rloo", 12.0, True, 16, running=True)
+    assert prompt_balancing(args(L="auto")) == prompt_balancing(args())  # None (from code) = auto
+    assert prompt_balancing(args(L="max_new_tokens")) == PromptBalancing("rloo", 12.0, True, 16)
+    assert prompt_balancing(args(rule="off")) is None and prompt_balancing(args(rule="off", L="auto")) is None
     assert prompt_balancing(args(weighting="tokens")) is None
     assert prompt_balancing(args(weighting="balanced", rule="off", L=20.0, estimator="dr_grpo")) == \
         PromptBalancing("dr_grpo", 20.0, True, 16)
@@ -516,7 +528,12 @@ def test_prompt_weighting_flags_resolve_and_are_validated():
     assert prompt_balancing(args(agg="seq-mean-token-mean")) == PromptBalancing("rloo", 1.0, False, 16)
     assert _dynamo_problems(args()) == [] and _dynamo_problems(args(weighting="tokens", rule="off")) == []
     cases = [
-        (dict(max_new=None), "needs a constant token normaliser: set --dynamo.loss.token_normalizer"),
+        (dict(max_new=None), "--dynamo.loss.token_normalizer auto needs --rollout.max_new_tokens (the first step's "
+                             "L); set it or --dynamo.loss.token_normalizer L"),
+        (dict(max_new=None, L="max_new_tokens"), "--dynamo.loss.token_normalizer max_new_tokens needs "
+                                                 "--rollout.max_new_tokens (every step's L)"),
+        (dict(L="longest"), "--dynamo.loss.token_normalizer: expected auto, max_new_tokens or a number > 0 (tokens), "
+                            "got 'longest'"),
         (dict(L=0.0), "--dynamo.loss.token_normalizer must be a finite number > 0, got 0.0"),
         (dict(L=float("inf")), "--dynamo.loss.token_normalizer must be a finite number > 0, got inf"),
         (dict(L=8.0, agg="seq-mean-token-mean"), "--dynamo.loss.token_normalizer does not apply with "
@@ -586,8 +603,15 @@ def test_summary_shows_the_pool_calibration_and_the_loss():
     # realised (0.25*32+0.5*96)/128 = 0.4375; own-mean reference (0.1875*32 + 0.25*96)/128 = 0.234375
     assert ("  pool calibration (posterior before each update, 2 steps): Brier 0.1600 (last step 0.1300; the step's "
             "own mean pass rate would score 0.2344), predicted pass rate 0.350 vs realised 0.438") in text
+    # --dynamo.loss.token_normalizer auto (the default): the running L, named from the first step's value
+    assert ("  policy loss: prompt-balanced (each prompt weighs the same; per rollout token sum / L, L = running mean "
+            "response length of the earlier steps (first step: 16 = --rollout.max_new_tokens); rloo advantages)") in text
+    logged = [{**r, "dynamo/token_normalizer": L} for r, L in zip(history, (16.0, 11.5))]
+    assert ("  policy loss: prompt-balanced (each prompt weighs the same; per rollout token sum / L, L = running mean "
+            "response length: 16 at the first step, 11.5 at the last; rloo advantages)") in format_summary(logged, args, 1.0)
+    args.dynamo.loss.token_normalizer = 16.0
     assert "  policy loss: prompt-balanced (each prompt weighs the same; per rollout token sum / 16; rloo advantages)" \
-        in text
+        in format_summary(history, args, 12.0)
     args.dynamo.allocation.rule = "off"
     assert "pool calibration" not in format_summary(history[:0], args, 1.0)
     assert "policy loss" not in format_summary(history, args, 1.0)
