@@ -52,6 +52,7 @@ def allocate_rollouts(
     skip_factor: float | None = None,
     min_rollouts: int | None = None,
     estimator: _Estimator | None = None,
+    scale: _FloatArrayLike | None = None,
 ) -> npt.NDArray[np.int64]:
     """Split ``budget`` rollouts over N prompts, each getting between ``lo`` and ``hi``.
 
@@ -159,19 +160,39 @@ def allocate_rollouts(
             here (ValueError), use :meth:`PassRatePool.allocate`. Another name: ValueError
             listing :data:`ESTIMATORS`.
 
+    Per-prompt noise scale (every rule; see docs/allocation_objectives.md, "Per-prompt noise
+    scale"):
+        scale: ``None`` (default): every s_i = 1, the result is bit for bit the one without it.
+            Otherwise shape (N,), finite and > 0 (unitless or in any unit: only ratios matter):
+            the prompt's gradient-noise scale S_i, so that its update variance is
+            s_i * v_i / n_i (s_i * v_i / (n_i - 1) with a shifted estimator). Every rule then
+            works on the weighted variances w_i = s_i * v_i, the float64 product (bit for bit
+            ``allocate_rollouts(variances * scale, ...)`` with the same options):
+            ``"neyman"`` gives the exact integer minimiser of sum s_i v_i / n_i (or of
+            sum s_i v_i / (n_i - 1)), ties as above on the products' gains; ``skip_factor``
+            and ``min_rollouts`` skip and rank on s * v; ``"proportional"`` gives
+            n_i proportional to max(s_i v_i, priority_floor) (mastered prompts: the floor);
+            ``"uniform"`` validates it and ignores it (the uniform split has no objective).
+            Cost: one extra O(N) read; with rule "neyman" the products are stored only when
+            the threshold search needs them. A scale of 1 everywhere gives today's result.
+
     Raises:
         ValueError: naming the argument and the problem: NaN/infinite/negative variances
             (``"variances[17] is NaN"``), wrong dimensions or dtypes, mismatched lengths,
             negative lo/hi/budget, lo > hi, a budget outside [N*lo, N*hi]
             (``"budget 100 is infeasible: must lie in [N*lo, N*hi] = [128, 384] for N=16,
             lo=8, hi=24"``), an unknown rule, or an option the rule does not take
-            (``"skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 8"``).
+            (``"skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 8"``),
+            a bad scale (``"scale has length 3 but variances has length 4"``,
+            ``"scale[2] is zero (0.0); a scale must be > 0"``, ``"scale[5] is NaN"``,
+            ``"scale[1] * variances[1] overflows float64 (...)"``; bad variances are reported
+            first).
     """
 
 class _PoolStats(TypedDict):
     prompts: int  #: prompts with evidence
-    slots: int  #: hash-table slots (16 bytes each)
-    load_factor: float  #: prompts / slots, kept at or below 0.8
+    slots: int  #: hash-table slots (24 bytes each)
+    load_factor: float  #: prompts / slots, kept in [0.67, 0.8] once the table has grown
     bytes: int  #: heap bytes held by the pool
     bytes_per_prompt: float
     updates: int  #: number of update() calls (training steps)
@@ -180,6 +201,9 @@ class _PoolStats(TypedDict):
     forget: float
     successes: float  #: total forgotten success evidence over the pool
     failures: float  #: total forgotten failure evidence over the pool
+    noise_success_mean: float | None  #: pool-level mean noise proxy per successful rollout
+    noise_failure_mean: float | None  #: pool-level mean noise proxy per failed rollout
+    noise_weight: float  #: shrinkage weight w0 of :meth:`PassRatePool.noise_scale`
 
 @final
 def group_norm_costs(
@@ -211,9 +235,19 @@ class PassRatePool:
     counts. Cost O(batch), not O(pool): a global scale absorbs the multiplication and is folded
     into the entries (one O(pool) pass) only when it drops below 1e-18.
 
-    Memory: open addressing over 16-byte slots (id int64, evidence 2 x float32), load factor
-    kept in [0.53, 0.8]: 20 to 30 bytes per prompt (``stats()["bytes_per_prompt"]``).
-    Evidence is float32: integer counts are exact up to 2**24 per prompt (with ``forget = 1``).
+    Noise statistics (for a per-prompt gradient-noise scale, generic in a per-rollout proxy
+    q >= 0 of the squared score norm, e.g. a token count or a measured ||grad log pi||^2): per
+    prompt and outcome class (success, failure) a forgotten sum of q, forgotten like the
+    evidence; the class's count is the class's evidence itself (every rollout recorded after the
+    class's first noise observation carries a q, observed or imputed: see :meth:`update`). The
+    pool-level class means M_succ, M_fail (:attr:`noise_means`) are kept incrementally.
+    :meth:`noise_scale` mixes the shrunk class means by the posterior mean pass rate.
+
+    Memory: open addressing over 24-byte slots (id int64, evidence 2 x float32, noise sums
+    2 x float32), growing by 3/16 at a time so that the load factor stays in [0.67, 0.8]: 30 to
+    36 bytes per prompt (``stats()["bytes_per_prompt"]``; small pools hold at least 16 slots).
+    Evidence and noise sums are float32: integer counts are exact up to 2**24 per prompt (with
+    ``forget = 1``).
 
     Pickling (e.g. to send a pool to a Ray actor) uses the same format as :meth:`save`.
     """
@@ -223,9 +257,12 @@ class PassRatePool:
         prior: tuple[float, float] = (1.0, 1.0),
         forget: float = 1.0,
         capacity: int | None = None,
+        *,
+        noise_weight: float = 1.0,
     ) -> PassRatePool:
         """Empty pool with prior Beta(alpha0, beta0) (both finite, > 0) and forgetting factor
-        ``forget`` in (0, 1]. ``capacity`` pre-sizes the table for that many prompts."""
+        ``forget`` in (0, 1]. ``capacity`` pre-sizes the table for that many prompts.
+        ``noise_weight``: the shrinkage weight w0 of :meth:`noise_scale` (finite, >= 0)."""
     @property
     def prior(self) -> tuple[float, float]:
         """(alpha0, beta0). Settable; affects every posterior at once (evidence is kept)."""
@@ -236,16 +273,44 @@ class PassRatePool:
         """Forgetting factor rho in (0, 1]. Settable; applies from the next update on."""
     @forget.setter
     def forget(self, value: float) -> None: ...
+    @property
+    def noise_weight(self) -> float:
+        """w0 >= 0, the pseudo-rollouts at the pool-level class mean in each prompt's class mean
+        (:meth:`noise_scale`). Settable; takes effect at once. Saved with the pool."""
+    @noise_weight.setter
+    def noise_weight(self, value: float) -> None: ...
+    @property
+    def noise_means(self) -> tuple[float | None, float | None]:
+        """(M_succ, M_fail): the pool-level mean noise proxy per successful / failed rollout
+        (forgotten sum of q over the pool / forgotten class evidence of the pool, both kept
+        incrementally); ``None`` for a class without any noise observation."""
     def update(
         self,
         prompt_ids: _IntArrayLike,
         successes: _IntArrayLike,
         trials: _IntArrayLike,
+        *,
+        noise_success: _FloatArrayLike | None = None,
+        noise_failure: _FloatArrayLike | None = None,
     ) -> None:
         """Record one training step: shapes (M,) each, integer dtypes (booleans allowed for
         the counts). Repeated ids in one call add up; rows with ``trials == 0`` add nothing and
         create no entry. Raises ValueError for mismatched lengths, non-integer dtypes, negative
-        counts or ``successes > trials``; then the pool is left unchanged."""
+        counts or ``successes > trials``; then the pool is left unchanged.
+
+        ``noise_success``, ``noise_failure`` (both or neither), shapes (M,), float: per row, the
+        sum of the noise proxy q over that row's successful rollouts and over its failed ones
+        (finite, >= 0, at most 1e30; 0 where the row has no rollout of that class; any unit,
+        the same every step). They are forgotten with the evidence. The first step that brings a
+        class's noise (with at least one rollout of that class) starts the class: the class
+        evidence recorded before (e.g. a pool loaded from a version-1/2 file) has no q, so it is
+        counted at that step's mean q of the class (one O(pool) pass, once per class). After
+        that, a step without noise sums counts each rollout of a started class at the
+        pool-level class mean of the moment (the means do not move), so that every prompt's
+        class count stays its class evidence. ValueError (pool unchanged) for a missing partner
+        array, mismatched lengths, NaN/infinite/negative/too large values
+        (``"noise_failure[3] is NaN"``), or a non-zero sum for a class without rollouts
+        (``"noise_success[2] = 0.5 but successes[2] = 0 (...)"``)."""
     def mean(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
         """Posterior mean alpha / (alpha + beta), shape (M,); the prior mean for unseen ids."""
     def expected_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
@@ -270,6 +335,23 @@ class PassRatePool:
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """(successes, failures) evidence above the prior after forgetting, shapes (M,);
         zeros for unseen ids."""
+    def noise_sums(
+        self, prompt_ids: _IntArrayLike
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(sum of q over successes, sum of q over failures) after forgetting, shapes (M,), in
+        the unit of the q given to :meth:`update`; zeros for unseen ids."""
+    def noise_scale(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
+        """Per-prompt noise scale, shape (M,), in the unit of q:
+        ``s_i = (1 - m_i) * Q_succ_i + m_i * Q_fail_i`` with m_i the posterior mean pass rate
+        and ``Q_c_i = (sum_c_i + w0 * M_c) / (n_c_i + w0)`` the prompt's mean q of class c shrunk
+        toward the pool-level class mean M_c (:attr:`noise_means`; n_c_i = the class evidence,
+        sum_c_i = :meth:`noise_sums`, w0 = :attr:`noise_weight`); ``Q_c_i = M_c`` exactly where
+        n_c_i = 0 (so unseen ids get the pool-level value at the prior mean). Why this mix:
+        the gradient noise of a prompt with pass rate p is about p(1-p)/(n-1) * S with
+        S ~ (1-p) C_succ + p C_fail, C_class the mean squared score norm of that outcome's
+        rollouts (the minority outcome dominates). A class without any observation takes the
+        other class's M; with no observation at all every s_i is 1 (so ``noise_scale=True``
+        allocates exactly as without it)."""
     def allocate(
         self,
         prompt_ids: _IntArrayLike,
@@ -288,6 +370,8 @@ class PassRatePool:
         calibrated: bool | None = None,
         estimator: _Estimator | None = None,
         explore_seed: int | None = None,
+        scale: _FloatArrayLike | None = None,
+        noise_scale: bool | None = None,
     ) -> npt.NDArray[np.int64]:
         """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
         allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
@@ -340,7 +424,17 @@ class PassRatePool:
         never skipped for ever because its pass rate moved. The draw is a pure function of
         (explore_seed, prompt id, number of ``update`` calls so far): the same call on a pool
         restored with :meth:`load` gives the same result, and each training step draws
-        afresh. The allocation among kept prompts is unchanged (the posterior variances)."""
+        afresh. The allocation among kept prompts is unchanged (the posterior variances).
+
+        ``scale``: shape (M,), finite, > 0: :func:`allocate_rollouts`'s per-prompt noise scale.
+        The (calibrated) variances are multiplied by it before the rule (so skipping, its
+        plain-posterior and exploration guards, and the group floor all work on s * v); with
+        ``"group_norm"`` each prompt's cost is multiplied by it (and by its calibration factor
+        when ``calibrated``). Rule ``"uniform"``: validated and ignored. ``noise_scale``:
+        ``None``/False (default): off. True: the scale is :meth:`noise_scale` of the ids (not
+        with ``scale``, not with rule ``"uniform"``: ValueError); a pool without noise
+        observations allocates exactly as without it. ValueError if the pool's noise scale of
+        an id is 0 (possible only when every observed q of its classes is 0)."""
     def fit_prior(self) -> tuple[float, float]:
         """Empirical-Bayes fit of (alpha0, beta0) to the pool, by the method of moments with a
         binomial-noise correction, over prompts with at least one trial of (forgotten)
@@ -361,17 +455,21 @@ class PassRatePool:
         bit (ids, evidence, prior, forget, scale, update count, calibration). Raises OSError
         (e.g. FileNotFoundError for a missing directory).
 
-        File format version 2, little-endian: magic ``b"DYNMPOOL"``, u32 version, u32 flags,
+        File format version 3, little-endian: magic ``b"DYNMPOOL"``, u32 version, u32 flags,
         f64 alpha0, f64 beta0, f64 forget, f64 scale, u64 updates, u64 prompts P, u64 table
         slots, u32 CRC-32 of the preceding 72 header bytes; then P records of (i64 id,
-        f32 successes, f32 failures) as stored (actual evidence / scale); then a u32 CRC-32
-        of the records; then the calibration block: f64 decay (0.99), f64 weight (2.0),
-        u32 cells C = 169, C f64 observed sums, C f64 predicted sums, u32 CRC-32 of the block.
-        Size: 80 + 16 P + 2728 bytes. Version 1 (written by earlier builds: the same without
-        the calibration block, 80 + 16 P bytes) still loads, with an empty calibration."""
+        f32 successes, f32 failures, f32 noise sum over successes, f32 noise sum over failures)
+        as stored (actual / scale); then a u32 CRC-32 of the records; then the calibration
+        block: f64 decay (0.99), f64 weight (2.0), u32 cells C = 169, C f64 observed sums,
+        C f64 predicted sums, u32 CRC-32 of the block; then the noise block: f64 noise_weight,
+        u32 started classes (bit 0 success, bit 1 failure), 2 f64 stored pool sums of q, 2 f64
+        stored pool class counts, u32 CRC-32 of the block. Size: 80 + 24 P + 2728 + 48 bytes.
+        Version 2 (the previous build: 16-byte records without noise sums, no noise block,
+        80 + 16 P + 2728 bytes) and version 1 (no calibration block either, 80 + 16 P bytes)
+        still load, with empty noise statistics (and, for version 1, an empty calibration)."""
     @staticmethod
     def load(path: str | PathLike[str]) -> PassRatePool:
-        """Read a pool written by :meth:`save` (format version 1 or 2). Raises
+        """Read a pool written by :meth:`save` (format version 1, 2 or 3). Raises
         FileNotFoundError/OSError when the file cannot be read, and ValueError naming the
         problem for an empty, foreign (bad magic), newer (unknown version), truncated,
         over-long or corrupt (checksum mismatch) file."""

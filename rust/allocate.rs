@@ -72,6 +72,12 @@ pub struct Options<'a> {
     /// The advantage estimator whose update variance is minimised (`estimator.rs`); `None` =
     /// Σ v_i/n_i. Rule "neyman" only; "group_norm" needs posteriors (`PassRatePool::allocate`).
     pub estimator: Option<Estimator>,
+    /// Per-prompt noise scale s_i (finite, > 0, as long as `variances`): every rule except
+    /// "uniform" works on w_i = s_i·v_i (the float64 product) instead of v_i, so "neyman" is the
+    /// exact minimiser of Σ s_i·v_i/n_i (Σ s_i·v_i/(n_i − 1) with a shifted estimator) and
+    /// "proportional" gives n ∝ max(s·v, floor). "uniform" only validates it. `None` = every
+    /// s_i = 1, bit for bit.
+    pub scale: Option<&'a [f64]>,
 }
 
 impl Options<'_> {
@@ -111,13 +117,66 @@ pub fn allocate_guarded(
 ) -> Result<Vec<i64>> {
     debug_assert!(guard.is_none_or(|g| g.len() == variances.len()));
     let (budget, lo, hi) = check_bounds(variances.len(), budget, lo, hi)?;
+    let selection = options.selection();
+    let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
+    let shifted = options.estimator.is_some();
+    // With a scale every rule sees w = s·v (and the guard s·guard, in the same units). The plain
+    // "neyman" solve (Σ w/n or Σ w/(n − 1)) reads the products where it needs them (no stored
+    // copy of w on the paths the scan decides); every other path stores w first.
+    let direct = options.scale.filter(|s| {
+        s.len() == variances.len()
+            && rule == Rule::Neyman
+            && guard.is_none()
+            && !seen_weights
+            && !selection.active()
+            && options
+                .estimator
+                .is_none_or(|e| e.objective() == Objective::Shifted)
+    });
+    if let Some(s) = direct {
+        // Shifted: the Σ w/m problem over m = n − 1 (see `estimator::solve_shifted`).
+        let (l, h) = if shifted && lo >= 1 {
+            (lo - 1, hi - 1)
+        } else {
+            (lo, hi)
+        };
+        let scan = neyman::scan_scaled(variances, s, l, h);
+        if scan.first_invalid.is_some() {
+            return Err(scaled_input_error(variances, s));
+        }
+        check_options(variances.len(), rule, options)?;
+        if let Some(e) = options.estimator {
+            check_estimator(e, rule, options, lo as i64)?;
+        }
+        check_selection(
+            rule,
+            options,
+            &selection,
+            budget as i64,
+            lo as i64,
+            hi as i64,
+        )?;
+        return Ok(if shifted {
+            estimator::solve_shifted_scaled(variances, s, budget, lo, hi, &scan)
+        } else {
+            neyman::solve_scaled(variances, s, budget, lo, hi, &scan)
+        });
+    }
+    let weighted = options
+        .scale
+        .map(|s| scale_variances(variances, s, "variances"))
+        .transpose()?;
+    let weighted_guard = match (options.scale, guard) {
+        (Some(s), Some(g)) => Some(scale_values(g, s)),
+        _ => None,
+    };
+    let variances = weighted.as_deref().unwrap_or(variances);
+    let guard = weighted_guard.as_deref().or(guard);
     let scan = neyman::scan(variances, lo, hi);
     if let Some(i) = scan.first_invalid {
         return Err(describe_invalid("variances", i, variances[i]));
     }
     check_options(variances.len(), rule, options)?;
-    let selection = options.selection();
-    let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
     if let Some(e) = options.estimator {
         check_estimator(e, rule, options, lo as i64)?;
         if e.objective() == Objective::GroupNorm {
@@ -135,7 +194,6 @@ pub fn allocate_guarded(
         lo as i64,
         hi as i64,
     )?;
-    let shifted = options.estimator.is_some();
     Ok(match rule {
         Rule::Neyman if shifted && selection.active() => {
             skip::solve(variances, guard, budget, hi, &scan, &selection, true)
@@ -197,6 +255,133 @@ pub fn check_bounds(n: usize, budget: i64, lo: i64, hi: i64) -> Result<(u64, u64
         )));
     }
     Ok((budget as u64, lo as u64, hi as u64))
+}
+
+/// Largest input handled by one call of the product kernel (a stack-free, branch-free loop).
+const SCALE_BLOCK: usize = 1 << 12;
+
+/// w_i = s_i·v_i, the float64 product (exactly v_i where s_i = 1). Checks, in this order: the
+/// variances (NaN, infinite, negative: `describe_invalid`), the length of `scale` (`other` names
+/// the array it must match), each s_i finite and > 0, each product finite. One fused pass when
+/// everything is valid; the errors are located by a second look only on failure.
+pub fn scale_variances(v: &[f64], scale: &[f64], other: &str) -> Result<Vec<f64>> {
+    if scale.len() != v.len() {
+        if let Some(i) = v.iter().position(|&x| !(0.0..f64::INFINITY).contains(&x)) {
+            return Err(describe_invalid("variances", i, v[i]));
+        }
+        return Err(Error::invalid(format!(
+            "scale has length {} but {other} has length {}",
+            scale.len(),
+            v.len()
+        )));
+    }
+    let mut w = vec![0.0f64; v.len()];
+    let bad: u64 = crate::parallel::map_chunks_mut(v, &mut w, |offset, vs, ws| {
+        let s = &scale[offset..offset + vs.len()];
+        let mut bad = 0u64;
+        for ((vb, sb), wb) in vs
+            .chunks(SCALE_BLOCK)
+            .zip(s.chunks(SCALE_BLOCK))
+            .zip(ws.chunks_mut(SCALE_BLOCK))
+        {
+            bad += scale_block(vb, sb, wb);
+        }
+        bad
+    })
+    .into_iter()
+    .sum();
+    if bad > 0 {
+        // The variances' own errors come first (as without a scale), then the scale's, then
+        // a product that overflows.
+        if let Some(i) = v.iter().position(|&x| !(0.0..f64::INFINITY).contains(&x)) {
+            return Err(describe_invalid("variances", i, v[i]));
+        }
+        if let Some(i) = scale.iter().position(|&x| !(x > 0.0 && x < f64::INFINITY)) {
+            return Err(describe_invalid_scale(i, scale[i]));
+        }
+        let i = w.iter().position(|x| !x.is_finite()).unwrap_or(0);
+        return Err(Error::invalid(format!(
+            "scale[{i}] * {other}[{i}] overflows float64 ({:?} * {:?})",
+            scale[i], v[i]
+        )));
+    }
+    Ok(w)
+}
+
+/// The error of an input that `neyman::scan_scaled` flagged (see [`scale_variances`]).
+fn scaled_input_error(v: &[f64], s: &[f64]) -> Error {
+    match scale_variances(v, s, "variances") {
+        Err(e) => e,
+        Ok(_) => Error::invalid("variances or scale hold an invalid value"),
+    }
+}
+
+/// Writes `w = v·s` for one block; returns the number of entries where `s` is not finite and
+/// > 0 or `w` is not finite and ≥ 0 (covers invalid variances too: NaN, ∞ or negative stay so).
+#[inline]
+fn scale_block(v: &[f64], s: &[f64], w: &mut [f64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(v: &[f64], s: &[f64], w: &mut [f64]) -> u64 {
+            scale_block_generic(v, s, w)
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return unsafe { avx2(v, s, w) };
+        }
+    }
+    scale_block_generic(v, s, w)
+}
+
+#[inline(always)]
+#[allow(clippy::manual_range_contains)] // `&` rather than `&&` keeps the loop branch-free
+fn scale_block_generic(v: &[f64], s: &[f64], w: &mut [f64]) -> u64 {
+    let mut bad = 0u64;
+    for ((&x, &y), o) in v.iter().zip(s).zip(w.iter_mut()) {
+        let p = x * y;
+        *o = p;
+        bad += (!((y > 0.0) & (y <= f64::MAX) & (p >= 0.0) & (p <= f64::MAX))) as u64;
+    }
+    bad
+}
+
+/// `g_i · s_i` for a guard already validated (finite, ≥ 0) and a validated scale; a product that
+/// overflows saturates at f64::MAX (a guard only has to compare above the cut).
+fn scale_values(g: &[f64], s: &[f64]) -> Vec<f64> {
+    g.iter()
+        .zip(s)
+        .map(|(&x, &y)| (x * y).min(f64::MAX))
+        .collect()
+}
+
+/// The message for an invalid scale entry: "scale[3] is NaN", "... is zero", ...
+pub fn describe_invalid_scale(index: usize, value: f64) -> Error {
+    let problem = if value.is_nan() {
+        "is NaN".to_string()
+    } else if value.is_infinite() {
+        format!("is infinite ({value})")
+    } else if value == 0.0 {
+        format!("is zero ({value:?}); a scale must be > 0")
+    } else {
+        format!("is negative ({value:?}); a scale must be > 0")
+    };
+    Error::invalid(format!("scale[{index}] {problem}"))
+}
+
+/// Checks a scale on its own (length `n`, finite, > 0): for callers that do not multiply
+/// variances by it (rule "uniform", group_norm's cost factors).
+pub fn check_scale(scale: &[f64], n: usize, other: &str) -> Result<()> {
+    if scale.len() != n {
+        return Err(Error::invalid(format!(
+            "scale has length {} but {other} has length {n}",
+            scale.len()
+        )));
+    }
+    match scale.iter().position(|&x| !(x > 0.0 && x < f64::INFINITY)) {
+        Some(i) => Err(describe_invalid_scale(i, scale[i])),
+        None => Ok(()),
+    }
 }
 
 pub fn describe_invalid(name: &str, index: usize, value: f64) -> Error {
@@ -965,6 +1150,320 @@ mod tests {
             let want = crate::estimator::solve_shifted(&sub, budget as u64, m as u64, hi as u64);
             let got: Vec<i64> = served.iter().map(|&i| out[i]).collect();
             assert_eq!(got, want);
+        }
+    }
+
+    /// Brute-force DP over Σ cost(i, n_i), n_i ∈ [lo, hi], Σ n_i = budget; the minimum.
+    fn dp_min(n: usize, budget: u64, lo: u64, hi: u64, cost: impl Fn(usize, u64) -> f64) -> f64 {
+        let b = budget as usize;
+        let mut best = vec![f64::INFINITY; b + 1];
+        best[0] = 0.0;
+        for i in 0..n {
+            let mut next = vec![f64::INFINITY; b + 1];
+            for (used, &so_far) in best.iter().enumerate() {
+                if so_far.is_infinite() {
+                    continue;
+                }
+                for k in lo..=hi {
+                    let t = used + k as usize;
+                    if t > b {
+                        break;
+                    }
+                    next[t] = next[t].min(so_far + cost(i, k));
+                }
+            }
+            best = next;
+        }
+        best[b]
+    }
+
+    /// Noise scales as measured: spread over 0.02–7× (plus ties and extremes).
+    fn random_scale(rng: &mut crate::neyman::tests::Rng, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| match rng.below(6) {
+                0 => 1.0,
+                1 => 0.02,
+                2 => 7.0,
+                _ => 0.02 * 350f64.powf(rng.unit()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scale_gives_the_exact_minimiser_of_the_weighted_objective() {
+        let mut rng = crate::neyman::tests::Rng::new(97);
+        for case in 0..3000 {
+            let n = 1 + rng.below(6) as usize;
+            let shifted = case % 2 == 1;
+            let lo = if shifted {
+                2 + rng.below(2)
+            } else {
+                rng.below(3)
+            };
+            let hi = lo + rng.below(6);
+            let (min, max) = (n as u64 * lo, n as u64 * hi);
+            let budget = match case % 5 {
+                0 => min,
+                1 => max,
+                _ => min + rng.below(max - min + 1),
+            };
+            let v: Vec<f64> = (0..n)
+                .map(|_| {
+                    if rng.below(4) == 0 {
+                        0.0
+                    } else {
+                        rng.unit() * 0.25
+                    }
+                })
+                .collect();
+            let s = random_scale(&mut rng, n);
+            let w: Vec<f64> = v.iter().zip(&s).map(|(x, y)| x * y).collect();
+            let e = shifted.then(|| [Estimator::Rloo, Estimator::DrGrpo][case % 4 / 2]);
+            let o = Options {
+                estimator: e,
+                scale: Some(&s),
+                ..Options::default()
+            };
+            let got = allocate(&v, budget as i64, lo as i64, hi as i64, Rule::Neyman, &o).unwrap();
+            // Exactly the unscaled solver on w = s·v (same ties).
+            let on_w = Options {
+                estimator: e,
+                ..Options::default()
+            };
+            assert_eq!(
+                got,
+                allocate(&w, budget as i64, lo as i64, hi as i64, Rule::Neyman, &on_w).unwrap()
+            );
+            let positive = w.iter().filter(|&&x| x > 0.0).count() as u64;
+            if lo == 0 && budget < positive {
+                continue; // every allocation is infinite: the documented rule decides
+            }
+            let m = |k: u64| if shifted { k - 1 } else { k };
+            let cost = |i: usize, k: u64| {
+                if v[i] == 0.0 {
+                    0.0
+                } else if m(k) == 0 {
+                    f64::INFINITY
+                } else {
+                    s[i] * v[i] / m(k) as f64
+                }
+            };
+            let best = dp_min(n, budget, lo, hi, cost);
+            let ours: f64 = (0..n).map(|i| cost(i, got[i] as u64)).sum();
+            assert!(
+                (ours - best).abs() <= 1e-12 * best.max(1e-300),
+                "v={v:?} s={s:?} {budget} [{lo}, {hi}] {e:?}: {got:?} {ours} vs {best}"
+            );
+        }
+    }
+
+    #[test]
+    fn scale_with_the_other_rules_and_switches() {
+        let mut rng = crate::neyman::tests::Rng::new(5);
+        for _ in 0..500 {
+            let n = 1 + rng.below(12) as usize;
+            let hi = 2 + rng.below(10) as i64;
+            let budget = rng.below(n as u64 * hi as u64 + 1) as i64;
+            let v: Vec<f64> = (0..n)
+                .map(|_| if rng.below(4) == 0 { 0.0 } else { rng.unit() })
+                .collect();
+            let s = random_scale(&mut rng, n);
+            let w: Vec<f64> = v.iter().zip(&s).map(|(x, y)| x * y).collect();
+            let with = |o: Options, rule: Rule| {
+                allocate(
+                    &v,
+                    budget,
+                    0,
+                    hi,
+                    rule,
+                    &Options {
+                        scale: Some(&s),
+                        ..o
+                    },
+                )
+            };
+            let on_w = |o: Options, rule: Rule| allocate(&w, budget, 0, hi, rule, &o);
+            // Proportional: n ∝ max(s·v, floor); skipping and the group floor: on s·v.
+            for (o, rule) in [
+                (Options::default(), Rule::Proportional),
+                (
+                    Options {
+                        skip_factor: Some(4.0),
+                        ..Options::default()
+                    },
+                    Rule::Neyman,
+                ),
+                (
+                    Options {
+                        min_rollouts: Some(2),
+                        ..Options::default()
+                    },
+                    Rule::Neyman,
+                ),
+            ] {
+                match (with(o, rule), on_w(o, rule)) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b),
+                    (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                    (a, b) => panic!("{a:?} vs {b:?}"),
+                }
+            }
+            // Uniform ignores it.
+            assert_eq!(
+                with(Options::default(), Rule::Uniform).unwrap(),
+                uniform(n, budget as u64)
+            );
+        }
+    }
+
+    #[test]
+    fn unit_scale_is_bit_for_bit_no_scale() {
+        let mut rng = crate::neyman::tests::Rng::new(3);
+        let v: Vec<f64> = (0..100_000)
+            .map(|i| if i % 3 == 0 { 0.0 } else { rng.unit() * 0.25 })
+            .collect();
+        let ones = vec![1.0; v.len()];
+        for (lo, hi, e) in [
+            (0i64, 64i64, None),
+            (8, 24, None),
+            (2, 64, Some(Estimator::Rloo)),
+        ] {
+            let plain = Options {
+                estimator: e,
+                ..Options::default()
+            };
+            let unit = Options {
+                scale: Some(&ones),
+                ..plain
+            };
+            let budget = 16 * v.len() as i64;
+            assert_eq!(
+                allocate(&v, budget, lo, hi, Rule::Neyman, &plain).unwrap(),
+                allocate(&v, budget, lo, hi, Rule::Neyman, &unit).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn bad_scales_are_named_by_index_and_value() {
+        let v = [0.1, 0.2, 0.0, 0.3];
+        let err = |s: &[f64], v: &[f64], rule: Rule| {
+            allocate(
+                v,
+                8,
+                2,
+                4,
+                rule,
+                &Options {
+                    scale: Some(s),
+                    ..Options::default()
+                },
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            err(&[1.0, 1.0, 1.0], &v, Rule::Neyman),
+            "scale has length 3 but variances has length 4"
+        );
+        assert_eq!(
+            err(&[1.0, f64::NAN, 1.0, 1.0], &v, Rule::Neyman),
+            "scale[1] is NaN"
+        );
+        assert_eq!(
+            err(&[1.0, 1.0, 1.0, f64::INFINITY], &v, Rule::Uniform),
+            "scale[3] is infinite (inf)"
+        );
+        assert_eq!(
+            err(&[1.0, 1.0, 0.0, 1.0], &v, Rule::Proportional),
+            "scale[2] is zero (0.0); a scale must be > 0"
+        );
+        assert_eq!(
+            err(&[-2.0, 1.0, 1.0, 1.0], &v, Rule::Neyman),
+            "scale[0] is negative (-2.0); a scale must be > 0"
+        );
+        // The variances' own errors come first, also with a scale of the wrong length.
+        let bad_v = [0.1, f64::NAN, 0.0, 0.3];
+        assert_eq!(
+            err(&[0.0, 1.0, 1.0, 1.0], &bad_v, Rule::Neyman),
+            "variances[1] is NaN"
+        );
+        assert_eq!(err(&[1.0], &bad_v, Rule::Neyman), "variances[1] is NaN");
+        assert_eq!(
+            err(
+                &[1.0, 1.0, 1e300, 1e300],
+                &[0.1, 0.2, 0.0, 1e10],
+                Rule::Neyman
+            ),
+            "scale[3] * variances[3] overflows float64 (1e300 * 10000000000.0)"
+        );
+        // A large input finds the first bad entry too.
+        let big = vec![0.2; 200_000];
+        let mut s = vec![1.0; 200_000];
+        s[150_001] = -0.0;
+        assert_eq!(
+            allocate(
+                &big,
+                400_000,
+                0,
+                4,
+                Rule::Neyman,
+                &Options {
+                    scale: Some(&s),
+                    ..Options::default()
+                }
+            )
+            .unwrap_err()
+            .to_string(),
+            "scale[150001] is zero (-0.0); a scale must be > 0"
+        );
+    }
+
+    #[test]
+    fn scaled_paths_equal_the_solver_on_stored_products() {
+        // Every path of the direct solve (lower bounds, all positive gains, threshold search,
+        // budget below the positive count, tiny products) against the solver on w = s·v.
+        let mut rng = crate::neyman::tests::Rng::new(23);
+        for n in [7usize, 3_000, 150_000] {
+            let v: Vec<f64> = (0..n)
+                .map(|i| match i % 7 {
+                    0 | 1 => 0.0,
+                    2 => 1e-310, // subnormal: its products underflow or stay tiny
+                    _ => rng.unit() * 0.25,
+                })
+                .collect();
+            let s: Vec<f64> = (0..n)
+                .map(|i| if i % 11 == 0 { 1e-20 } else { 0.02 * 350f64.powf(rng.unit()) })
+                .collect();
+            let w: Vec<f64> = v.iter().zip(&s).map(|(x, y)| x * y).collect();
+            let n = n as i64;
+            let cases = [
+                (8, 24, 8 * n, None),
+                (8, 24, 16 * n, None),
+                (8, 24, 24 * n - 1, None),
+                (0, 64, 16 * n, None),
+                (0, 64, n / 3, None),
+                (0, 64, 0, None),
+                (1, 4, 3 * n + 5, None),
+                (2, 24, 16 * n, Some(Estimator::Rloo)),
+                (2, 64, 2 * n, Some(Estimator::ReinforceBaseline)),
+                (3, 9, 9 * n, Some(Estimator::DrGrpo)),
+            ];
+            for (lo, hi, budget, e) in cases {
+                let scaled = Options {
+                    estimator: e,
+                    scale: Some(&s),
+                    ..Options::default()
+                };
+                let plain = Options {
+                    estimator: e,
+                    ..Options::default()
+                };
+                assert_eq!(
+                    allocate(&v, budget, lo, hi, Rule::Neyman, &scaled).unwrap(),
+                    allocate(&w, budget, lo, hi, Rule::Neyman, &plain).unwrap(),
+                    "n={n} [{lo}, {hi}] budget {budget} {e:?}"
+                );
+            }
         }
     }
 }

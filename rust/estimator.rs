@@ -125,6 +125,26 @@ pub fn solve_shifted(v: &[f64], budget: u64, lo: u64, hi: u64) -> Vec<i64> {
     out
 }
 
+/// [`solve_shifted`] on the weights w = v·s (`scan` = `neyman::scan_scaled(v, s, lo − 1,
+/// hi − 1)`), equal to `solve_shifted(&w, …)` bit for bit without storing w where the scan
+/// decides the answer.
+pub fn solve_shifted_scaled(
+    v: &[f64],
+    s: &[f64],
+    budget: u64,
+    lo: u64,
+    hi: u64,
+    scan: &neyman::Scan,
+) -> Vec<i64> {
+    debug_assert!(lo >= 1 && lo <= hi);
+    let n = v.len() as u64;
+    let mut out = neyman::solve_scaled(v, s, budget - n, lo - 1, hi - 1, scan);
+    for o in &mut out {
+        *o += 1;
+    }
+    out
+}
+
 /// The group_norm cost of one prompt, level by level: P(n), E[pⁿ], E[(1−p)ⁿ] advanced by exact
 /// Beta moment ratios.
 #[derive(Clone, Copy, Debug)]

@@ -160,6 +160,118 @@ fn scan_chunk_generic(chunk: &[f64], lower: u64, hi: u64) -> Scan {
     }
 }
 
+/// `true` for a usable scale entry: finite and > 0.
+#[inline(always)]
+fn valid_scale(y: f64) -> bool {
+    (y > 0.0) & (y <= f64::MAX)
+}
+
+/// [`scan`] of the weights w_i = v_i·s_i (the float64 products) without storing them.
+/// `first_invalid` is the first index where s_i is not finite and > 0 or w_i is not finite and
+/// ≥ 0 (which covers every invalid v_i); the caller names the culprit.
+pub fn scan_scaled(v: &[f64], s: &[f64], lo: u64, hi: u64) -> Scan {
+    debug_assert_eq!(v.len(), s.len());
+    let lower = lo.max(1);
+    let parts = map_chunks(v, |offset, chunk| {
+        let sc = &s[offset..offset + chunk.len()];
+        let mut part = scan_scaled_chunk(chunk, sc, lower, hi);
+        if part.first_invalid.is_some() {
+            part.first_invalid = chunk
+                .iter()
+                .zip(sc)
+                .position(|(&x, &y)| !(valid_scale(y) && (0.0..f64::INFINITY).contains(&(x * y))))
+                .map(|j| offset + j);
+        }
+        part
+    });
+    let mut total = Scan::default();
+    for part in parts {
+        total.first_invalid = total.first_invalid.or(part.first_invalid);
+        total.positive += part.positive;
+        total.positive_units += part.positive_units;
+    }
+    total
+}
+
+fn scan_scaled_chunk(v: &[f64], s: &[f64], lower: u64, hi: u64) -> Scan {
+    dispatch!(
+        scan_scaled_chunk_generic,
+        scan_scaled_chunk_avx2,
+        fn(v: &[f64], s: &[f64], lower: u64, hi: u64) -> Scan
+    );
+}
+
+/// `scan_chunk_generic` on the products v·s.
+#[inline(always)]
+#[allow(clippy::manual_range_contains)] // `&` rather than `&&` keeps the loop branch-free
+fn scan_scaled_chunk_generic(v: &[f64], s: &[f64], lower: u64, hi: u64) -> Scan {
+    let full = hi.saturating_sub(lower);
+    let safe = no_underflow(hi);
+    let (mut invalid, mut tiny, mut positive, mut at_full) = (0u64, 0u64, 0u64, 0u64);
+    for (&a, &y) in v.iter().zip(s) {
+        let x = a * y;
+        invalid += !((x >= 0.0) & (x <= f64::MAX) & valid_scale(y)) as u64;
+        positive += (x > 0.0) as u64;
+        tiny += ((x > 0.0) & (x < safe)) as u64;
+        at_full += (x >= safe) as u64;
+    }
+    let mut positive_units = at_full * full;
+    if tiny > 0 && invalid == 0 {
+        positive_units += v
+            .iter()
+            .zip(s)
+            .map(|(&a, &y)| a * y)
+            .filter(|&x| x > 0.0 && x < safe)
+            .map(|x| count_above(x, lower, hi, 0.0))
+            .sum::<u64>();
+    }
+    Scan {
+        first_invalid: (invalid > 0).then_some(0),
+        positive,
+        positive_units,
+    }
+}
+
+/// The products w = v·s, stored (in parallel for large inputs).
+pub fn products(v: &[f64], s: &[f64]) -> Vec<f64> {
+    let mut w = vec![0.0f64; v.len()];
+    map_chunks_mut(v, &mut w, |offset, vs, ws| {
+        for ((o, &x), &y) in ws.iter_mut().zip(vs).zip(&s[offset..offset + vs.len()]) {
+            *o = x * y;
+        }
+    });
+    w
+}
+
+/// `solve(&products(v, s), …)` for validated input (`scan` from [`scan_scaled`]), bit for bit.
+/// The paths decided by the scan alone (every prompt at its lower bound, or every positive
+/// gain taken) read the products where they need them; the threshold search stores them.
+pub fn solve_scaled(v: &[f64], s: &[f64], budget: u64, lo: u64, hi: u64, scan: &Scan) -> Vec<i64> {
+    let n = v.len() as u64;
+    let positive = scan.positive;
+    if lo == 0 && budget < positive {
+        return largest_variances(&products(v, s), budget as usize);
+    }
+    let lower = lo.max(1);
+    let base = lo * (n - positive) + lower * positive;
+    let units = budget - base;
+    if units == 0 {
+        let mut out = vec![0i64; v.len()];
+        let (lo, lower) = (lo as i64, lower as i64);
+        map_chunks_mut(v, &mut out, |offset, vs, os| {
+            for ((o, &x), &y) in os.iter_mut().zip(vs).zip(&s[offset..offset + vs.len()]) {
+                *o = if x * y > 0.0 { lower } else { lo };
+            }
+        });
+        return out;
+    }
+    if units >= scan.positive_units {
+        let (out, tiny) = zero_gain_start(v, Some(s), lo, lower, hi);
+        return raise_zero_gain(v, out, tiny, lo, hi, positive, units - scan.positive_units);
+    }
+    solve_by_threshold(&products(v, s), lo, lower, hi, units, positive).0
+}
+
 /// Solves the allocation for validated input: finite non-negative `v`, `lo ≤ hi`,
 /// `len·lo ≤ budget ≤ len·hi`; `scan` must come from `scan(v, lo, hi)`.
 ///
@@ -353,28 +465,67 @@ fn partition_point(mut a: u64, mut b: u64, above: impl Fn(u64) -> bool) -> u64 {
 /// All positive-gain units are taken; `rest` units of zero gain remain. They go level by level
 /// (fewer rollouts first), and within the last level to the lowest indices.
 fn fill_zero_gain(v: &[f64], lo: u64, lower: u64, hi: u64, positive: u64, rest: u64) -> Vec<i64> {
+    let (out, tiny) = zero_gain_start(v, None, lo, lower, hi);
+    raise_zero_gain(v, out, tiny, lo, hi, positive, rest)
+}
+
+/// Start levels of `fill_zero_gain` for the weights `v` (times `s` when given): positive
+/// prompts at hi (all their gains are positive), the others at lo; positive weights whose last
+/// gains underflow to 0 ("tiny", counted in the second result) below hi.
+fn zero_gain_start(
+    v: &[f64],
+    s: Option<&[f64]>,
+    lo: u64,
+    lower: u64,
+    hi: u64,
+) -> (Vec<i64>, usize) {
     let mut out = vec![0i64; v.len()];
     let safe = no_underflow(hi);
     let (lo_i, hi_i) = (lo as i64, hi as i64);
-    // Start levels: positive prompts at hi (all their gains are positive), the others at lo.
-    let tiny: usize = map_chunks_mut(v, &mut out, |_, vs, os| {
+    let tiny: usize = map_chunks_mut(v, &mut out, |offset, vs, os| {
         let mut tiny = 0usize;
-        for (o, &x) in os.iter_mut().zip(vs) {
-            tiny += ((x > 0.0) & (x < safe)) as usize;
-            *o = if x > 0.0 { hi_i } else { lo_i };
+        match s {
+            None => {
+                for (o, &x) in os.iter_mut().zip(vs) {
+                    tiny += ((x > 0.0) & (x < safe)) as usize;
+                    *o = if x > 0.0 { hi_i } else { lo_i };
+                }
+            }
+            Some(s) => {
+                for ((o, &a), &y) in os.iter_mut().zip(vs).zip(&s[offset..offset + vs.len()]) {
+                    let x = a * y;
+                    tiny += ((x > 0.0) & (x < safe)) as usize;
+                    *o = if x > 0.0 { hi_i } else { lo_i };
+                }
+            }
         }
         tiny
     })
     .into_iter()
     .sum();
     if tiny > 0 {
-        // Positive variances whose last gains underflow to 0 start below hi.
-        for (o, &x) in out.iter_mut().zip(v) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let x = s.map_or(v[i], |s| v[i] * s[i]);
             if x > 0.0 && x < safe {
                 *o = (lower + count_above(x, lower, hi, 0.0)) as i64;
             }
         }
     }
+    (out, tiny)
+}
+
+/// The rest of `fill_zero_gain` from the start levels `out` (`v` only sets the length and the
+/// chunking).
+fn raise_zero_gain(
+    v: &[f64],
+    mut out: Vec<i64>,
+    tiny: usize,
+    lo: u64,
+    hi: u64,
+    positive: u64,
+    rest: u64,
+) -> Vec<i64> {
+    let (lo_i, hi_i) = (lo as i64, hi as i64);
     if rest == 0 {
         return out;
     }

@@ -1,16 +1,24 @@
-//! Beta pass-rate posteriors for a pool of prompts keyed by int64 id.
+//! Beta pass-rate posteriors for a pool of prompts keyed by int64 id, with per-prompt gradient
+//! noise statistics.
 //!
 //! Each prompt has a Beta(α0 + s, β0 + f) posterior where (s, f) is the (forgotten) evidence above
 //! the prior. Evidence, not α/β, is stored, so the prior can be changed or fitted later.
 //!
-//! Forgetting: every `update` call is one training step. It multiplies all stored evidence by ρ,
-//! then adds the step's counts. To make that O(batch), the table stores evidence divided by a
-//! global scale g (actual = stored · g): a step does g ← g·ρ and adds k/g. When g falls below
-//! `SCALE_FLOOR`, one O(pool) pass folds g into the entries and resets it to 1.
+//! Noise statistics (generic in a per-rollout proxy q ≥ 0 of the squared score norm): per prompt
+//! and outcome class (success, failure) a forgotten sum of q. The class's count is the class's
+//! evidence (s or f): every rollout recorded after the class's first noise observation carries a
+//! q, observed or imputed (see [`PassRatePool::update_with_noise`]). Pool-level class sums and
+//! counts are kept incrementally; `noise_scale` shrinks each prompt's class means toward them.
 //!
-//! Memory: open addressing with linear probing over one array of 16-byte slots (id i64,
-//! successes f32, failures f32), load factor kept in [0.53, 0.8], i.e. 20–30 bytes per prompt.
-//! `i64::MIN` marks an empty slot; the prompt whose id is `i64::MIN` is kept beside the table.
+//! Forgetting: every `update` call is one training step. It multiplies all stored evidence (and
+//! the noise sums) by ρ, then adds the step's counts. To make that O(batch), the table stores
+//! values divided by a global scale g (actual = stored · g): a step does g ← g·ρ and adds k/g.
+//! When g falls below `SCALE_FLOOR`, one O(pool) pass folds g into the entries and resets it to 1.
+//!
+//! Memory: open addressing with linear probing over one array of 24-byte slots (id i64,
+//! successes f32, failures f32, noise sums 2 × f32), load factor kept in [0.67, 0.8] by growing
+//! 1.1875× at a time, i.e. 30–36 bytes per prompt. `i64::MIN` marks an empty slot; the prompt whose
+//! id is `i64::MIN` is kept beside the table.
 
 use crate::allocate::{self, Options, Rule};
 use crate::calibration::{self, Calibration, Observation};
@@ -20,25 +28,47 @@ use crate::parallel::map_chunks;
 
 /// Below this global scale the stored evidence is renormalised (keeps f32 entries finite).
 pub const SCALE_FLOOR: f64 = 1e-18;
-/// Largest fraction of occupied slots before the table grows (by half).
+/// Largest fraction of occupied slots before the table grows (by 3/16: the load then stays at
+/// or above 0.8/1.1875 ≈ 0.674, so that a 24-byte slot costs at most 35.7 bytes per prompt).
 const MAX_LOAD: f64 = 0.8;
 const MIN_SLOTS: usize = 16;
 const EMPTY: i64 = i64::MIN;
+/// Largest noise sum one row may add (the sums are float32; this keeps them finite).
+pub const MAX_NOISE: f64 = 1e30;
+/// Default shrinkage weight w0 of the noise scale (pseudo-rollouts at the pool-level mean).
+pub const DEFAULT_NOISE_WEIGHT: f64 = 1.0;
 
-/// One table slot; `successes`/`failures` are stored evidence (actual evidence / scale).
+/// One table slot; every value is stored as actual / scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[repr(C)]
 pub struct Slot {
     pub id: i64,
     pub successes: f32,
     pub failures: f32,
+    /// Forgotten sums of the noise proxy q over the prompt's successful / failed rollouts.
+    pub noise_success: f32,
+    pub noise_failure: f32,
 }
 
 const EMPTY_SLOT: Slot = Slot {
     id: EMPTY,
     successes: 0.0,
     failures: 0.0,
+    noise_success: 0.0,
+    noise_failure: 0.0,
 };
+
+impl Slot {
+    /// A slot holding only pass-rate evidence (no noise sums), e.g. from a version-2 file.
+    pub fn evidence(id: i64, successes: f32, failures: f32) -> Slot {
+        Slot {
+            id,
+            successes,
+            failures,
+            ..EMPTY_SLOT
+        }
+    }
+}
 
 #[inline]
 fn mix(id: i64) -> u64 {
@@ -64,8 +94,8 @@ fn prefetch<T>(ptr: *const T) {
 struct Table {
     slots: Vec<Slot>,
     occupied: usize,
-    /// Evidence of the prompt whose id equals the empty marker.
-    min_id: Option<(f32, f32)>,
+    /// The entry of the prompt whose id equals the empty marker.
+    min_id: Option<Slot>,
 }
 
 impl Table {
@@ -113,12 +143,12 @@ impl Table {
         }
     }
 
-    fn get(&self, id: i64) -> Option<(f32, f32)> {
+    fn get(&self, id: i64) -> Option<Slot> {
         if id == EMPTY {
             return self.min_id;
         }
         match self.probe(id) {
-            (s, true) => Some((self.slots[s].successes, self.slots[s].failures)),
+            (s, true) => Some(self.slots[s]),
             _ => None,
         }
     }
@@ -127,9 +157,10 @@ impl Table {
     fn reserve(&mut self, additional: usize) {
         let needed = self.occupied + additional;
         if needed as f64 > MAX_LOAD * self.slots.len() as f64 {
-            let by_half = self.slots.len() + self.slots.len() / 2;
+            // 1 + 3/16 < 1.2: the load after growing stays above 2/3 with room for overheads.
+            let by_fifth = self.slots.len() + self.slots.len() * 3 / 16;
             let by_need = (needed as f64 / MAX_LOAD).ceil() as usize + 1;
-            self.rehash(by_half.max(by_need));
+            self.rehash(by_fifth.max(by_need));
         }
     }
 
@@ -141,21 +172,22 @@ impl Table {
         }
     }
 
-    /// Evidence cell of `id`, inserted with zero evidence if absent (capacity must be reserved).
+    /// The entry of `id`, inserted empty if absent (growing the table first if it is full).
     #[inline]
-    fn entry(&mut self, id: i64) -> (&mut f32, &mut f32) {
+    fn entry(&mut self, id: i64) -> &mut Slot {
         if id == EMPTY {
-            let e = self.min_id.get_or_insert((0.0, 0.0));
-            return (&mut e.0, &mut e.1);
+            return self.min_id.get_or_insert(EMPTY_SLOT);
         }
-        let (s, found) = self.probe(id);
+        let (mut s, found) = self.probe(id);
         if !found {
-            debug_assert!((self.occupied + 1) as f64 <= MAX_LOAD * self.slots.len() as f64 + 1.0);
+            if (self.occupied + 1) as f64 > MAX_LOAD * self.slots.len() as f64 {
+                self.reserve(1);
+                s = self.probe(id).0;
+            }
             self.slots[s].id = id;
             self.occupied += 1;
         }
-        let slot = &mut self.slots[s];
-        (&mut slot.successes, &mut slot.failures)
+        &mut self.slots[s]
     }
 
     /// Inserts an entry unless its id is present (then returns false).
@@ -163,7 +195,7 @@ impl Table {
         if slot.id == EMPTY {
             let fresh = self.min_id.is_none();
             if fresh {
-                self.min_id = Some((slot.successes, slot.failures));
+                self.min_id = Some(slot);
             }
             return fresh;
         }
@@ -186,11 +218,15 @@ impl Table {
             .iter()
             .copied()
             .filter(|s| s.id != EMPTY)
-            .chain(self.min_id.map(|(successes, failures)| Slot {
-                id: EMPTY,
-                successes,
-                failures,
-            }))
+            .chain(self.min_id)
+    }
+
+    /// Every stored entry, mutably (same order as `entries`).
+    fn entries_mut(&mut self) -> impl Iterator<Item = &mut Slot> + '_ {
+        self.slots
+            .iter_mut()
+            .filter(|s| s.id != EMPTY)
+            .chain(self.min_id.iter_mut())
     }
 
     fn bytes(&self) -> usize {
@@ -209,12 +245,15 @@ pub struct Stats {
     /// Σ forgotten evidence over the pool.
     pub successes: f64,
     pub failures: f64,
+    /// Pool-level class means of the noise proxy (success, failure); `None` for a class
+    /// without any noise observation.
+    pub noise_means: [Option<f64>; 2],
 }
 
 /// Switches of [`PassRatePool::allocate`]; `None` picks the rule's default (on for
 /// "proportional", off otherwise).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct PoolAllocateOptions {
+pub struct PoolAllocateOptions<'a> {
     /// Ids not in the pool get `exploration_rollouts` (the reference's exploration budget).
     pub exploration: Option<bool>,
     /// Ids whose posterior mean ≥ `mastery_threshold` get the floor priority.
@@ -237,6 +276,79 @@ pub struct PoolAllocateOptions {
     /// p̃(1 − p̃) below the cut; the draw is a pure function of (seed, id, update count).
     /// `None` = off.
     pub explore_seed: Option<u64>,
+    /// An explicit per-prompt noise scale s (shape of `ids`, finite, > 0): the objective's
+    /// variances (or group_norm's costs) are multiplied by it (`allocate::Options::scale`).
+    pub scale: Option<&'a [f64]>,
+    /// `Some(true)`: use the pool's own [`PassRatePool::noise_scale`] as the scale (not with
+    /// `scale`). A pool without noise observations gives 1 everywhere: today's allocation.
+    pub noise_scale: Option<bool>,
+}
+
+/// The noise proxy sums of one update step, one entry per row: Σ q over the row's successful
+/// rollouts and over its failed ones (finite, ≥ 0, 0 where the class has no rollouts).
+#[derive(Clone, Copy, Debug)]
+pub struct NoiseRows<'a> {
+    pub success: &'a [f64],
+    pub failure: &'a [f64],
+}
+
+impl<'a> NoiseRows<'a> {
+    /// The pair from two optional arrays: both or neither (else an error naming the missing one).
+    pub fn pair(success: Option<&'a [f64]>, failure: Option<&'a [f64]>) -> Result<Option<Self>> {
+        match (success, failure) {
+            (Some(success), Some(failure)) => Ok(Some(NoiseRows { success, failure })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(Error::invalid(
+                "noise_success needs noise_failure too (give both noise sums or neither)",
+            )),
+            (None, Some(_)) => Err(Error::invalid(
+                "noise_failure needs noise_success too (give both noise sums or neither)",
+            )),
+        }
+    }
+}
+
+/// Pool-level noise state: the shrinkage weight and, per class (0 = success, 1 = failure),
+/// whether the class has a noise observation, and the pool's stored sums (actual = stored ·
+/// scale) of q and of the class evidence, kept incrementally from that first observation on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NoiseTotals {
+    /// w0 ≥ 0: pseudo-rollouts at the pool-level class mean in each prompt's class mean.
+    pub weight: f64,
+    pub started: [bool; 2],
+    pub sum: [f64; 2],
+    pub count: [f64; 2],
+}
+
+impl Default for NoiseTotals {
+    fn default() -> Self {
+        NoiseTotals {
+            weight: DEFAULT_NOISE_WEIGHT,
+            started: [false; 2],
+            sum: [0.0; 2],
+            count: [0.0; 2],
+        }
+    }
+}
+
+impl NoiseTotals {
+    /// Pool-level mean of q per class (sum/count; scale-free), `None` for a class without data.
+    pub fn means(&self) -> [Option<f64>; 2] {
+        [0, 1]
+            .map(|c| (self.started[c] && self.count[c] > 0.0).then(|| self.sum[c] / self.count[c]))
+    }
+
+    /// Whether the stored state is usable (finite, non-negative; no data for a class that has
+    /// not started).
+    pub fn is_valid(&self) -> bool {
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        ok(self.weight)
+            && (0..2).all(|c| {
+                ok(self.sum[c])
+                    && ok(self.count[c])
+                    && (self.started[c] || (self.sum[c] == 0.0 && self.count[c] == 0.0))
+            })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -248,6 +360,59 @@ pub struct PassRatePool {
     updates: u64,
     table: Table,
     calibration: Calibration,
+    noise: NoiseTotals,
+}
+
+pub fn check_noise_weight(weight: f64) -> Result<()> {
+    if !(weight.is_finite() && weight >= 0.0) {
+        return Err(Error::invalid(format!(
+            "noise_weight must be a finite number >= 0, got {weight}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks one step's noise sums against its counts (counts already checked).
+fn check_noise_rows(successes: &[i64], trials: &[i64], noise: &NoiseRows) -> Result<()> {
+    let n = successes.len();
+    for (name, xs) in [
+        ("noise_success", noise.success),
+        ("noise_failure", noise.failure),
+    ] {
+        if xs.len() != n {
+            return Err(Error::invalid(format!(
+                "{name} has length {} but prompt_ids has length {n}",
+                xs.len()
+            )));
+        }
+        if let Some(j) = xs.iter().position(|&x| !(0.0..f64::INFINITY).contains(&x)) {
+            return Err(allocate::describe_invalid(name, j, xs[j]));
+        }
+        if let Some(j) = xs.iter().position(|&x| x > MAX_NOISE) {
+            return Err(Error::invalid(format!(
+                "{name}[{j}] = {:?} is above {MAX_NOISE:e} (the pool keeps float32 sums)",
+                xs[j]
+            )));
+        }
+    }
+    for j in 0..n {
+        let (k, rest) = (successes[j], trials[j] - successes[j]);
+        if k == 0 && noise.success[j] != 0.0 {
+            return Err(Error::invalid(format!(
+                "noise_success[{j}] = {:?} but successes[{j}] = 0 (a class without rollouts \
+                 has no noise sum)",
+                noise.success[j]
+            )));
+        }
+        if rest == 0 && noise.failure[j] != 0.0 {
+            return Err(Error::invalid(format!(
+                "noise_failure[{j}] = {:?} but trials[{j}] - successes[{j}] = 0 (a class \
+                 without rollouts has no noise sum)",
+                noise.failure[j]
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn check_prior(alpha0: f64, beta0: f64) -> Result<()> {
@@ -297,7 +462,7 @@ fn check_counts(ids: &[i64], successes: &[i64], trials: &[i64]) -> Result<()> {
 
 impl PassRatePool {
     /// An empty pool with prior Beta(alpha0, beta0) and forgetting factor `forget` ∈ (0, 1],
-    /// sized for `capacity` prompts without growing.
+    /// sized for `capacity` prompts without growing; noise shrinkage weight 1.
     pub fn new(alpha0: f64, beta0: f64, forget: f64, capacity: usize) -> Result<Self> {
         check_prior(alpha0, beta0)?;
         check_forget(forget)?;
@@ -309,6 +474,7 @@ impl PassRatePool {
             updates: 0,
             table: Table::with_prompts(capacity),
             calibration: Calibration::default(),
+            noise: NoiseTotals::default(),
         })
     }
 
@@ -332,6 +498,37 @@ impl PassRatePool {
         check_forget(forget)?;
         self.forget = forget;
         Ok(())
+    }
+
+    /// The noise shrinkage weight w0 (see [`Self::noise_scale`]).
+    pub fn noise_weight(&self) -> f64 {
+        self.noise.weight
+    }
+
+    /// Changes w0; takes effect at once (only `noise_scale` reads it).
+    pub fn set_noise_weight(&mut self, weight: f64) -> Result<()> {
+        check_noise_weight(weight)?;
+        self.noise.weight = weight;
+        Ok(())
+    }
+
+    /// The pool-level noise state (for the file format and tests).
+    pub fn noise_totals(&self) -> &NoiseTotals {
+        &self.noise
+    }
+
+    /// Replaces the pool-level noise state (e.g. when loading a file).
+    pub fn set_noise_totals(&mut self, noise: NoiseTotals) -> Result<()> {
+        if !noise.is_valid() {
+            return Err(Error::invalid("invalid noise statistics"));
+        }
+        self.noise = noise;
+        Ok(())
+    }
+
+    /// Pool-level class means of the noise proxy (success, failure); `None` without data.
+    pub fn noise_means(&self) -> [Option<f64>; 2] {
+        self.noise.means()
     }
 
     pub fn scale(&self) -> f64 {
@@ -359,11 +556,34 @@ impl PassRatePool {
         self.table.slots.len()
     }
 
-    /// One training step: forget (multiply all evidence by ρ), then add the counts. Entries with
+    /// One training step without noise observations: [`Self::update_with_noise`] with `None`.
+    pub fn update(&mut self, ids: &[i64], successes: &[i64], trials: &[i64]) -> Result<()> {
+        self.update_with_noise(ids, successes, trials, None)
+    }
+
+    /// One training step: forget (multiply all evidence and noise sums by ρ), then add the
+    /// counts and, per row, the noise sums of its successful and failed rollouts. Entries with
     /// zero trials add nothing and create no entry; repeated ids add up. Everything is checked
     /// before anything changes.
-    pub fn update(&mut self, ids: &[i64], successes: &[i64], trials: &[i64]) -> Result<()> {
+    ///
+    /// Noise: the first step that brings a class's (success or failure) noise observations
+    /// (with at least one rollout of that class) starts the class: the evidence of that class
+    /// recorded before has no q, so it is counted at that step's mean q of the class (one
+    /// O(pool) pass, once per class). From then on every rollout of the class carries a q:
+    /// observed when `noise` is given, else imputed at the pool-level class mean at the start
+    /// of the step. So each prompt's class count is its class evidence, and a step without
+    /// noise observations leaves the pool-level means unchanged.
+    pub fn update_with_noise(
+        &mut self,
+        ids: &[i64],
+        successes: &[i64],
+        trials: &[i64],
+        noise: Option<NoiseRows>,
+    ) -> Result<()> {
         check_counts(ids, successes, trials)?;
+        if let Some(n) = &noise {
+            check_noise_rows(successes, trials, n)?;
+        }
         // Revisit calibration: each row with 2+ trials against the posterior before this step.
         let observations: Vec<Observation> = (0..ids.len())
             .filter(|&j| trials[j] >= 2)
@@ -384,7 +604,23 @@ impl PassRatePool {
             self.renormalise();
         }
         self.updates += 1;
-        self.table.reserve(ids.len());
+        if let Some(n) = &noise {
+            let mut q = [0.0f64; 2];
+            let mut k = [0.0f64; 2];
+            for j in 0..ids.len() {
+                q[0] += n.success[j];
+                q[1] += n.failure[j];
+                k[0] += successes[j] as f64;
+                k[1] += (trials[j] - successes[j]) as f64;
+            }
+            for c in 0..2 {
+                if !self.noise.started[c] && k[c] > 0.0 {
+                    self.start_noise_class(c, q[c] / k[c]);
+                }
+            }
+        }
+        // q of a rollout without observation: the class mean before this step's rows.
+        let imputed = self.noise.means().map(|m| m.unwrap_or(0.0));
         // Lookups in a large table miss the cache; prefetching a few ahead overlaps the misses.
         const AHEAD: usize = 8;
         for &id in ids.iter().take(AHEAD) {
@@ -398,39 +634,84 @@ impl PassRatePool {
                 continue;
             }
             let (s, f) = (successes[j] as f64, (trials[j] - successes[j]) as f64);
-            if !self.add(ids[j], s, f) {
+            let (qs, qf) = match &noise {
+                Some(n) => (n.success[j], n.failure[j]),
+                None => (imputed[0] * s, imputed[1] * f),
+            };
+            let row = [s, f, qs, qf];
+            if !self.add(ids[j], row) {
                 // Stored values would overflow f32: fold the scale in and add again.
                 self.renormalise();
-                let added = self.add(ids[j], s, f);
+                let added = self.add(ids[j], row);
                 debug_assert!(added);
             }
         }
         Ok(())
     }
 
-    /// Adds actual evidence (s, f); false (and nothing changed) if a stored value would overflow.
+    /// Starts noise class `c` (0 = success, 1 = failure): the class evidence stored so far is
+    /// given q sums at `mean` per rollout, and the pool totals of the class are set. O(pool).
+    fn start_noise_class(&mut self, c: usize, mean: f64) {
+        // Stored values become actual ones, so that evidence · mean stays within float32.
+        self.renormalise();
+        let (mut sum, mut count) = (0.0f64, 0.0f64);
+        for e in self.table.entries_mut() {
+            let (n, q) = if c == 0 {
+                (e.successes, &mut e.noise_success)
+            } else {
+                (e.failures, &mut e.noise_failure)
+            };
+            *q = (n as f64 * mean).min(f32::MAX as f64) as f32;
+            sum += *q as f64;
+            count += n as f64;
+        }
+        self.noise.started[c] = true;
+        self.noise.sum[c] = sum;
+        self.noise.count[c] = count;
+    }
+
+    /// Adds actual values [successes, failures, noise success, noise failure] to `id`'s entry
+    /// and to the pool totals of started noise classes; false (and nothing changed but an
+    /// empty entry) if a stored value would overflow.
     #[inline]
-    fn add(&mut self, id: i64, s: f64, f: f64) -> bool {
+    fn add(&mut self, id: i64, x: [f64; 4]) -> bool {
         let inv = 1.0 / self.scale;
-        let (ps, pf) = self.table.entry(id);
-        let (ns, nf) = ((*ps as f64 + s * inv) as f32, (*pf as f64 + f * inv) as f32);
-        if !(ns.is_finite() && nf.is_finite()) {
+        let e = self.table.entry(id);
+        let old = [e.successes, e.failures, e.noise_success, e.noise_failure];
+        let new: [f32; 4] = std::array::from_fn(|k| (old[k] as f64 + x[k] * inv) as f32);
+        if !new.iter().all(|v| v.is_finite()) {
             return false;
         }
-        (*ps, *pf) = (ns, nf);
+        [e.successes, e.failures, e.noise_success, e.noise_failure] = new;
+        for c in 0..2 {
+            if self.noise.started[c] {
+                self.noise.count[c] += x[c] * inv;
+                self.noise.sum[c] += x[2 + c] * inv;
+            }
+        }
         true
     }
 
-    /// Folds the global scale into every entry (O(pool)), leaving the scale at 1.
+    /// Folds the global scale into every entry and the noise totals (O(pool)), leaving the
+    /// scale at 1.
     pub fn renormalise(&mut self) {
         let g = self.scale;
-        for slot in self.table.slots.iter_mut().filter(|s| s.id != EMPTY) {
-            slot.successes = (slot.successes as f64 * g) as f32;
-            slot.failures = (slot.failures as f64 * g) as f32;
+        if g == 1.0 {
+            return;
         }
-        if let Some((s, f)) = self.table.min_id.as_mut() {
-            *s = (*s as f64 * g) as f32;
-            *f = (*f as f64 * g) as f32;
+        for e in self.table.entries_mut() {
+            for x in [
+                &mut e.successes,
+                &mut e.failures,
+                &mut e.noise_success,
+                &mut e.noise_failure,
+            ] {
+                *x = (*x as f64 * g) as f32;
+            }
+        }
+        for c in 0..2 {
+            self.noise.sum[c] *= g;
+            self.noise.count[c] *= g;
         }
         self.scale = 1.0;
     }
@@ -439,9 +720,73 @@ impl PassRatePool {
     #[inline]
     pub fn evidence_of(&self, id: i64) -> (f64, f64) {
         match self.table.get(id) {
-            Some((s, f)) => (s as f64 * self.scale, f as f64 * self.scale),
+            Some(e) => (
+                e.successes as f64 * self.scale,
+                e.failures as f64 * self.scale,
+            ),
             None => (0.0, 0.0),
         }
+    }
+
+    /// Forgotten noise sums (Σq over successes, Σq over failures) of one id; (0, 0) for unseen
+    /// ids.
+    #[inline]
+    pub fn noise_sums_of(&self, id: i64) -> (f64, f64) {
+        match self.table.get(id) {
+            Some(e) => (
+                e.noise_success as f64 * self.scale,
+                e.noise_failure as f64 * self.scale,
+            ),
+            None => (0.0, 0.0),
+        }
+    }
+
+    /// Per id, the forgotten noise sums (success class, failure class).
+    pub fn noise_sums(&self, ids: &[i64]) -> (Vec<f64>, Vec<f64>) {
+        self.map_ids(ids, |p, id| p.noise_sums_of(id))
+            .into_iter()
+            .unzip()
+    }
+
+    /// Per-prompt noise scale ŝ = (1 − m)·Q_succ + m·Q_fail, m the posterior mean pass rate and
+    /// Q_c = (Σq_c + w0·M_c)/(n_c + w0) the prompt's class mean of q shrunk toward the
+    /// pool-level class mean M_c (n_c: the class evidence; Q_c = M_c exactly when n_c = 0, e.g.
+    /// for unseen ids). A class without any observation takes the other class's M; with no
+    /// observation at all every ŝ is 1.
+    pub fn noise_scale(&self, ids: &[i64]) -> Vec<f64> {
+        let means = self.noise.means();
+        let (ms, mf) = match means {
+            [None, None] => return vec![1.0; ids.len()],
+            [Some(a), None] => (a, a),
+            [None, Some(b)] => (b, b),
+            [Some(a), Some(b)] => (a, b),
+        };
+        let w0 = self.noise.weight;
+        let shrunk = |sum: f64, n: f64, m: f64| {
+            if n > 0.0 {
+                (sum + w0 * m) / (n + w0)
+            } else {
+                m
+            }
+        };
+        self.map_ids(ids, |p, id| {
+            let e = p.table.get(id).unwrap_or(EMPTY_SLOT);
+            let g = p.scale;
+            let (s, f) = (e.successes as f64 * g, e.failures as f64 * g);
+            let q_s = if means[0].is_some() {
+                shrunk(e.noise_success as f64 * g, s, ms)
+            } else {
+                ms
+            };
+            let q_f = if means[1].is_some() {
+                shrunk(e.noise_failure as f64 * g, f, mf)
+            } else {
+                mf
+            };
+            let (a, b) = (p.alpha0 + s, p.beta0 + f);
+            let m = a / (a + b);
+            (1.0 - m) * q_s + m * q_f
+        })
     }
 
     /// Posterior expected variance E[p(1−p)] for forgotten evidence (s, f).
@@ -545,6 +890,7 @@ impl PassRatePool {
                 ("mastery_threshold", o.mastery_threshold.is_some()),
                 ("priority_floor", o.priority_floor.is_some()),
                 ("calibrated", o.calibrated == Some(true)),
+                ("noise_scale", o.noise_scale == Some(true)),
             ];
             if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
                 return Err(Error::invalid(format!(
@@ -586,6 +932,33 @@ impl PassRatePool {
             }
         }
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
+        // The scale: explicit, the pool's own noise scale, or none (also when the pool has no
+        // noise observation: every ŝ would be 1, and w = v·1 = v anyway).
+        let own_scale = if o.noise_scale == Some(true) {
+            if o.scale.is_some() {
+                return Err(Error::invalid(
+                    "scale and noise_scale cannot be combined (noise_scale=True uses the \
+                     pool's own noise_scale(prompt_ids) as the scale)",
+                ));
+            }
+            let started = self.noise.means().iter().any(|m| m.is_some());
+            started.then(|| self.noise_scale(ids))
+        } else {
+            None
+        };
+        if let Some(s) = &own_scale {
+            if let Some(i) = s.iter().position(|&x| !(x > 0.0 && x < f64::INFINITY)) {
+                return Err(Error::invalid(format!(
+                    "noise_scale=True: the pool's noise scale of prompt_ids[{i}] (id {}) is {:?}, \
+                     not > 0 (its noise observations are all 0); pass an explicit scale",
+                    ids[i], s[i]
+                )));
+            }
+        }
+        let scale = own_scale.as_deref().or(o.scale);
+        if let Some(s) = scale {
+            allocate::check_scale(s, ids.len(), "prompt_ids")?;
+        }
         let calibrated = o.calibrated == Some(true);
         let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
         if o.explore_seed.is_some() && !skipping {
@@ -620,7 +993,12 @@ impl PassRatePool {
             });
             let alpha: Vec<f64> = looked_up.iter().map(|x| x.0).collect();
             let beta: Vec<f64> = looked_up.iter().map(|x| x.1).collect();
-            let scale = calibrated.then(|| looked_up.iter().map(|x| x.2).collect::<Vec<f64>>());
+            // The cost factor: calibration factor times the noise scale, either, or none.
+            let scale = match (calibrated, scale) {
+                (false, None) => None,
+                (true, None) => Some(looked_up.iter().map(|x| x.2).collect::<Vec<f64>>()),
+                (_, Some(s)) => Some(looked_up.iter().zip(s).map(|(x, y)| x.2 * y).collect()),
+            };
             drop(looked_up);
             let (lo, hi) = (lo as u64, hi as u64);
             estimator::check_group_norm(&alpha, &beta, scale.as_deref(), budget as u64, lo, hi)?;
@@ -667,6 +1045,7 @@ impl PassRatePool {
             skip_factor: o.skip_factor,
             min_rollouts: o.min_rollouts,
             estimator: o.estimator,
+            scale,
         };
         allocate::allocate_guarded(&variances, guard.as_deref(), budget, lo, hi, rule, &options)
     }
@@ -746,6 +1125,7 @@ impl PassRatePool {
             scale: self.scale,
             successes: s * self.scale,
             failures: f * self.scale,
+            noise_means: self.noise.means(),
         }
     }
 
@@ -777,8 +1157,10 @@ impl PassRatePool {
             )));
         }
         let mut table = Table::with_prompts(prompts);
-        // Same table size as when saved: re-inserting in saved (table) order stays cache-friendly.
-        if slots > table.slots.len() && slots <= 4 * table.slots.len() {
+        // Same table size as when saved (when it holds the prompts within the load limit), so
+        // that a round trip keeps it; re-inserting in saved (table) order stays cache-friendly.
+        let holds = prompts as f64 <= MAX_LOAD * slots as f64 && slots >= MIN_SLOTS;
+        if holds && slots <= 4 * table.slots.len() {
             table.slots = vec![EMPTY_SLOT; slots];
         }
         Ok(PassRatePool {
@@ -789,6 +1171,7 @@ impl PassRatePool {
             updates,
             table,
             calibration: Calibration::default(),
+            noise: NoiseTotals::default(),
         })
     }
 
@@ -894,20 +1277,30 @@ mod tests {
         ids.push(i64::MIN);
         ids.push(i64::MAX);
         ids.push(0);
+        assert_eq!(std::mem::size_of::<Slot>(), 24);
+        let mut worst = 0.0f64;
         for chunk in ids.chunks(512) {
             let ones = vec![1i64; chunk.len()];
             p.update(chunk, &ones, &ones).unwrap();
+            // Within budget after every step once past the minimum table size.
+            if p.len() > 1000 {
+                let load = p.table.occupied as f64 / p.slots() as f64;
+                assert!((0.66..=MAX_LOAD).contains(&load), "load {load}");
+                worst = worst.max(p.stats().bytes as f64 / p.len() as f64);
+            }
         }
+        assert!(worst <= 36.0 && worst > 34.0, "{worst}");
         let mut unique = ids.clone();
         unique.sort();
         unique.dedup();
         assert_eq!(p.len(), unique.len());
         assert!(ids.iter().all(|&id| p.contains(id)));
-        let load = (p.len() - 1) as f64 / p.slots() as f64;
-        assert!(load <= MAX_LOAD && load > 0.3, "load {load}");
-        let bytes_per_prompt = p.stats().bytes as f64 / p.len() as f64;
-        assert!(bytes_per_prompt <= 32.0, "{bytes_per_prompt}");
-        assert_eq!(p.evidence(&[i64::MIN]).0, vec![1.0]);
+        // Updating known ids in one large batch does not grow the table.
+        let slots = p.slots();
+        let ones = vec![1i64; ids.len()];
+        p.update(&ids, &ones, &ones).unwrap();
+        assert_eq!(p.slots(), slots);
+        assert_eq!(p.evidence(&[i64::MIN]).0, vec![2.0]);
     }
 
     #[test]
@@ -1161,5 +1554,413 @@ mod tests {
             direct
         );
         assert!(p.allocate(&ids, 48, 8, 24, Rule::Uniform, &o).is_err());
+    }
+
+    fn rows<'a>(success: &'a [f64], failure: &'a [f64]) -> Option<NoiseRows<'a>> {
+        Some(NoiseRows { success, failure })
+    }
+
+    #[test]
+    fn noise_free_pool_has_unit_scale() {
+        let mut p = pool(0.9);
+        assert_eq!(p.noise_scale(&[1, 2]), vec![1.0, 1.0]);
+        p.update(&[1, 2], &[3, 0], &[4, 4]).unwrap();
+        assert_eq!(p.noise_scale(&[1, 2, 3]), vec![1.0; 3]);
+        assert_eq!(p.noise_means(), [None, None]);
+        assert_eq!(p.noise_sums(&[1]), (vec![0.0], vec![0.0]));
+    }
+
+    #[test]
+    fn noise_scale_is_the_shrunk_class_mix() {
+        let mut p = PassRatePool::new(1.0, 3.0, 1.0, 0).unwrap();
+        // Id 1: 2 successes (q sum 1.0) and 2 failures (q sum 6.0); id 2: 0 of 4 (q sum 2.0).
+        p.update_with_noise(&[1, 2], &[2, 0], &[4, 4], rows(&[1.0, 0.0], &[6.0, 2.0]))
+            .unwrap();
+        assert_eq!(
+            p.noise_sums(&[1, 2, 3]),
+            (vec![1.0, 0.0, 0.0], vec![6.0, 2.0, 0.0])
+        );
+        // Pool means: successes 1/2, failures 8/6.
+        let (ms, mf) = (0.5, 8.0 / 6.0);
+        assert_eq!(p.noise_means(), [Some(ms), Some(mf)]);
+        let w0 = 1.0;
+        let want = |sum_s: f64, n_s: f64, sum_f: f64, n_f: f64| {
+            let q_s = if n_s > 0.0 {
+                (sum_s + w0 * ms) / (n_s + w0)
+            } else {
+                ms
+            };
+            let q_f = if n_f > 0.0 {
+                (sum_f + w0 * mf) / (n_f + w0)
+            } else {
+                mf
+            };
+            let m = (1.0 + n_s) / (4.0 + n_s + n_f);
+            (1.0 - m) * q_s + m * q_f
+        };
+        let got = p.noise_scale(&[1, 2, 3]);
+        assert_eq!(got[0], want(1.0, 2.0, 6.0, 2.0));
+        assert_eq!(got[1], want(0.0, 0.0, 2.0, 4.0));
+        // Unseen: exactly the pool-level value at the prior mean 1/4.
+        assert_eq!(got[2], 0.75 * ms + 0.25 * mf);
+        // w0 = 0: the raw class means where a class has rollouts.
+        p.set_noise_weight(0.0).unwrap();
+        let m1 = 3.0 / 8.0;
+        assert_eq!(p.noise_scale(&[1])[0], (1.0 - m1) * 0.5 + m1 * 3.0);
+        assert!(p.set_noise_weight(-1.0).is_err());
+        assert!(p.set_noise_weight(f64::NAN).is_err());
+        // A large w0 pulls every prompt to the pool-level class means.
+        p.set_noise_weight(1e12).unwrap();
+        let m2 = 1.0 / 8.0;
+        let s2 = p.noise_scale(&[2])[0];
+        assert!((s2 - ((1.0 - m2) * ms + m2 * mf)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_class_without_observations_borrows_the_other_class_mean() {
+        let mut p = PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap();
+        // Only failures so far: the success class has not started.
+        p.update_with_noise(&[1, 2], &[0, 0], &[2, 4], rows(&[0.0, 0.0], &[1.0, 5.0]))
+            .unwrap();
+        assert_eq!(p.noise_means(), [None, Some(1.0)]);
+        let m = 1.0 / 4.0; // id 1: Beta(1, 3)
+        let q_f = (1.0 + 1.0) / (2.0 + 1.0);
+        assert_eq!(p.noise_scale(&[1])[0], (1.0 - m) * 1.0 + m * q_f);
+        assert_eq!(p.noise_scale(&[9])[0], 1.0);
+    }
+
+    #[test]
+    fn earlier_evidence_counts_at_the_first_mean_and_missing_steps_are_imputed() {
+        let mut p = pool(1.0);
+        p.update(&[1, 2], &[2, 1], &[3, 2]).unwrap(); // before any noise: (2, 1) and (1, 1)
+                                                      // First noise step: successes average q = 4, failures q = 1 (ids 2 and 3).
+        p.update_with_noise(&[2, 3], &[1, 1], &[2, 2], rows(&[4.0, 4.0], &[1.0, 1.0]))
+            .unwrap();
+        // Id 1's earlier evidence is counted at those means; id 2 gets them plus its rows.
+        assert_eq!(
+            p.noise_sums(&[1, 2, 3]),
+            (vec![8.0, 8.0, 4.0], vec![1.0, 2.0, 1.0])
+        );
+        assert_eq!(p.noise_means(), [Some(4.0), Some(1.0)]);
+        // A step without noise data: q imputed at the pool means, so they do not move.
+        p.update(&[1], &[1], &[3]).unwrap();
+        assert_eq!(p.noise_sums(&[1]), (vec![12.0], vec![3.0]));
+        assert_eq!(p.noise_means(), [Some(4.0), Some(1.0)]);
+        // A new observation moves them: 3 successes with q = 0 (ids 1 and 3).
+        p.update_with_noise(&[1, 3], &[2, 1], &[2, 1], rows(&[0.0, 0.0], &[0.0, 0.0]))
+            .unwrap();
+        let t = p.noise_totals();
+        // Successes: 20 over 5 rollouts, 4 imputed for 1, then 0 over 3.
+        assert_eq!((t.sum[0], t.count[0]), (20.0 + 4.0, 5.0 + 1.0 + 3.0));
+        assert_eq!(p.noise_means()[0], Some(24.0 / 9.0));
+    }
+
+    #[test]
+    fn noise_sums_forget_like_the_evidence() {
+        let mut p = pool(0.5);
+        p.update_with_noise(&[1], &[2], &[4], rows(&[8.0], &[2.0]))
+            .unwrap();
+        p.update_with_noise(&[2], &[1], &[1], rows(&[1.0], &[0.0]))
+            .unwrap();
+        p.update(&[], &[], &[]).unwrap();
+        assert_eq!(p.noise_sums(&[1, 2]), (vec![2.0, 0.5], vec![0.5, 0.0]));
+        assert_eq!(p.evidence(&[1]), (vec![0.5], vec![0.5]));
+        // The pool means are ratios of equally forgotten sums: (8·¼ + 1·½) / (2·¼ + 1·½).
+        assert_eq!(p.noise_means(), [Some(2.5), Some(1.0)]);
+        let (s, f) = (p.noise_totals().sum[0], p.noise_totals().count[0]);
+        assert_eq!((s * p.scale(), f * p.scale()), (2.5, 1.0));
+    }
+
+    #[test]
+    fn noise_statistics_survive_renormalisation() {
+        let mut p = pool(0.5);
+        let mut want = (0.0f64, 0.0f64);
+        for step in 0..200 {
+            p.update_with_noise(
+                &[-42, step],
+                &[1, 1],
+                &[3, 1],
+                rows(&[0.5, 0.25], &[3.0, 0.0]),
+            )
+            .unwrap();
+            want = (want.0 * 0.5 + 0.5, want.1 * 0.5 + 3.0);
+            assert!(p.scale() >= SCALE_FLOOR);
+        }
+        let (s, f) = p.noise_sums(&[-42]);
+        assert!((s[0] - want.0).abs() < 1e-5 && (f[0] - want.1).abs() < 1e-5);
+        // Pool means: successes (0.5 + 0.25) per 2 rollouts each step, failures 3 per 2.
+        let [ms, mf] = p.noise_means();
+        assert!((ms.unwrap() - 0.375).abs() < 1e-9 && (mf.unwrap() - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn noise_rows_are_checked_before_anything_changes() {
+        let mut p = pool(0.5);
+        p.update_with_noise(&[1, 2], &[1, 1], &[2, 2], rows(&[1.0, 1.0], &[1.0, 1.0]))
+            .unwrap();
+        let before = (
+            p.evidence(&[1, 2]),
+            p.noise_sums(&[1, 2]),
+            p.noise_totals().clone(),
+            p.scale(),
+            p.updates(),
+        );
+        let err = |p: &mut PassRatePool, qs: &[f64], qf: &[f64], k: &[i64], t: &[i64]| {
+            p.update_with_noise(&[1, 2], k, t, rows(qs, qf))
+                .unwrap_err()
+                .to_string()
+        };
+        let (k, t) = ([1i64, 0], [2i64, 2]);
+        assert_eq!(
+            err(&mut p, &[1.0], &[1.0, 1.0], &k, &t),
+            "noise_success has length 1 but prompt_ids has length 2"
+        );
+        assert_eq!(
+            err(&mut p, &[1.0, 0.0], &[1.0, f64::NAN], &k, &t),
+            "noise_failure[1] is NaN"
+        );
+        assert_eq!(
+            err(&mut p, &[-0.5, 0.0], &[1.0, 1.0], &k, &t),
+            "noise_success[0] is negative (-0.5)"
+        );
+        assert_eq!(
+            err(&mut p, &[1.0, f64::INFINITY], &[1.0, 1.0], &k, &t),
+            "noise_success[1] is infinite (inf)"
+        );
+        assert_eq!(
+            err(&mut p, &[1.0, 0.25], &[1.0, 1.0], &k, &t),
+            "noise_success[1] = 0.25 but successes[1] = 0 (a class without rollouts has no \
+             noise sum)"
+        );
+        assert_eq!(
+            err(&mut p, &[1.0, 0.0], &[1.0, 1.0], &[1, 2], &t),
+            "noise_failure[1] = 1.0 but trials[1] - successes[1] = 0 (a class without \
+             rollouts has no noise sum)"
+        );
+        assert!(err(&mut p, &[1e31, 0.0], &[1.0, 1.0], &k, &t).contains("is above 1e30"));
+        // Count errors are reported first.
+        assert_eq!(
+            err(&mut p, &[f64::NAN, 0.0], &[1.0, 1.0], &[3, 0], &t),
+            "successes[0] = 3 exceeds trials[0] = 2"
+        );
+        let after = (
+            p.evidence(&[1, 2]),
+            p.noise_sums(&[1, 2]),
+            p.noise_totals().clone(),
+            p.scale(),
+            p.updates(),
+        );
+        assert_eq!(after, before);
+    }
+
+    #[test]
+    fn pool_totals_equal_a_scan_of_the_entries() {
+        // Random steps with and without noise, forgetting, growth and renormalisation.
+        let mut rng = Rng::new(77);
+        let mut p = PassRatePool::new(0.5, 0.5, 0.3, 0).unwrap();
+        for step in 0..120 {
+            let n = 1 + rng.below(300) as usize;
+            let ids: Vec<i64> = (0..n).map(|_| rng.below(2000) as i64 - 1000).collect();
+            let t: Vec<i64> = (0..n).map(|_| rng.below(9) as i64).collect();
+            let k: Vec<i64> = t.iter().map(|&x| rng.below(x as u64 + 1) as i64).collect();
+            let qs: Vec<f64> = k.iter().map(|&x| x as f64 * rng.unit() * 3.0).collect();
+            let qf: Vec<f64> = (0..n).map(|j| (t[j] - k[j]) as f64 * rng.unit()).collect();
+            let noise = (step % 3 != 0).then_some(NoiseRows {
+                success: &qs,
+                failure: &qf,
+            });
+            p.update_with_noise(&ids, &k, &t, noise).unwrap();
+        }
+        let t = p.noise_totals().clone();
+        assert_eq!(t.started, [true, true]);
+        let scan = p.table.entries().fold([0.0f64; 4], |a, e| {
+            [
+                a[0] + e.noise_success as f64,
+                a[1] + e.noise_failure as f64,
+                a[2] + e.successes as f64,
+                a[3] + e.failures as f64,
+            ]
+        });
+        for (kept, scanned) in [t.sum[0], t.sum[1], t.count[0], t.count[1]]
+            .iter()
+            .zip(scan)
+        {
+            assert!((kept / scanned - 1.0).abs() < 1e-5, "{kept} vs {scanned}");
+        }
+    }
+
+    #[test]
+    fn allocate_with_a_scale() {
+        let mut p = pool(1.0);
+        p.update_with_noise(
+            &[1, 2, 3],
+            &[8, 1, 3],
+            &[16, 16, 4],
+            rows(&[4.0, 9.0, 0.3], &[16.0, 3.0, 0.5]),
+        )
+        .unwrap();
+        let ids = [1, 2, 3, 4];
+        let v = p.expected_variance(&ids);
+        let s = p.noise_scale(&ids);
+        assert!(s.iter().all(|&x| x > 0.0) && s[0] != s[1]);
+        let own = PoolAllocateOptions {
+            noise_scale: Some(true),
+            ..Default::default()
+        };
+        let explicit = PoolAllocateOptions {
+            scale: Some(&s),
+            ..Default::default()
+        };
+        let direct = |o: Options| allocate::allocate(&v, 40, 2, 16, Rule::Neyman, &o).unwrap();
+        let want = direct(Options {
+            scale: Some(&s),
+            ..Options::default()
+        });
+        assert_ne!(want, direct(Options::default()));
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &own).unwrap(),
+            want
+        );
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &explicit)
+                .unwrap(),
+            want
+        );
+        // group_norm: the scale multiplies each prompt's cost (with the calibration factors).
+        let (alpha, beta): (Vec<f64>, Vec<f64>) = ids.iter().map(|&i| p.posterior_of(i)).unzip();
+        let gn = PoolAllocateOptions {
+            estimator: Some(Estimator::GroupNorm),
+            ..own
+        };
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &gn).unwrap(),
+            estimator::solve_group_norm(&alpha, &beta, Some(&s), 40, 2, 16)
+        );
+        p.update(&[1, 2, 3], &[2, 8, 1], &[16, 16, 16]).unwrap();
+        let s = p.noise_scale(&ids);
+        let (alpha, beta): (Vec<f64>, Vec<f64>) = ids.iter().map(|&i| p.posterior_of(i)).unzip();
+        let both: Vec<f64> = ids
+            .iter()
+            .zip(&s)
+            .map(|(&i, &x)| {
+                let (a, b) = p.evidence_of(i);
+                p.calibration.factor(calibration::cell(a, b)) * x
+            })
+            .collect();
+        let cal = PoolAllocateOptions {
+            calibrated: Some(true),
+            ..gn
+        };
+        assert_eq!(
+            p.allocate(&ids, 40, 2, 16, Rule::Neyman, &cal).unwrap(),
+            estimator::solve_group_norm(&alpha, &beta, Some(&both), 40, 2, 16)
+        );
+        let err = |o: &PoolAllocateOptions, rule: Rule| {
+            p.allocate(&ids, 40, 2, 16, rule, o)
+                .unwrap_err()
+                .to_string()
+        };
+        let both = PoolAllocateOptions {
+            scale: Some(&s),
+            ..own
+        };
+        assert!(err(&both, Rule::Neyman).starts_with("scale and noise_scale cannot be combined"));
+        assert_eq!(
+            err(&own, Rule::Uniform),
+            "noise_scale does not apply to rule 'uniform' (it takes no options)"
+        );
+        let short = [1.0];
+        let bad = PoolAllocateOptions {
+            scale: Some(&short),
+            ..Default::default()
+        };
+        assert_eq!(
+            err(&bad, Rule::Neyman),
+            "scale has length 1 but prompt_ids has length 4"
+        );
+        let zero = [1.0, 0.0, 1.0, 1.0];
+        let bad = PoolAllocateOptions {
+            scale: Some(&zero),
+            estimator: Some(Estimator::GroupNorm),
+            ..Default::default()
+        };
+        assert_eq!(
+            err(&bad, Rule::Neyman),
+            "scale[1] is zero (0.0); a scale must be > 0"
+        );
+    }
+
+    #[test]
+    fn a_noise_free_pool_allocates_exactly_as_without_a_scale() {
+        let mut p = pool(0.8);
+        p.update(&[1, 2, 3], &[8, 1, 0], &[16, 16, 40]).unwrap();
+        let ids = [1, 2, 3, 4, 5];
+        for (lo, hi, e) in [
+            (0, 30, None),
+            (2, 30, Some(Estimator::Rloo)),
+            (2, 30, Some(Estimator::GroupNorm)),
+        ] {
+            let plain = PoolAllocateOptions {
+                estimator: e,
+                ..Default::default()
+            };
+            let own = PoolAllocateOptions {
+                noise_scale: Some(true),
+                ..plain
+            };
+            assert_eq!(
+                p.allocate(&ids, 50, lo, hi, Rule::Neyman, &own).unwrap(),
+                p.allocate(&ids, 50, lo, hi, Rule::Neyman, &plain).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn all_zero_noise_observations_are_refused_by_noise_scale() {
+        let mut p = pool(1.0);
+        p.update_with_noise(&[1], &[1], &[2], rows(&[0.0], &[0.0]))
+            .unwrap();
+        assert_eq!(p.noise_scale(&[1, 2]), vec![0.0, 0.0]);
+        let own = PoolAllocateOptions {
+            noise_scale: Some(true),
+            ..Default::default()
+        };
+        let err = p
+            .allocate(&[1, 2], 8, 2, 6, Rule::Neyman, &own)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "noise_scale=True: the pool's noise scale of prompt_ids[0] (id 1) is 0.0"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn fit_prior_ignores_the_noise_statistics() {
+        let mut a = pool(1.0);
+        let mut b = pool(1.0);
+        let ids: Vec<i64> = (0..200).collect();
+        let t = vec![10i64; 200];
+        let k: Vec<i64> = ids.iter().map(|&i| (i * 7) % 11).collect();
+        let qs: Vec<f64> = k.iter().map(|&x| x as f64 * 2.0).collect();
+        let qf: Vec<f64> = k.iter().map(|&x| (10 - x) as f64).collect();
+        a.update(&ids, &k, &t).unwrap();
+        b.update_with_noise(&ids, &k, &t, rows(&qs, &qf)).unwrap();
+        assert_eq!(a.fit_prior().unwrap(), b.fit_prior().unwrap());
+        assert_eq!(b.noise_means(), [Some(2.0), Some(1.0)]);
+    }
+
+    #[test]
+    fn a_loaded_pool_keeps_the_saved_table_size() {
+        for n in [0usize, 1, 13, 24, 25, 1000, 5000] {
+            let mut p = pool(1.0);
+            let ids: Vec<i64> = (0..n as i64).collect();
+            let ones = vec![1i64; n];
+            p.update(&ids, &ones, &ones).unwrap();
+            let q = crate::storage::from_bytes(&crate::storage::to_bytes(&p)).unwrap();
+            assert_eq!(q.slots(), p.slots(), "{n} prompts");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use crate::allocate::{self, Options, Rule};
 use crate::error::Error;
 use crate::estimator::Estimator;
-use crate::pool::{PassRatePool, PoolAllocateOptions};
+use crate::pool::{NoiseRows, PassRatePool, PoolAllocateOptions};
 use crate::storage;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -199,7 +199,7 @@ fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Sen
     variances, budget, lo, hi, rule = "neyman", *,
     unseen = None, exploration_rollouts = None, pass_rates = None,
     mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-    estimator = None
+    estimator = None, scale = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocate_rollouts<'py>(
@@ -217,10 +217,12 @@ fn allocate_rollouts<'py>(
     skip_factor: Option<f64>,
     min_rollouts: Option<i64>,
     estimator: Option<&str>,
+    scale: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let rule = Rule::parse(rule).map_err(to_py_err)?;
     let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
     let v = float_array(variances, "variances")?;
+    let scale = scale.map(|s| float_array(s, "scale")).transpose()?;
     let unseen = unseen.map(|u| bool_array(u, "unseen")).transpose()?;
     let rates = pass_rates
         .map(|r| float_array(r, "pass_rates"))
@@ -235,6 +237,7 @@ fn allocate_rollouts<'py>(
         skip_factor,
         min_rollouts,
         estimator,
+        scale: scale.as_ref().map(|s| s.as_slice()),
     };
     let counts = maybe_detach(py, v.len(), || {
         allocate::allocate(v, budget, lo, hi, rule, &options)
@@ -290,29 +293,91 @@ impl PyPassRatePool {
 impl PyPassRatePool {
     #[new]
     #[pyo3(
-        signature = (prior = (1.0, 1.0), forget = 1.0, capacity = None),
-        text_signature = "(prior=(1.0, 1.0), forget=1.0, capacity=None)"
+        signature = (prior = (1.0, 1.0), forget = 1.0, capacity = None, *, noise_weight = 1.0),
+        text_signature = "(prior=(1.0, 1.0), forget=1.0, capacity=None, *, noise_weight=1.0)"
     )]
-    fn new(prior: (f64, f64), forget: f64, capacity: Option<usize>) -> PyResult<Self> {
-        let inner = PassRatePool::new(prior.0, prior.1, forget, capacity.unwrap_or(0))
+    fn new(
+        prior: (f64, f64),
+        forget: f64,
+        capacity: Option<usize>,
+        noise_weight: f64,
+    ) -> PyResult<Self> {
+        let mut inner = PassRatePool::new(prior.0, prior.1, forget, capacity.unwrap_or(0))
             .map_err(to_py_err)?;
+        inner.set_noise_weight(noise_weight).map_err(to_py_err)?;
         Ok(PyPassRatePool { inner })
     }
 
-    /// Record one training step: forget (× forget), then add (successes, trials) per id.
+    /// Record one training step: forget (× forget), then add (successes, trials) per id and,
+    /// optionally, the per-row noise sums of the successful and the failed rollouts.
+    #[pyo3(signature = (prompt_ids, successes, trials, *, noise_success = None, noise_failure = None))]
     fn update(
         &mut self,
         py: Python<'_>,
         prompt_ids: &Bound<'_, PyAny>,
         successes: &Bound<'_, PyAny>,
         trials: &Bound<'_, PyAny>,
+        noise_success: Option<&Bound<'_, PyAny>>,
+        noise_failure: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let ids = int_array(prompt_ids, "prompt_ids", false)?;
         let succ = int_array(successes, "successes", true)?;
         let tri = int_array(trials, "trials", true)?;
+        let qs = noise_success
+            .map(|x| float_array(x, "noise_success"))
+            .transpose()?;
+        let qf = noise_failure
+            .map(|x| float_array(x, "noise_failure"))
+            .transpose()?;
+        let noise = NoiseRows::pair(
+            qs.as_ref().map(|x| x.as_slice()),
+            qf.as_ref().map(|x| x.as_slice()),
+        )
+        .map_err(to_py_err)?;
         let (ids, succ, tri) = (ids.as_slice(), succ.as_slice(), tri.as_slice());
         let pool = &mut self.inner;
-        maybe_detach(py, ids.len(), || pool.update(ids, succ, tri)).map_err(to_py_err)
+        maybe_detach(py, ids.len(), || {
+            pool.update_with_noise(ids, succ, tri, noise)
+        })
+        .map_err(to_py_err)
+    }
+
+    /// Per-prompt noise scale (see the type stub), float64.
+    fn noise_scale<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        self.per_id(py, prompt_ids, PassRatePool::noise_scale)
+    }
+
+    /// (success, failure) forgotten noise sums per id.
+    fn noise_sums<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+    ) -> PyResult<(Float64Array<'py>, Float64Array<'py>)> {
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        let (s, f) = maybe_detach(py, ids.len(), || pool.noise_sums(ids));
+        Ok((PyArray1::from_vec(py, s), PyArray1::from_vec(py, f)))
+    }
+
+    #[getter]
+    fn get_noise_means(&self) -> (Option<f64>, Option<f64>) {
+        let [s, f] = self.inner.noise_means();
+        (s, f)
+    }
+
+    #[getter]
+    fn get_noise_weight(&self) -> f64 {
+        self.inner.noise_weight()
+    }
+
+    #[setter]
+    fn set_noise_weight(&mut self, weight: f64) -> PyResult<()> {
+        self.inner.set_noise_weight(weight).map_err(to_py_err)
     }
 
     /// Posterior mean pass rate per id (prior mean for unseen ids), float64.
@@ -360,7 +425,7 @@ impl PyPassRatePool {
         prompt_ids, budget, lo, hi, rule = "neyman", *,
         exploration = None, mastery = None, exploration_rollouts = None,
         mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-        calibrated = None, estimator = None, explore_seed = None
+        calibrated = None, estimator = None, explore_seed = None, scale = None, noise_scale = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn allocate<'py>(
@@ -381,11 +446,14 @@ impl PyPassRatePool {
         calibrated: Option<bool>,
         estimator: Option<&str>,
         explore_seed: Option<u64>,
+        scale: Option<&Bound<'py, PyAny>>,
+        noise_scale: Option<bool>,
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let rule = Rule::parse(rule).map_err(to_py_err)?;
         let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
         let ids = int_array(prompt_ids, "prompt_ids", false)?;
         let ids = ids.as_slice();
+        let scale = scale.map(|s| float_array(s, "scale")).transpose()?;
         let options = PoolAllocateOptions {
             exploration,
             mastery,
@@ -397,6 +465,8 @@ impl PyPassRatePool {
             calibrated,
             estimator,
             explore_seed,
+            scale: scale.as_ref().map(|s| s.as_slice()),
+            noise_scale,
         };
         let pool = &self.inner;
         let counts = maybe_detach(py, ids.len(), || {
@@ -463,6 +533,9 @@ impl PyPassRatePool {
         d.set_item("forget", self.inner.forget())?;
         d.set_item("successes", s.successes)?;
         d.set_item("failures", s.failures)?;
+        d.set_item("noise_success_mean", s.noise_means[0])?;
+        d.set_item("noise_failure_mean", s.noise_means[1])?;
+        d.set_item("noise_weight", self.inner.noise_weight())?;
         Ok(d)
     }
 
@@ -489,8 +562,10 @@ impl PyPassRatePool {
     /// Inverse of `to_bytes`.
     #[staticmethod]
     fn from_bytes(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
-        let inner =
-            maybe_detach(py, data.len() / 16, || storage::from_bytes(data)).map_err(to_py_err)?;
+        let inner = maybe_detach(py, data.len() / storage::RECORD_LEN, || {
+            storage::from_bytes(data)
+        })
+        .map_err(to_py_err)?;
         Ok(PyPassRatePool { inner })
     }
 

@@ -5,7 +5,7 @@
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
 //! |      0 |    8 | magic `b"DYNMPOOL"`                                          |
-//! |      8 |    4 | format version (u32) = 2 (version 1 files are read too)      |
+//! |      8 |    4 | format version (u32) = 3 (versions 1 and 2 are read too)     |
 //! |     12 |    4 | flags (u32), 0; reserved                                     |
 //! |     16 |    8 | prior α0 (f64)                                               |
 //! |     24 |    8 | prior β0 (f64)                                               |
@@ -15,40 +15,83 @@
 //! |     56 |    8 | number of prompts P (u64)                                    |
 //! |     64 |    8 | hash-table slots when saved (u64; a sizing hint)             |
 //! |     72 |    4 | CRC-32 of bytes 0..72 (u32)                                  |
-//! |     76 | 16·P | records: id (i64), stored successes (f32), failures (f32)    |
-//! | 76+16P |    4 | CRC-32 of the records (u32)                                  |
-//! | 80+16P | 2728 | version 2 only: the revisit calibration (`calibration.rs`):  |
-//! |        |      | forget (f64), weight τ (f64), cells C = 169 (u32),           |
-//! |        |      | C × observed (f64), C × predicted (f64), CRC-32 of the block |
-//! |        |      | before it (u32)                                              |
+//! |     76 | 24·P | records: id (i64), stored successes (f32), failures (f32),   |
+//! |        |      | noise sums over successes (f32), over failures (f32)         |
+//! | 76+24P |    4 | CRC-32 of the records (u32)                                  |
+//! | 80+24P | 2728 | the revisit calibration (`calibration.rs`): forget (f64),    |
+//! |        |      | weight τ (f64), cells C = 169 (u32), C × observed (f64),     |
+//! |        |      | C × predicted (f64), CRC-32 of the block before it (u32)     |
+//! | …+2728 |   48 | the noise totals (`pool::NoiseTotals`): weight w0 (f64),     |
+//! |        |      | started classes (u32: bit 0 success, bit 1 failure), stored  |
+//! |        |      | sums of q (2 × f64), stored class counts (2 × f64), CRC-32   |
+//! |        |      | of the block before it (u32)                                 |
 //!
-//! A version 1 file (no calibration block, otherwise identical) loads with an empty
-//! calibration (every factor 1).
+//! Earlier versions load with empty noise statistics (no class started, w0 = 1): version 2
+//! has 16-byte records (id, successes, failures) and no noise block; version 1 has no
+//! calibration block either (it loads with an empty calibration, every factor 1).
 //!
-//! Stored evidence is actual evidence divided by g, exactly as held in memory, so a round trip
+//! Stored values are actual values divided by g, exactly as held in memory, so a round trip
 //! is bit for bit. A file is refused (with the reason) when it is empty, foreign (bad magic),
 //! of another version, truncated, longer than its header says, or fails a checksum.
 
 use crate::calibration::{Calibration, CELLS};
 use crate::error::{Error, Result};
-use crate::pool::{PassRatePool, Slot};
+use crate::pool::{NoiseTotals, PassRatePool, Slot};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const MAGIC: &[u8; 8] = b"DYNMPOOL";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 76;
-const RECORD_LEN: usize = 16;
-/// Length of the version-2 calibration block.
+/// Record length of the current version (id, evidence, noise sums).
+pub const RECORD_LEN: usize = 24;
+/// Record length of versions 1 and 2 (id, evidence).
+const OLD_RECORD_LEN: usize = 16;
+/// Length of the calibration block (versions 2 and 3).
 pub const CALIBRATION_LEN: usize = 8 + 8 + 4 + 16 * CELLS + 4;
+/// Length of the noise block (version 3).
+pub const NOISE_LEN: usize = 8 + 4 + 4 * 8 + 4;
 /// Records converted per buffer when reading or writing.
 const BATCH: usize = 1 << 16;
 
 /// Size in bytes of the file holding `prompts` prompts.
 pub fn file_len(prompts: u64) -> u64 {
-    HEADER_LEN as u64 + RECORD_LEN as u64 * prompts + 4 + CALIBRATION_LEN as u64
+    HEADER_LEN as u64 + RECORD_LEN as u64 * prompts + 4 + (CALIBRATION_LEN + NOISE_LEN) as u64
+}
+
+fn noise_block(n: &NoiseTotals) -> Vec<u8> {
+    let mut b = Vec::with_capacity(NOISE_LEN);
+    b.extend_from_slice(&n.weight.to_le_bytes());
+    let flags = n.started[0] as u32 | (n.started[1] as u32) << 1;
+    b.extend_from_slice(&flags.to_le_bytes());
+    for x in n.sum.iter().chain(&n.count) {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn parse_noise(b: &[u8]) -> std::result::Result<NoiseTotals, String> {
+    if crc32fast::hash(&b[..NOISE_LEN - 4]) != le_u32(&b[NOISE_LEN - 4..]) {
+        return Err("noise checksum mismatch (the noise block is corrupt)".into());
+    }
+    let flags = le_u32(&b[8..]);
+    if flags > 3 {
+        return Err(format!("noise block has unknown class flags {flags:#x}"));
+    }
+    let n = NoiseTotals {
+        weight: le_f64(&b[0..]),
+        started: [flags & 1 != 0, flags & 2 != 0],
+        sum: [le_f64(&b[12..]), le_f64(&b[20..])],
+        count: [le_f64(&b[28..]), le_f64(&b[36..])],
+    };
+    if !n.is_valid() {
+        return Err("the noise block holds invalid values".into());
+    }
+    Ok(n)
 }
 
 fn calibration_block(c: &Calibration) -> Vec<u8> {
@@ -121,13 +164,16 @@ pub fn write_pool<W: Write>(pool: &PassRatePool, w: &mut W) -> io::Result<()> {
         buf.extend_from_slice(&e.id.to_le_bytes());
         buf.extend_from_slice(&e.successes.to_le_bytes());
         buf.extend_from_slice(&e.failures.to_le_bytes());
+        buf.extend_from_slice(&e.noise_success.to_le_bytes());
+        buf.extend_from_slice(&e.noise_failure.to_le_bytes());
         if buf.len() == BATCH * RECORD_LEN {
             flush(&mut buf, w)?;
         }
     }
     flush(&mut buf, w)?;
     w.write_all(&crc.finalize().to_le_bytes())?;
-    w.write_all(&calibration_block(pool.calibration()))
+    w.write_all(&calibration_block(pool.calibration()))?;
+    w.write_all(&noise_block(pool.noise_totals()))
 }
 
 pub fn to_bytes(pool: &PassRatePool) -> Vec<u8> {
@@ -192,7 +238,16 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
             "unsupported format version {version} (this build reads versions 1 to {VERSION})"
         )));
     }
-    let tail_len = if version >= 2 { CALIBRATION_LEN } else { 0 } as u64;
+    let tail_len = match version {
+        1 => 0,
+        2 => CALIBRATION_LEN,
+        _ => CALIBRATION_LEN + NOISE_LEN,
+    } as u64;
+    let record_len = if version >= 3 {
+        RECORD_LEN
+    } else {
+        OLD_RECORD_LEN
+    };
     if got < HEADER_LEN {
         return Err(bad(format!(
             "truncated: {got} bytes, shorter than the {HEADER_LEN}-byte header"
@@ -205,7 +260,7 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
     }
     let prompts = le_u64(&h[56..]);
     let expected = prompts
-        .checked_mul(RECORD_LEN as u64)
+        .checked_mul(record_len as u64)
         .and_then(|b| b.checked_add(HEADER_LEN as u64 + 4 + tail_len))
         .ok_or_else(|| bad(format!("header claims an impossible {prompts} prompts")))?;
     if len < expected {
@@ -231,7 +286,7 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
     .map_err(|e| bad(format!("invalid header: {e}")))?;
 
     let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; BATCH * RECORD_LEN];
+    let mut buf = vec![0u8; BATCH * record_len];
     let mut left = prompts as usize;
     // A content problem is reported only if the checksum holds (else: corrupt).
     let mut problem: Option<String> = None;
@@ -245,20 +300,29 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
     };
     while left > 0 {
         let take = left.min(BATCH);
-        let chunk = &mut buf[..take * RECORD_LEN];
+        let chunk = &mut buf[..take * record_len];
         r.read_exact(chunk).map_err(truncated)?;
         crc.update(chunk);
-        for rec in chunk.chunks_exact(RECORD_LEN) {
-            let slot = Slot {
-                id: i64::from_le_bytes(rec[0..8].try_into().unwrap()),
-                successes: f32::from_le_bytes(rec[8..12].try_into().unwrap()),
-                failures: f32::from_le_bytes(rec[12..16].try_into().unwrap()),
-            };
+        for rec in chunk.chunks_exact(record_len) {
+            let f32_at = |at: usize| f32::from_le_bytes(rec[at..at + 4].try_into().unwrap());
+            let mut slot = Slot::evidence(
+                i64::from_le_bytes(rec[0..8].try_into().unwrap()),
+                f32_at(8),
+                f32_at(12),
+            );
+            if record_len == RECORD_LEN {
+                (slot.noise_success, slot.noise_failure) = (f32_at(16), f32_at(20));
+            }
             let valid = |x: f32| x.is_finite() && x >= 0.0;
             if problem.is_none() {
                 if !(valid(slot.successes) && valid(slot.failures)) {
                     problem = Some(format!(
                         "record {record} (id {}) has invalid evidence",
+                        slot.id
+                    ));
+                } else if !(valid(slot.noise_success) && valid(slot.noise_failure)) {
+                    problem = Some(format!(
+                        "record {record} (id {}) has invalid noise sums",
                         slot.id
                     ));
                 } else if !pool.insert_stored(slot) {
@@ -285,6 +349,13 @@ pub fn read_pool<R: Read>(r: &mut R, len: u64, path: &Path) -> Result<PassRatePo
         let c = parse_calibration(&block).map_err(bad)?;
         pool.set_calibration(c)
             .map_err(|e| bad(format!("invalid calibration: {e}")))?;
+    }
+    if version >= 3 {
+        let mut block = vec![0u8; NOISE_LEN];
+        r.read_exact(&mut block).map_err(truncated)?;
+        let n = parse_noise(&block).map_err(bad)?;
+        pool.set_noise_totals(n)
+            .map_err(|e| bad(format!("invalid noise statistics: {e}")))?;
     }
     Ok(pool)
 }
@@ -342,6 +413,7 @@ pub fn load(path: &Path) -> Result<PassRatePool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::NoiseRows;
 
     fn sample() -> PassRatePool {
         let mut p = PassRatePool::new(0.7, 1.3, 0.9, 0).unwrap();
@@ -352,8 +424,18 @@ mod tests {
                 .collect();
             let trials: Vec<i64> = ids.iter().map(|&i| 1 + (i.rem_euclid(16))).collect();
             let succ: Vec<i64> = trials.iter().map(|&t| t / 3).collect();
-            p.update(&ids, &succ, &trials).unwrap();
+            // Noise sums from step 10 on (steps before are imputed when the classes start).
+            let qs: Vec<f64> = succ.iter().map(|&k| k as f64 * 0.75).collect();
+            let qf: Vec<f64> = (0..ids.len())
+                .map(|j| (trials[j] - succ[j]) as f64 * (1.5 + j as f64 / 64.0))
+                .collect();
+            let noise = (step >= 10).then_some(NoiseRows {
+                success: &qs,
+                failure: &qf,
+            });
+            p.update_with_noise(&ids, &succ, &trials, noise).unwrap();
         }
+        p.set_noise_weight(2.5).unwrap();
         p
     }
 
@@ -363,14 +445,18 @@ mod tests {
         assert_eq!(a.scale().to_bits(), b.scale().to_bits());
         assert_eq!(a.updates(), b.updates());
         assert_eq!(a.calibration(), b.calibration());
-        let mut ea: Vec<_> = a
-            .stored_entries()
-            .map(|s| (s.id, s.successes.to_bits(), s.failures.to_bits()))
-            .collect();
-        let mut eb: Vec<_> = b
-            .stored_entries()
-            .map(|s| (s.id, s.successes.to_bits(), s.failures.to_bits()))
-            .collect();
+        assert_eq!(a.noise_totals(), b.noise_totals());
+        let bits = |s: Slot| {
+            (
+                s.id,
+                s.successes.to_bits(),
+                s.failures.to_bits(),
+                s.noise_success.to_bits(),
+                s.noise_failure.to_bits(),
+            )
+        };
+        let mut ea: Vec<_> = a.stored_entries().map(bits).collect();
+        let mut eb: Vec<_> = b.stored_entries().map(bits).collect();
         ea.sort();
         eb.sort();
         assert_eq!(ea, eb);
@@ -414,9 +500,13 @@ mod tests {
         longer.push(0);
         assert!(problem(&longer).contains("1 unexpected bytes"));
         assert!(problem(b"\x89PNG\r\n\x1a\n and more").contains("bad magic"));
-        let mut v3 = bytes.clone();
-        v3[8] = 3;
-        assert!(problem(&v3).contains("unsupported format version 3"));
+        let mut v4 = bytes.clone();
+        v4[8] = 4;
+        assert!(problem(&v4).contains("unsupported format version 4"));
+        let mut noise = bytes.clone();
+        let at = noise.len() - 20;
+        noise[at] ^= 1;
+        assert!(problem(&noise).contains("noise checksum mismatch"));
         let mut cal = bytes.clone();
         let at = cal.len() - 100;
         cal[at] ^= 1;
@@ -428,15 +518,35 @@ mod tests {
         data[HEADER_LEN + 40] ^= 0x10;
         assert!(problem(&data).contains("data checksum mismatch"));
         let mut crc = bytes.clone();
-        let records_end = bytes.len() - CALIBRATION_LEN - 1;
+        let records_end = bytes.len() - CALIBRATION_LEN - NOISE_LEN - 1;
         crc[records_end] ^= 1;
         assert!(problem(&crc).contains("data checksum mismatch"));
         assert!(from_bytes(&bytes).is_ok());
     }
 
+    /// The version-2 file of a pool (what the previous build wrote): 16-byte records without
+    /// the noise sums, no noise block; version field and checksums rewritten.
+    fn as_version_2(v3: &[u8]) -> Vec<u8> {
+        let prompts = le_u64(&v3[56..]) as usize;
+        let mut b = v3[..HEADER_LEN].to_vec();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32fast::hash(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
+        let records = &v3[HEADER_LEN..HEADER_LEN + RECORD_LEN * prompts];
+        for rec in records.chunks_exact(RECORD_LEN) {
+            b.extend_from_slice(&rec[..16]);
+        }
+        let crc = crc32fast::hash(&b[HEADER_LEN..]);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let at = HEADER_LEN + RECORD_LEN * prompts + 4;
+        b.extend_from_slice(&v3[at..at + CALIBRATION_LEN]);
+        b
+    }
+
     /// The version-1 file of a pool: the version-2 bytes without the calibration block, with
     /// the version field and the header checksum rewritten.
-    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+    fn as_version_1(v3: &[u8]) -> Vec<u8> {
+        let v2 = as_version_2(v3);
         let mut b = v2[..v2.len() - CALIBRATION_LEN].to_vec();
         b[8..12].copy_from_slice(&1u32.to_le_bytes());
         let crc = crc32fast::hash(&b[..72]);
@@ -445,20 +555,50 @@ mod tests {
     }
 
     #[test]
+    fn version_2_files_load_with_empty_noise_statistics() {
+        let p = sample();
+        assert!(p.noise_means().iter().all(|m| m.is_some()));
+        let old = from_bytes(&as_version_2(&to_bytes(&p))).unwrap();
+        assert_eq!(old.noise_totals(), &NoiseTotals::default());
+        assert_eq!(old.calibration(), p.calibration());
+        assert_eq!(old.prior(), p.prior());
+        assert_eq!(old.updates(), p.updates());
+        assert_eq!(old.scale().to_bits(), p.scale().to_bits());
+        let ids: Vec<i64> = p.ids();
+        assert_eq!(old.evidence(&ids), p.evidence(&ids));
+        assert_eq!(old.noise_sums(&ids).0, vec![0.0; ids.len()]);
+        assert_eq!(old.noise_scale(&ids), vec![1.0; ids.len()]);
+        // Saved again, it is a version-3 file.
+        assert_eq!(le_u32(&to_bytes(&old)[8..]), VERSION);
+        let mut long = as_version_2(&to_bytes(&p));
+        long.push(0);
+        assert!(problem(&long).contains("1 unexpected bytes"));
+    }
+
+    #[test]
     fn version_1_files_load_with_an_empty_calibration() {
         let p = sample();
         assert_ne!(p.calibration(), &Calibration::default());
         let old = from_bytes(&as_version_1(&to_bytes(&p))).unwrap();
         assert_eq!(old.calibration(), &Calibration::default());
+        assert_eq!(old.noise_totals(), &NoiseTotals::default());
         assert_eq!(old.prior(), p.prior());
         assert_eq!(old.updates(), p.updates());
         let ids: Vec<i64> = p.ids();
         assert_eq!(old.evidence(&ids), p.evidence(&ids));
-        // Saved again, it is a version-2 file.
-        assert_eq!(le_u32(&to_bytes(&old)[8..]), VERSION);
         let mut short = as_version_1(&to_bytes(&p));
         short.push(0);
         assert!(problem(&short).contains("1 unexpected bytes"));
+    }
+
+    #[test]
+    fn round_trip_keeps_the_noise_scale() {
+        let p = sample();
+        let q = from_bytes(&to_bytes(&p)).unwrap();
+        let ids: Vec<i64> = p.ids().into_iter().chain([5, -5]).collect();
+        let (a, b) = (p.noise_scale(&ids), q.noise_scale(&ids));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert_eq!(q.noise_weight(), 2.5);
     }
 
     #[test]

@@ -648,3 +648,115 @@ def test_shifted_with_lo_zero_needs_the_group_floor():
 def test_estimator_errors(lo, rule, options, message):
     with pytest.raises(ValueError, match=message):
         allocate_rollouts([0.1, 0.2, 0.0], 12, lo, 8, rule, **options)
+
+
+# ---------------------------------------------------------------- per-prompt noise scale
+
+SCALES = st.one_of(
+    st.sampled_from([1.0, 0.02, 7.0, 0.5, 2.0]),
+    st.floats(0.02, 7.0, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(small_problems(), st.data())
+def test_scale_gives_the_dp_optimum_of_the_weighted_objective(problem, data):
+    v, budget, lo, hi = problem
+    s = data.draw(st.lists(SCALES, min_size=len(v), max_size=len(v)))
+    w = [x * y for x, y in zip(v, s)]
+    got = allocate_rollouts(v, budget, lo, hi, scale=s)
+    # The greedy on the products (same tie rule), hence the exact minimiser of sum s v / n.
+    assert got.tolist() == greedy(w, budget, lo, hi)
+    if lo == 0 and budget < sum(x > 0 for x in w):
+        return
+    best = dp_optimum(v, budget, lo, hi, cost=None) if s == [1.0] * len(v) else None
+    weighted = dp_optimum(list(range(len(v))), budget, lo, hi, cost=lambda i, k: (
+        0.0 if v[i] == 0 else (math.inf if k == 0 else s[i] * v[i] / k)))
+    cost = sum(0.0 if x == 0 else y * x / k for x, y, k in zip(v, s, got.tolist()))
+    assert cost == pytest.approx(weighted, rel=1e-12, abs=1e-300)
+    if best is not None:
+        assert weighted == best
+
+
+@settings(max_examples=300, deadline=None)
+@given(small_problems(), st.sampled_from(SHIFTED), st.data())
+def test_scale_with_shifted_estimators_gives_the_dp_optimum(problem, estimator, data):
+    v, _, lo, hi = problem
+    n = len(v)
+    lo, hi = lo + 2, hi + 2
+    s = data.draw(st.lists(SCALES, min_size=n, max_size=n))
+    for budget in {n * lo, n * hi, (n * lo + n * hi) // 2}:
+        got = allocate_rollouts(v, budget, lo, hi, estimator=estimator, scale=s)
+        best = dp_optimum(list(range(n)), budget, lo, hi, cost=lambda i, k: s[i] * v[i] / (k - 1))
+        cost = sum(y * x / (k - 1) for x, y, k in zip(v, s, got.tolist()))
+        assert cost == pytest.approx(best, rel=1e-12, abs=1e-300)
+        w = np.asarray(v) * np.asarray(s)
+        assert np.array_equal(got, allocate_rollouts(w, budget, lo, hi, estimator=estimator))
+
+
+@settings(max_examples=200, deadline=None)
+@given(small_problems(), st.sampled_from(RULES))
+def test_unit_scale_and_no_scale_are_todays_result_bit_for_bit(problem, rule):
+    v, budget, lo, hi = problem
+    today = allocate_rollouts(v, budget, lo, hi, rule)
+    assert np.array_equal(allocate_rollouts(v, budget, lo, hi, rule, scale=None), today)
+    assert np.array_equal(allocate_rollouts(v, budget, lo, hi, rule, scale=np.ones(len(v))), today)
+
+
+@pytest.mark.parametrize("bounds, estimator", [((8, 24), None), ((0, 64), None), ((2, 64), "rloo"),
+                                               ((4, 40), "dr_grpo")])
+def test_large_scaled_inputs_equal_the_solver_on_the_products(bounds, estimator):
+    lo, hi = bounds
+    n = 200_000  # above the parallel threshold
+    v = pool_recipe(n, seed=8)
+    rng = np.random.default_rng(8)
+    s = 0.02 * 350.0 ** rng.random(n)
+    got = allocate_rollouts(v, 16 * n, lo, hi, estimator=estimator, scale=s)
+    assert np.array_equal(got, allocate_rollouts(v * s, 16 * n, lo, hi, estimator=estimator))
+    if estimator is None:
+        certify_optimal(v * s, got, 16 * n, lo, hi)
+    ones = allocate_rollouts(v, 16 * n, lo, hi, estimator=estimator, scale=np.ones(n))
+    assert np.array_equal(ones, allocate_rollouts(v, 16 * n, lo, hi, estimator=estimator))
+
+
+def test_scale_with_proportional_uniform_and_the_switches():
+    v = np.array([0.1, 0.2, 0.0, 0.3, 0.05])
+    s = np.array([4.0, 0.5, 2.0, 1.0, 8.0])
+    # proportional: n proportional to max(s v, floor) = 0.4, 0.1, 0.01, 0.3, 0.4 (sum 1.21):
+    # 13.22, 3.31, 0.33, 9.92, 13.22; the two largest remainders (0.92, 0.33) get the last two.
+    got = allocate_rollouts(v, 40, 0, 40, "proportional", scale=s)
+    assert np.array_equal(got, allocate_rollouts(v * s, 40, 0, 40, "proportional"))
+    assert got.tolist() == [13, 3, 1, 10, 13]
+    # uniform: validated, then ignored.
+    assert allocate_rollouts(v, 13, 0, 40, "uniform", scale=s).tolist() == [3, 3, 3, 2, 2]
+    for options in ({"skip_factor": 4.0}, {"min_rollouts": 3}, {"unseen": np.array([0, 1, 0, 0, 0], bool)}):
+        assert np.array_equal(allocate_rollouts(v, 20, 0, 10, scale=s, **options),
+                              allocate_rollouts(v * s, 20, 0, 10, **options))
+
+
+@pytest.mark.parametrize(
+    "variances, scale, rule, message",
+    [
+        ([0.1, 0.2], [1.0], "neyman", r"^scale has length 1 but variances has length 2$"),
+        ([0.1, 0.2], [1.0, float("nan")], "neyman", r"^scale\[1\] is NaN$"),
+        ([0.1, 0.2], [float("inf"), 1.0], "proportional", r"^scale\[0\] is infinite \(inf\)$"),
+        ([0.1, 0.2], [1.0, 0.0], "uniform", r"^scale\[1\] is zero \(0.0\); a scale must be > 0$"),
+        ([0.1, 0.2], [-3.0, 1.0], "neyman", r"^scale\[0\] is negative \(-3.0\); a scale must be > 0$"),
+        ([0.1, float("nan")], [0.0, 1.0], "neyman", r"^variances\[1\] is NaN$"),
+        ([0.1, 1e300], [1.0, 1e10], "neyman",
+         r"^scale\[1\] \* variances\[1\] overflows float64 \(10000000000.0 \* 1e300\)$"),
+        ([0.1, 0.2], [[1.0, 1.0]], "neyman", r"^scale must be 1-D, got an array of shape \(1, 2\)$"),
+        ([0.1, 0.2], ["a", "b"], "neyman", r"^scale must hold real numbers, got dtype <U1$"),
+    ],
+)
+def test_bad_scales_are_named_by_index_and_value(variances, scale, rule, message):
+    with pytest.raises(ValueError, match=message):
+        allocate_rollouts(variances, 4, 1, 3, rule, scale=scale)
+
+
+def test_large_scale_reports_the_first_bad_index():
+    s = np.ones(300_000)
+    s[250_001] = 0.0
+    s[299_999] = np.nan
+    with pytest.raises(ValueError, match=r"^scale\[250001\] is zero"):
+        allocate_rollouts(np.full(300_000, 0.1), 16 * 300_000, 8, 24, scale=s)

@@ -1,4 +1,4 @@
-"""PassRatePool: posteriors, forgetting, prior fitting, allocation switches, file format."""
+"""PassRatePool: posteriors, forgetting, prior fitting, noise statistics, allocation switches, file format."""
 
 import copy
 import math
@@ -13,7 +13,10 @@ import pytest
 from dynamo_openrlhf import FORMAT_VERSION, PassRatePool, allocate_rollouts
 
 HEADER = 76  # bytes before the records (see PassRatePool.save)
-CALIBRATION = 2728  # version-2 calibration block after the records' checksum
+RECORD = 24  # version-3 record: id, successes, failures, noise sums over successes and failures
+CALIBRATION = 2728  # calibration block after the records' checksum (versions 2 and 3)
+NOISE = 48  # version-3 noise block after the calibration block
+FIXTURE_V2 = os.path.join(os.path.dirname(__file__), "data", "pool_v2.bin")
 
 
 def beta_moments(a, b):
@@ -21,13 +24,18 @@ def beta_moments(a, b):
 
 
 def sample_pool(forget=0.9):
+    """25 steps; noise sums (q ~ 0.5 per success, ~2 per failure) from step 5 on."""
     pool = PassRatePool(prior=(0.7, 1.3), forget=forget)
     rng = np.random.default_rng(4)
     for step in range(25):
         ids = rng.integers(-(2**62), 2**62, 300) if step == 0 else rng.integers(0, 5000, 300)
         trials = rng.integers(0, 17, 300)
         successes = rng.binomial(trials, 0.4)
-        pool.update(ids, successes, trials)
+        noise = {}
+        if step >= 5:
+            noise = {"noise_success": successes * rng.uniform(0.25, 0.75, 300),
+                     "noise_failure": (trials - successes) * rng.uniform(1.0, 3.0, 300)}
+        pool.update(ids, successes, trials, **noise)
     pool.update([np.iinfo(np.int64).min, np.iinfo(np.int64).max], [1, 2], [3, 2])
     return pool
 
@@ -78,14 +86,23 @@ def test_extreme_ids():
     assert pool.evidence([lo, hi])[0].tolist() == [1.0, 0.0]
 
 
-def test_large_pool_stays_within_32_bytes_per_prompt():
+def test_large_pool_stays_within_36_bytes_per_prompt():
     pool = PassRatePool()
     ids = np.arange(1_000_000, dtype=np.int64) * 7919
-    pool.update(ids, np.ones_like(ids), np.full_like(ids, 2))
+    worst = 0.0
+    for chunk in np.array_split(ids, 50):  # growth between steps: the load stays in [0.67, 0.8]
+        pool.update(chunk, np.ones_like(chunk), np.full_like(chunk, 2),
+                    noise_success=np.full(len(chunk), 0.5), noise_failure=np.full(len(chunk), 2.0))
+        stats = pool.stats()
+        assert 0.67 <= stats["load_factor"] <= 0.8 or stats["prompts"] < 1000
+        worst = max(worst, stats["bytes_per_prompt"])
+    assert worst <= 36.0
+    # Updating known ids in one large batch does not grow the table.
+    slots = pool.stats()["slots"]
+    pool.update(ids, np.zeros_like(ids), np.zeros_like(ids))
     stats = pool.stats()
+    assert stats["slots"] == slots
     assert stats["prompts"] == 1_000_000
-    assert stats["bytes_per_prompt"] <= 32.0
-    assert stats["load_factor"] <= 0.8
     assert stats["successes"] == 1_000_000 and stats["failures"] == 1_000_000
     assert pool.mean(ids[[0, -1]]).tolist() == [0.5, 0.5]
     presized = PassRatePool(capacity=1_000_000)
@@ -363,19 +380,22 @@ def same_pool(a, b):
     assert a.stats()["scale"] == b.stats()["scale"] and a.stats()["updates"] == b.stats()["updates"]
     ids = np.sort(a.ids())
     assert np.array_equal(ids, np.sort(b.ids()))
-    for x, y in zip(a.evidence(ids), b.evidence(ids)):
+    for x, y in zip(a.evidence(ids) + a.noise_sums(ids), b.evidence(ids) + b.noise_sums(ids)):
         assert np.array_equal(x.view(np.uint64), y.view(np.uint64))
+    assert a.noise_means == b.noise_means and a.noise_weight == b.noise_weight
 
 
 def test_save_load_round_trip_is_bit_for_bit(tmp_path):
     pool = sample_pool()
     path = tmp_path / "pool.bin"
     pool.save(path)
-    assert os.path.getsize(path) == 80 + 16 * len(pool) + CALIBRATION
+    assert os.path.getsize(path) == 80 + RECORD * len(pool) + CALIBRATION + NOISE
+    assert RECORD <= 36
     loaded = PassRatePool.load(str(path))
     same_pool(pool, loaded)
     ids = np.arange(-5, 5000)
     assert np.array_equal(loaded.calibrated_variance(ids), pool.calibrated_variance(ids))
+    assert np.array_equal(loaded.noise_scale(ids), pool.noise_scale(ids))
     assert loaded.to_bytes() == path.read_bytes() == pool.to_bytes()
     pool.save(path)  # replacing an existing file
     assert os.listdir(tmp_path) == ["pool.bin"]  # no temporary file left behind
@@ -390,24 +410,93 @@ def test_file_header_layout(tmp_path):
     magic, version, flags, a0, b0, rho, scale, updates, prompts, slots, crc = struct.unpack(
         "<8sIIddddQQQI", data[:HEADER]
     )
-    assert magic == b"DYNMPOOL" and version == FORMAT_VERSION == 2 and flags == 0
+    assert magic == b"DYNMPOOL" and version == FORMAT_VERSION == 3 and flags == 0
     assert (a0, b0, rho) == (0.7, 1.3, 0.9) and prompts == len(pool) and updates == 26
     assert crc == zlib.crc32(data[:72])
-    records_end = HEADER + 16 * prompts
+    records_end = HEADER + RECORD * prompts
     assert struct.unpack("<I", data[records_end:records_end + 4])[0] == zlib.crc32(data[HEADER:records_end])
-    block = data[records_end + 4:]
-    assert len(block) == CALIBRATION
+    # Records: id, then stored successes, failures, noise sums (actual / scale), all float32.
+    first_id, s, f, qs, qf = struct.unpack("<qffff", data[HEADER:HEADER + RECORD])
+    g = pool.stats()["scale"]
+    assert pool.evidence([first_id])[0][0] == np.float64(np.float32(s)) * g
+    assert pool.noise_sums([first_id])[1][0] == np.float64(np.float32(qf)) * g
+    block = data[records_end + 4:records_end + 4 + CALIBRATION]
     cal_forget, weight, cells = struct.unpack("<ddI", block[:20])
     assert (cal_forget, weight, cells) == (0.99, 2.0, 169)
     assert struct.unpack("<I", block[-4:])[0] == zlib.crc32(block[:-4])
+    noise = data[records_end + 4 + CALIBRATION:]
+    assert len(noise) == NOISE
+    w0, started, sum_s, sum_f, count_s, count_f, noise_crc = struct.unpack("<dIddddI", noise)
+    assert (w0, started) == (1.0, 3) and noise_crc == zlib.crc32(noise[:-4])
+    assert pool.noise_means == (sum_s / count_s, sum_f / count_f)
+
+
+def as_version_2(data):
+    """The same pool in format version 2 (the previous build's layout): 16-byte records without the
+    noise sums, no noise block."""
+    prompts = struct.unpack("<Q", data[56:64])[0]
+    head = bytearray(data[:HEADER])
+    head[8:12] = struct.pack("<I", 2)
+    head[72:76] = struct.pack("<I", zlib.crc32(bytes(head[:72])))
+    records = b"".join(data[HEADER + RECORD * i:HEADER + RECORD * i + 16] for i in range(prompts))
+    calibration = data[HEADER + RECORD * prompts + 4:][:CALIBRATION]
+    return bytes(head) + records + struct.pack("<I", zlib.crc32(records)) + calibration
 
 
 def as_version_1(data):
-    """The same pool in format version 1 (what earlier builds wrote): no calibration block."""
-    body = bytearray(data[:-CALIBRATION])
+    """The same pool in format version 1 (what earlier builds wrote): no calibration block either."""
+    body = bytearray(as_version_2(data)[:-CALIBRATION])
     body[8:12] = struct.pack("<I", 1)
     body[72:76] = struct.pack("<I", zlib.crc32(bytes(body[:72])))
     return bytes(body)
+
+
+def test_a_file_written_by_the_previous_build_loads_with_empty_noise_statistics():
+    """tests/data/pool_v2.bin was saved by the build before noise statistics (format version 2):
+    PassRatePool(prior=(0.7, 1.3), forget=0.9), then update([11, 22, 33, -44], [3, 0, 8, 1],
+    [8, 8, 8, 2]), update([11, 55, INT64_MIN], [5, 1, 2], [8, 4, 2]), update([22, 33], [1, 8], [8, 8]).
+    The values below are what that build returned."""
+    data = open(FIXTURE_V2, "rb").read()
+    assert len(data) == 80 + 16 * 6 + CALIBRATION and struct.unpack("<I", data[8:12])[0] == 2
+    pool = PassRatePool.from_bytes(data)
+    ids = [11, 22, 33, -44, 55, np.iinfo(np.int64).min, 99]
+    s, f = pool.evidence(ids)
+    assert s.tolist() == [6.929999828338624, 0.9999999833106995, 14.479999866485597, 0.81,
+                          0.9000000429153443, 1.8000000858306886, 0.0]
+    assert f.tolist() == [6.749999742507935, 13.480000076293946, 0.0, 0.81, 2.699999935626984, 0.0, 0.0]
+    assert pool.calibrated_variance(ids).tolist() == [
+        0.2348433749741021, 0.08722173366815857, 0.06850408836534067, 0.19050608691492674,
+        0.17316017624445457, 0.1781798234680669, 0.13607698133784701]
+    assert pool.allocate(ids, 70, 2, 20, estimator="rloo").tolist() == [12, 8, 7, 11, 11, 11, 10]
+    # Empty noise statistics: no class mean, every noise scale 1, allocation unchanged.
+    assert pool.noise_means == (None, None) and pool.noise_weight == 1.0
+    assert pool.noise_sums(ids)[0].tolist() == [0.0] * 7
+    assert pool.noise_scale(ids).tolist() == [1.0] * 7
+    assert pool.allocate(ids, 70, 2, 20, estimator="rloo", noise_scale=True).tolist() == [12, 8, 7, 11, 11, 11, 10]
+    # Saved again it is a version-3 file holding the same pool.
+    again = pool.to_bytes()
+    assert struct.unpack("<I", again[8:12])[0] == FORMAT_VERSION
+    same_pool(pool, PassRatePool.from_bytes(again))
+    # Noise observed after loading: the earlier evidence counts at the first step's class means.
+    pool.update([11], [1], [2], noise_success=[3.0], noise_failure=[0.5])
+    assert pool.noise_means == pytest.approx((3.0, 0.5), rel=1e-6)  # float32 sums
+    qs, qf = pool.noise_sums([55])
+    assert qs[0] == pytest.approx(3.0 * 0.9000000429153443 * 0.9, rel=1e-6)
+    assert qf[0] == pytest.approx(0.5 * 2.699999935626984 * 0.9, rel=1e-6)
+
+
+def test_version_2_files_still_load(tmp_path):
+    pool = sample_pool()
+    path = tmp_path / "v2.bin"
+    path.write_bytes(as_version_2(pool.to_bytes()))
+    old = PassRatePool.load(path)
+    ids = np.sort(pool.ids())
+    for x, y in zip(pool.evidence(ids), old.evidence(ids)):
+        assert np.array_equal(x, y)
+    assert np.array_equal(old.calibrated_variance(ids), pool.calibrated_variance(ids))
+    assert old.noise_means == (None, None) and np.all(old.noise_scale(ids) == 1.0)
+    with pytest.raises(ValueError, match="1 unexpected bytes"):
+        PassRatePool.from_bytes(as_version_2(pool.to_bytes()) + b"\0")
 
 
 def test_version_1_files_still_load(tmp_path):
@@ -417,10 +506,13 @@ def test_version_1_files_still_load(tmp_path):
     path = tmp_path / "v1.bin"
     path.write_bytes(as_version_1(pool.to_bytes()))
     old = PassRatePool.load(path)
-    same_pool(pool, old)
+    ids = np.sort(pool.ids())
+    for x, y in zip(pool.evidence(ids), old.evidence(ids)):
+        assert np.array_equal(x, y)
+    assert old.noise_means == (None, None)
     # No calibration stored: every factor is 1 until new updates teach it.
     assert np.array_equal(old.calibrated_variance(ids), old.expected_variance(ids))
-    assert struct.unpack("<I", old.to_bytes()[8:12])[0] == 2  # saved again as version 2
+    assert struct.unpack("<I", old.to_bytes()[8:12])[0] == 3  # saved again as version 3
     with pytest.raises(ValueError, match="1 unexpected bytes"):
         PassRatePool.from_bytes(as_version_1(pool.to_bytes()) + b"\0")
 
@@ -447,9 +539,11 @@ def damaged(data, how):
     if how == "header-flip":
         return data[:20] + bytes([data[20] ^ 1]) + data[21:]
     if how == "version":
-        return data[:8] + struct.pack("<I", 3) + data[12:]
+        return data[:8] + struct.pack("<I", 4) + data[12:]
     if how == "calibration-flip":
         return data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]
+    if how == "noise-flip":
+        return data[:-20] + bytes([data[-20] ^ 1]) + data[-19:]
     if how == "foreign":
         return b"\x89PNG\r\n\x1a\n" + data[8:]
     if how == "empty":
@@ -466,8 +560,9 @@ def damaged(data, how):
         ("trailing", r"1 unexpected bytes after the data"),
         ("record-flip", r"data checksum mismatch"),
         ("header-flip", r"header checksum mismatch"),
-        ("version", r"unsupported format version 3 \(this build reads versions 1 to 2\)"),
+        ("version", r"unsupported format version 4 \(this build reads versions 1 to 3\)"),
         ("calibration-flip", r"calibration checksum mismatch"),
+        ("noise-flip", r"noise checksum mismatch"),
         ("foreign", r"bad magic bytes .*this is not a pool file"),
         ("empty", r"the file is empty"),
     ],
@@ -497,7 +592,8 @@ def test_repr_and_stats_keys():
     assert repr(pool) == f"PassRatePool(prompts={len(pool)}, prior=(0.7, 1.3), forget=0.9)"
     assert set(pool.stats()) == {
         "prompts", "slots", "load_factor", "bytes", "bytes_per_prompt", "updates", "scale",
-        "prior", "forget", "successes", "failures",
+        "prior", "forget", "successes", "failures", "noise_success_mean", "noise_failure_mean",
+        "noise_weight",
     }
 
 
@@ -652,3 +748,154 @@ def test_explore_seed_needs_the_skipping_rule():
     # Without skipping candidates nothing changes: the informative prompts are kept either way.
     got = pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=3, calibrated=True)
     assert got.sum() == 64 and np.all(got[:8] > 0)
+
+
+# ---------------------------------------------------------------- noise statistics
+
+
+def reference_noise_scale(pool, ids):
+    """The documented formula from the pool's public numbers: s = (1 - m) Q_succ + m Q_fail with
+    Q_c = (sum_c + w0 M_c) / (n_c + w0), Q_c = M_c where n_c = 0, a missing M from the other class."""
+    ms, mf = pool.noise_means
+    ms, mf = (ms if ms is not None else mf), (mf if mf is not None else ms)
+    s, f = pool.evidence(ids)
+    qs, qf = pool.noise_sums(ids)
+    w0 = pool.noise_weight
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q_succ = np.where(s > 0, (qs + w0 * ms) / (s + w0), ms)
+        q_fail = np.where(f > 0, (qf + w0 * mf) / (f + w0), mf)
+    a0, b0 = pool.prior
+    m = (a0 + s) / (a0 + b0 + s + f)
+    return (1 - m) * q_succ + m * q_fail
+
+
+def test_noise_scale_follows_the_documented_formula():
+    pool = sample_pool()
+    ids = np.concatenate([pool.ids(), [-1, 123_456_789]])
+    assert pool.noise_means[0] == pytest.approx(0.5, rel=0.05)
+    assert pool.noise_means[1] == pytest.approx(2.0, rel=0.05)
+    got = pool.noise_scale(ids)
+    assert got.dtype == np.float64 and got.shape == ids.shape
+    np.testing.assert_allclose(got, reference_noise_scale(pool, ids), rtol=1e-14)
+    # Unseen ids: exactly the pool-level value at the prior mean.
+    (ms, mf), (a0, b0) = pool.noise_means, pool.prior
+    m0 = a0 / (a0 + b0)
+    assert got[-1] == got[-2] == (1 - m0) * ms + m0 * mf
+    pool.noise_weight = 50.0
+    np.testing.assert_allclose(pool.noise_scale(ids), reference_noise_scale(pool, ids), rtol=1e-14)
+    with pytest.raises(ValueError, match=r"^noise_weight must be a finite number >= 0, got -1$"):
+        pool.noise_weight = -1.0
+    with pytest.raises(ValueError, match=r"^noise_weight must be a finite number >= 0, got NaN$"):
+        PassRatePool(noise_weight=float("nan"))
+    assert PassRatePool(noise_weight=0.0).noise_weight == 0.0
+
+
+def test_noise_sums_are_per_class_and_forgotten():
+    pool = PassRatePool(forget=0.5)
+    assert pool.noise_means == (None, None) and pool.noise_scale([1]).tolist() == [1.0]
+    pool.update([1, 2, 1], [2, 0, 1], [3, 4, 1], noise_success=[1.5, 0.0, 0.5],
+                noise_failure=[4.0, 8.0, 0.0])
+    assert pool.noise_sums([1, 2, 3]) [0].tolist() == [2.0, 0.0, 0.0]
+    assert pool.noise_sums([1, 2, 3])[1].tolist() == [4.0, 8.0, 0.0]
+    assert pool.noise_means == (2.0 / 3.0, 12.0 / 5.0)
+    pool.update([], [], [])
+    assert pool.noise_sums([1])[1].tolist() == [2.0] and pool.noise_means == (2.0 / 3.0, 12.0 / 5.0)
+    stats = pool.stats()
+    assert (stats["noise_success_mean"], stats["noise_failure_mean"]) == pool.noise_means
+
+
+def test_steps_without_noise_are_imputed_at_the_pool_means():
+    pool = PassRatePool()
+    pool.update([1], [1], [2])  # before any noise observation
+    pool.update([2], [1], [3], noise_success=[6.0], noise_failure=[1.0])
+    # Id 1's earlier rollouts count at the first means (6 per success, 0.5 per failure).
+    assert [x.tolist() for x in pool.noise_sums([1, 2])] == [[6.0, 6.0], [0.5, 1.0]]
+    pool.update([2], [2], [2])  # no observation: imputed, the means stay
+    assert pool.noise_sums([2])[0].tolist() == [18.0] and pool.noise_means == (6.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "noise, message",
+    [
+        ({"noise_success": [1.0, 0.0]}, r"^noise_success needs noise_failure too"),
+        ({"noise_failure": [1.0, 0.0]}, r"^noise_failure needs noise_success too"),
+        ({"noise_success": [1.0], "noise_failure": [1.0, 1.0]},
+         r"^noise_success has length 1 but prompt_ids has length 2$"),
+        ({"noise_success": [1.0, 0.0], "noise_failure": [float("nan"), 1.0]}, r"^noise_failure\[0\] is NaN$"),
+        ({"noise_success": [-1.0, 0.0], "noise_failure": [1.0, 1.0]}, r"^noise_success\[0\] is negative \(-1.0\)$"),
+        ({"noise_success": [1.0, 0.5], "noise_failure": [1.0, 1.0]},
+         r"^noise_success\[1\] = 0.5 but successes\[1\] = 0 \(a class without rollouts has no noise sum\)$"),
+        ({"noise_success": [1.0, 0.0], "noise_failure": [[1.0, 1.0]]},
+         r"^noise_failure must be 1-D, got an array of shape \(1, 2\)$"),
+        ({"noise_success": ["a", "b"], "noise_failure": [1.0, 1.0]}, r"^noise_success must hold real numbers"),
+    ],
+)
+def test_rejected_noise_leaves_the_pool_unchanged(noise, message):
+    pool = sample_pool()
+    before = pool.to_bytes()
+    with pytest.raises(ValueError, match=message):
+        pool.update([1, 2], [1, 0], [2, 3], **noise)
+    assert pool.to_bytes() == before
+
+
+def test_allocate_with_a_scale_or_the_pools_own_noise_scale():
+    pool = sample_pool()
+    ids = np.arange(0, 600, 7)
+    v, s = pool.expected_variance(ids), pool.noise_scale(ids)
+    assert np.ptp(s) > 0.5
+    budget = 16 * len(ids)
+    for options in ({}, {"estimator": "rloo"}, {"calibrated": True}):
+        w = pool.calibrated_variance(ids) if options.get("calibrated") else v
+        opts = {k: x for k, x in options.items() if k != "calibrated"}
+        want = allocate_rollouts(w, budget, 2, 40, scale=s, **opts)
+        assert np.array_equal(pool.allocate(ids, budget, 2, 40, noise_scale=True, **options), want)
+        assert np.array_equal(pool.allocate(ids, budget, 2, 40, scale=s, **options), want)
+        assert not np.array_equal(want, allocate_rollouts(w, budget, 2, 40, **opts))
+    # Skipping on s * v, with the exploration guard in the same units.
+    got = pool.allocate(ids, 6 * len(ids), 0, 40, noise_scale=True, skip_factor=4.0)
+    assert np.array_equal(got, allocate_rollouts(v, 6 * len(ids), 0, 40, scale=s, skip_factor=4.0))
+    with pytest.raises(ValueError, match=r"^scale and noise_scale cannot be combined"):
+        pool.allocate(ids, budget, 2, 40, scale=s, noise_scale=True)
+    with pytest.raises(ValueError, match=r"^scale has length 3 but prompt_ids has length"):
+        pool.allocate(ids, budget, 2, 40, scale=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"^noise_scale does not apply to rule 'uniform'"):
+        pool.allocate(ids, budget, 2, 40, rule="uniform", noise_scale=True)
+    # An explicit scale with rule "uniform" is only validated (as in allocate_rollouts).
+    assert np.array_equal(pool.allocate(ids, budget, 2, 40, rule="uniform", scale=s),
+                          pool.allocate(ids, budget, 2, 40, rule="uniform"))
+    with pytest.raises(ValueError, match=r"^scale\[0\] is zero \(0.0\); a scale must be > 0$"):
+        pool.allocate(ids, budget, 2, 40, rule="uniform", scale=np.zeros(len(ids)))
+
+
+def test_noise_scale_on_a_noise_free_pool_allocates_exactly_as_today():
+    pool = PassRatePool(forget=0.9)
+    rng = np.random.default_rng(3)
+    ids = np.arange(300)
+    for _ in range(4):
+        pool.update(ids, rng.integers(0, 9, 300), np.full(300, 8))
+    for options in ({}, {"estimator": "rloo"}, {"estimator": "group_norm"}, {"calibrated": True},
+                    {"skip_factor": 4.0, "lo": 0}):
+        lo = options.pop("lo", 2)
+        plain = pool.allocate(ids, 3000, lo, 32, **options)
+        assert np.array_equal(pool.allocate(ids, 3000, lo, 32, noise_scale=True, **options), plain)
+        assert np.array_equal(pool.allocate(ids, 3000, lo, 32, scale=np.ones(300), **options), plain)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_group_norm_with_a_scale_is_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(100 + seed)
+    pool = PassRatePool(prior=(0.5, 1.5))
+    ids = np.arange(4)
+    trials = rng.integers(1, 12, 4)
+    k = rng.binomial(trials, rng.random(4))
+    pool.update(ids, k, trials, noise_success=k * rng.uniform(0.1, 5.0, 4),
+                noise_failure=(trials - k) * rng.uniform(0.1, 5.0, 4))
+    s = pool.noise_scale(ids)
+    a, b = posteriors(pool, ids)
+    lo, hi = 2, 2 + int(rng.integers(1, 6))
+    costs = [lambda n, a=a[i], b=b[i], x=s[i]: x * group_norm_cost(a, b, n) for i in range(4)]
+    for budget in range(4 * lo, 4 * hi + 1):
+        got = pool.allocate(ids, budget, lo, hi, estimator="group_norm", noise_scale=True)
+        assert got.sum() == budget and got.min() >= lo and got.max() <= hi
+        cost = sum(c(int(n)) for c, n in zip(costs, got))
+        assert cost == pytest.approx(brute_force(costs, budget, lo, hi), rel=1e-12)
