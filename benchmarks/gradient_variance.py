@@ -1,37 +1,38 @@
 #!/usr/bin/env python3
-"""Does the rollout allocation lower the variance of the update the trainer actually takes?
+"""Does the rollout allocation lower the variance of the update the trainer actually takes, and which per-prompt
+noise model should the allocator use?
 
-    python benchmarks/gradient_variance.py            # full run: 24 train prompts, 64 repeats (~15 min, 2 cores)
-    python benchmarks/gradient_variance.py --quick    # 6 prompts, 4 repeats (for the tests)
+    python benchmarks/gradient_variance.py            # full run: 8 batches x 24 train prompts, 48 repeats (~30 min, 1 thread)
+    python benchmarks/gradient_variance.py --quick    # 1 batch of 6 prompts, 4 repeats (for the tests)
     python benchmarks/gradient_variance.py --from_json benchmarks/out/gradient_variance.json   # re-render only
 
-Setting: the tiny-cpu preset's warm-started policy (``dynamo_openrlhf.tiny``), a fixed batch of ``--prompts``
-random train prompts (``--splits``: ``train``; ``eval`` = random eval prompts), and the preset's rollout
-budget B = 8 x prompts with bounds 2..16.
+Setting: the tiny-cpu preset's warm-started policy (``dynamo_openrlhf.tiny``; ``--tiny_config`` picks another
+TinyConfig), ``--batches`` independent batches of ``--prompts`` random train prompts (``--splits``), the preset's
+budget B = 8 x prompts with bounds 2..16, RLOO advantages and the trainer's prompt-balanced loss (modulation off).
+See docs/noise_model.md for the method and the results.
 
-1. Pass rates. An *oracle* estimate p* from ``--oracle_samples`` (64) samples per prompt, and a *pool
-   posterior* from a few earlier rollouts of the same policy: a ``PassRatePool`` (prior Beta(1,1)) updated
-   with ``--pool_samples`` (8) samples per prompt, then ``fit_prior()``. Responses are sampled with
-   ``dynamo_openrlhf.evaluate.sample_batch`` (temperature 1, the exact sampled token ids are kept) and scored
-   with the training reward (math-verify; scores cached per (response, label)).
-2. Allocations of B, for each allocator objective (``estimator`` = "rloo": sum v/(n-1); "group_norm": the
-   pool's Beta-moment model; see docs/variance.md and docs/allocation_objectives.md): uniform (8 each);
-   ``ours`` = ``pool.allocate(ids, B, 2, 16, estimator=e)`` on the pool posterior; ``oracle`` = the same on
-   a pool that holds the oracle estimate as near-certain evidence (64,000 trials per prompt).
-3. Loss variants = the estimator/weighting pairs the trainer supports (``VARIANTS``): advantages from
-   ``dynamo_openrlhf.advantages`` on the variable groups; ``balanced`` = the trainer's prompt-balanced loss
-   (per-sample weights ``prompt_balanced_weights``, token sums over a constant L = ``MAX_NEW_TOKENS``, applied
-   after the token modulation, exactly as ``DynamoActorPPOTrainer`` does); ``tokens`` = OpenRLHF's token-mean.
-   For each allocation and each of ``--repeats`` independent rollout sets, the gradient over all parameters of
-   the loss at the sampling policy (old log-probs = current ones, ratio 1). Each variant is measured on the
-   allocations of its own estimator.
-4. Measured variance = trace of the covariance of the flattened gradient over repeats, as a ratio to
-   uniform's, with a paired percentile bootstrap CI over repeats (common random numbers: each repeat draws
-   one bank of max n_i rollouts per prompt and every allocation uses the first n_i). Next to it the ratio the
-   allocator PREDICTS with the variant's own estimator model and v = p*(1-p*) of the oracle estimate; the
-   noise/signal ratio (trace(cov) / ||E g||^2) and how far the MEAN gradient moves from uniform's
-   (||E g - E g_uniform||^2 / ||E g_uniform||^2, unbiased): an allocation that changes the expected update
-   is not a pure variance reduction.
+Per batch:
+1. Pass rates: an *oracle* estimate from ``--oracle_samples`` (64) samples per prompt, and the *pool* posterior
+   (``PassRatePool``, prior Beta(1,1), updated with ``--pool_samples`` (8) earlier rollouts, then
+   ``fit_prior()``). Every sample's per-sample proxies q_j (``_noise_model.PROXIES``) come from one forward.
+2. Allocations: uniform (8 each) and, per noise model (``MODELS``), ``oracle[m]`` (oracle p, class means of the
+   oracle samples) and ``ours[m]`` (pool posterior, class means of the pool's rollouts shrunk toward the pool's
+   class means): the exact minimiser of Σ ŝ_i v_i/(n_i − 1), ``allocate_rollouts(ŝ v, ..., estimator="rloo")``.
+   ``ours[pq]`` (ŝ ≡ 1) is today's trainer allocation.
+3. ``--repeats`` rollout banks (common random numbers: allocation a takes the first n_i of prompt i's bank).
+   Per-sample score vectors s_j = ∇ Σ_t log π(y_t) (one batched forward + backward, ``PerSampleScores``) make
+   every allocation's update an exact linear combination Σ_j c_j s_j (the same vector as the trainer's loss
+   gradient; tested). Measured = trace of the update's covariance over repeats, ratio to uniform's, paired
+   bootstrap CI over repeats; also with each repeat's update clipped at global norm ``--max_norm``.
+4. Per-prompt decomposition: each prompt's exact RLOO variance curve V_i(n) (``_noise_model.rloo_prompt_variance``)
+   from the class statistics of all its bank samples, the measured noise scale S_i = V_i(8)·7/(p_i(1−p_i)), and
+   the curve ratio Σ_i V_i(n_i)/Σ_i V_i(8) per allocation.
+Run level: mean over batches with a bootstrap CI over batches, predicted ratios (the model's own Σ ŝ v/(n−1)),
+median |measured − predicted|, Spearman of ŝ_i against S_i, and the proxies' cost at vocabulary 151,936
+(``bench_entropy_memory``'s setup).
+
+Other loss variants (``--variants grpo,dynamo,...``) are measured the old way (``run_batch_legacy``: full
+gradients, allocations uniform / ours[e] / oracle[e], one batch per split).
 
 Outputs: a markdown table (printed and written to OUT/gradient_variance.md), OUT/gradient_variance.json with
 every number, and a PNG (docs/gradient_variance.png; with --quick OUT/gradient_variance.png).
@@ -53,6 +54,8 @@ ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+import _noise_model as nm  # noqa: E402
 
 UNIFORM_N = 8          # rollouts per prompt of the baseline (B = UNIFORM_N x prompts), as the tiny preset
 BOUNDS = (2, 16)       # the tiny preset's per-prompt bounds
@@ -414,7 +417,9 @@ def noise_to_signal(st: Dict, W: Optional[np.ndarray] = None) -> np.ndarray:
         return np.where(sig > 0, tr / sig, np.inf)
 
 
-def run_batch(policy, scorer, losses, split: str, args, batch_index: int) -> Dict:
+def run_batch_legacy(policy, scorer, losses, split: str, args, batch_index: int) -> Dict:
+    """The full-gradient measurement for the variants other than rloo_balanced (token modulation, token-mean,
+    group_norm): one backward per repeat and allocation, allocations uniform / ours[e] / oracle[e]."""
     import torch
 
     from dynamo_openrlhf import PassRatePool
@@ -627,6 +632,339 @@ def _ci(samples: np.ndarray, level: float = 0.95):
     return [float(np.quantile(r, a)), float(np.quantile(r, 1 - a))]
 
 
+# ----------------------------------------------------------------------------------------------
+# The multi-batch measurement (RLOO, prompt-balanced loss): per-sample scores, noise models
+# ----------------------------------------------------------------------------------------------
+
+# noise model name -> (proxy q, per-prompt class means?); "pq": today's allocator (S ≡ 1)
+MODELS = {"pq": (None, False), "nll": ("nll", True), "pisq": ("pisq", True), "ghost": ("ghost", True),
+          "ghost_diag": ("ghost_diag", True), "length": ("length", True),
+          "curve": ("ghost_diag", False), "score": ("score", True)}
+MODEL_DESC = {"pq": "plain p(1−p) (S ≡ 1; today's allocator)",
+              "curve": "pool-level class means of the ghost_diag proxy only (no per-prompt term)",
+              **{k: f"per-prompt class means of q = {nm.PROXY_DESC[v[0]]}" for k, v in MODELS.items()
+                 if v[1]}}
+
+
+def batch_tensors(pad_id: int, encoded, resp, owner):
+    """Right-padded (ids, attention mask) (M, L) and the (M, L−1) mask of positions predicting response tokens."""
+    import torch
+
+    seqs = [list(encoded[o]) + list(r) for o, r in zip(owner, resp)]
+    L = max(len(x) for x in seqs)
+    M = len(seqs)
+    ids = torch.full((M, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((M, L), dtype=torch.long)
+    amask = torch.zeros((M, L - 1), dtype=torch.float32)
+    for j, (o, x) in enumerate(zip(owner, seqs)):
+        ids[j, :len(x)] = torch.tensor(x)
+        attn[j, :len(x)] = 1
+        amask[j, len(encoded[o]) - 1:len(x) - 1] = 1.0
+    return ids, attn, amask
+
+
+def per_sample(policy, encoded, resp, owner, keep_scores: bool, chunk: int = 32, out=None):
+    """Per-sample proxies (dict of (M,) float64 arrays, "score" = ‖s_j‖² included) and, if ``keep_scores``, the
+    (M, D) float32 score vectors s_j = ∇ Σ_t log π(y_t) (else None), written into ``out`` if given."""
+    import torch
+
+    M = len(resp)
+    ps = policy.per_sample_scores
+    S = None
+    if keep_scores:
+        S = torch.empty((M, ps.dim), dtype=torch.float32) if out is None else out[:M]
+    scratch = torch.empty((min(chunk, M), ps.dim), dtype=torch.float32) if not keep_scores else None
+    prox: Dict[str, list] = {}
+    for s in range(0, M, chunk):
+        ids, attn, am = batch_tensors(policy.tok.pad_token_id, encoded, resp[s:s + chunk], owner[s:s + chunk])
+        buf = S[s:s + len(ids)] if keep_scores else scratch[:len(ids)]
+        Sc, logits, hidden = ps(ids, attn, am, out=buf)
+        q = nm.sample_proxies(logits, hidden, ids[:, 1:], am)
+        q["score"] = squared_norms(Sc)
+        for k, v in q.items():
+            prox.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in prox.items()}, S
+
+
+def squared_norms(S, block: int = 1 << 16):
+    """(M,) float64 ‖row‖² of an (M, D) float32 tensor, accumulated in float64 over column blocks (no (M, D)
+    float64 temporary; float32 accumulation loses ~1e-3 over 666k terms, and class variances are differences)."""
+    import torch
+
+    acc = torch.zeros(S.shape[0], dtype=torch.float64)
+    for c in range(0, S.shape[1], block):
+        acc += S[:, c:c + block].double().pow(2).sum(1)
+    return acc
+
+
+def sample_scored(policy, scorer, encoded, labels, counts, seed: int):
+    """``counts[i]`` scored rollouts of prompt i: (response ids, owner (M,) int64, rewards (M,) float64)."""
+    texts, resp, owner = policy.sample(encoded, counts, seed)
+    return resp, np.asarray(owner, dtype=np.int64), scorer(texts, [labels[o] for o in owner])
+
+
+def model_scale(model: str, prox, success, owner, p_hat, kappa: float) -> np.ndarray:
+    """ŝ per prompt for noise model ``model`` (MODELS) from scored samples with proxies ``prox``."""
+    q, per_prompt = MODELS[model]
+    if q is None:
+        return np.ones(len(p_hat))
+    return nm.noise_scale(prox[q], success, owner, p_hat, kappa=kappa, per_prompt=per_prompt)
+
+
+def rloo_coefficients(n: np.ndarray, starts: np.ndarray, rewards: np.ndarray, M: int, N: int) -> np.ndarray:
+    """(M,) coefficients c_j of one repeat's balanced RLOO update g = Σ_j c_j s_j (gradient of the loss, ratio 1):
+    prompt i uses the first n_i samples of its bank slot [starts_i, starts_i + n_i); c_j = −A_j / (N n_i L),
+    A_j = (n_i r_j − K_i)/(n_i − 1); 0 for unused samples."""
+    c = np.zeros(M)
+    for i in range(N):
+        ni = int(n[i])
+        if ni < 2:
+            continue
+        r = rewards[starts[i]:starts[i] + ni]
+        A = (ni * r - r.sum()) / (ni - 1)
+        c[starts[i]:starts[i] + ni] = -A / (N * ni * TOKEN_NORMALIZER)
+    return c
+
+
+def run_batch(policy, scorer, split: str, args, batch_index: int) -> Dict:
+    import torch
+
+    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf.prompt_ids import prompt_ids
+    from dynamo_openrlhf.tiny import read_jsonl
+
+    t_start = time.time()
+    rows = read_jsonl(policy.files["eval" if split == "eval" else "train"])
+    seed0 = args.seed * 1_000_003 + 100_000 * batch_index
+    rng = np.random.default_rng(seed0)
+    N = min(args.prompts, len(rows))
+    batch = [rows[i] for i in np.sort(rng.choice(len(rows), size=N, replace=False))]
+    encoded = [policy.encode(r["prompt"]) for r in batch]
+    labels = [str(r["answer"]) for r in batch]
+    ids = prompt_ids([r["prompt"] for r in batch], labels)
+    B = UNIFORM_N * N
+    lo, hi = BOUNDS
+
+    # 1. oracle and pool samples, with their proxies (one forward each; "score" needs the per-sample backward)
+    o_resp, o_owner, o_rew = sample_scored(policy, scorer, encoded, labels, [args.oracle_samples] * N, seed0 + 1)
+    o_prox, _ = per_sample(policy, encoded, o_resp, o_owner, keep_scores=False)
+    k_or = np.bincount(o_owner, weights=o_rew, minlength=N).round().astype(np.int64)
+    p_or = k_or / args.oracle_samples
+    v_or = p_or * (1 - p_or)
+    q_resp, q_owner, q_rew = sample_scored(policy, scorer, encoded, labels, [args.pool_samples] * N, seed0 + 2)
+    q_prox, _ = per_sample(policy, encoded, q_resp, q_owner, keep_scores=False)
+    k_pool = np.bincount(q_owner, weights=q_rew, minlength=N).round().astype(np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update(ids, k_pool, np.full(N, args.pool_samples))
+    try:
+        prior = pool.fit_prior()
+    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
+        prior = pool.prior
+        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
+    p_pool = np.asarray(pool.mean(ids), dtype=np.float64)
+    v_pool = np.asarray(pool.expected_variance(ids), dtype=np.float64)
+    log(f"[gv] batch {batch_index} ({split}): {N} prompts, B={B}; oracle {args.oracle_samples}/prompt (mean p "
+        f"{p_or.mean():.3f}; p=0: {int((k_or == 0).sum())}, p=1: {int((k_or == args.oracle_samples).sum())}); pool "
+        f"{args.pool_samples}/prompt, prior Beta({prior[0]:.3g}, {prior[1]:.3g}) ({time.time() - t_start:.1f}s)")
+
+    # 2. allocations: uniform, and per noise model the oracle-p version (class means of the oracle samples) and
+    # the pool version (the pool posterior; class means of the pool's rollouts, shrunk to the pool level)
+    scales, vs = {}, {}
+    allocs = {"uniform": np.full(N, UNIFORM_N, dtype=np.int64)}
+    for m in args.models:
+        scales[f"oracle[{m}]"] = model_scale(m, o_prox, o_rew, o_owner, p_or, args.kappa)
+        scales[f"ours[{m}]"] = model_scale(m, q_prox, q_rew, q_owner, p_pool, args.kappa)
+        vs[f"oracle[{m}]"], vs[f"ours[{m}]"] = v_or, v_pool
+        for name in (f"oracle[{m}]", f"ours[{m}]"):
+            allocs[name] = nm.scaled_allocation(scales[name], vs[name], B, lo, hi)
+    if "pq" in args.models:  # today's trainer path gives the same allocation
+        assert np.array_equal(allocs["ours[pq]"], np.asarray(pool.allocate(ids, B, lo, hi, "neyman", estimator="rloo")))
+    for name, n in allocs.items():
+        check_allocation(name, n, B)
+
+    # 3. repeats with common random numbers: repeat r draws a bank of max_a n_i rollouts per prompt; allocation a
+    # takes the first n_i. Per-sample scores make every allocation's update a linear combination of the bank's.
+    R = args.repeats
+    names = list(allocs)
+    nmat = np.stack([allocs[a] for a in names])
+    m = nmat.max(0)
+    starts = np.cumsum(m) - m
+    X = torch.empty((len(names), R, policy.dim), dtype=torch.float32)
+    cls_n = np.zeros((N, 2))
+    cls_sq = np.zeros((N, 2))
+    cls_sum = torch.zeros((N, 2, policy.dim), dtype=torch.float64)
+    t_s = t_g = 0.0
+    S_buf = torch.empty((int(m.sum()), policy.dim), dtype=torch.float32)  # reused by every repeat
+    for r in range(R):
+        t0 = time.time()
+        resp, owner, rew = sample_scored(policy, scorer, encoded, labels, m, seed0 + 1000 + r)
+        t1 = time.time()
+        prox, S = per_sample(policy, encoded, resp, owner, keep_scores=True, out=S_buf)
+        C = np.stack([rloo_coefficients(n, starts, rew, len(resp), N) for n in nmat])
+        X[:, r] = torch.from_numpy(C).float() @ S
+        cls = rew.round().astype(np.int64)
+        np.add.at(cls_n, (owner, cls), 1.0)
+        np.add.at(cls_sq, (owner, cls), prox["score"])
+        ind = torch.zeros((2 * N, len(resp)), dtype=torch.float32)
+        ind[torch.from_numpy(2 * owner + cls), torch.arange(len(resp))] = 1.0
+        cls_sum += (ind @ S).double().reshape(N, 2, -1)
+        t_s += t1 - t0
+        t_g += time.time() - t1
+        if (r + 1) % 8 == 0:
+            log(f"[gv] batch {batch_index}: repeat {r + 1}/{R} ({time.time() - t_start:.0f}s)")
+    log(f"[gv] batch {batch_index}: {R} banks of {int(m.sum())} rollouts: sampling+scoring {t_s:.0f}s, "
+        f"per-sample scores {t_g:.0f}s")
+
+    # 4. per-allocation Gram matrices over repeats: unclipped and with the trainer's global-norm clipping
+    W = _counts(np.random.default_rng([args.seed, batch_index, 7]), R, args.bootstrap)
+    res: Dict[str, Dict] = {}
+    grams = {}
+    for a, name in enumerate(names):
+        Xa = X[a].double()
+        U = (Xa @ Xa.T).numpy()
+        norms = np.sqrt(np.maximum(np.diag(U), 0.0))
+        f = nm.clip_factors(norms, args.max_norm)
+        grams[name] = {"plain": nm.centered_from_uncentered(U), "clipped": nm.centered_from_uncentered(U, f)}
+        mean_norm2 = float((Xa.mean(0) ** 2).sum())
+        res[name] = {"n": allocs[name].tolist(), "update_norm_median": float(np.median(norms)),
+                     "clipped_share": float(np.mean(f < 1.0)), "mean_norm2": mean_norm2}
+    del X, S_buf
+    for name in names:
+        for kind in ("plain", "clipped"):
+            G, Gu = grams[name][kind], grams["uniform"][kind]
+            res[name][f"trace_{kind}"] = float(trace_cov(G))
+            res[name][f"ratio_{kind}"] = float(trace_cov(G) / trace_cov(Gu))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                res[name][f"ratio_{kind}_ci"] = _ci(trace_cov(G, W) / trace_cov(Gu, W))
+
+    # 5. per-prompt decomposition: each prompt's exact RLOO variance curve from its bank's class statistics
+    # (all R x m_i samples), S_i = V_i(n_u) (n_u − 1) / (p_i (1 − p_i)), and the curve-based ratio per allocation
+    ns = np.arange(2, hi + 1)
+    curves, params = np.zeros((N, len(ns))), []
+    for i in range(N):
+        d2 = None
+        if cls_n[i].min() >= 1:
+            mu = cls_sum[i] / torch.from_numpy(cls_n[i]).unsqueeze(1)
+            d2 = float(((mu[1] - mu[0]) ** 2).sum())
+        ss = (cls_sum[i] ** 2).sum(1).numpy()
+        prm = nm.class_curve_params(cls_n[i], cls_sq[i], d2, ss)
+        params.append(prm)
+        curves[i] = nm.variance_curve(prm, ns)
+    del cls_sum
+    p_bank = np.array([q["p"] for q in params])
+    v_bank = p_bank * (1 - p_bank)
+    Vu = curves[:, UNIFORM_N - 2]
+    S_meas = np.where(v_bank > 0, Vu * (UNIFORM_N - 1) / np.where(v_bank > 0, v_bank, 1.0), np.nan)
+    for name in names:
+        n = allocs[name]
+        res[name]["curve_ratio"] = float(curves[np.arange(N), n - 2].sum() / Vu.sum())
+        res[name]["predicted"] = (1.0 if name == "uniform" else
+                                  nm.model_predicted_ratio(scales[name], vs[name], n, UNIFORM_N))
+    # the best any allocation can do on these curves (greedy on the exact convex curves)
+    best = np.full(N, lo)
+    for _ in range(B - lo * N):
+        gain = np.where(best < hi, curves[np.arange(N), best - 2] - curves[np.arange(N), np.minimum(best, hi - 1) - 1],
+                        -np.inf)
+        best[int(np.argmax(gain))] += 1
+    log(f"[gv] batch {batch_index}: " + ", ".join(f"{k} {v['ratio_plain']:.2f}" for k, v in res.items()
+                                                   if k != "uniform") + f" ({time.time() - t_start:.0f}s)")
+    return {
+        "split": split, "prompts": N, "budget": B, "pool_prior_fitted": [float(x) for x in prior],
+        "oracle_pass_rate_mean": float(p_or.mean()), "oracle_share_zero": float(np.mean(k_or == 0)),
+        "oracle_share_one": float(np.mean(k_or == args.oracle_samples)),
+        "allocations": res,
+        "curve_best_ratio": float(curves[np.arange(N), best - 2].sum() / Vu.sum()),
+        "prompt_rows": [{"prompt": r["prompt"], "answer": r["answer"], "difficulty": r.get("difficulty"),
+                         "oracle_successes": int(ko), "pool_successes": int(kp), "pool_mean": float(pm),
+                         "bank_samples": int(cls_n[i].sum()), "bank_p": float(p_bank[i]),
+                         "var_succ": params[i]["var_succ"], "var_fail": params[i]["var_fail"],
+                         "mean_gap2": params[i]["mean_gap2"], "S_measured": float(S_meas[i]),
+                         "scale_oracle": {mm: float(scales[f"oracle[{mm}]"][i]) for mm in args.models},
+                         "scale_ours": {mm: float(scales[f"ours[{mm}]"][i]) for mm in args.models}}
+                        for i, (r, ko, kp, pm) in enumerate(zip(batch, k_or, k_pool, p_pool))],
+        "sample_spearman_vs_score": {k: nm.spearman(o_prox[k], o_prox["score"]) for k in o_prox if k != "score"},
+        "seconds": time.time() - t_start,
+    }
+
+
+def aggregate(batches: List[Dict], models: Sequence[str], oracle_samples: int, resamples: int, seed: int) -> Dict:
+    """Run-level numbers: per allocation the per-batch ratios, their mean with a bootstrap CI over batches, the
+    median |measured − predicted|; per noise model the Spearman correlation of ŝ_i (oracle version) with the
+    measured S_i over prompts with 0 < p < 1 (pooled over batches), with a bootstrap CI over prompts."""
+    out: Dict[str, Dict] = {"allocations": {}, "spearman": {}}
+    for name in batches[0]["allocations"]:
+        rows = [b["allocations"][name] for b in batches]
+        d = {}
+        for key in ("ratio_plain", "ratio_clipped", "curve_ratio", "predicted"):
+            vals = [r[key] for r in rows]
+            mean, ci = nm.mean_ci(vals, resamples, seed)
+            d[key] = {"per_batch": vals, "mean": mean, "ci": ci}
+        d["median_abs_error"] = float(np.median([abs(r["ratio_plain"] - r["predicted"]) for r in rows]))
+        d["median_abs_error_curve"] = float(np.median([abs(r["curve_ratio"] - r["predicted"]) for r in rows]))
+        d["clipped_share"] = float(np.mean([r["clipped_share"] for r in rows]))
+        out["allocations"][name] = d
+    prompts = [p for b in batches for p in b["prompt_rows"]]
+    ok = [p for p in prompts if 0 < p["oracle_successes"] < oracle_samples and 0 < p["bank_p"] < 1]
+    S = np.array([p["S_measured"] for p in ok])
+    for mm in models:
+        if mm == "pq":
+            continue
+        s_hat = np.array([p["scale_oracle"][mm] for p in ok])
+        out["spearman"][mm] = {"rho": nm.spearman(s_hat, S), "ci": nm.spearman_ci(s_hat, S, resamples, seed),
+                               "prompts": len(ok)}
+    best = [b["curve_best_ratio"] for b in batches]
+    out["curve_best"] = dict(zip(("mean", "ci"), nm.mean_ci(best, resamples, seed)))
+    return out
+
+
+def proxy_cost(vocab: int, hidden: int, response: int, prompt: int, batch: int, repeats: int) -> Dict:
+    """Seconds of each proxy computed from a training forward's outputs vs the actor's training forward +
+    backward (OpenRLHF Actor + PolicyLoss + backward) on ``bench_entropy_memory``'s real-vocabulary setup."""
+    import statistics
+
+    import torch
+
+    import bench_entropy_memory as bem
+
+    actor, x = bem.build(vocab, hidden, batch, prompt, response)
+    steps = bem.make_steps(actor, x, bem.DEFAULT_CHUNK_BYTES)
+    captured = {}
+    head = actor.model.get_output_embeddings()
+    h = head.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", inp[0].detach()))
+    A = x["am"].shape[1]
+    with torch.no_grad():
+        lp, out = actor(x["seq"], x["am"], attention_mask=x["att"], return_output=True)
+    h.remove()
+    logits = out["logits"][:, -A - 1:-1]
+    hid = captured["h"][:, -A - 1:-1]
+    tgt = x["seq"][:, -A:]
+    am = x["am"].float()
+
+    def logprob_based():  # nll, pisq, length: from the action log-probs the training forward returns anyway
+        pi = lp.exp()
+        tok = am.sum(1)
+        return (-(lp * am).sum(1) / tok, ((1 - pi) ** 2 * am).sum(1), tok)
+
+    fns = {"train step (forward + loss + backward)": lambda: (actor.zero_grad(set_to_none=True), steps["grpo"]()),
+           "nll + pisq + length (from the action log-probs)": logprob_based,
+           "ghost_diag": lambda: nm.sample_proxies(logits, hid, tgt, am, ghost=False),
+           "ghost (exact)": lambda: nm.sample_proxies(logits, hid, tgt, am, ghost=True, diag=False)}
+    for f in fns.values():  # warm-up
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["train step (forward + loss + backward)"]
+    # the log-prob proxies, the subtraction only: nll etc. minus nothing; ghost_diag includes the same cheap terms
+    return {"config": {"vocab": vocab, "hidden": hidden, "batch": batch, "prompt": prompt, "response": response,
+                       "repeats": repeats, "response_tokens": int(x["am"].sum())},
+            "seconds": med, "relative": {k: v / base for k, v in med.items()}}
+
+
 def run(args) -> Dict:
     import torch
 
@@ -634,30 +972,44 @@ def run(args) -> Dict:
     from dynamo_openrlhf.tiny import prepare_tiny_assets
 
     t_start = time.time()
-    assets = prepare_tiny_assets(args.cache_dir, log=lambda m: log(m))
-    losses = make_losses(args.variants)
+    assets = prepare_tiny_assets(args.cache_dir, config=args.tiny_config, log=lambda m: log(m))
     policy = Policy(str(assets.model_dir))
     policy.files = {"train": assets.train_file, "eval": assets.eval_file}
+    policy.per_sample_scores = nm.PerSampleScores(policy.model)
     scorer = CachedScorer()
+    legacy = [v for v in args.variants if v != "rloo_balanced"]
     try:
-        batches = [run_batch(policy, scorer, losses, split, args, i) for i, split in enumerate(args.splits)]
+        batches = [run_batch(policy, scorer, args.splits[b % len(args.splits)], args, b) for b in range(args.batches)]
+        legacy_batches = []
+        if legacy:
+            losses = make_losses(legacy)
+            legacy_batches = [run_batch_legacy(policy, scorer, losses, split, args, i)
+                              for i, split in enumerate(args.splits)]
     finally:
         scorer.close()
-    return {
-        "setup": {
-            "model": str(assets.model_dir), "prompts": args.prompts, "uniform_n": UNIFORM_N,
-            "bounds": list(BOUNDS), "repeats": args.repeats, "token_normalizer": TOKEN_NORMALIZER,
-            "oracle_samples": args.oracle_samples, "pool_samples": args.pool_samples, "seed": args.seed,
-            "threads": args.threads, "bootstrap": args.bootstrap, "max_new_tokens": MAX_NEW_TOKENS,
-            "temperature": 1.0, "params": policy.dim,
-            "blocks": {b: e - s for b, (s, e) in policy.blocks.items()},
-            "variants": {v: VARIANT_DESC[v] for v in losses},
-            "loss": "DynaMOPolicyLoss(clip 0.2/0.2), token-mean or prompt-balanced, ratio = 1 (old = current log-probs)",
-        },
-        "batches": batches,
-        "score_calls": scorer.calls,
-        "seconds": time.time() - t_start,
+    setup = {
+        "model": str(assets.model_dir), "tiny_config": args.tiny_config_text, "prompts": args.prompts,
+        "batches": args.batches, "uniform_n": UNIFORM_N, "bounds": list(BOUNDS), "repeats": args.repeats,
+        "token_normalizer": TOKEN_NORMALIZER, "oracle_samples": args.oracle_samples,
+        "pool_samples": args.pool_samples, "seed": args.seed, "threads": args.threads, "bootstrap": args.bootstrap,
+        "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "params": policy.dim, "models": list(args.models),
+        "kappa": args.kappa, "max_norm": args.max_norm, "splits": args.splits,
+        "loss": "RLOO advantages, prompt-balanced loss (DynaMOPolicyLoss at ratio 1 = Σ_j c_j s_j), modulation off",
     }
+    result = {"setup": setup, "batches": batches,
+              "summary": aggregate(batches, args.models, args.oracle_samples, args.bootstrap, args.seed)}
+    if args.cost_vocab:
+        t0 = time.time()
+        result["proxy_cost"] = proxy_cost(args.cost_vocab, 64, args.cost_response, 64, 2, 3)
+        log(f"[gv] proxy cost at vocab {args.cost_vocab:,} in {time.time() - t0:.0f}s")
+    if legacy_batches:
+        result["legacy"] = {"setup": {**setup, "variants": {v: VARIANT_DESC[v] for v in legacy},
+                                      "blocks": {b: e - s for b, (s, e) in policy.blocks.items()},
+                                      "loss": "DynaMOPolicyLoss(clip 0.2/0.2), ratio = 1"},
+                            "batches": legacy_batches}
+    result["score_calls"] = scorer.calls
+    result["seconds"] = time.time() - t_start
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +1021,7 @@ def _fmt_ci(x: float, ci) -> str:
     return f"{x:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def table(result: Dict) -> str:
+def legacy_table(result: Dict) -> str:
     s = result["setup"]
     head = ["batch", "loss variant", "allocation", "predicted", "measured trace ratio", "measured − predicted",
             "noise/signal", "mean shift"]
@@ -728,7 +1080,7 @@ def table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: Dict, path: str) -> None:
+def legacy_plot(result: Dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -766,24 +1118,156 @@ def plot(result: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def _alloc_label(name: str) -> str:
+    return name.replace("[", " (").replace("]", ")")
+
+
+def table(result: Dict) -> str:
+    s, sm = result["setup"], result["summary"]
+    K = len(result["batches"])
+    lines = [f"Gradient variance of the RLOO prompt-balanced update on the tiny-cpu warm start ({s['params']:,} "
+             f"parameters): {K} independent batches of {s['prompts']} {'/'.join(s['splits'])} prompts, budget "
+             f"B = {s['uniform_n']} x prompts, bounds {s['bounds'][0]}..{s['bounds'][1]}; per batch the trace of the "
+             f"update's covariance over {s['repeats']} paired rollout sets, as a ratio to uniform's. Mean over batches "
+             f"with a 95% bootstrap CI over batches. predicted = the allocator's own model (Σ ŝ v/(n−1)); "
+             f"clipped = each repeat's update clipped at global norm {s['max_norm']} first; curve = Σ_i V_i(n_i) / "
+             f"Σ_i V_i({s['uniform_n']}) from each prompt's exact variance curve (all its bank samples).", "",
+             "| allocation | measured, mean [CI] | predicted, mean | median abs(measured − predicted) | clipped, mean [CI] "
+             "| curve, mean [CI] | measured per batch |", "|---|---|---|---|---|---|---|"]
+    for name, d in sm["allocations"].items():
+        if name == "uniform":
+            continue
+        per = " ".join(f"{x:.2f}" for x in d["ratio_plain"]["per_batch"])
+        lines.append(f"| {_alloc_label(name)} | {_fmt_ci(d['ratio_plain']['mean'], d['ratio_plain']['ci'])} | "
+                     f"{d['predicted']['mean']:.2f} | {d['median_abs_error']:.2f} | "
+                     f"{_fmt_ci(d['ratio_clipped']['mean'], d['ratio_clipped']['ci'])} | "
+                     f"{_fmt_ci(d['curve_ratio']['mean'], d['curve_ratio']['ci'])} | {per} |")
+    cb = sm["curve_best"]
+    clip = sm["allocations"]["uniform"]["clipped_share"]
+    lines += ["", f"Best possible allocation on the measured curves (greedy on V_i(n)): curve ratio "
+              f"{_fmt_ci(cb['mean'], cb['ci'])}. Share of uniform's repeats whose update norm exceeds max_norm "
+              f"{s['max_norm']}: {clip:.0%}; median update norm (uniform) "
+              f"{np.median([b['allocations']['uniform']['update_norm_median'] for b in result['batches']]):.3g}.",
+              "", "Per batch (measured ratio [95% paired bootstrap CI over repeats], predicted):", "",
+              "| batch | p=0 / p=1 share | " + " | ".join(_alloc_label(n) for n in sm["allocations"] if n != "uniform")
+              + " |", "|---|---|" + "---|" * (len(sm["allocations"]) - 1)]
+    for b, bt in enumerate(result["batches"]):
+        cells = [f"{_fmt_ci(r['ratio_plain'], r['ratio_plain_ci'])}, {r['predicted']:.2f}"
+                 for n, r in bt["allocations"].items() if n != "uniform"]
+        lines.append(f"| {b} | {bt['oracle_share_zero']:.0%} / {bt['oracle_share_one']:.0%} | " + " | ".join(cells)
+                     + " |")
+    if sm["spearman"]:
+        n_ok = next(iter(sm["spearman"].values()))["prompts"]
+        lines += ["", f"Noise models: Spearman correlation of ŝ_i (oracle pass rate, class means of the oracle samples) "
+                  f"with the measured S_i = V_i({s['uniform_n']}) ({s['uniform_n']} − 1)/(p_i(1 − p_i)), over the {n_ok} "
+                  "prompts with 0 < p < 1 pooled over batches (95% bootstrap CI over prompts); per-sample Spearman "
+                  "of the proxy with the true ‖s_j‖² (oracle samples, median over batches).", "",
+                  "| model | ŝ_i vs S_i | per-sample q_j vs ‖s_j‖² |", "|---|---|---|"]
+        for mm, d in sm["spearman"].items():
+            q = MODELS[mm][0]
+            ps = [bt["sample_spearman_vs_score"].get(q, float("nan")) for bt in result["batches"]] if q != "score" else [1.0]
+            lines.append(f"| {mm}: {MODEL_DESC[mm]} | {d['rho']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | "
+                         f"{np.nanmedian(ps):+.2f} |")
+    if "proxy_cost" in result:
+        pc = result["proxy_cost"]
+        c = pc["config"]
+        lines += ["", f"Proxy cost at vocab {c['vocab']:,} (bench_entropy_memory's setup: hidden {c['hidden']}, one "
+                  f"layer, {c['batch']} x ({c['prompt']} + {c['response']}) tokens; median of {c['repeats']}):", "",
+                  "| computation | seconds | / training forward+backward |", "|---|---|---|"]
+        for k, v in pc["seconds"].items():
+            lines.append(f"| {k} | {v:.3f} | {pc['relative'][k]:.3f} |")
+    if "legacy" in result:
+        lines += ["", legacy_table(result["legacy"])]
+    return "\n".join(lines)
+
+
+def plot(result: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sm = result["summary"]["allocations"]
+    names = [n for n in sm if n != "uniform"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names)), 4.6))
+    x = np.arange(len(names))
+    for k, (key, color, label) in enumerate([("predicted", "#aec7e8", "predicted"),
+                                             ("ratio_plain", "#1f77b4", "measured"),
+                                             ("ratio_clipped", "#ff7f0e", "measured, clipped updates")]):
+        ys = np.array([sm[n][key]["mean"] for n in names])
+        cis = np.array([sm[n][key]["ci"] for n in names])
+        err = None if key == "predicted" else [np.maximum(ys - cis[:, 0], 0), np.maximum(cis[:, 1] - ys, 0)]
+        ax.bar(x + (k - 1) * 0.27, ys, 0.27, color=color, label=label, yerr=err, capsize=2)
+        if key == "ratio_plain":
+            for i, n in enumerate(names):
+                pts = sm[n]["ratio_plain"]["per_batch"]
+                ax.plot(np.full(len(pts), x[i]), pts, ".", color="k", ms=3, alpha=0.5)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace("[", "\n") .replace("]", "") for n in names], fontsize=7)
+    ax.set_ylabel("update-variance trace / uniform's")
+    s = result["setup"]
+    ax.set_title(f"RLOO, balanced loss: mean over {len(result['batches'])} batches of {s['prompts']} prompts "
+                 f"(95% CI over batches; dots: batches)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_tiny_config(text: str):
+    """"field=value,field=value" -> TinyConfig(**fields) (values as Python literals); "" -> TinyConfig()."""
+    import ast
+    import dataclasses
+
+    from dynamo_openrlhf.tiny import TinyConfig
+
+    fields = {f.name for f in dataclasses.fields(TinyConfig)}
+    kw = {}
+    for part in filter(None, (x.strip() for x in text.split(";" if ";" in text else ","))):
+        key, sep, val = part.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"--tiny_config: {part!r} is not field=value with a TinyConfig field ({sorted(fields)})")
+        try:
+            kw[key] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            kw[key] = val.strip()
+    return TinyConfig(**kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, default=None, help="independent prompt batches (default 8; --quick 1)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per batch (default 24; --quick 6)")
     p.add_argument("--splits", default="train",
-                   help="batches: train (random train prompts), eval (random eval prompts); default train")
-    p.add_argument("--repeats", type=int, default=None, help="rollout sets per allocation (default 64; --quick 4)")
+                   help="prompt source, cycled over batches: train, eval (comma-separated); default train")
+    p.add_argument("--repeats", type=int, default=None, help="rollout sets per batch (default 48; --quick 4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a handful of repeats on a few prompts (tests)")
+    p.add_argument("--quick", action="store_true", help="one small batch, a handful of repeats (tests)")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/out; --quick benchmarks/out/quick)")
     p.add_argument("--png", default=None, help="plot path (default docs/gradient_variance.png; --quick OUT/gradient_variance.png)")
     p.add_argument("--oracle_samples", type=int, default=None, help="samples per prompt for the oracle (default 64; --quick 16)")
     p.add_argument("--pool_samples", type=int, default=8, help="earlier rollouts per prompt fed to the pool (default 8)")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="loss variants (estimator/weighting pairs, default all): " + "; ".join(
-                       f"{k} = {d}" for k, d in VARIANT_DESC.items()))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="noise models (default all): " + "; ".join(f"{k} = {d}" for k, d in MODEL_DESC.items()))
+    p.add_argument("--kappa", type=float, default=nm.KAPPA,
+                   help=f"shrinkage pseudo-count toward the pool-level class mean (default {nm.KAPPA})")
+    p.add_argument("--max_norm", type=float, default=1.0,
+                   help="global gradient-norm clip of the 'clipped' numbers (OpenRLHF's --actor.max_norm default 1.0; "
+                        "the tiny-cpu preset keeps it)")
+    p.add_argument("--variants", default="rloo_balanced",
+                   help="loss variants (default rloo_balanced, measured on every batch with the noise models); others "
+                        "are measured the old way (full gradients, uniform / ours / oracle, one batch per split): "
+                        + "; ".join(f"{k} = {d}" for k, d in VARIANT_DESC.items()))
     p.add_argument("--no_per_prompt", dest="per_prompt", action="store_false",
-                   help="skip the per-prompt decomposition of the RLOO balanced variant (N small backward passes per "
-                        "repeat and allocation)")
+                   help="legacy variants: skip their per-prompt decomposition")
+    p.add_argument("--tiny_config", default="",
+                   help="TinyConfig fields for the task / warm start, 'field=value,...' (default: TinyConfig())")
+    p.add_argument("--cost_vocab", type=int, default=None,
+                   help="vocabulary of the proxy-cost benchmark (default 151936; --quick 512; 0: skip)")
+    p.add_argument("--cost_response", type=int, default=None, help="response tokens of the cost benchmark (default 1280; --quick 32)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000; --quick 200)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("DYNAMO_OPENRLHF_CPU_THREADS", "1")),
                    help="torch threads (default $DYNAMO_OPENRLHF_CPU_THREADS or 1)")
@@ -796,13 +1280,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     q = args.quick
+    args.batches = args.batches or (1 if q else 8)
     args.prompts = args.prompts or (6 if q else 24)
     args.splits = [x.strip() for x in args.splits.split(",") if x.strip()]
     if not args.splits or any(x not in ("train", "eval") for x in args.splits):
         parser.error(f"--splits: choose from train, eval (got {args.splits})")
-    args.repeats = args.repeats or (4 if q else 64)
+    args.repeats = args.repeats or (4 if q else 48)
     args.oracle_samples = args.oracle_samples or (16 if q else 64)
     args.bootstrap = args.bootstrap or (200 if q else 2000)
+    if args.cost_vocab is None:
+        args.cost_vocab = 512 if q else 151_936
+    args.cost_response = args.cost_response or (32 if q else 1280)
     args.out = args.out or os.path.join(HERE, "out", "quick" if q else "")
     args.png = args.png or (os.path.join(args.out, "gradient_variance.png") if q
                             else os.path.join(ROOT, "docs", "gradient_variance.png"))
@@ -810,10 +1298,21 @@ def main(argv=None) -> int:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants:
         parser.error(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad or not args.models:
+        parser.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     if args.repeats < 3:
         parser.error("--repeats must be >= 3")
-    if args.prompts < 1:
-        parser.error("--prompts must be >= 1")
+    if args.prompts < 1 or args.batches < 1:
+        parser.error("--prompts and --batches must be >= 1")
+    if args.kappa <= 0:
+        parser.error("--kappa must be > 0")
+    args.tiny_config_text = args.tiny_config
+    try:
+        args.tiny_config = parse_tiny_config(args.tiny_config)
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
     if args.from_json:  # re-render the table and the plot of an earlier run
         with open(args.from_json) as f:
             result = json.load(f)

@@ -184,32 +184,237 @@ def test_sampling_is_deterministic_given_the_seed(policy):
 
 
 # ---------------------------------------------------------------------------------------------------
+# noise models (benchmarks/_noise_model.py)
+# ---------------------------------------------------------------------------------------------------
+
+import _noise_model as nm  # noqa: E402
+
+
+def test_binomial_moments_closed_forms():
+    for n, p in [(2, 0.3), (8, 0.1), (16, 0.75), (5, 0.0), (5, 1.0)]:
+        m = nm.binomial_moments(n, p)
+        # E[K(n-K)^2] = n(n-1)p(1-p)[(n-2)(1-p)+1] (ordered triples: one success, two failures, the two may coincide)
+        assert m["k_nk2"] == pytest.approx(n * (n - 1) * p * (1 - p) * ((n - 2) * (1 - p) + 1), rel=1e-12, abs=1e-12)
+        assert m["k2_nk"] == pytest.approx(n * (n - 1) * p * (1 - p) * ((n - 2) * p + 1), rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="0 <= p <= 1"):
+        nm.binomial_moments(4, 1.5)
+
+
+def test_rloo_prompt_variance_is_exact_by_enumeration():
+    """A discrete score model: given the class, s takes one of two 2-D values. Enumerate every draw of n = 3
+    (class, value) samples and compare the exact variance of (1/n) Σ A_j s_j with the formula."""
+    import itertools
+
+    p = 0.3
+    vals = {1: (np.array([2.0, -1.0]), np.array([0.5, 3.0]), 0.4), 0: (np.array([-1.0, 0.0]), np.array([1.0, 2.0]), 0.7)}
+    outcomes = [(c, x, (p if c else 1 - p) * (w if k == 0 else 1 - w))
+                for c, (a, b, w) in vals.items() for k, x in enumerate((a, b))]
+    n = 3
+    mean, second = np.zeros(2), 0.0
+    for draw in itertools.product(outcomes, repeat=n):
+        r = np.array([d[0] for d in draw], dtype=float)
+        prob = np.prod([d[2] for d in draw])
+        A = (n * r - r.sum()) / (n - 1)
+        g = sum(A[j] * draw[j][1] for j in range(n)) / n
+        mean += prob * g
+        second += prob * float(g @ g)
+    var = second - float(mean @ mean)
+    mu = {c: w * a + (1 - w) * b for c, (a, b, w) in vals.items()}
+    sig = {c: w * float((a - mu[c]) @ (a - mu[c])) + (1 - w) * float((b - mu[c]) @ (b - mu[c]))
+           for c, (a, b, w) in vals.items()}
+    gap2 = float((mu[1] - mu[0]) @ (mu[1] - mu[0]))
+    assert nm.rloo_prompt_variance(n, p, sig[1], sig[0], gap2) == pytest.approx(var, rel=1e-12)
+    # leading order: V(n) (n-1) / (p(1-p)) -> (1-p) σ1² + p σ0² + (1-2p)² ‖μ1 − μ0‖² (the minority class's noise
+    # dominates; the last term is the fluctuation of K(n-K) around its mean, same order in 1/n)
+    big = 4001
+    lead = nm.rloo_prompt_variance(big, p, sig[1], sig[0], gap2) * (big - 1) / (p * (1 - p))
+    assert lead == pytest.approx((1 - p) * sig[1] + p * sig[0] + (1 - 2 * p) ** 2 * gap2, rel=2e-3)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        nm.rloo_prompt_variance(1, p, 1.0, 1.0, 0.0)
+
+
+def test_class_curve_params_from_sufficient_statistics():
+    rng = np.random.default_rng(3)
+    fail, succ = rng.normal(size=(5, 4)), rng.normal(size=(3, 4)) + 1.0
+    prm = nm.class_curve_params([5, 3], [float((fail ** 2).sum()), float((succ ** 2).sum())],
+                                float(((succ.mean(0) - fail.mean(0)) ** 2).sum()),
+                                [float((fail.sum(0) ** 2).sum()), float((succ.sum(0) ** 2).sum())])
+    vf = np.var(fail, axis=0, ddof=1).sum()
+    vs = np.var(succ, axis=0, ddof=1).sum()
+    assert prm["p"] == 3 / 8
+    assert prm["var_fail"] == pytest.approx(vf, rel=1e-12) and prm["var_succ"] == pytest.approx(vs, rel=1e-12)
+    # ‖μ1 − μ0‖² unbiased: the squared gap of the sample means less the means' variances
+    want = float(((succ.mean(0) - fail.mean(0)) ** 2).sum()) - vf / 5 - vs / 3
+    assert prm["mean_gap2"] == pytest.approx(max(want, 0.0), rel=1e-12, abs=1e-15)
+    one = nm.class_curve_params([4, 0], [8.0, 0.0], None, [20.0, 0.0])  # never solved: p = 0, no gap
+    assert one == {"p": 0.0, "var_fail": pytest.approx((8.0 - 20.0 / 4) / 3), "var_succ": 0.0, "mean_gap2": 0.0}
+    assert nm.variance_curve(one, [2, 8]).tolist() == [0.0, 0.0]
+
+
+def test_sample_proxies_match_direct_formulas():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    M, T, V, d = 3, 5, 7, 4
+    logits = torch.randn(M, T, V, generator=g, dtype=torch.float64)
+    hidden = torch.randn(M, T, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (M, T), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.float64)
+    out = nm.sample_proxies(logits, hidden, y, mask, chunk_tokens=T)  # one sample per chunk
+    P = torch.softmax(logits, -1)
+    for j in range(M):
+        ts = [t for t in range(T) if mask[j, t] > 0]
+        pi = torch.stack([P[j, t, y[j, t]] for t in ts])
+        Z = torch.stack([torch.nn.functional.one_hot(y[j, t], V).double() - P[j, t] for t in ts])
+        H = hidden[j, ts]
+        assert out["length"][j] == len(ts)
+        assert float(out["nll"][j]) == pytest.approx(float(-pi.log().mean()), rel=1e-5)
+        assert float(out["pisq"][j]) == pytest.approx(float(((1 - pi) ** 2).sum()), rel=1e-5)
+        assert float(out["ghost"][j]) == pytest.approx(float(((Z.T @ H) ** 2).sum()), rel=1e-5)
+        assert float(out["ghost_diag"][j]) == pytest.approx(float(((Z ** 2).sum(1) * (H ** 2).sum(1)).sum()), rel=1e-5)
+    # the T > d branch (‖zᵀh‖² form) gives the same exact ghost norm as the T <= d branch (Gram form)
+    wide = nm.sample_proxies(logits, torch.cat([hidden, hidden], -1), y, mask)
+    assert torch.allclose(wide["ghost"], 2 * out["ghost"], rtol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        nm.sample_proxies(logits, hidden[:, :2], y, mask)
+
+
+def test_noise_scale_class_means_and_shrinkage():
+    q = np.array([1.0, 3.0, 10.0, 2.0, 2.0, 6.0])
+    success = np.array([0, 0, 1, 0, 0, 0])
+    owner = np.array([0, 0, 0, 1, 1, 2])
+    p = np.array([0.25, 0.5, 1.0])
+    Q0, Q1 = np.mean([1, 3, 2, 2, 6]), 10.0  # pool-level class means
+    k = 2.0
+    s = nm.noise_scale(q, success, owner, p, kappa=k)
+    succ0, fail0 = (10 + k * Q1) / (1 + k), (4 + k * Q0) / (2 + k)
+    succ1, fail1 = Q1, (4 + k * Q0) / (2 + k)  # prompt 1 never succeeded: its success mean is the pool's
+    fail2 = (6 + k * Q0) / (1 + k)
+    assert s.tolist() == pytest.approx([0.75 * succ0 + 0.25 * fail0, 0.5 * succ1 + 0.5 * fail1, fail2], rel=1e-12)
+    curve = nm.noise_scale(q, success, owner, p, per_prompt=False)
+    assert curve.tolist() == pytest.approx([0.75 * Q1 + 0.25 * Q0, 0.5 * Q1 + 0.5 * Q0, Q0], rel=1e-12)
+    with pytest.raises(ValueError, match="owner outside"):
+        nm.noise_scale(q, success, owner + 1, p)
+    with pytest.raises(ValueError, match="success must be 0/1"):
+        nm.noise_scale(q, success * 2, owner, p)
+    with pytest.raises(ValueError, match="kappa"):
+        nm.noise_scale(q, success, owner, p, kappa=0.0)
+
+
+def test_scaled_allocation_is_todays_allocator_with_a_scale():
+    from dynamo_openrlhf import PassRatePool, allocate_rollouts
+
+    N = 10
+    ids = np.arange(N, dtype=np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update(ids, np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 4]), np.full(N, 8))
+    v = np.asarray(pool.expected_variance(ids))
+    B = 8 * N
+    assert nm.scaled_allocation(np.ones(N), v, B, 2, 16).tolist() == np.asarray(
+        pool.allocate(ids, B, 2, 16, "neyman", estimator="rloo")).tolist()
+    scale = np.linspace(0.2, 5.0, N)
+    n = nm.scaled_allocation(scale, v, B, 2, 16)
+    assert n.tolist() == np.asarray(allocate_rollouts(scale * v, B, 2, 16, "neyman", estimator="rloo")).tolist()
+    assert nm.model_predicted_ratio(scale, v, n, 8) == pytest.approx(
+        float(np.sum(scale * v / (n - 1)) / np.sum(scale * v / 7)), rel=1e-12)
+    assert nm.model_predicted_ratio(scale, v, n, 8) <= 1.0  # the exact minimiser never loses to uniform
+
+
+def test_clipping_and_gram_helpers():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(6, 40)) + 2.0
+    norms = np.linalg.norm(X, axis=1)
+    f = nm.clip_factors(norms, 6.0)
+    assert f.tolist() == pytest.approx(np.minimum(1.0, 6.0 / (norms + 1e-6)).tolist(), rel=1e-12)
+    assert nm.clip_factors(norms, 0.0).tolist() == [1.0] * 6
+    Y = X * f[:, None]
+    C = nm.centered_from_uncentered(X @ X.T, f)
+    assert float(gv.trace_cov(C)) == pytest.approx(np.var(Y, axis=0, ddof=1).sum(), rel=1e-10)
+
+
+def test_rankdata_and_spearman():
+    assert nm.rankdata([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    assert nm.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert nm.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    mean, ci = nm.mean_ci([1.0, 1.0, 1.0])
+    assert mean == 1.0 and ci == [1.0, 1.0]
+
+
+def test_parse_tiny_config():
+    from dynamo_openrlhf.tiny import TinyConfig
+
+    assert gv.parse_tiny_config("") == TinyConfig()
+    assert gv.parse_tiny_config("sft_steps=10,hidden_size=64") == TinyConfig(sft_steps=10, hidden_size=64)
+    with pytest.raises(ValueError, match="not field=value"):
+        gv.parse_tiny_config("no_such_field=1")
+
+
+def test_per_sample_scores_reproduce_the_trainers_update(policy):
+    """Σ_j c_j s_j with the per-sample scores and the RLOO balanced coefficients is the gradient of the trainer's
+    loss (``Policy.gradients``, rloo_balanced) on the same rollouts."""
+    import torch
+
+    from dynamo_openrlhf.advantages import group_normalized_advantages, prompt_balanced_weights
+
+    enc = [policy.encode(r["prompt"]) for r in policy.rows]
+    n = np.array([3, 2, 4])
+    texts, resp, owner = policy.sample(enc, n, seed=9)
+    rewards = np.array([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    policy.per_sample_scores = nm.PerSampleScores(policy.model)
+    prox, S = gv.per_sample(policy, enc, resp, np.asarray(owner), keep_scores=True, chunk=4)
+    assert S.shape == (9, policy.dim)
+    assert prox["score"] == pytest.approx((S.double() ** 2).sum(1).numpy(), rel=1e-6)
+    starts = np.cumsum(n) - n
+    c = gv.rloo_coefficients(n, starts, rewards, 9, 3)
+    sizes = torch.tensor(n)
+    losses = gv.make_losses(["rloo_balanced"])
+    want = policy.gradients(enc, resp, owner, {"x": (
+        losses["rloo_balanced"][0], group_normalized_advantages(torch.tensor(rewards), sizes, "rloo"),
+        prompt_balanced_weights(sizes, "rloo", gv.TOKEN_NORMALIZER))})["x"]
+    got = torch.from_numpy(c).float() @ S
+    assert float(want.norm()) > 0
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------------
 # end to end (--quick, smaller still)
 # ---------------------------------------------------------------------------------------------------
 
 
 def test_quick_run_writes_outputs(tmp_path, capsys, policy):
     out, png = tmp_path / "out", tmp_path / "gv.png"
-    rc = gv.main(["--quick", "--prompts", "4", "--repeats", "3", "--oracle_samples", "8", "--pool_samples", "4",
-                  "--bootstrap", "50", "--variants", "grpo,rloo_balanced", "--out", str(out), "--png", str(png)])
+    rc = gv.main(["--quick", "--batches", "2", "--prompts", "4", "--repeats", "3", "--oracle_samples", "8",
+                  "--pool_samples", "4", "--bootstrap", "50", "--models", "pq,ghost_diag,score",
+                  "--variants", "grpo,rloo_balanced", "--cost_vocab", "256", "--cost_response", "8",
+                  "--out", str(out), "--png", str(png)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "[gv] train/uniform" in printed and "| batch | loss variant | allocation | predicted |" in printed
-    assert (out / "gradient_variance.md").read_text().startswith("Policy-gradient variance")
+    assert "[gv] batch 1 (train)" in printed and "| allocation | measured, mean [CI] | predicted, mean |" in printed
+    assert "[gv] train/uniform" in printed  # the legacy full-gradient path ran for grpo
+    assert (out / "gradient_variance.md").read_text().startswith("Gradient variance of the RLOO")
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     d = json.loads((out / "gradient_variance.json").read_text())
-    assert d["setup"]["repeats"] == 3 and set(d["setup"]["variants"]) == {"grpo", "rloo_balanced"}
-    (bt,) = d["batches"]
+    assert d["setup"]["repeats"] == 3 and d["setup"]["models"] == ["pq", "ghost_diag", "score"]
+    assert len(d["batches"]) == 2
+    names = {"uniform"} | {f"{w}[{m}]" for w in ("oracle", "ours") for m in ("pq", "ghost_diag", "score")}
     B = 4 * gv.UNIFORM_N
-    assert bt["prompts"] == 4 and bt["budget"] == B and len(bt["prompt_rows"]) == 4
-    assert set(bt["allocations"]) == {"uniform", "ours[group_norm]", "oracle[group_norm]", "ours[rloo]", "oracle[rloo]"}
-    for name, res in bt["allocations"].items():
-        assert sum(res["n"]) == B
-        assert all(math.isfinite(x) and x > 0 for x in res["predicted_ratio"].values())
-        want = {"grpo", "rloo_balanced"} if name == "uniform" else (
-            {"grpo"} if "group_norm" in name else {"rloo_balanced"})
-        assert set(res["variants"]) == want
-        for v in want:
-            assert math.isfinite(res["trace"][v]) and res["trace"][v] >= 0
-            assert all(math.isfinite(b) for b in res["block_trace"][v].values())
-    assert bt["allocations"]["uniform"]["ratio"]["grpo"] == 1.0
+    for bt in d["batches"]:
+        assert bt["prompts"] == 4 and bt["budget"] == B and len(bt["prompt_rows"]) == 4
+        assert set(bt["allocations"]) == names
+        for name, res in bt["allocations"].items():
+            assert sum(res["n"]) == B and min(res["n"]) >= gv.BOUNDS[0] and max(res["n"]) <= gv.BOUNDS[1]
+            assert math.isfinite(res["ratio_plain"]) and res["ratio_plain"] > 0
+            assert math.isfinite(res["curve_ratio"]) and res["curve_ratio"] > 0
+        assert bt["allocations"]["uniform"]["ratio_plain"] == 1.0 == bt["allocations"]["uniform"]["curve_ratio"]
+        assert bt["curve_best_ratio"] <= min(r["curve_ratio"] for r in bt["allocations"].values()) + 1e-12
+        for row in bt["prompt_rows"]:
+            assert row["bank_samples"] >= 3 * gv.UNIFORM_N and row["scale_oracle"]["pq"] == 1.0
+    s = d["summary"]["allocations"]["oracle[pq]"]
+    assert s["ratio_plain"]["per_batch"] == [bt["allocations"]["oracle[pq]"]["ratio_plain"] for bt in d["batches"]]
+    assert s["ratio_plain"]["mean"] == pytest.approx(np.mean(s["ratio_plain"]["per_batch"]), rel=1e-12)
+    assert set(d["summary"]["spearman"]) == {"ghost_diag", "score"}
+    assert set(d["proxy_cost"]["relative"]) == {"train step (forward + loss + backward)", "ghost_diag", "ghost (exact)",
+                                                "nll + pisq + length (from the action log-probs)"}
+    (lb,) = d["legacy"]["batches"]
+    assert set(lb["allocations"]) == {"uniform", "ours[group_norm]", "oracle[group_norm]"}
+    assert lb["allocations"]["uniform"]["ratio"]["grpo"] == 1.0
