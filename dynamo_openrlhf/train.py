@@ -359,10 +359,11 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Balanced loss: the L each rollout's token sum is divided by, one constant per step (never the "
         "step's own token count, so the allocation still moves only the noise). auto (default): the running mean "
         "response length of the earlier steps (each step's mean over prompts of the mean over its rollouts, in "
-        "tokens; the first step uses --rollout.max_new_tokens), so that at the same learning rate a balanced "
-        "step is as large as OpenRLHF's token-mean step; kept in checkpoints, logged as dynamo/token_normalizer. "
-        "max_new_tokens: the fixed --rollout.max_new_tokens (steps about (mean response length)/max_new_tokens "
-        "of token-mean's). A number: that fixed L. Token-mean loss only.",
+        "tokens; the first step uses --rollout.max_new_tokens), so that the balanced gradient is as large as "
+        "OpenRLHF's token-mean gradient with the same advantages; kept in checkpoints, logged as "
+        "dynamo/token_normalizer. max_new_tokens: the fixed --rollout.max_new_tokens (gradients about (mean "
+        "response length)/max_new_tokens of token-mean's; Adam-type optimizers normalise a constant scale away, "
+        "see docs/step_size.md). A number: that fixed L. Token-mean loss only.",
     )
     return parser
 
