@@ -2,6 +2,7 @@
 
     python benchmarks/bench_allocator.py           # the full table (N up to 10,485,760; ~2 GB RAM)
     python benchmarks/bench_allocator.py --quick   # smoke run (N up to 262,144, 1M-prompt pool)
+    python benchmarks/bench_allocator.py --scale-only   # only the noise-scale table (N = 1,048,576)
 
 Allocation rows, all on the same inputs: budget 16·N, bounds 8..24, variances from the reference
 measurement's pool recipe (docs/reference_notes.md: 30% p=0, 20% p=1, the rest p ~ Beta(0.7, 0.7)); every method is given
@@ -29,6 +30,13 @@ PassRatePool.allocate over N ids of an N-prompt pool (two steps of 8 trials of e
 every posterior variance is positive and nothing saturates) for None, "rloo" and
 "group_norm" (plain and calibrated), plus the 512-prompt batch. The ratio column divides by
 the estimator-None row of the same kind.
+
+Noise-scale table (N = 1,048,576 in every mode), in the same run: allocate_rollouts with a
+per-prompt scale s (log-uniform over 0.02..7, the measured spread) against the same call without
+it, for each bounds/estimator pair above; the calls alternate (no scale, scale) so that both see
+the same machine load, and the ratio is the median of the per-pair ratios. Then PassRatePool.allocate with
+noise_scale=True (the pool's own noise_scale(ids), computed in the call) against the plain call,
+over N ids of an N-prompt pool with noise statistics.
 """
 
 import argparse
@@ -195,6 +203,57 @@ def pool_table(pool_size, rng):
     }
 
 
+def paired_medians(fa, fb, repeats):
+    """fa and fb timed alternately (a, b, a, b, ...), so both see the same machine load: their
+    medians and the median of the per-pair ratios b/a (robust to load that drifts)."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fa, ta), (fb, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratio = float(np.median(np.array(tb) / np.array(ta)))
+    return float(np.median(ta)), float(np.median(tb)), ratio
+
+
+def scale_table(n, rng, repeats):
+    """allocate_rollouts with scale= vs without, and PassRatePool.allocate(noise_scale=True) vs
+    plain, at N prompts; (label, median without, median with, median of paired ratios) rows."""
+    estimate, _ = next(inputs_for([n], rng))
+    s = 0.02 * 350.0 ** rng.random(n)
+    budget = PER_PROMPT * n
+    rows = []
+    for lo, hi, e in [(LO, HI, None), (LO, HI, "rloo"), (2, 64, None), (2, 64, "rloo"), (0, 64, None)]:
+        got = allocate_rollouts(estimate, budget, lo, hi, estimator=e, scale=s)
+        assert np.array_equal(got, allocate_rollouts(estimate * s, budget, lo, hi, estimator=e))
+        times = paired_medians(
+            lambda: allocate_rollouts(estimate, budget, lo, hi, estimator=e),
+            lambda: allocate_rollouts(estimate, budget, lo, hi, estimator=e, scale=s), repeats)
+        rows.append((f"allocate_rollouts, bounds {lo}..{hi}, estimator {e}", *times))
+    pool = PassRatePool(prior=(1.0, 1.0), forget=1.0, capacity=n)
+    ids = np.arange(n, dtype=np.int64)
+    p = rng.beta(0.7, 0.7, n)
+    for _ in range(2):
+        k = rng.binomial(8, p)
+        pool.update(ids, k, np.full(n, 8), noise_success=k * rng.uniform(0.2, 1.0, n),
+                    noise_failure=(8 - k) * rng.uniform(1.0, 5.0, n))
+    for e in (None, "rloo"):
+        times = paired_medians(
+            lambda: pool.allocate(ids, budget, LO, HI, estimator=e),
+            lambda: pool.allocate(ids, budget, LO, HI, estimator=e, noise_scale=True), repeats)
+        rows.append((f"pool.allocate, {n:,} ids, bounds {LO}..{HI}, estimator {e}, noise_scale=True",
+                     *times))
+    return rows
+
+
+def print_scale_table(n, rows):
+    print(f"\nNoise scale, N = {n:,}, budget 16·N (same run; calls alternate):\n")
+    print("| call | no scale, median ms | with scale, median ms | with ÷ without (median of pairs) |")
+    print("|---|---:|---:|---:|")
+    for label, t_plain, t_scaled, ratio in rows:
+        print(f"| {label} | {t_plain * 1e3:.2f} | {t_scaled * 1e3:.2f} | {ratio:.2f}× |")
+
+
 def estimator_table(n, rng):
     """Times per estimator at N prompts; ratios against estimator None of the same kind."""
     estimate, _ = next(inputs_for([n], rng))
@@ -242,6 +301,7 @@ def estimator_table(n, rng):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
+    parser.add_argument("--scale-only", action="store_true", help="only the noise-scale table")
     args = parser.parse_args()
     sizes = [512, 4_096, 32_768, 262_144]
     if not args.quick:
@@ -253,6 +313,11 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.1f} at start; numpy {np.__version__}; "
           f"python {platform.python_version()}\n")
+
+    n_scale = 1_048_576
+    if args.scale_only:
+        print_scale_table(n_scale, scale_table(n_scale, rng, 31))
+        return
 
     rows = allocation_table(sizes, rng, LO, HI)
     print(f"Allocation, budget 16·N, bounds {LO}..{HI} (the issue's table):\n")
@@ -268,6 +333,8 @@ def main():
     print("|---|---|---:|---:|")
     for call, name, t, base in est_rows:
         print(f"| {call} | {name} | {t * 1e3:.3f} | {t / base:.2f}× |")
+
+    print_scale_table(n_scale, scale_table(n_scale, rng, 11 if args.quick else 31))
 
     p = pool_table(pool_size, rng)
     print(f"\nPassRatePool with {p['pool_size']:,} prompts (built in {p['build']:.2f} s by "

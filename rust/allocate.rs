@@ -1432,7 +1432,13 @@ mod tests {
                 })
                 .collect();
             let s: Vec<f64> = (0..n)
-                .map(|i| if i % 11 == 0 { 1e-20 } else { 0.02 * 350f64.powf(rng.unit()) })
+                .map(|i| {
+                    if i % 11 == 0 {
+                        1e-20
+                    } else {
+                        0.02 * 350f64.powf(rng.unit())
+                    }
+                })
                 .collect();
             let w: Vec<f64> = v.iter().zip(&s).map(|(x, y)| x * y).collect();
             let n = n as i64;

@@ -351,6 +351,15 @@ impl NoiseTotals {
     }
 }
 
+/// Pool-level inputs of the noise scale: class means (a class without data takes the other's),
+/// which classes have data, and w0.
+#[derive(Clone, Copy, Debug)]
+struct NoiseModel {
+    mean: [f64; 2],
+    started: [bool; 2],
+    weight: f64,
+}
+
 #[derive(Clone, Debug)]
 pub struct PassRatePool {
     alpha0: f64,
@@ -754,39 +763,46 @@ impl PassRatePool {
     /// for unseen ids). A class without any observation takes the other class's M; with no
     /// observation at all every ŝ is 1.
     pub fn noise_scale(&self, ids: &[i64]) -> Vec<f64> {
-        let means = self.noise.means();
-        let (ms, mf) = match means {
-            [None, None] => return vec![1.0; ids.len()],
+        match self.noise_model() {
+            None => vec![1.0; ids.len()],
+            Some(n) => self.map_ids(ids, |p, id| {
+                p.noise_scale_at(&p.table.get(id).unwrap_or(EMPTY_SLOT), &n)
+            }),
+        }
+    }
+
+    /// The pool-level part of [`Self::noise_scale`]; `None` without any noise observation.
+    fn noise_model(&self) -> Option<NoiseModel> {
+        let started = self.noise.means();
+        let (success, failure) = match started {
+            [None, None] => return None,
             [Some(a), None] => (a, a),
             [None, Some(b)] => (b, b),
             [Some(a), Some(b)] => (a, b),
         };
-        let w0 = self.noise.weight;
-        let shrunk = |sum: f64, n: f64, m: f64| {
-            if n > 0.0 {
-                (sum + w0 * m) / (n + w0)
+        Some(NoiseModel {
+            mean: [success, failure],
+            started: started.map(|m| m.is_some()),
+            weight: self.noise.weight,
+        })
+    }
+
+    /// ŝ of one entry (an empty slot for an unseen id).
+    #[inline]
+    fn noise_scale_at(&self, e: &Slot, n: &NoiseModel) -> f64 {
+        let g = self.scale;
+        let (s, f) = (e.successes as f64 * g, e.failures as f64 * g);
+        let class = |c: usize, sum: f32, count: f64| {
+            if n.started[c] && count > 0.0 {
+                (sum as f64 * g + n.weight * n.mean[c]) / (count + n.weight)
             } else {
-                m
+                n.mean[c]
             }
         };
-        self.map_ids(ids, |p, id| {
-            let e = p.table.get(id).unwrap_or(EMPTY_SLOT);
-            let g = p.scale;
-            let (s, f) = (e.successes as f64 * g, e.failures as f64 * g);
-            let q_s = if means[0].is_some() {
-                shrunk(e.noise_success as f64 * g, s, ms)
-            } else {
-                ms
-            };
-            let q_f = if means[1].is_some() {
-                shrunk(e.noise_failure as f64 * g, f, mf)
-            } else {
-                mf
-            };
-            let (a, b) = (p.alpha0 + s, p.beta0 + f);
-            let m = a / (a + b);
-            (1.0 - m) * q_s + m * q_f
-        })
+        let (q_s, q_f) = (class(0, e.noise_success, s), class(1, e.noise_failure, f));
+        let (a, b) = (self.alpha0 + s, self.beta0 + f);
+        let m = a / (a + b);
+        (1.0 - m) * q_s + m * q_f
     }
 
     /// Posterior expected variance E[p(1−p)] for forgotten evidence (s, f).
@@ -934,31 +950,33 @@ impl PassRatePool {
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
         // The scale: explicit, the pool's own noise scale, or none (also when the pool has no
         // noise observation: every ŝ would be 1, and w = v·1 = v anyway).
-        let own_scale = if o.noise_scale == Some(true) {
+        // The scale: explicit, the pool's own noise scale (computed in the lookups below), or
+        // none (also when the pool has no noise observation: every ŝ would be 1, and
+        // w = v·1 = v anyway).
+        let own_noise = if o.noise_scale == Some(true) {
             if o.scale.is_some() {
                 return Err(Error::invalid(
                     "scale and noise_scale cannot be combined (noise_scale=True uses the \
                      pool's own noise_scale(prompt_ids) as the scale)",
                 ));
             }
-            let started = self.noise.means().iter().any(|m| m.is_some());
-            started.then(|| self.noise_scale(ids))
+            self.noise_model()
         } else {
             None
         };
-        if let Some(s) = &own_scale {
-            if let Some(i) = s.iter().position(|&x| !(x > 0.0 && x < f64::INFINITY)) {
-                return Err(Error::invalid(format!(
+        if let Some(s) = o.scale {
+            allocate::check_scale(s, ids.len(), "prompt_ids")?;
+        }
+        let check_own = |s: &[f64]| -> Result<()> {
+            match s.iter().position(|&x| !(x > 0.0 && x < f64::INFINITY)) {
+                Some(i) => Err(Error::invalid(format!(
                     "noise_scale=True: the pool's noise scale of prompt_ids[{i}] (id {}) is {:?}, \
                      not > 0 (its noise observations are all 0); pass an explicit scale",
                     ids[i], s[i]
-                )));
+                ))),
+                None => Ok(()),
             }
-        }
-        let scale = own_scale.as_deref().or(o.scale);
-        if let Some(s) = scale {
-            allocate::check_scale(s, ids.len(), "prompt_ids")?;
-        }
+        };
         let calibrated = o.calibrated == Some(true);
         let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
         if o.explore_seed.is_some() && !skipping {
@@ -981,23 +999,31 @@ impl PassRatePool {
             }
             .selection()
             .check(budget, lo, hi)?;
-            // One lookup per id: posterior (α, β) and, when calibrated, the cell's factor.
+            // One lookup per id: posterior (α, β) and, when asked for, the cell's calibration
+            // factor and the noise scale.
             let looked_up = self.map_ids(ids, |p, id| {
-                let (s, f) = p.evidence_of(id);
+                let e = p.table.get(id).unwrap_or(EMPTY_SLOT);
+                let (s, f) = (e.successes as f64 * p.scale, e.failures as f64 * p.scale);
                 let factor = if calibrated {
                     p.calibration.factor(calibration::cell(s, f))
                 } else {
                     1.0
                 };
-                (p.alpha0 + s, p.beta0 + f, factor)
+                let noise = own_noise.map_or(1.0, |n| p.noise_scale_at(&e, &n));
+                (p.alpha0 + s, p.beta0 + f, factor, noise)
             });
             let alpha: Vec<f64> = looked_up.iter().map(|x| x.0).collect();
             let beta: Vec<f64> = looked_up.iter().map(|x| x.1).collect();
+            let own: Option<Vec<f64>> = own_noise.map(|_| looked_up.iter().map(|x| x.3).collect());
+            if let Some(s) = &own {
+                check_own(s)?;
+            }
             // The cost factor: calibration factor times the noise scale, either, or none.
-            let scale = match (calibrated, scale) {
+            let scale = match (calibrated, own.as_deref().or(o.scale)) {
                 (false, None) => None,
                 (true, None) => Some(looked_up.iter().map(|x| x.2).collect::<Vec<f64>>()),
-                (_, Some(s)) => Some(looked_up.iter().zip(s).map(|(x, y)| x.2 * y).collect()),
+                (false, Some(s)) => Some(s.to_vec()),
+                (true, Some(s)) => Some(looked_up.iter().zip(s).map(|(x, y)| x.2 * y).collect()),
             };
             drop(looked_up);
             let (lo, hi) = (lo as u64, hi as u64);
@@ -1011,11 +1037,28 @@ impl PassRatePool {
                 hi,
             ));
         }
-        let variances = if calibrated {
-            self.calibrated_variance(ids)
-        } else {
-            self.expected_variance(ids)
+        // One lookup per id for the variances and, with noise_scale, the noise scale.
+        let (variances, own) = match own_noise {
+            Some(n) => {
+                let (v, s): (Vec<f64>, Vec<f64>) = self
+                    .map_ids(ids, |p, id| {
+                        let e = p.table.get(id).unwrap_or(EMPTY_SLOT);
+                        let (s, f) = (e.successes as f64 * p.scale, e.failures as f64 * p.scale);
+                        let mut v = p.variance_at(s, f);
+                        if calibrated {
+                            v *= p.calibration.factor(calibration::cell(s, f));
+                        }
+                        (v, p.noise_scale_at(&e, &n))
+                    })
+                    .into_iter()
+                    .unzip();
+                check_own(&s)?;
+                (v, Some(s))
+            }
+            None if calibrated => (self.calibrated_variance(ids), None),
+            None => (self.expected_variance(ids), None),
         };
+        let scale = own.as_deref().or(o.scale);
         // Skipping on calibrated variances: a prompt is skipped only if its plain posterior
         // variance is below the cut too. (A skipped prompt gets no revisit, so a calibration
         // factor that is too low could not correct itself.)
