@@ -465,14 +465,17 @@ class RolloutAllocator:
         return counts
 
     # -- pool update ---------------------------------------------------------------------------
-    def record(self, prompt_ids: Sequence[int], successes: Sequence[int], trials: Sequence[int]) -> None:
-        """One training step's verified outcomes, one row per group (repeated ids add up)."""
+    def record(self, prompt_ids: Sequence[int], successes: Sequence[int], trials: Sequence[int], *,
+               noise_success=None, noise_failure=None) -> None:
+        """One training step's verified outcomes, one row per group (repeated ids add up).
+        ``noise_success``/``noise_failure`` (both or neither, float (M,)): per row, the sum of the
+        noise proxy q over its successful / failed rollouts, passed on to :meth:`PassRatePool.update`."""
         ids = np.asarray(prompt_ids, dtype=np.int64)
         s = np.asarray(successes, dtype=np.int64)
         t = np.asarray(trials, dtype=np.int64)
         # Score the pool's predictions on this step's prompts BEFORE it learns from them.
         scores = calibration_scores(self.pool.mean(ids), s, t) if ids.size else {}
-        self.pool.update(ids, s, t)
+        self.pool.update(ids, s, t, noise_success=noise_success, noise_failure=noise_failure)
         self.steps += 1
         refit = self.config.fit_prior_every > 0 and self.steps % self.config.fit_prior_every == 0
         fitted = 0.0

@@ -899,3 +899,14 @@ def test_group_norm_with_a_scale_is_the_brute_force_optimum(seed):
         assert got.sum() == budget and got.min() >= lo and got.max() <= hi
         cost = sum(c(int(n)) for c, n in zip(costs, got))
         assert cost == pytest.approx(brute_force(costs, budget, lo, hi), rel=1e-12)
+
+
+def test_rollout_allocator_record_passes_the_noise_sums_on():
+    from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    alloc = RolloutAllocator(AllocationConfig(rule="neyman", n_samples_per_prompt=4, prompts_per_step=2,
+                                              lo=2, hi=6, fit_prior_every=0))
+    alloc.record([1, 2], [1, 4], [4, 4], noise_success=[0.5, 2.0], noise_failure=[3.0, 0.0])
+    assert [x.tolist() for x in alloc.pool.noise_sums([1, 2])] == [[0.5, 2.0], [3.0, 0.0]]
+    alloc.record([1], [2], [4])  # no noise sums: imputed at the pool means
+    assert alloc.pool.noise_means == (0.5, 1.0)
