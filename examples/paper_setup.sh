@@ -10,11 +10,10 @@
 # recipe (RECIPE):
 #   variance [default] - the combination for which the allocation minimises the variance of the update as
 #     trained (docs/variance.md): RLOO advantages, the prompt-balanced loss (every prompt of the step weighs the
-#     same; token sums over the constant --rollout.max_new_tokens), and the exact integer minimiser of
+#     same; token sums over one constant L per step), and the exact integer minimiser of
 #     sum v_i/(n_i - 1) from the Beta pass-rate pool (8..24 rollouts per prompt).
-#     Step size: the balanced loss divides token sums by 3072, OpenRLHF's token-mean by the mean response
-#     length, so at the same lr its steps are ~(mean length)/3072 of the paper's; pass
-#     --dynamo.loss.token_normalizer <typical response length> to keep the paper's step size (not tuned here).
+#     Step size: L defaults to the running mean response length of the earlier steps
+#     (--dynamo.loss.token_normalizer auto), so the balanced gradient has token-mean's scale (docs/step_size.md).
 #   paper - the paper's runs: GRPO advantages (group_norm), OpenRLHF's token-mean loss and the reference code's
 #     proportional rule (n ∝ v, with its exploration budget and mastery rule), 8..24 rollouts per prompt.
 # The GRPO baselines run RECIPE=paper with DynaMO off, i.e. OpenRLHF's GRPO exactly.
