@@ -154,13 +154,46 @@ def sample_proxies(logits, hidden, targets, mask, chunk_tokens: int = 4096, ghos
 # ----------------------------------------------------------------------------------------------
 
 
-def noise_scale(q, success, owner, p_hat, kappa: float = KAPPA, per_prompt: bool = True) -> np.ndarray:
+def class_prior_curve(q, success, owner, p_hat) -> np.ndarray:
+    """Pool-level "variance curve": per class c, a log-log fit across the pool's prompts of the prompt's class mean
+    of q against the probability of that class, log q̄_c,i ≈ a_c + b_c log P_c,i (P_succ = p̂_i, P_fail = 1 − p̂_i),
+    weighted by the class's sample count, b_c clipped to [−2, 0] (rarer outcomes are not cheaper; b = 0 gives the
+    weighted geometric mean of the class means). Returns the
+    (2, N) curve value [fail, succ] for every prompt, including those that never showed the class; a class seen in
+    fewer than 2 prompts falls back to its flat pool mean (b = 0)."""
+    q = np.asarray(q, dtype=np.float64)
+    r = np.asarray(success).astype(np.int64)
+    o = np.asarray(owner).astype(np.int64)
+    p = np.clip(np.asarray(p_hat, dtype=np.float64), 1e-6, 1 - 1e-6)
+    N = p.shape[0]
+    out = np.empty((2, N))
+    for c in (0, 1):
+        sel = r == c
+        P = p if c == 1 else 1 - p
+        flat = q[sel].mean() if sel.any() else q.mean()
+        k = np.bincount(o[sel], minlength=N).astype(np.float64)
+        tot = np.bincount(o[sel], weights=q[sel], minlength=N)
+        has = (k > 0) & (tot > 0)
+        if has.sum() < 2 or np.ptp(np.log(P[has])) == 0:
+            out[c] = flat
+            continue
+        x, y, w = np.log(P[has]), np.log(tot[has] / k[has]), k[has]
+        xm, ym = np.average(x, weights=w), np.average(y, weights=w)
+        b = float(np.clip(np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2), -2.0, 0.0))
+        out[c] = np.exp(ym + b * (np.log(P) - xm))
+    return out
+
+
+def noise_scale(q, success, owner, p_hat, kappa: float = KAPPA, per_prompt: bool = True,
+                prior: str = "flat") -> np.ndarray:
     """Per-prompt noise scale ŝ_i = (1 − p̂_i) q̄_succ,i + p̂_i q̄_fail,i (the minority class's proxy dominates).
 
     q: (M,) per-sample proxy; success: (M,) 0/1 outcome; owner: (M,) prompt index in [0, N); p_hat: (N,) pass-rate
     estimates. q̄_c,i = (Σ_{j ∈ i, c} q_j + κ Q_c) / (k_c,i + κ): the prompt's class mean shrunk toward the
     pool-level class mean Q_c (mean of q over all samples of class c; over all samples if the class never
-    occurs). ``per_prompt=False``: ŝ_i = (1 − p̂_i) Q_succ + p̂_i Q_fail (the pool-level curve alone).
+    occurs). ``prior="loglog"``: Q_c,i from ``class_prior_curve`` instead (depends on p̂_i: a prompt's rare outcome
+    is expected to cost what rare outcomes cost elsewhere in the pool). ``per_prompt=False``:
+    ŝ_i = (1 − p̂_i) Q_succ,i + p̂_i Q_fail,i (the pool-level curve alone).
     Returns (N,) float64, finite, >= 0 when q >= 0."""
     q = np.asarray(q, dtype=np.float64)
     r = np.asarray(success).astype(np.int64)
@@ -179,7 +212,12 @@ def noise_scale(q, success, owner, p_hat, kappa: float = KAPPA, per_prompt: bool
         raise ValueError("noise_scale: p_hat must lie in [0, 1]")
     if kappa <= 0:
         raise ValueError(f"noise_scale: kappa must be > 0, got {kappa}")
-    Q = np.array([q[r == c].mean() if (r == c).any() else q.mean() for c in (0, 1)])
+    if prior not in ("flat", "loglog"):
+        raise ValueError(f"noise_scale: prior must be 'flat' or 'loglog', got {prior!r}")
+    if prior == "flat":
+        Q = np.array([q[r == c].mean() if (r == c).any() else q.mean() for c in (0, 1)])[:, None] * np.ones((2, N))
+    else:
+        Q = class_prior_curve(q, r, o, p)
     if not per_prompt:
         return (1 - p) * Q[1] + p * Q[0]
     qbar = np.empty((2, N))

@@ -301,6 +301,25 @@ def test_noise_scale_class_means_and_shrinkage():
         nm.noise_scale(q, success, owner, p, kappa=0.0)
 
 
+def test_class_prior_curve_fits_a_power_law_and_extrapolates():
+    # success-class q = 1/p exactly on three prompts; a fourth never succeeded (p̂ = 1/16)
+    p = np.array([0.5, 0.25, 0.125, 0.0625])
+    q = np.array([2.0, 2.0, 4.0, 8.0, 8.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+    success = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    owner = np.array([0, 0, 1, 2, 2, 0, 1, 2, 3, 3])
+    curve = nm.class_prior_curve(q, success, owner, p)
+    assert curve[1].tolist() == pytest.approx([2.0, 4.0, 8.0, 16.0], rel=1e-9)
+    assert curve[0].tolist() == pytest.approx([3.0] * 4, rel=1e-12)  # a flat class stays flat (slope 0)
+    # rarer outcomes are never cheaper: a positive fitted slope is clipped to 0 (the count-weighted geometric mean
+    # of the prompts' class means: 0.5, 0.25, 0.125 with weights 2, 1, 2)
+    up = nm.class_prior_curve(1.0 / q, success, owner, p)
+    assert up[1].tolist() == pytest.approx([0.25] * 4, rel=1e-9)
+    s = nm.noise_scale(q, success, owner, p, kappa=2.0, prior="loglog")
+    assert s[3] == pytest.approx((1 - p[3]) * 16.0 + p[3] * 3.0, rel=1e-9)  # no successes: the curve's value
+    with pytest.raises(ValueError, match="prior must be"):
+        nm.noise_scale(q, success, owner, p, prior="cubic")
+
+
 def test_scaled_allocation_is_todays_allocator_with_a_scale():
     from dynamo_openrlhf import PassRatePool, allocate_rollouts
 
