@@ -11,6 +11,10 @@ The trainer glue (``dynamo_openrlhf.ppo_trainer``) calls, every training step:
    (first scored against the pool's posterior means: :func:`calibration_scores`, then learnt);
 3. ``allocator.metrics()`` for the step's log line (``dynamo/*`` keys).
 
+With ``noise_scale`` (``--dynamo.allocation.noise_scale nll|pisq|length``) step 2 also passes, per group, the
+sums of a per-rollout noise proxy over its successful and failed rollouts, and step 1 allocates on
+ŝ_i·v_i (ŝ = :meth:`PassRatePool.noise_scale`, the prompt's learnt gradient-noise scale).
+
 Its whole state (the pass-rate pool, bit for bit, and the step counter) is ``state_dict()``, saved in
 every OpenRLHF checkpoint by the trainer.
 """
@@ -26,10 +30,11 @@ import numpy as np
 
 from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
 from dynamo_openrlhf._core import RULES, PassRatePool, group_norm_costs
+from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
            "default_bounds", "calibration_scores", "load_pool", "filter_counts", "STATE_VERSION", "VARIANCE_MODELS",
-           "ALLOCATION_RULES", "DEFAULT_FILTER_BAND"]
+           "ALLOCATION_RULES", "DEFAULT_FILTER_BAND", "NOISE_SCALE_RULES", "noise_scale_metrics"]
 
 STATE_VERSION = 1
 
@@ -37,6 +42,8 @@ STATE_VERSION = 1
 ALLOCATION_RULES = tuple(RULES) + ("filter",)
 #: Rule "filter": a prompt whose posterior mean pass rate is <= band or >= 1 - band is skipped.
 DEFAULT_FILTER_BAND = 0.1
+#: The rules that weigh prompts by their variance, hence take a per-prompt noise scale (``noise_scale``).
+NOISE_SCALE_RULES = ("neyman", "proportional")
 
 
 def filter_counts(means, variances, budget: int, lo: int, hi: int, band: float) -> np.ndarray:
@@ -110,14 +117,21 @@ def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None,
 
 
 def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray, estimator: Optional[str] = None,
-                             alpha=None, beta=None) -> float:
+                             alpha=None, beta=None, scale=None) -> float:
     """J(n) / J(uniform) for one step, J(n) = Σ_i cost_i(n_i) (:func:`prompt_costs` under ``estimator``'s
     model); uniform spreads the same budget B evenly over the same N prompts. Without an estimator
     J(uniform) = Σ v × N / B (today's formula, fractional B/N allowed); with one, when B/N is not an
     integer, each prompt's uniform cost interpolates linearly between its costs at ⌊B/N⌋ and ⌈B/N⌉
-    (the mean over which prompts get the extra rollout). 1.0 when J(uniform) is 0."""
+    (the mean over which prompts get the extra rollout). ``scale`` (N,) > 0 or None: each prompt's noise
+    scale ŝ_i; every cost model is linear in v, so J uses ŝ_i·v_i (e.g. Σ ŝ v/(n−1) over uniform's). 1.0
+    when J(uniform) is 0."""
     v = np.asarray(variances, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
+    if scale is not None:
+        s = np.asarray(scale, dtype=np.float64)
+        if s.shape != v.shape:
+            raise ValueError(f"predicted_variance_ratio: scale has shape {s.shape}, variances {v.shape}")
+        v = v * s
     budget = float(n.sum())
     if budget <= 0 or v.size == 0:
         return 1.0
@@ -158,7 +172,10 @@ class AllocationConfig:
     allocation minimises and ``dynamo/pred_var_ratio`` predicts with (:data:`VARIANCE_MODELS`: None = Σ v/n,
     "rloo"/"dr_grpo"/"reinforce_baseline" = Σ v/(n−1), "group_norm" = the core's Beta-moment model); the
     trainer sets it from ``--algo.advantage.estimator`` ("reinforce"/"gae" → None). Rule neyman only
-    passes it to the core (uniform and proportional do not optimise a variance).
+    passes it to the core (uniform and proportional do not optimise a variance). ``noise_scale``: None (off)
+    or the per-rollout proxy (:data:`~dynamo_openrlhf.noise_proxy.NOISE_PROXIES`) the pool learns each
+    prompt's noise scale ŝ_i from; rules neyman and proportional then allocate on ŝ_i·v_i
+    (``PassRatePool.allocate(noise_scale=True)``) and ``dynamo/pred_var_ratio`` predicts with it.
     """
 
     rule: str = "neyman"
@@ -182,6 +199,7 @@ class AllocationConfig:
     estimator: Optional[str] = None
     explore_seed: Optional[int] = None
     filter_band: Optional[float] = None
+    noise_scale: Optional[str] = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -197,7 +215,12 @@ class AllocationConfig:
         from dynamo_openrlhf.advantages import ESTIMATORS
 
         al, pool = args.dynamo.allocation, args.dynamo.pool
+        noise = getattr(al, "noise_scale", None)
+        noise = None if noise in (None, "off") else noise
         if al.rule == "off":
+            if noise is not None:
+                raise ValueError(f"--dynamo.allocation.noise_scale {noise} needs the pass-rate pool of an allocation "
+                                 f"rule ({' or '.join(NOISE_SCALE_RULES)}), not --dynamo.allocation.rule off")
             return None
         n, bs = args.rollout.n_samples_per_prompt, args.rollout.batch_size
         # The allocator's variance model: the run's advantage estimator ("reinforce"/"gae": none, sum v/n).
@@ -229,7 +252,7 @@ class AllocationConfig:
             exploration_rollouts=al.exploration_rollouts, mastery=al.mastery, mastery_threshold=al.mastery_threshold,
             priority_floor=al.priority_floor, prior=tuple(pool.prior), forget=pool.forget,
             fit_prior_every=pool.fit_prior_every, success_threshold=pool.success_threshold, estimator=estimator,
-            explore_seed=explore_seed, filter_band=band,
+            explore_seed=explore_seed, filter_band=band, noise_scale=noise,
         )
 
     @property
@@ -271,6 +294,14 @@ class AllocationConfig:
                      f"{self.filter_band} with rule {self.rule}")
         if self.rule == "filter" and self.filter_band is None:
             p.append("rule filter needs filter_band")
+        if self.noise_scale is not None:
+            if self.noise_scale not in NOISE_PROXIES:
+                p.append(f"--dynamo.allocation.noise_scale: unknown proxy {self.noise_scale!r}; expected one of "
+                         f"{list(NOISE_PROXIES)} or off")
+            elif self.rule not in NOISE_SCALE_RULES:
+                p.append(f"--dynamo.allocation.noise_scale {self.noise_scale} weighs each prompt's variance by its "
+                         f"noise scale: only for --dynamo.allocation.rule {' or '.join(NOISE_SCALE_RULES)} (rule "
+                         f"{self.rule} does not weigh prompts by variance); use --dynamo.allocation.noise_scale off")
         if self.n_samples_per_prompt < 1 or self.prompts_per_step < 1:
             p.append("--rollout.n_samples_per_prompt and --rollout.batch_size must be >= 1")
             return p
@@ -370,10 +401,24 @@ def calibration_scores(predicted, successes, trials) -> Dict[str, float]:
     }
 
 
+def noise_scale_metrics(scale) -> Dict[str, float]:
+    """The log line's view of one step's noise scales ``scale`` (N,) (ŝ of the step's candidate prompts,
+    in the proxy's unit): ``dynamo/noise_scale_mean`` = their mean; ``dynamo/noise_scale_spread`` = the
+    ratio of their 90th to their 10th percentile (NumPy's linear interpolation; 1 = every prompt alike;
+    robust to one outlier, unlike max/min). Empty dict for no prompts."""
+    s = np.asarray(scale, dtype=np.float64)
+    if s.size == 0:
+        return {}
+    p10, p90 = np.quantile(s, [0.1, 0.9])
+    return {"dynamo/noise_scale_mean": float(s.mean()),
+            "dynamo/noise_scale_spread": float(p90 / p10) if p10 > 0 else float("inf")}
+
+
 @dataclasses.dataclass(frozen=True)
 class AllocationStep:
     """One step's allocation: ``counts`` (N,) int64 per candidate prompt, the posterior expected
-    variances ``variances`` (N,) it was made from, and the ``budget``."""
+    variances ``variances`` (N,) it was made from, and the ``budget``. ``scale`` (N,): the pool's noise
+    scale ŝ of each prompt when the allocation weighed the variances by it (None: off)."""
 
     counts: np.ndarray
     variances: np.ndarray
@@ -381,10 +426,12 @@ class AllocationStep:
     estimator: Optional[str] = None
     alpha: Optional[np.ndarray] = None
     beta: Optional[np.ndarray] = None
+    scale: Optional[np.ndarray] = None
 
     def metrics(self) -> Dict[str, float]:
         c = self.counts
         used = c[c > 0]
+        noise = noise_scale_metrics(self.scale) if self.scale is not None else {}
         return {
             "dynamo/alloc_min": float(used.min()) if used.size else 0.0,
             "dynamo/alloc_mean": float(used.mean()) if used.size else 0.0,
@@ -394,7 +441,8 @@ class AllocationStep:
             "dynamo/alloc_candidates": float(c.size),
             "dynamo/alloc_budget": float(self.budget),
             "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c, self.estimator, self.alpha,
-                                                              self.beta),
+                                                              self.beta, self.scale),
+            **noise,
         }
 
 
@@ -440,10 +488,13 @@ class RolloutAllocator:
             opts["calibrated"] = True
         if c.estimator is not None and c.rule == "neyman":
             opts["estimator"] = c.estimator
+        if c.noise_scale is not None:
+            opts["noise_scale"] = True  # the pool's own ŝ, read in the same lookup as the variances
         return opts
 
     def allocate(self, prompt_ids: Sequence[int]) -> np.ndarray:
-        """int64 counts (N,) for the step's N candidate prompts; ``counts.sum() == budget_for(N)``."""
+        """int64 counts (N,) for the step's N candidate prompts; ``counts.sum() == budget_for(N)``. With
+        ``noise_scale`` on, the pool allocates on ŝ·v (ŝ = ``pool.noise_scale(ids)``, kept for the metrics)."""
         ids = np.asarray(prompt_ids, dtype=np.int64)
         c = self.config
         budget = c.budget_for(ids.size)
@@ -460,8 +511,9 @@ class RolloutAllocator:
             a0, b0 = self.pool.prior
             succ, fail = self.pool.evidence(ids)
             alpha, beta = a0 + succ, b0 + fail
+        scale = self.pool.noise_scale(ids) if c.noise_scale is not None else None
         self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator, alpha=alpha,
-                                   beta=beta)
+                                   beta=beta, scale=scale)
         return counts
 
     # -- pool update ---------------------------------------------------------------------------

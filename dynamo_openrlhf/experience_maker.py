@@ -23,7 +23,10 @@ With the prompt-balanced loss (``balancing``), every experience also gets its sa
 ``info["dynamo_loss_weight"]``, on both paths; the actor pops them. With ``--dynamo.loss.token_normalizer
 auto`` the step's L is the maker's :class:`~dynamo_openrlhf.advantages.RunningTokenNormalizer` value (one L for
 every sample of the step, whichever micro-batch or rank it lands on), which then counts the step's responses
-(action tokens, the count token-mean divides by). ``tagged=False`` is for runs with
+(action tokens, the count token-mean divides by). With ``--dynamo.allocation.noise_scale`` (``noise_proxy``)
+the groups also carry, per group and outcome class, the sum of each sample's noise proxy, computed from the
+experiences' ``action_log_probs`` (the actor's forward of ``make_experience``: the policy being trained, no
+extra forward) and ``action_mask``, for the pool's per-prompt noise scale. ``tagged=False`` is for runs with
 OpenRLHF's own sampler (allocation off): OpenRLHF's method runs unchanged and the groups are its
 contiguous groups of n.
 """
@@ -48,6 +51,7 @@ from dynamo_openrlhf.advantages import (
     group_normalized_advantages,
     group_reward_std,
 )
+from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
 from dynamo_openrlhf.samples_generator import RolloutGroups
 
 __all__ = ["DynamoExperienceMaker", "SUPPORTED_ESTIMATORS"]
@@ -80,12 +84,19 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
     as they are read (OpenRLHF's ``train_step`` makes the experiences and keeps them, so this is how
     the step's outcomes leave it). ``token_normalizer``: the running L of ``--dynamo.loss.token_normalizer
     auto`` (``balancing.normalizer()``, None with a fixed L); ``last_token_normalizer``: the L of the latest
-    step's weights (None before the first).
+    step's weights (None before the first). ``noise_proxy``: a name of
+    :data:`~dynamo_openrlhf.noise_proxy.NOISE_PROXIES` (``--dynamo.allocation.noise_scale``) or None (off):
+    the groups handed to ``on_groups`` then carry the per-class sums of that proxy.
     """
 
     def __init__(self, *args, success_threshold: float = 0.5, balancing: Optional[PromptBalancing] = None,
-                 tagged: bool = True, on_groups: Optional[Callable[[RolloutGroups], None]] = None, **kwargs):
+                 tagged: bool = True, on_groups: Optional[Callable[[RolloutGroups], None]] = None,
+                 noise_proxy: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if noise_proxy is not None and noise_proxy not in NOISE_PROXIES:
+            raise ValueError(f"--dynamo.allocation.noise_scale {noise_proxy}: unknown proxy; expected one of "
+                             f"{list(NOISE_PROXIES)} or off")
+        self.noise_proxy = noise_proxy
         self.success_threshold = float(success_threshold)
         self.balancing = balancing
         self.token_normalizer = balancing.normalizer() if balancing is not None else None
@@ -110,7 +121,8 @@ class DynamoExperienceMaker(RemoteExperienceMaker):
                 raise ValueError(f"{positions.size} samples are not whole groups of --rollout.n_samples_per_prompt {n}")
             self._attach_weights(experiences, np.full(positions.size // n, n, dtype=np.int64), positions)
             return experiences
-        groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True)
+        groups = RolloutGroups.from_experiences(experiences, self.success_threshold, pop_tags=True,
+                                                noise_proxy=self.noise_proxy)
         if self.on_groups is not None:
             self.on_groups(groups)
         # Always the explicit groups, also when the step's allocation happens to be uniform: OpenRLHF's

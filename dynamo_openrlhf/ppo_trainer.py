@@ -13,6 +13,9 @@
   allocation off, from OpenRLHF's contiguous groups of n), with the step's L
   (``--dynamo.loss.token_normalizer``; ``auto``: the running mean response length of the earlier steps),
   logged as ``dynamo/token_normalizer``;
+* with ``--dynamo.allocation.noise_scale``, the pool also learns each prompt's gradient-noise scale from a
+  per-rollout proxy of the step's own log-probs (the experience maker sums it per group and outcome class),
+  the allocation weighs each prompt's variance by it, logged as ``dynamo/noise_scale_mean``/``_spread``;
 * logs ``dynamo/*`` metrics through OpenRLHF's status dict (console, wandb, TensorBoard) and keeps
   a per-step history (``<run_dir>/metrics.jsonl``);
 * saves its state (pool bit for bit, step counter, the running token normaliser, history) in every OpenRLHF checkpoint
@@ -120,6 +123,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                 balancing=self.balancing,
                 tagged=config is not None,
                 on_groups=self._record_groups if config is not None else None,
+                noise_proxy=config.noise_scale if config is not None else None,
             )
         if config is not None:
             # The LR scheduler's steps: OpenRLHF's formula with the rollouts a pass actually spends
@@ -146,8 +150,10 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
 
     def _record_groups(self, groups: RolloutGroups) -> None:
         """The experience maker hands each step's groups here as soon as it has read them (inside
-        OpenRLHF's ``train_step``): the pool learns the step's verified outcomes."""
-        self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes)
+        OpenRLHF's ``train_step``): the pool learns the step's verified outcomes, and with
+        ``--dynamo.allocation.noise_scale`` each group's per-class sums of the noise proxy (None when off)."""
+        self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes,
+                              noise_success=groups.noise_success, noise_failure=groups.noise_failure)
 
     # -- state kept in OpenRLHF checkpoints -----------------------------------------------------
     def _running_normalizer(self):

@@ -40,6 +40,7 @@ from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _coll
 from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
 from .evaluate import is_success
+from .noise_proxy import noise_proxy as _noise_proxy
 from .prompt_ids import prompt_ids
 
 __all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source",
@@ -285,12 +286,17 @@ class RolloutGroups:
     int64 (samples that succeed by :func:`is_success`), and
     ``positions`` (S,) int64: the rollout-order position of each sample of the experiences, read in
     list order (so ``flat[positions] = torch.cat(values)`` puts per-sample values in group order).
+    ``noise_success``, ``noise_failure`` (G,) float64 or None: per group, the sum of the noise proxy q
+    (:func:`~dynamo_openrlhf.noise_proxy.noise_proxy`) over its successful / failed samples (exactly 0 for a
+    class the group has no sample of); None unless read with ``noise_proxy``.
     """
 
     prompt_ids: np.ndarray
     sizes: np.ndarray
     successes: np.ndarray
     positions: np.ndarray
+    noise_success: Optional[np.ndarray] = None
+    noise_failure: Optional[np.ndarray] = None
 
     @property
     def num_samples(self) -> int:
@@ -304,16 +310,19 @@ class RolloutGroups:
 
     @classmethod
     def from_experiences(cls, experiences: Sequence[Experience], success_threshold: float = 0.5,
-                         pop_tags: bool = False) -> "RolloutGroups":
+                         pop_tags: bool = False, noise_proxy: Optional[str] = None) -> "RolloutGroups":
         """Read the tags written by :class:`DynamoSamplesGenerator`.
 
         Each experience may hold several samples; ``Experience.index`` (set by OpenRLHF's experience
         maker) gives their positions in rollout order (without it, list order is used). Raises
         ``ValueError`` for an untagged sample, positions that are not a permutation of 0..S-1, or a
         group whose samples are not contiguous in rollout order (never regrouped). ``pop_tags``
-        removes the tags from ``info`` (so OpenRLHF does not log ids as metrics).
+        removes the tags from ``info`` (so OpenRLHF does not log ids as metrics). ``noise_proxy`` (a name of
+        :data:`~dynamo_openrlhf.noise_proxy.NOISE_PROXIES`): also sum each sample's proxy, from its
+        ``action_log_probs`` and ``action_mask`` (the actor's forward in OpenRLHF's ``make_experience``), per
+        group and outcome class (``noise_success``/``noise_failure``); ValueError for an experience without them.
         """
-        groups, pids, pos, vals = [], [], [], []
+        groups, pids, pos, vals, qs = [], [], [], [], []
         start = 0
         for i, exp in enumerate(experiences):
             g = _flat_tag(exp, GROUP_KEY, i)
@@ -327,13 +336,23 @@ class RolloutGroups:
             if v.size != g.size:
                 raise ValueError(f"experience {i}: {v.size} scores for {g.size} samples")
             groups.append(g), pids.append(p), pos.append(idx), vals.append(v)
+            if noise_proxy is not None:
+                if exp.action_log_probs is None or exp.action_mask is None:
+                    raise ValueError(f"experience {i} has no action_log_probs/action_mask: --dynamo.allocation."
+                                     f"noise_scale {noise_proxy} reads the actor's log-probs of OpenRLHF's "
+                                     "make_experience")
+                q = _noise_proxy(noise_proxy, exp.action_log_probs, exp.action_mask)
+                if q.size != g.size:
+                    raise ValueError(f"experience {i}: {q.size} rows of action_log_probs for {g.size} samples")
+                qs.append(q)
             start += g.size
             if pop_tags:
                 exp.info.pop(GROUP_KEY, None)
                 exp.info.pop(PROMPT_ID_KEY, None)
         if not groups:
             empty = np.zeros(0, dtype=np.int64)
-            return cls(empty, empty, empty, empty)
+            none = np.zeros(0, dtype=np.float64) if noise_proxy is not None else None
+            return cls(empty, empty, empty, empty, none, none)
         positions = np.concatenate(pos)
         total = positions.size
         if not np.array_equal(np.sort(positions), np.arange(total)):
@@ -351,9 +370,17 @@ class RolloutGroups:
         ends = np.r_[starts[1:], total]
         if (np.maximum.reduceat(p_sorted, starts) != np.minimum.reduceat(p_sorted, starts)).any():
             raise ValueError("a group holds samples of different prompts")
+        noise_success = noise_failure = None
+        if noise_proxy is not None:
+            q = np.concatenate(qs)[order]  # rollout order, like ok
+            # where(), not q * ok: a class without samples sums to exactly 0, as the pool requires
+            noise_success = np.add.reduceat(np.where(ok == 1, q, 0.0), starts)
+            noise_failure = np.add.reduceat(np.where(ok == 1, 0.0, q), starts)
         return cls(
             prompt_ids=p_sorted[starts].astype(np.int64),
             sizes=(ends - starts).astype(np.int64),
             successes=np.add.reduceat(ok, starts).astype(np.int64),
             positions=positions.astype(np.int64),
+            noise_success=noise_success,
+            noise_failure=noise_failure,
         )

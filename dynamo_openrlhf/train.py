@@ -53,6 +53,7 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """The ``--dynamo.*`` flags, in OpenRLHF's dotted style (``args.dynamo.<name>`` after
     OpenRLHF's ``hierarchize``). The one place where DynaMO flags are defined."""
     from dynamo_openrlhf.allocation import ALLOCATION_RULES, DEFAULT_FILTER_BAND
+    from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
     from dynamo_openrlhf.cpu_backend import CPU_ENGINES, DEFAULT_KV_CACHE_MB
 
     g = parser.add_argument_group(
@@ -162,6 +163,20 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Rule filter: a prompt whose posterior mean pass rate is <= this or >= 1 - this gets 0 rollouts "
         f"(default {DEFAULT_FILTER_BAND}); if the rest cannot take the budget at --dynamo.allocation.hi each, the "
         "skipped prompts with the largest expected variance are readmitted.",
+    )
+    g.add_argument(
+        "--dynamo.allocation.noise_scale",
+        type=str,
+        default="off",
+        choices=["off", *NOISE_PROXIES],
+        help="Per-prompt gradient-noise scale (rules neyman, proportional): the pool learns, per prompt and "
+        "outcome class, the mean of a per-rollout proxy of the squared score norm, computed from the step's own "
+        "log-probs (the actor's forward of make_experience, no extra forward): nll = mean response NLL, pisq = "
+        "sum_t (1 - pi_t(y_t))^2, length = response tokens. The allocation then weighs each prompt's variance "
+        "v_i by s_i = (1 - m_i) Q_succ,i + m_i Q_fail,i (m_i = posterior mean pass rate, Q = the class means shrunk "
+        "toward the pool's; the rarer outcome dominates), and dynamo/pred_var_ratio predicts with s. Logged: "
+        "dynamo/noise_scale_mean (mean s over the step's candidates, in the proxy's unit) and "
+        "dynamo/noise_scale_spread (90th / 10th percentile of s). off: s = 1 (docs/allocation_objectives.md).",
     )
     g.add_argument(
         "--dynamo.allocation.lo",
@@ -855,6 +870,14 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
             f"{last['dynamo/alloc_budget']:g}/step; predicted variance vs uniform: mean {sum(ratios) / len(ratios):.3f}, "
             f"min {min(ratios):.3f}; pool {last['dynamo/pool_size']:g} prompts, mean pass rate "
             f"{last['dynamo/pool_mean_pass_rate']:.3f}")
+    noise = [r for r in alloc if "dynamo/noise_scale_mean" in r]
+    if noise:
+        spreads = [r["dynamo/noise_scale_spread"] for r in noise]
+        lines.append(
+            f"  noise scale ({getattr(args.dynamo.allocation, 'noise_scale', '?')}, learnt per prompt): mean s of "
+            f"the candidates {noise[0]['dynamo/noise_scale_mean']:.4g} at the first step, "
+            f"{noise[-1]['dynamo/noise_scale_mean']:.4g} at the last; spread (90th/10th percentile) mean "
+            f"{sum(spreads) / len(spreads):.3f}, max {max(spreads):.3f}")
     from dynamo_openrlhf.advantages import prompt_balancing
 
     try:

@@ -45,6 +45,9 @@ def _cases(tmp: Path):
         "`--dynamo.cpu_engine vllm` where vLLM's CPU build does not import": lambda: _cpu_engine_without_vllm(),
         "resuming `--dynamo.loss.token_normalizer auto` from a checkpoint without its running L":
             lambda: _resume_auto_L_without_state(),
+        "`--dynamo.allocation.noise_scale` with a rule that does not weigh prompts by variance":
+            lambda: AllocationConfig(rule="uniform", n_samples_per_prompt=8, prompts_per_step=16, lo=4, hi=16,
+                                     noise_scale="nll"),
     }
 
 
