@@ -193,7 +193,8 @@ def _label_of(prompt: str) -> str:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """DynaMO on (neyman allocation from the pool, decay6 modulation, rloo; the tiny preset's defaults,
-    except 4 rollouts per prompt within 2..6 to keep it short), two rollout engines.
+    except 4 rollouts per prompt within 2..6 to keep it short, and the per-prompt noise scale learnt from the
+    mean response NLL), two rollout engines.
     Run 1: 2 steps over 16 prompts (each seen once), a checkpoint every step, eval at the end.
     Run 2 resumes with a second episode: the same 16 prompts again, now allocated from the pool."""
     from dynamo_openrlhf import tiny
@@ -206,7 +207,7 @@ def e2e(tmp_path_factory):
               "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.hi", "6",
               "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
               "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16",
-              "--vllm.num_engines", "2"]
+              "--vllm.num_engines", "2", "--dynamo.allocation.noise_scale", "nll"]
     first = _run(common + ["--train.num_episodes", "1"])
     assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
     weights_run1 = _load_weights(run_dir / "final")
@@ -344,6 +345,14 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
         assert 0 < m["dynamo/token_entropy"] and "entropy_loss" not in m
     first_pass, revisits = train[:2], train[2:]
     assert all(m["dynamo/alloc_min"] == m["dynamo/alloc_max"] == 4 for m in first_pass)  # nothing known yet
+    for m in train:  # --dynamo.allocation.noise_scale nll: the candidates' noise scales, logged every step
+        assert np.isfinite(m["dynamo/noise_scale_mean"]) and m["dynamo/noise_scale_mean"] > 0
+        assert np.isfinite(m["dynamo/noise_scale_spread"]) and m["dynamo/noise_scale_spread"] >= 1.0
+    # step 1: no noise data yet, s = 1; step 2: its prompts are unseen, all at the pool-level value
+    assert train[0]["dynamo/noise_scale_mean"] == 1.0 and train[0]["dynamo/noise_scale_spread"] == 1.0
+    assert train[1]["dynamo/noise_scale_spread"] == 1.0
+    # the summary names the proxy (run 2's history starts at step 1, restored from the checkpoint)
+    assert "  noise scale (nll, learnt per prompt): mean s of the candidates 1 at the first step, " in e2e["second"].stdout
     assert all(m["dynamo/pool_size"] == 16 for m in revisits)
     assert "'dynamo/pred_var_ratio'" in e2e["second"].stdout + e2e["second"].stderr  # OpenRLHF's console log
 
@@ -361,6 +370,11 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
     s, f = pool.evidence(ids)
     assert np.allclose(s, [expect[k][0] for k in ids], rtol=1e-6, atol=0)
     assert np.allclose(s + f, [expect[k][1] for k in ids], rtol=1e-6, atol=0)
+    # ... and the NLL sums of every prompt's classes (exactly 0 for a class it has no rollout of)
+    qs, qf = pool.noise_sums(ids)
+    assert (qs[s == 0] == 0).all() and (qf[f == 0] == 0).all() and (qs >= 0).all() and (qf >= 0).all()
+    assert qs.sum() + qf.sum() > 0
+    assert train[1]["dynamo/noise_scale_mean"] != 1.0  # step 2 allocated with step 1's NLLs
 
     # run 2 restored that pool bit for bit from the step-2 checkpoint
     digest = hashlib.sha256(e2e["pool_run1"]).hexdigest()
@@ -381,14 +395,17 @@ def test_e2e_allocation_budget_metrics_and_pool(e2e):
     ids = np.array([prompt_id(p, l) for p, l in step3], dtype=np.int64)
     got = np.array(list(step3.values()))
     cfg = AllocationConfig(rule="neyman", n_samples_per_prompt=4, prompts_per_step=8, lo=2, hi=6, calibrated=True,
-                           estimator="rloo")
+                           estimator="rloo", noise_scale="nll")
     want = RolloutAllocator(cfg, pool=PassRatePool.from_bytes(e2e["pool_run1"])).allocate(ids)
     v = PassRatePool.from_bytes(e2e["pool_run1"]).calibrated_variance(ids)
-    for cls in np.unique(v):
-        assert sorted(got[v == cls].tolist()) == sorted(want[v == cls].tolist())
+    scale = PassRatePool.from_bytes(e2e["pool_run1"]).noise_scale(ids)
+    w = v * scale  # what the allocation weighs
+    for cls in np.unique(w):
+        assert sorted(got[w == cls].tolist()) == sorted(want[w == cls].tolist())
     m3 = next(m for m in train if m["step"] == 3)
     assert m3["dynamo/alloc_min"] == got.min() and m3["dynamo/alloc_max"] == got.max()
-    assert abs(m3["dynamo/pred_var_ratio"] - predicted_variance_ratio(v, got, "rloo")) < 1e-9
+    assert abs(m3["dynamo/pred_var_ratio"] - predicted_variance_ratio(v, got, "rloo", scale=scale)) < 1e-9
+    assert abs(m3["dynamo/noise_scale_mean"] - scale.mean()) < 1e-12 * scale.mean()
 
 
 def test_e2e_balanced_loss_and_pool_calibration(e2e):
