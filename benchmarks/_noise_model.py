@@ -149,6 +149,31 @@ def sample_proxies(logits, hidden, targets, mask, chunk_tokens: int = 4096, ghos
     return out
 
 
+def entropy_and_ghost_diag(logits, hidden, targets, mask, chunk_tokens: int = 55):
+    """The trainer's per-token entropy pass with the ghost_diag proxy fused in: one softmax per chunk of tokens
+    gives both H_t = logsumexp − Σ_v π_v z_v and ‖e_y − π‖² = 1 − 2π_y + Σ_v π_v². Shapes as ``sample_proxies``;
+    ``chunk_tokens`` ≈ the trainer's 32 MiB float32 chunk at vocab 151,936. Returns ((M, T) entropy,
+    (M,) float64 ghost_diag). For timing the proxy's marginal cost over the entropy pass DynaMO already runs."""
+    import torch
+
+    M, T, V = logits.shape
+    lg2 = logits.reshape(M * T, V)
+    h2 = (hidden.float() ** 2).sum(-1).reshape(-1)
+    y = targets.reshape(-1)
+    m = mask.reshape(-1).float()
+    ent = torch.empty(M * T)
+    gd = torch.empty(M * T)
+    with torch.no_grad():
+        for s in range(0, M * T, chunk_tokens):
+            z = lg2[s:s + chunk_tokens].float()
+            lse = torch.logsumexp(z, -1)
+            pr = torch.exp(z - lse.unsqueeze(-1))
+            ent[s:s + chunk_tokens] = lse - (pr * z).sum(-1)
+            pi = pr.gather(-1, y[s:s + chunk_tokens].unsqueeze(-1)).squeeze(-1)
+            gd[s:s + chunk_tokens] = (1 - 2 * pi + (pr * pr).sum(-1)) * h2[s:s + chunk_tokens] * m[s:s + chunk_tokens]
+    return ent.reshape(M, T), gd.reshape(M, T).double().sum(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Noise model: per-prompt, per-class proxy means with shrinkage
 # ----------------------------------------------------------------------------------------------

@@ -637,13 +637,19 @@ def _ci(samples: np.ndarray, level: float = 0.95):
 # ----------------------------------------------------------------------------------------------
 
 # noise model name -> (proxy q, per-prompt class means?); "pq": today's allocator (S ≡ 1)
-MODELS = {"pq": (None, False), "nll": ("nll", True), "pisq": ("pisq", True), "ghost": ("ghost", True),
-          "ghost_diag": ("ghost_diag", True), "length": ("length", True),
-          "curve": ("ghost_diag", False), "score": ("score", True)}
+# noise model name -> (proxy q, per-prompt class means?, shrinkage target: "flat" pool class mean or the "loglog"
+# pool-level curve in the class's probability); "pq": today's allocator (S ≡ 1)
+MODELS = {"pq": (None, False, "flat"), "nll": ("nll", True, "flat"), "pisq": ("pisq", True, "flat"),
+          "ghost": ("ghost", True, "flat"), "ghost_diag": ("ghost_diag", True, "flat"),
+          "length": ("length", True, "flat"), "curve": ("ghost_diag", False, "flat"),
+          "score": ("score", True, "flat"), "ghost_diag_ll": ("ghost_diag", True, "loglog"),
+          "pisq_ll": ("pisq", True, "loglog")}
+DEFAULT_MODELS = ("pq", "nll", "pisq", "ghost", "ghost_diag", "length", "curve", "score")  # the recorded run
 MODEL_DESC = {"pq": "plain p(1−p) (S ≡ 1; today's allocator)",
               "curve": "pool-level class means of the ghost_diag proxy only (no per-prompt term)",
-              **{k: f"per-prompt class means of q = {nm.PROXY_DESC[v[0]]}" for k, v in MODELS.items()
-                 if v[1]}}
+              **{k: f"per-prompt class means of q = {nm.PROXY_DESC[v[0]]}"
+                 + (", shrunk toward the pool's log-log class curve" if v[2] == "loglog" else "")
+                 for k, v in MODELS.items() if v[1]}}
 
 
 def batch_tensors(pad_id: int, encoded, resp, owner):
@@ -705,10 +711,10 @@ def sample_scored(policy, scorer, encoded, labels, counts, seed: int):
 
 def model_scale(model: str, prox, success, owner, p_hat, kappa: float) -> np.ndarray:
     """ŝ per prompt for noise model ``model`` (MODELS) from scored samples with proxies ``prox``."""
-    q, per_prompt = MODELS[model]
+    q, per_prompt, prior = MODELS[model]
     if q is None:
         return np.ones(len(p_hat))
-    return nm.noise_scale(prox[q], success, owner, p_hat, kappa=kappa, per_prompt=per_prompt)
+    return nm.noise_scale(prox[q], success, owner, p_hat, kappa=kappa, per_prompt=per_prompt, prior=prior)
 
 
 def rloo_coefficients(n: np.ndarray, starts: np.ndarray, rewards: np.ndarray, M: int, N: int) -> np.ndarray:
@@ -945,7 +951,14 @@ def proxy_cost(vocab: int, hidden: int, response: int, prompt: int, batch: int, 
         tok = am.sum(1)
         return (-(lp * am).sum(1) / tok, ((1 - pi) ** 2 * am).sum(1), tok)
 
+    from dynamo_openrlhf.entropy import chunk_tokens_for, response_entropy
+
+    ct = chunk_tokens_for(vocab)
     fns = {"train step (forward + loss + backward)": lambda: (actor.zero_grad(set_to_none=True), steps["grpo"]()),
+           "entropy pass the DynaMO trainer runs (response_entropy)": lambda: response_entropy(
+               out["logits"], A, attention_mask=x["att"]),
+           "entropy pass + ghost_diag fused (one softmax per chunk)": lambda: nm.entropy_and_ghost_diag(
+               logits, hid, tgt, am, chunk_tokens=ct),
            "nll + pisq + length (from the action log-probs)": logprob_based,
            "ghost_diag": lambda: nm.sample_proxies(logits, hid, tgt, am, ghost=False),
            "ghost (exact)": lambda: nm.sample_proxies(logits, hid, tgt, am, ghost=True, diag=False)}
@@ -1250,8 +1263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="plot path (default docs/gradient_variance.png; --quick OUT/gradient_variance.png)")
     p.add_argument("--oracle_samples", type=int, default=None, help="samples per prompt for the oracle (default 64; --quick 16)")
     p.add_argument("--pool_samples", type=int, default=8, help="earlier rollouts per prompt fed to the pool (default 8)")
-    p.add_argument("--models", default=",".join(MODELS),
-                   help="noise models (default all): " + "; ".join(f"{k} = {d}" for k, d in MODEL_DESC.items()))
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"noise models (default {','.join(DEFAULT_MODELS)}): " + "; ".join(f"{k} = {d}" for k, d in MODEL_DESC.items()))
     p.add_argument("--kappa", type=float, default=nm.KAPPA,
                    help=f"shrinkage pseudo-count toward the pool-level class mean (default {nm.KAPPA})")
     p.add_argument("--max_norm", type=float, default=1.0,

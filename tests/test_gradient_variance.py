@@ -403,7 +403,7 @@ def test_per_sample_scores_reproduce_the_trainers_update(policy):
 def test_quick_run_writes_outputs(tmp_path, capsys, policy):
     out, png = tmp_path / "out", tmp_path / "gv.png"
     rc = gv.main(["--quick", "--batches", "2", "--prompts", "4", "--repeats", "3", "--oracle_samples", "8",
-                  "--pool_samples", "4", "--bootstrap", "50", "--models", "pq,ghost_diag,score",
+                  "--pool_samples", "4", "--bootstrap", "50", "--models", "pq,ghost_diag_ll,score",
                   "--variants", "grpo,rloo_balanced", "--cost_vocab", "256", "--cost_response", "8",
                   "--out", str(out), "--png", str(png)])
     assert rc == 0
@@ -413,9 +413,9 @@ def test_quick_run_writes_outputs(tmp_path, capsys, policy):
     assert (out / "gradient_variance.md").read_text().startswith("Gradient variance of the RLOO")
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     d = json.loads((out / "gradient_variance.json").read_text())
-    assert d["setup"]["repeats"] == 3 and d["setup"]["models"] == ["pq", "ghost_diag", "score"]
+    assert d["setup"]["repeats"] == 3 and d["setup"]["models"] == ["pq", "ghost_diag_ll", "score"]
     assert len(d["batches"]) == 2
-    names = {"uniform"} | {f"{w}[{m}]" for w in ("oracle", "ours") for m in ("pq", "ghost_diag", "score")}
+    names = {"uniform"} | {f"{w}[{m}]" for w in ("oracle", "ours") for m in ("pq", "ghost_diag_ll", "score")}
     B = 4 * gv.UNIFORM_N
     for bt in d["batches"]:
         assert bt["prompts"] == 4 and bt["budget"] == B and len(bt["prompt_rows"]) == 4
@@ -431,9 +431,34 @@ def test_quick_run_writes_outputs(tmp_path, capsys, policy):
     s = d["summary"]["allocations"]["oracle[pq]"]
     assert s["ratio_plain"]["per_batch"] == [bt["allocations"]["oracle[pq]"]["ratio_plain"] for bt in d["batches"]]
     assert s["ratio_plain"]["mean"] == pytest.approx(np.mean(s["ratio_plain"]["per_batch"]), rel=1e-12)
-    assert set(d["summary"]["spearman"]) == {"ghost_diag", "score"}
+    assert set(d["summary"]["spearman"]) == {"ghost_diag_ll", "score"}
     assert set(d["proxy_cost"]["relative"]) == {"train step (forward + loss + backward)", "ghost_diag", "ghost (exact)",
-                                                "nll + pisq + length (from the action log-probs)"}
+                                                "nll + pisq + length (from the action log-probs)",
+                                                "entropy pass the DynaMO trainer runs (response_entropy)",
+                                                "entropy pass + ghost_diag fused (one softmax per chunk)"}
+    assert d["proxy_cost"]["relative"]["train step (forward + loss + backward)"] == 1.0
     (lb,) = d["legacy"]["batches"]
     assert set(lb["allocations"]) == {"uniform", "ours[group_norm]", "oracle[group_norm]"}
     assert lb["allocations"]["uniform"]["ratio"]["grpo"] == 1.0
+
+
+def test_fused_entropy_and_ghost_diag_match_the_separate_computations():
+    import torch
+
+    from dynamo_openrlhf.cpu_backend import install_import_stand_ins
+
+    install_import_stand_ins()  # entropy imports openrlhf (flash_attn stand-in on CPU)
+    from dynamo_openrlhf.entropy import response_entropy
+
+    g = torch.Generator().manual_seed(4)
+    M, T, V, d = 2, 6, 11, 3
+    logits = torch.randn(M, T, V, generator=g)
+    hidden = torch.randn(M, T, d, generator=g)
+    y = torch.randint(0, V, (M, T), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    ent, gd = nm.entropy_and_ghost_diag(logits, hidden, y, mask, chunk_tokens=5)
+    want = nm.sample_proxies(logits, hidden, y, mask, ghost=False)["ghost_diag"]
+    assert torch.allclose(gd, want, rtol=1e-5)
+    # the entropy is the trainer's: response_entropy on logits laid out as (batch, positions + 1, vocab)
+    full = torch.cat([logits, torch.zeros(M, 1, V)], 1)
+    assert torch.allclose(ent, response_entropy(full, T), rtol=1e-5, atol=1e-6)
