@@ -21,10 +21,11 @@ def _cfg(**kw):
 
 
 def test_default_bounds():
-    assert default_bounds(16, 1.0) == (8, 24)
-    assert default_bounds(4, 1.0) == (2, 6)
+    assert default_bounds(16, 1.0) == (12, 20)
+    assert default_bounds(8, 1.0) == (6, 10)
+    assert default_bounds(4, 1.0) == (3, 5)
     assert default_bounds(1, 1.0) == (1, 1)
-    assert default_bounds(3, 1.0) == (2, 4)
+    assert default_bounds(3, 1.0) == (3, 3)
     assert default_bounds(16, 2.0) == (0, 64)
 
 
