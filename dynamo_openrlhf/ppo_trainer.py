@@ -30,6 +30,7 @@ Importing this module imports OpenRLHF (the import stand-ins are installed first
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -46,7 +47,7 @@ from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf._core import PassRatePool  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
-from dynamo_openrlhf.evaluate import default_ks, train_eval_logs  # noqa: E402
+from dynamo_openrlhf.evaluate import default_ks, is_success, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
@@ -230,7 +231,23 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                     lg.log_eval(global_step, extra)
             logs = {**(logs or {}), **extra}
         self._evaluated_steps.add(global_step)
-        self._record({"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})})
+        row = {"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})}
+        prompts = [p for s in samples for p in s.prompts]
+        if len(values) and len(prompts) == len(values):
+            # Successes and samples per distinct prompt text, sorted by prompt (vLLM does not keep the eval
+            # order from one evaluation to the next), for the run summary's paired start -> end difference;
+            # the hash of the sorted prompts tells whether two evaluations scored the same prompts.
+            ok = is_success(values, self.args.dynamo.pool.success_threshold)
+            per: Dict[str, List[int]] = {}
+            for p, good in zip(prompts, ok):
+                per.setdefault(p, [0, 0])
+                per[p][0] += int(good)
+                per[p][1] += 1
+            keys = sorted(per)
+            row["eval_prompt_successes"] = [per[p][0] for p in keys]
+            row["eval_prompt_samples"] = [per[p][1] for p in keys]
+            row["eval_prompts_sha256"] = hashlib.sha256("\0".join(keys).encode()).hexdigest()
+        self._record(row)
         return logs
 
     def _eval_ks(self, n: int) -> List[int]:

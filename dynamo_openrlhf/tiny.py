@@ -61,6 +61,8 @@ __all__ = [
 
 # Bump when the recipe changes in a way the config fields do not capture.
 RECIPE_VERSION = 4
+# The same, per task other than the original "arith" (whose digest must not change).
+TASK_RECIPE_VERSIONS = {"carry": 1}
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
@@ -94,43 +96,153 @@ LEVEL_DESCRIPTIONS = {
 # Number of distinct problems per level (one-digit operands, two-digit for level 6).
 LEVEL_SIZES = {1: 100, 2: 100, 3: 100, 4: 1000, 5: 1000, 6: 8100}
 
+TASKS = ("arith", "carry")
+TASK_DESCRIPTIONS = {
+    "arith": "six levels of one-digit arithmetic and two-digit products, answered with \\boxed{answer} only "
+             "(mostly memorised facts: RL on the train prompts does not carry over to held-out ones)",
+    "carry": "addition of two 4-digit numbers (levels 1-5: the sum has 0-4 carries) and of two 5-digit numbers "
+             "(level 6, a length the warm start never sees), answered with \\boxed{sum} (a procedure: what RL "
+             "sharpens on the train prompts carries over to unseen number pairs)",
+}
+
+# The carry task. Levels 1-5: two 4-digit numbers whose column addition (from the least significant
+# digit) carries level-1 times, the carry out of the top column included; level 6: two 5-digit numbers.
+CARRY_WIDTH = 4
+CARRY_LEVELS = (1, 2, 3, 4, 5, 6)
+CARRY_LEVEL_DESCRIPTIONS = {
+    **{lvl: f"a+b, two {CARRY_WIDTH}-digit numbers, {lvl - 1} carr{'y' if lvl == 2 else 'ies'}"
+       for lvl in CARRY_LEVELS[:-1]},
+    6: f"a+b, two {CARRY_WIDTH + 1}-digit numbers (a length the warm start never sees)",
+}
+
+
+def count_carries(a: int, b: int) -> int:
+    """Carries of the column addition a + b (non-negative integers), the carry out of the top column included."""
+    if a < 0 or b < 0:
+        raise ValueError(f"count_carries: non-negative operands only, got {a} and {b}")
+    carry = carries = 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        carries += carry
+        a, b = a // 10, b // 10
+    return carries
+
+
+def carry_counts(width: int) -> Dict[int, int]:
+    """Number of ordered pairs of ``width``-digit numbers whose sum carries k times, for k = 0..width
+    (a dynamic programme over the columns, from the least significant one)."""
+    if width < 1:
+        raise ValueError(f"carry_counts: width must be >= 1, got {width}")
+    # ways[(c, k)]: digit pairs of the columns so far with carry c out of the last one and k carries in all
+    ways = {(0, 0): 1}
+    for col in range(width):
+        lo = 1 if col == width - 1 and width > 1 else 0  # a leading digit is not 0
+        nxt: Dict[Tuple[int, int], int] = {}
+        for (c, k), w in ways.items():
+            for x in range(lo, 10):
+                for y in range(lo, 10):
+                    out = (x + y + c) // 10
+                    nxt[(out, k + out)] = nxt.get((out, k + out), 0) + w
+        ways = nxt
+    return {k: sum(w for (_, kk), w in ways.items() if kk == k) for k in range(width + 1)}
+
+
+# distinct problems per level: 4-digit pairs by carries, then all 5-digit pairs
+CARRY_LEVEL_SIZES = {**{k + 1: v for k, v in carry_counts(CARRY_WIDTH).items()}, 6: (9 * 10 ** CARRY_WIDTH) ** 2}
+
+# Per task: the defaults of the recipe fields left at None. "arith" is the original recipe, value for value
+# (its digest, hence its cache directory, does not depend on the task field).
+TASK_DEFAULTS = {
+    "arith": dict(
+        mix=((1, 90, 10), (2, 90, 10), (3, 90, 10), (4, 180, 20), (5, 135, 15), (6, 135, 15)),
+        sft_unseen_levels=(6,), sft_unseen_count=2000,
+        sft_level_weights=((1, 3.0), (2, 2.0), (3, 2.0), (6, 0.25)),
+        hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128, sft_steps=1000, sft_batch_size=32, sft_lr=3e-3, sft_label_smoothing=0.0,
+    ),
+    "carry": dict(
+        # 128 train prompts (20 per carry level, 28 five-digit ones), 200 held-out eval prompts
+        mix=((1, 20, 32), (2, 20, 32), (3, 20, 32), (4, 20, 32), (5, 20, 32), (6, 28, 40)),
+        sft_unseen_levels=(1, 2, 3, 4, 5), sft_unseen_count=4000,
+        # as many warm-start examples of each carry count; none of level 6
+        sft_level_weights=((1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 0.0)),
+        hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=128, sft_steps=800, sft_batch_size=32, sft_lr=1e-3,
+        # a hedged warm start: every answer token keeps ~10 % of its probability off the right digit, so
+        # sampled answers fail for a reason RL can remove on all prompts at once
+        sft_label_smoothing=0.1,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class TinyConfig:
-    """The full recipe. Its hash names the cache directory."""
+    """The full recipe. Its hash names the cache directory.
 
+    ``task`` picks the problem set (``TASKS``, described in ``TASK_DESCRIPTIONS``); the fields left at
+    None take that task's defaults (``TASK_DEFAULTS``), so ``TinyConfig()`` is the original arithmetic
+    recipe and ``TinyConfig(task="carry")`` the multi-digit addition one."""
+
+    task: str = "arith"
     seed: int = 1234
     # problem set: (level, train prompts, eval prompts) per difficulty level. The eval split is held out
-    # (disjoint expressions) with the same mix of levels. The mix gives the warm start a real spread of
+    # (disjoint expressions) with the same mix of levels. arith: the mix gives the warm start a real spread of
     # pass rates: most level-1 prompts it always solves, level 6 it never can, levels 2-5 mostly in between.
-    mix: Tuple[Tuple[int, int, int], ...] = ((1, 90, 10), (2, 90, 10), (3, 90, 10), (4, 180, 20), (5, 135, 15),
-                                             (6, 135, 15))
+    # carry: level d = two d-digit numbers; the spread comes from the length (and the carries).
+    mix: Optional[Tuple[Tuple[int, int, int], ...]] = None
     # Levels whose warm-start examples are fresh problems disjoint from both splits: the policy learns the
-    # answer format and magnitude, never the answers of the prompts it is trained or evaluated on.
-    sft_unseen_levels: Tuple[int, ...] = (6,)
-    sft_unseen_count: int = 2000
-    # Share of warm-start examples per level, relative (a level not listed: 1): levels 1-3 (100 problems
-    # each) are drilled until most of their train prompts are always solved; a level of unknowable
-    # answers needs only enough to learn the format.
-    sft_level_weights: Tuple[Tuple[int, float], ...] = ((1, 3.0), (2, 2.0), (3, 2.0), (6, 0.25))
+    # answer format and magnitude, never the answers of the prompts it is trained or evaluated on
+    # (carry: every level, so train and eval prompts are equally new to the warm start).
+    sft_unseen_levels: Optional[Tuple[int, ...]] = None
+    sft_unseen_count: Optional[int] = None
+    # Share of warm-start examples per level, relative (a level not listed: 1). arith: levels 1-3 (100
+    # problems each) are drilled until most of their train prompts are always solved; a level of unknowable
+    # answers needs only enough to learn the format. carry: few long examples, so the procedure is learnt
+    # only partly on the longer levels.
+    sft_level_weights: Optional[Tuple[Tuple[int, float], ...]] = None
     # model (Llama architecture)
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 128
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
     # supervised warm start
-    sft_steps: int = 1000
-    sft_batch_size: int = 32
-    sft_lr: float = 3e-3
-    # Label smoothing on the answer tokens caps each token's probability near 1 - smoothing, so it must
-    # stay low for a pass rate (sampled at temperature 1) to reach 1 on the problems the model knows.
-    sft_label_smoothing: float = 0.0
+    sft_steps: Optional[int] = None
+    sft_batch_size: Optional[int] = None
+    sft_lr: Optional[float] = None
+    # Label smoothing on the answer tokens caps each token's probability near 1 - smoothing. arith: 0, so
+    # that a pass rate (sampled at temperature 1) can reach 1 on the problems the model knows. carry: 0.1.
+    sft_label_smoothing: Optional[float] = None
     # the warm start's pass-rate histogram, measured when the assets are built (k samples per prompt)
     measure_k: int = 8
 
+    def __post_init__(self):
+        if self.task not in TASK_DEFAULTS:
+            raise ValueError(f"TinyConfig.task: unknown task {self.task!r} (known: {list(TASKS)})")
+        for name, value in TASK_DEFAULTS[self.task].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
     def digest(self) -> str:
-        payload = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        fields = dataclasses.asdict(self)
+        if self.task == "arith":  # the original recipe's payload, unchanged
+            fields.pop("task")
+            payload = {"recipe": RECIPE_VERSION, **fields}
+        else:
+            payload = {"recipe": RECIPE_VERSION, "task_recipe": TASK_RECIPE_VERSIONS[self.task], **fields}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def levels(self) -> Dict[int, str]:
+        """The task's difficulty levels and what they are."""
+        return dict(LEVEL_DESCRIPTIONS if self.task == "arith" else CARRY_LEVEL_DESCRIPTIONS)
+
+    def level_sizes(self) -> Dict[int, int]:
+        """Number of distinct problems per level."""
+        return dict(LEVEL_SIZES if self.task == "arith" else CARRY_LEVEL_SIZES)
+
+    def max_new_tokens(self) -> int:
+        """Response length (tokens) the rollouts and the pass-rate measurement allow."""
+        return 16  # arith: \boxed{9801}</s>; carry: \boxed{199998}</s> (15)
 
 
 @dataclass
@@ -230,15 +342,32 @@ def _make_problem(level: int, rng: random.Random):
     raise ValueError(f"unknown difficulty level {level}")
 
 
+def _make_carry_problem(level: int, rng: random.Random):
+    """A problem of the carry task's ``level``: uniform 4-digit pairs drawn until one has level-1 carries
+    (levels 1-5), or two uniform 5-digit numbers (level 6)."""
+    if level not in CARRY_LEVEL_SIZES:
+        raise ValueError(f"unknown difficulty level {level}")
+    width = CARRY_WIDTH + (level == 6)
+    while True:
+        a, b = (rng.randint(10 ** (width - 1), 10 ** width - 1) for _ in range(2))
+        if level == 6 or count_carries(a, b) == level - 1:
+            return f"{a}+{b}", a + b
+
+
+def _problem_maker(config: TinyConfig):
+    return _make_problem if config.task == "arith" else _make_carry_problem
+
+
 def _check_mix(config: TinyConfig) -> None:
     levels = [m[0] for m in config.mix]
+    sizes = config.level_sizes()
     if len(set(levels)) != len(levels):
         raise ValueError(f"TinyConfig.mix: each level at most once, got levels {levels}")
     for level, n_train, n_eval in config.mix:
-        if level not in LEVEL_SIZES:
-            raise ValueError(f"TinyConfig.mix: unknown difficulty level {level} (known: {list(LEVELS)})")
-        if n_train < 0 or n_eval < 0 or n_train + n_eval > LEVEL_SIZES[level]:
-            raise ValueError(f"TinyConfig.mix: level {level} has {LEVEL_SIZES[level]} distinct problems, "
+        if level not in sizes:
+            raise ValueError(f"TinyConfig.mix: unknown difficulty level {level} (known: {sorted(sizes)})")
+        if n_train < 0 or n_eval < 0 or n_train + n_eval > sizes[level]:
+            raise ValueError(f"TinyConfig.mix: level {level} has {sizes[level]} distinct problems, "
                              f"asked for {n_train} train + {n_eval} eval")
     unknown = set(config.sft_unseen_levels) - set(levels)
     if unknown:
@@ -252,12 +381,13 @@ def generate_problems(config: TinyConfig = TinyConfig()) -> Dict[str, List[dict]
     Each row: ``{"id": "train-L2-0007", "prompt": "What is 4-7?", "answer": "-3", "difficulty": 2}``.
     """
     _check_mix(config)
+    make = _problem_maker(config)
     rng = random.Random(config.seed)
     splits: Dict[str, List[dict]] = {"train": [], "eval": []}
     for level, n_train, n_eval in config.mix:
         seen: Dict[str, int] = {}
         while len(seen) < n_train + n_eval:
-            expr, value = _make_problem(level, rng)
+            expr, value = make(level, rng)
             seen.setdefault(expr, value)
         items = sorted(seen.items())
         rng.shuffle(items)
@@ -293,18 +423,21 @@ def warm_start_problems(config: TinyConfig = TinyConfig(),
     ``config.sft_unseen_levels`` is replaced by ``config.sft_unseen_count`` fresh problems of that
     level that are in neither split (deterministic)."""
     splits = generate_problems(config) if splits is None else splits
+    make, sizes = _problem_maker(config), config.level_sizes()
     unseen = set(config.sft_unseen_levels)
-    rows = [r for r in splits["train"] if r["difficulty"] not in unseen]
+    # a level of weight 0 is not in the warm start at all (carry: the 5-digit level)
+    skipped = {level for level, w in config.sft_level_weights if w == 0}
+    rows = [r for r in splits["train"] if r["difficulty"] not in unseen | skipped]
     taken = {r["prompt"] for split in splits.values() for r in split}
     rng = random.Random(config.seed + 2)
     for level in sorted(unseen):
-        room = LEVEL_SIZES[level] - sum(r["difficulty"] == level for split in splits.values() for r in split)
+        room = sizes[level] - sum(r["difficulty"] == level for split in splits.values() for r in split)
         if config.sft_unseen_count > room:
             raise ValueError(f"TinyConfig.sft_unseen_count: level {level} has only {room} problems outside the "
                              f"splits, asked for {config.sft_unseen_count}")
         fresh: Dict[str, int] = {}
         while len(fresh) < config.sft_unseen_count:
-            expr, value = _make_problem(level, rng)
+            expr, value = make(level, rng)
             if f"What is {expr}?" not in taken:
                 fresh.setdefault(expr, value)
         rows += [_row(f"sft-L{level}-{i:04d}", e, v, level) for i, (e, v) in enumerate(sorted(fresh.items()))]
@@ -317,21 +450,22 @@ def extra_heldout_problems(per_level: Dict[int, int], config: TinyConfig = TinyC
     larger than the eval split (e.g. ``benchmarks/learning_study.py``). Raises ValueError when a level
     has fewer problems left."""
     splits = generate_problems(config)
+    make, sizes = _problem_maker(config), config.level_sizes()
     used = [r for split in splits.values() for r in split] + warm_start_problems(config, splits)
     taken = {r["prompt"] for r in used}
     rng = random.Random(config.seed + 3)
     rows: List[dict] = []
     for level in sorted(per_level):
         want = int(per_level[level])
-        if level not in LEVEL_SIZES:
-            raise ValueError(f"unknown difficulty level {level} (known: {list(LEVELS)})")
-        room = LEVEL_SIZES[level] - len({r["prompt"] for r in used if r["difficulty"] == level})
+        if level not in sizes:
+            raise ValueError(f"unknown difficulty level {level} (known: {sorted(sizes)})")
+        room = sizes[level] - len({r["prompt"] for r in used if r["difficulty"] == level})
         if want > room:
             raise ValueError(f"level {level} has only {room} problems left outside the splits and the warm start, "
                              f"asked for {want}")
         fresh: Dict[str, int] = {}
         while len(fresh) < want:
-            expr, value = _make_problem(level, rng)
+            expr, value = make(level, rng)
             if f"What is {expr}?" not in taken:
                 fresh.setdefault(expr, value)
         rows += [_row(f"heldout-L{level}-{i:04d}", e, v, level) for i, (e, v) in enumerate(sorted(fresh.items()))]
@@ -350,7 +484,7 @@ def read_jsonl(path) -> List[dict]:
 
 
 def target_response(answer: str) -> str:
-    """What the warm start teaches the model to answer."""
+    """What the warm start teaches the model to answer (both tasks)."""
     return "\\boxed{" + answer + "}"
 
 
@@ -461,8 +595,9 @@ def _correct(scorer, text: str, label: str) -> int:
 
 
 def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature: float = 1.0, seed: int = 0,
-                       batch_prompts: int = 32) -> Dict:
-    """Per-prompt success counts of ``k`` samples, scored with the package's math reward.
+                       batch_prompts: int = 32, max_new_tokens: int = 16) -> Dict:
+    """Per-prompt success counts of ``k`` samples of at most ``max_new_tokens`` tokens, scored with the
+    package's math reward.
 
     Returns ``{"k", "temperature", "num_prompts", "successes": [...], "histogram": [prompts with j
     successes for j = 0..k], "share_between": fraction with 0 < successes < k, "share_zero",
@@ -476,7 +611,7 @@ def measure_pass_rates(model_dir, rows: Sequence[dict], k: int = 8, temperature:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32").eval()
     responses = sample_responses(model, tokenizer, [r["prompt"] for r in rows], k, temperature, seed=seed,
-                                 batch_prompts=batch_prompts)
+                                 max_new_tokens=max_new_tokens, batch_prompts=batch_prompts)
     scorer = MathReward()
     try:
         successes = []
@@ -576,7 +711,8 @@ def prepare_tiny_assets(cache_dir: Optional[os.PathLike] = None, config: TinyCon
         tokenizer.save_pretrained(tmp / "model")
         del model
         t1 = time.time()
-        measured = {split: measure_pass_rates(tmp / "model", splits[split], k=config.measure_k, seed=config.seed)
+        measured = {split: measure_pass_rates(tmp / "model", splits[split], k=config.measure_k, seed=config.seed,
+                                              max_new_tokens=config.max_new_tokens())
                     for split in ("train", "eval")}
         hist = {split: histogram_summary(res) for split, res in measured.items()}
         # per prompt (file order): successes out of k
@@ -591,7 +727,7 @@ def prepare_tiny_assets(cache_dir: Optional[os.PathLike] = None, config: TinyCon
             "digest": config.digest(),
             "num_train": len(splits["train"]),
             "num_eval": len(splits["eval"]),
-            "levels": LEVEL_DESCRIPTIONS,
+            "levels": config.levels(),
             "warm_start_pass_rates": hist,
             "measure_seconds": time.time() - t1,
             "build_seconds": time.time() - t0,

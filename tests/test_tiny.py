@@ -203,3 +203,119 @@ def test_warm_start_has_a_spread_of_pass_rates(assets):
     h = assets.meta["warm_start_pass_rates"]["train"]
     assert h["by_level_shares"]["6"][0] >= 0.9, h
     assert h["share_zero"] >= 0.2 and h["share_all"] >= 0.1 and h["share_between"] >= 0.3, h
+
+
+# ----------------------------------------------------------------------------------------------
+# The carry task (TinyConfig(task="carry"), --dynamo.tiny_task carry)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_task_field_keeps_the_arith_recipe_and_its_cache():
+    """The task field is new; the original recipe's digest (its cache directory) must not move."""
+    assert tiny.TinyConfig().task == "arith" and tiny.TinyConfig().digest() == "01170425152045f1"
+    assert tiny.TinyConfig(task="arith") == tiny.TinyConfig()
+    carry = tiny.TinyConfig(task="carry")
+    assert carry.digest() != tiny.TinyConfig().digest()
+    assert carry.mix == tiny.TASK_DEFAULTS["carry"]["mix"] and carry.sft_lr == 1e-3 and carry.sft_steps == 800
+    # an explicit field wins over the task's default
+    assert tiny.TinyConfig(task="carry", sft_steps=5).sft_steps == 5
+    assert tiny.asset_root("/c", carry).name == f"tiny-cpu-{carry.digest()}"
+    with pytest.raises(ValueError, match=r"TinyConfig.task: unknown task 'mul' \(known: \['arith', 'carry'\]\)"):
+        tiny.TinyConfig(task="mul")
+
+
+def test_count_carries_and_level_sizes():
+    assert tiny.count_carries(0, 0) == 0
+    assert tiny.count_carries(1234, 4321) == 0
+    assert tiny.count_carries(15, 85) == 2  # 5+5 carries, 1+8+1 carries out of the top column
+    assert tiny.count_carries(9999, 1) == 4
+    assert tiny.count_carries(5000, 5000) == 1
+    with pytest.raises(ValueError, match="non-negative operands only, got -1 and 2"):
+        tiny.count_carries(-1, 2)
+    # the dynamic programme against brute force on 2- and 3-digit pairs
+    for width in (2, 3):
+        lo, hi = 10 ** (width - 1), 10 ** width
+        brute = Counter(tiny.count_carries(a, b) for a in range(lo, hi) for b in range(lo, hi))
+        assert tiny.carry_counts(width) == dict(sorted(brute.items()))
+    assert tiny.carry_counts(1) == {0: 55, 1: 45}  # one digit: 0-9
+    sizes = tiny.CARRY_LEVEL_SIZES
+    assert sum(sizes[lvl] for lvl in range(1, 6)) == 9000 ** 2 and sizes[6] == 90000 ** 2
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
+        tiny.carry_counts(0)
+
+
+def test_carry_problems_are_deterministic_disjoint_and_correct():
+    cfg = tiny.TinyConfig(task="carry")
+    a, b = tiny.generate_problems(cfg), tiny.generate_problems(cfg)
+    assert a == b and a != tiny.generate_problems(dataclasses.replace(cfg, seed=7))
+    assert Counter(r["difficulty"] for r in a["train"]) == {1: 20, 2: 20, 3: 20, 4: 20, 5: 20, 6: 28}
+    assert Counter(r["difficulty"] for r in a["eval"]) == {1: 32, 2: 32, 3: 32, 4: 32, 5: 32, 6: 40}
+    assert len(a["train"]) == 128 and len(a["eval"]) == 200
+    assert not {r["prompt"] for r in a["train"]} & {r["prompt"] for r in a["eval"]}
+    for split in ("train", "eval"):
+        assert len({r["prompt"] for r in a[split]}) == len(a[split])
+        for r in a[split]:
+            x, y = re.fullmatch(r"What is ([1-9]\d*)\+([1-9]\d*)\?", r["prompt"]).groups()
+            width = 5 if r["difficulty"] == 6 else 4
+            assert len(x) == len(y) == width, r
+            assert r["answer"] == str(int(x) + int(y)), r
+            if r["difficulty"] <= 5:
+                assert tiny.count_carries(int(x), int(y)) == r["difficulty"] - 1, r
+
+
+def test_carry_warm_start_sees_fresh_problems_and_no_five_digit_ones():
+    cfg = tiny.TinyConfig(task="carry")
+    splits = tiny.generate_problems(cfg)
+    sft = tiny.warm_start_problems(cfg, splits)
+    assert sft == tiny.warm_start_problems(cfg)
+    assert Counter(r["difficulty"] for r in sft) == {lvl: 4000 for lvl in (1, 2, 3, 4, 5)}
+    assert len({r["prompt"] for r in sft}) == len(sft) == 20000
+    assert not {r["prompt"] for r in sft} & {r["prompt"] for s in splits.values() for r in s}
+    for r in sft[::97]:
+        x, y = re.fullmatch(r"What is (\d{4})\+(\d{4})\?", r["prompt"]).groups()
+        assert r["answer"] == str(int(x) + int(y)) and tiny.count_carries(int(x), int(y)) == r["difficulty"] - 1
+    held = tiny.extra_heldout_problems({2: 10, 6: 5}, cfg)
+    assert Counter(r["difficulty"] for r in held) == {2: 10, 6: 5}
+    assert not {r["prompt"] for r in held} & ({r["prompt"] for r in sft} | {r["prompt"] for s in splits.values() for r in s})
+
+
+def test_carry_answers_parse_with_the_reward():
+    """The warm start's response format is what the training reward extracts and scores as correct."""
+    from dynamo_openrlhf.reward import MathReward, extract_answer
+
+    cfg = tiny.TinyConfig(task="carry")
+    rows = tiny.generate_problems(cfg)["eval"][:6]
+    scorer = MathReward()
+    try:
+        for r in rows:
+            text = tiny.target_response(r["answer"])
+            assert extract_answer(text) == r["answer"]
+            assert len(text) + 1 <= cfg.max_new_tokens()  # with the end-of-sequence token
+            assert tiny._correct(scorer, text, r["answer"]) == 1
+            assert tiny._correct(scorer, tiny.target_response(str(int(r["answer"]) + 1)), r["answer"]) == 0
+            assert scorer.score(text, r["answer"]).reward == 1.0  # math-verify itself agrees
+    finally:
+        scorer.close()
+
+
+def test_tiny_task_flag_selects_the_task_and_its_preset():
+    import argparse
+
+    from dynamo_openrlhf import train
+
+    parser = train.add_dynamo_arguments(argparse.ArgumentParser())
+    assert getattr(parser.parse_args([]), "dynamo.tiny_task") == "arith"
+    ns = parser.parse_args(["--dynamo.tiny_task", "carry", "--dynamo.cache_dir", "/tmp/c"])
+    flags = train._tiny_cpu_preset(ns)
+    root = tiny.asset_root("/tmp/c", tiny.TinyConfig(task="carry"))
+    assert flags["actor.model_name_or_path"] == str(root / "model")
+    assert flags["data.prompt_dataset"] == str(root / "data" / "train.jsonl")
+    assert flags["eval.dataset"] == str(root / "data" / "eval.jsonl")
+    # the whole train file (128) x 3 episodes / 16 prompts per step = 24 steps; the eval set (200) is not cut
+    assert (flags["data.max_samples"], flags["train.num_episodes"], flags["rollout.batch_size"]) == (200, 3, 16)
+    assert flags["rollout.n_samples_per_prompt"] * flags["rollout.batch_size"] == 128
+    arith = train._tiny_cpu_preset(parser.parse_args(["--dynamo.cache_dir", "/tmp/c"]))
+    assert arith["actor.model_name_or_path"] == str(tiny.asset_root("/tmp/c") / "model")
+    assert (arith["data.max_samples"], arith["train.num_episodes"]) == (96, 4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dynamo.tiny_task", "mul"])
