@@ -7,7 +7,7 @@
 # arithmetic problem set (train/eval JSONL; six levels from one-digit sums the warm start always
 # solves to two-digit products it never can), a short supervised warm start whose pass-rate
 # histogram is measured and printed (built once, cached in ~/.cache/dynamo_openrlhf), RLOO
-# advantages with 8 rollouts per prompt on average (2..16 under the allocator), rewards from
+# advantages with 8 rollouts per prompt on average (6..10 under the allocator), rewards from
 # dynamo_openrlhf.reward (math-verify), one DeepSpeed actor (ZeRO-2, bf16) and one transformers
 # rollout engine. Any OpenRLHF flag given here overrides the preset. Outputs go to ./runs/tiny-cpu
 # (final model, checkpoints, TensorBoard, metrics.jsonl).

@@ -4,7 +4,7 @@
 # What it runs: `python -m dynamo_openrlhf.train --dynamo.preset tiny-cpu` (OpenRLHF 0.11.2's own Ray trainer
 # on CPU: a locally built tiny Llama + character tokenizer, a generated arithmetic problem set, a short
 # supervised warm start cached in ~/.cache/dynamo_openrlhf, RLOO with 16 prompts x 8 rollouts per step for 24
-# steps, math-verify reward) with DynaMO's Neyman allocation (2..16 rollouts per prompt, n = 8) from the Beta
+# steps, math-verify reward) with DynaMO's Neyman allocation (6..10 rollouts per prompt, n = 8) from the Beta
 # pass-rate pool and the decay6 token-level modulation. These are also the defaults of the plain preset
 # (examples/tiny_cpu.sh); the same run with DynaMO off: examples/tiny_cpu_grpo.sh.
 # Needs: CPU only (one DeepSpeed actor and one transformers rollout engine; fake Ray GPUs), ~4 GB RAM.
@@ -19,8 +19,9 @@ DYNAMO_ARGS=(
     --dynamo.run_dir runs/tiny-cpu-dynamo
     # sequence level: rollout allocation (budget per step = 16 prompts x 8 rollouts = 128)
     --dynamo.allocation.rule neyman                 # exact variance-minimising integer allocation
-    --dynamo.allocation.lo 2                        # fewest rollouts per prompt (RLOO needs 2 for a baseline)
-    --dynamo.allocation.hi 16                       # most rollouts per prompt (2n)
+    --dynamo.allocation.lo 6                        # fewest rollouts per prompt (n - n/4; RLOO needs >= 2)
+    --dynamo.allocation.hi 10                       # most rollouts per prompt (n + n/4; wider bounds measured worse
+                                                    #   than uniform: docs/noise_model.md)
     --dynamo.allocation.oversample 1                # skipping variant: --dynamo.allocation.oversample 2 --dynamo.allocation.lo 0 --dynamo.allocation.hi 16
     # left to their rule-dependent defaults: --dynamo.allocation.skip_factor (4 when lo is 0), exploration and
     # mastery options (off for neyman)
