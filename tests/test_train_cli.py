@@ -435,7 +435,8 @@ def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
     r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(tmp_path / "run"),
               "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "5"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert ("infeasible rollout budget: 32 candidate prompts x bounds [5, 16] = [160, 512] does not contain the "
+    # hi: the over-sampling default 4n = 32
+    assert ("infeasible rollout budget: 32 candidate prompts x bounds [5, 32] = [160, 1024] does not contain the "
             "budget 128") in r.stderr
     assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stdout + r.stderr
     r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.allocation.rule", "bogus",
@@ -483,7 +484,7 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     (p,) = _dynamo_problems(args(**{"algo.advantage.estimator": "flash_reinforce"}))
     assert "--algo.advantage.estimator flash_reinforce is not supported" in p
     (p,) = _dynamo_problems(args(**{"dynamo.allocation.hi": 3}))
-    assert "need lo <= n_samples_per_prompt <= hi, got lo=2, n=4, hi=3" in p
+    assert "need lo <= n_samples_per_prompt <= hi, got lo=3, n=4, hi=3" in p  # lo: the default n - n//4
     (p,) = _dynamo_problems(args(**{"dynamo.modulation.mu_max": 0.5}))
     assert p.startswith("--dynamo.modulation.*:") and "mu_max" in p
     (p,) = _dynamo_problems(args(**{"actor.policy_loss_type": "gspo"}))
