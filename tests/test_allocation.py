@@ -288,9 +288,13 @@ def test_estimator_settings_errors_name_the_flags(kw, message):
 
 
 def test_estimator_settings_that_work():
-    _cfg(estimator="rloo", lo=0, hi=16, oversample=2.0, min_rollouts=2)  # lo 0 with min_rollouts 2
-    _cfg(estimator="rloo", lo=1, rule="uniform")  # the rule does not use the estimator
-    _cfg(estimator="group_norm", lo=2)
+    cases = [dict(estimator="rloo", lo=0, hi=16, oversample=2.0, min_rollouts=2),  # lo 0 with min_rollouts 2
+             dict(estimator="rloo", lo=1, rule="uniform"),  # the rule does not use the estimator
+             dict(estimator="group_norm", lo=2)]
+    for kw in cases:
+        cfg = _cfg(**kw)  # constructing raises on any problem
+        assert cfg.problems() == []
+        assert (cfg.estimator, cfg.lo, cfg.rule) == (kw["estimator"], kw["lo"], kw.get("rule", "neyman"))
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -80,6 +80,7 @@ def test_equal_groups_are_openrlhfs_own_result(estimator, shuffle):
     args = _args(estimator)
     ours = _maker(DynamoExperienceMaker, args, kl_coef=0.05).compute_advantages_and_returns(exps)
     ref = _maker(RemoteExperienceMaker, _args(estimator), kl_coef=0.05).compute_advantages_and_returns(theirs)
+    assert len(ours) == len(ref) == len(exps) > 0
     for a, b in zip(ours, ref):
         assert torch.equal(a.advantages, b.advantages) and torch.equal(a.returns, b.returns)
         assert torch.equal(a.info["return"], b.info["return"])
@@ -295,10 +296,13 @@ def test_constant_partial_credit_group_gets_zero_whatever_the_allocation(sizes):
                 e.info["reward"][row] = 0.7
     theirs = copy.deepcopy(exps)
     out = _maker(DynamoExperienceMaker, _args("group_norm", n=16)).compute_advantages_and_returns(exps)
+    checked = 0
     for e in out:
         for row, p in enumerate(e.index):
             if group[p] == 1:
                 assert (e.advantages[row] == 0).all()
+                checked += 1
+    assert checked == sizes[1]  # every sample of the constant group was seen
     if sizes == [16, 16, 16]:  # what OpenRLHF's method does with the same uniform step
         for e in theirs:
             e.info.pop(GROUP_KEY), e.info.pop(PROMPT_ID_KEY)
