@@ -148,16 +148,9 @@ def step_gradients(policy, loss_fn, encoded, resp, owner, terms: Dict[str, tuple
 
     from dynamo_openrlhf.loss import balanced_normalizers
 
-    seqs = [list(encoded[o]) + list(r) for o, r in zip(owner, resp)]
-    M, T = len(seqs), max(len(s) for s in seqs)
-    pad = policy.tok.pad_token_id
-    ids = torch.full((M, T), pad, dtype=torch.long)
-    attn = torch.zeros((M, T), dtype=torch.long)
-    mask = torch.zeros((M, T - 1), dtype=torch.float32)
-    for j, (o, s) in enumerate(zip(owner, seqs)):
-        ids[j, :len(s)] = torch.tensor(s)
-        attn[j, :len(s)] = 1
-        mask[j, len(encoded[o]) - 1:len(s) - 1] = 1.0  # the positions that predict response tokens
+    import gradient_variance as gv
+
+    ids, attn, mask = gv.batch_tensors(policy.tok.pad_token_id, encoded, resp, owner)
     logits = policy.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
     old = logp.detach()
