@@ -16,6 +16,9 @@
 * with ``--dynamo.allocation.noise_scale``, the pool also learns each prompt's gradient-noise scale from a
   per-rollout proxy of the step's own log-probs (the experience maker sums it per group and outcome class),
   the allocation weighs each prompt's variance by it, logged as ``dynamo/noise_scale_mean``/``_spread``;
+* logs ``dynamo/generated_rollouts`` and ``dynamo/generated_tokens`` every step: what the rollout engines
+  returned for training since the previous step, including the groups OpenRLHF's
+  ``--algo.dynamic_filtering_enable`` discards (``rollout/num_samples`` counts only the trained ones);
 * logs ``dynamo/*`` metrics through OpenRLHF's status dict (console, wandb, TensorBoard) and keeps
   a per-step history (``<run_dir>/metrics.jsonl``);
 * saves its state (pool bit for bit, step counter, the running token normaliser, history) in every OpenRLHF checkpoint
@@ -140,6 +143,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             if expected is not None and len(rollout_samples) != expected:
                 raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
         status, global_step = super().train_step(rollout_samples, global_step)
+        status.update(self._generated_since_last_step())
         L = getattr(self.experience_maker, "last_token_normalizer", None)
         if self.balancing is not None and self.balancing.token_level and L is not None:
             status["dynamo/token_normalizer"] = L  # the L of this step's weights
@@ -148,6 +152,17 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             status.update(self.allocator.metrics())
             status["timing/dynamo_pool"] = time.time() - t0  # the pool's metrics (its update: make_experience)
         return status, global_step
+
+    def _generated_since_last_step(self) -> Dict[str, float]:
+        """``dynamo/generated_rollouts`` / ``dynamo/generated_tokens``: training samples (response tokens) the
+        engines returned since the previous step's log, discarded ones included (OpenRLHF's dynamic filtering
+        re-samples; a generation call that yielded no batch is counted in the next step)."""
+        gen = self.samples_generator
+        done = getattr(self, "_generated_logged", (0, 0))
+        now = (gen.generated_rollouts, gen.generated_tokens)
+        self._generated_logged = now
+        return {"dynamo/generated_rollouts": float(now[0] - done[0]),
+                "dynamo/generated_tokens": float(now[1] - done[1])}
 
     def _record_groups(self, groups: RolloutGroups) -> None:
         """The experience maker hands each step's groups here as soon as it has read them (inside

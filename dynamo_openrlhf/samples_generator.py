@@ -15,6 +15,9 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
 - With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own
   methods run unchanged (and nothing is tagged). ``last_eval_samples`` keeps the last evaluation's
   samples (for pass@k).
+- ``generated_rollouts`` / ``generated_tokens``: running totals of the training samples (and their
+  response tokens) that came back from the engines, counted before OpenRLHF's dynamic filtering drops
+  any group, so they include discarded ones; evaluation samples are not counted.
 
 :class:`RolloutGroups` turns tagged samples back into groups (prompt id, size, successes) in
 rollout order; the experience maker and the pool update use it, nothing else regroups samples.
@@ -134,6 +137,10 @@ class DynamoSamplesGenerator(SamplesGenerator):
         self._evaluating = False
         self._next_group = 0
         self.last_eval_samples: List[Experience] = []
+        # Training rollouts generated so far (evaluation excluded), counted as each response comes back:
+        # also the groups OpenRLHF's --algo.dynamic_filtering_enable discards and re-samples.
+        self.generated_rollouts = 0
+        self.generated_tokens = 0  # their response tokens (action_mask)
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
         # Evaluation keeps OpenRLHF's fixed n (the eval n_samples_per_prompt); no allocation.
@@ -253,7 +260,11 @@ class DynamoSamplesGenerator(SamplesGenerator):
         # allocator (OpenRLHF's own _generate_vllm calls this method too) and evaluation.
         if self.reward_source is not None:
             check_reward(response, self.reward_source)
-        return super()._process_response_into_experience(response, **generate_kwargs)
+        exp = super()._process_response_into_experience(response, **generate_kwargs)
+        if not self._evaluating:
+            self.generated_rollouts += 1
+            self.generated_tokens += int(exp.action_mask.sum())
+        return exp
 
 
 # ----------------------------------------------------------------------------------------------
