@@ -53,6 +53,7 @@ def allocate_rollouts(
     min_rollouts: int | None = None,
     estimator: _Estimator | None = None,
     scale: _FloatArrayLike | None = None,
+    skip_costs: _FloatArrayLike | None = None,
 ) -> npt.NDArray[np.int64]:
     """Split ``budget`` rollouts over N prompts, each getting between ``lo`` and ``hi``.
 
@@ -142,6 +143,17 @@ def allocate_rollouts(
             with m <= n_i <= hi (same tie rule). Requires m <= hi and a budget that groups of
             m..hi can make up (some c with c*m <= budget <= c*hi), else ValueError.
         With either switch the result still sums to ``budget`` and stays within [0, hi].
+
+        skip_costs: priced skipping. shape (N,), finite, >= 0, in the unit of ``variances`` (both
+            multiplied by ``scale`` when given): what leaving prompt i out of the update costs,
+            e.g. kappa * E[p^2 (1-p)^2] (the pool's ``skip_price``). Only with rule "neyman", an
+            rloo-family ``estimator``, ``lo = 0`` and ``min_rollouts = m >= 2`` (else
+            ValueError). The result is the exact minimiser of
+            sum_{n_i > 0} v_i/(n_i - 1) + sum_{n_i = 0} skip_costs_i with n_i in {0} U [m, hi]
+            and sum n_i = budget, by a dynamic programme over prompts and budget (work
+            N * budget * (hi - m + 2), at most 2**34, memory N * (budget + 1) * 2 bytes, at most
+            512 MiB: else ValueError). Deterministic; ties: the option tried first (skip, then
+            m, m + 1, ...) is kept.
 
     Estimator (rule "neyman" only, not with ``unseen``/``pass_rates``; see
     docs/allocation_objectives.md):
@@ -316,6 +328,15 @@ class PassRatePool:
     def expected_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
         """Posterior expected Bernoulli variance E[p(1-p)] = alpha*beta / ((alpha+beta)
         (alpha+beta+1)), shape (M,); defined for unseen ids too (from the prior)."""
+    def skip_costs(self, prompt_ids: _IntArrayLike, price: float, *, calibrated: bool = False,
+                   explore_seed: int | None = None) -> npt.NDArray[np.float64]:
+        """Priced-skip costs, shape (M,): ``price`` (kappa, finite > 0) times E[p^2 (1-p)^2]
+        under each id's posterior Beta(a, b), exactly a b (a+1)(b+1) / ((a+b)(a+b+1)(a+b+2)
+        (a+b+3)) (the model of the squared expected gradient the prompt carries: the logistic
+        model's ||grad p||^2 = (p(1-p))^2 ||grad logit||^2), times the calibration factor with
+        ``calibrated``; with ``explore_seed`` the moment is raised to (p~(1-p~))^2 of
+        :meth:`allocate`'s exploration draw where larger. What :meth:`allocate` with
+        ``skip_price`` uses."""
     def calibrated_variance(self, prompt_ids: _IntArrayLike) -> npt.NDArray[np.float64]:
         """Revisit-calibrated expected variance, shape (M,): :meth:`expected_variance` times
         the factor of the id's evidence cell. Cells: the (forgotten) evidence (s, f) is binned
@@ -372,6 +393,7 @@ class PassRatePool:
         explore_seed: int | None = None,
         scale: _FloatArrayLike | None = None,
         noise_scale: bool | None = None,
+        skip_price: float | None = None,
     ) -> npt.NDArray[np.int64]:
         """Allocate ``budget`` rollouts over the batch ``prompt_ids`` (shape (M,), repeats
         allowed) from the posterior expected variances, with :func:`allocate_rollouts`'s rules
@@ -412,6 +434,14 @@ class PassRatePool:
         pass); work N*(min(hi, lo + budget - N*lo) - lo) gain evaluations per pass, at most
         2**32 (else ValueError). All estimators: rule "neyman" only, and not with
         ``exploration``/``mastery``.
+
+        ``skip_price``: ``None`` (default): off. A finite kappa > 0: priced skipping
+        (:func:`allocate_rollouts`'s ``skip_costs``) with skip_cost_i = kappa * E[p^2 (1-p)^2]
+        under prompt i's posterior (times its calibration factor with ``calibrated``; see
+        :meth:`skip_costs`): the model of the squared expected gradient the prompt would have
+        carried. Rule "neyman", estimator "rloo"/"dr_grpo"/"reinforce_baseline", ``lo = 0``,
+        ``min_rollouts >= 2``. With ``explore_seed`` the moment is raised to (p~(1-p~))^2 of
+        the exploration draw below where that is larger.
 
         ``explore_seed``: ``None`` (default): off, the skipping rule as documented. An int in
         [0, 2**64): skip decisions explore (requires ``skip_factor > 0``, else ValueError). Each

@@ -34,12 +34,18 @@ from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
            "default_bounds", "calibration_scores", "load_pool", "filter_counts", "STATE_VERSION", "VARIANCE_MODELS",
-           "ALLOCATION_RULES", "DEFAULT_FILTER_BAND", "NOISE_SCALE_RULES", "noise_scale_metrics"]
+           "ALLOCATION_RULES", "DEFAULT_FILTER_BAND", "DEFAULT_SKIP_PRICE", "NOISE_SCALE_RULES", "noise_scale_metrics"]
 
 STATE_VERSION = 1
 
 #: The trainer's rules: the core's (:data:`RULES`) and "filter", a selection composed from the core's uniform rule.
 ALLOCATION_RULES = tuple(RULES) + ("filter",)
+#: Priced skipping's default κ (``--dynamo.allocation.skip_price``): a skipped prompt's squared expected
+#: gradient is priced as 4·E[p²(1−p)²] score-noise units, which at p = 1/2 equals one rollout's noise
+#: p(1−p): the largest signal a prompt's rollouts can carry (Cauchy–Schwarz), so skipping is priced
+#: conservatively (docs/allocation_objectives.md, "Priced skipping").
+DEFAULT_SKIP_PRICE = 4.0
+
 #: Rule "filter": a prompt whose posterior mean pass rate is <= band or >= 1 - band is skipped.
 DEFAULT_FILTER_BAND = 0.1
 #: The rules that weigh prompts by their variance, hence take a per-prompt noise scale (``noise_scale``).
@@ -96,7 +102,8 @@ SHIFTED_ESTIMATORS = ("rloo", "dr_grpo", "reinforce_baseline")
 VARIANCE_MODELS = (None,) + tuple(CORE_ESTIMATORS)
 
 
-def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None, beta=None) -> np.ndarray:
+def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None, beta=None,
+                 skip_costs=None) -> np.ndarray:
     """Each prompt's predicted variance (up to the common score-noise factor) of its contribution to the
     update, at its count, under the allocator's model of ``estimator`` (float64, (N,)).
 
@@ -104,9 +111,15 @@ def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None,
     "reinforce_baseline": v/(n−1) (the prompt-balanced update's variance; the mean-baseline estimators
     rescaled by n/(n−1) are RLOO); "group_norm": the core's v·(n−1)/(n²·P(n)) from the Beta posterior
     (``alpha``, ``beta`` needed). A skipped prompt (n = 0), or a group of one for the baseline
-    estimators, costs v: it loses its signal."""
+    estimators, costs v: it loses its signal; with ``skip_costs`` (N,) (priced skipping, in the unit of v)
+    a skipped prompt costs its skip cost instead."""
     v = np.asarray(variances, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
+    if skip_costs is not None:
+        sc = np.asarray(skip_costs, dtype=np.float64)
+        if sc.shape != v.shape:
+            raise ValueError(f"prompt_costs: skip_costs has shape {sc.shape}, variances {v.shape}")
+        return np.where(n == 0, sc, prompt_costs(v, counts, estimator, alpha, beta))
     if estimator is None:
         return v * np.where(n > 0, 1.0 / np.maximum(n, 1.0), 1.0)
     if estimator in SHIFTED_ESTIMATORS:
@@ -122,21 +135,25 @@ def prompt_costs(variances, counts, estimator: Optional[str] = None, alpha=None,
 
 
 def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray, estimator: Optional[str] = None,
-                             alpha=None, beta=None, scale=None) -> float:
+                             alpha=None, beta=None, scale=None, skip_costs=None) -> float:
     """J(n) / J(uniform) for one step, J(n) = Σ_i cost_i(n_i) (:func:`prompt_costs` under ``estimator``'s
     model); uniform spreads the same budget B evenly over the same N prompts. Without an estimator
     J(uniform) = Σ v × N / B (today's formula, fractional B/N allowed); with one, when B/N is not an
     integer, each prompt's uniform cost interpolates linearly between its costs at ⌊B/N⌋ and ⌈B/N⌉
     (the mean over which prompts get the extra rollout). ``scale`` (N,) > 0 or None: each prompt's noise
     scale ŝ_i; every cost model is linear in v, so J uses ŝ_i·v_i (e.g. Σ ŝ v/(n−1) over uniform's). 1.0
-    when J(uniform) is 0."""
+    when J(uniform) is 0. ``skip_costs`` (N,) or None: priced skipping's cost of each skipped prompt (also
+    times ŝ); J(n) is then the predicted mean squared error (variance plus the skipped prompts' squared bias)
+    and uniform, which skips nothing, its variance."""
     v = np.asarray(variances, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
+    sc = None if skip_costs is None else np.asarray(skip_costs, dtype=np.float64)
     if scale is not None:
         s = np.asarray(scale, dtype=np.float64)
         if s.shape != v.shape:
             raise ValueError(f"predicted_variance_ratio: scale has shape {s.shape}, variances {v.shape}")
         v = v * s
+        sc = None if sc is None else sc * s
     budget = float(n.sum())
     if budget <= 0 or v.size == 0:
         return 1.0
@@ -152,7 +169,7 @@ def predicted_variance_ratio(variances: np.ndarray, counts: np.ndarray, estimato
             base = (1.0 - frac) * base + frac * hi_cost
     if base <= 0.0:
         return 1.0
-    return float(np.sum(prompt_costs(v, n, estimator, alpha, beta))) / base
+    return float(np.sum(prompt_costs(v, n, estimator, alpha, beta, sc))) / base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +198,10 @@ class AllocationConfig:
     or the per-rollout proxy (:data:`~dynamo_openrlhf.noise_proxy.NOISE_PROXIES`) the pool learns each
     prompt's noise scale ŝ_i from; rules neyman and proportional then allocate on ŝ_i·v_i
     (``PassRatePool.allocate(noise_scale=True)``) and ``dynamo/pred_var_ratio`` predicts with it.
+    ``skip_price``: κ > 0 of priced skipping (rule neyman, an rloo-family estimator, lo 0, ``min_rollouts``
+    >= 2): the exact minimiser of Σ_served v/(n−1) + κ Σ_skipped E[p²(1−p)²] (``PassRatePool.allocate
+    (skip_price=)``, docs/allocation_objectives.md); ``explore_seed`` then raises each skip cost to a capped
+    posterior draw's where larger, so settled-looking prompts are re-probed. None: off.
     """
 
     rule: str = "neyman"
@@ -205,6 +226,7 @@ class AllocationConfig:
     explore_seed: Optional[int] = None
     filter_band: Optional[float] = None
     noise_scale: Optional[str] = None
+    skip_price: Optional[float] = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -242,11 +264,16 @@ class AllocationConfig:
             skip = 4.0 if lo == 0 and al.rule == "neyman" and estimator is None else None
         if min_rollouts is None:
             min_rollouts = 2 if lo == 0 and al.rule == "neyman" and hi >= 2 else None
+        price = getattr(al, "skip_price", None)
+        if price is None:
+            # With lo 0 the rloo family's objective prices what a skipped prompt's signal is worth.
+            priced = lo == 0 and al.rule == "neyman" and estimator in SHIFTED_ESTIMATORS and (min_rollouts or 0) >= 2
+            price = DEFAULT_SKIP_PRICE if priced else None
         # Skip decisions explore (seeded draws from a capped posterior) unless --dynamo.allocation.explore_seed -1.
         explore_seed = getattr(al, "explore_seed", None)
         if explore_seed is None:
             explore_seed = int(getattr(args.train, "seed", 0) or 0)
-        explore_seed = explore_seed if (skip and explore_seed >= 0) else None
+        explore_seed = explore_seed if ((skip or price) and explore_seed >= 0) else None
         band = getattr(al, "filter_band", None)
         if band is None and al.rule == "filter":
             band = DEFAULT_FILTER_BAND
@@ -257,7 +284,7 @@ class AllocationConfig:
             exploration_rollouts=al.exploration_rollouts, mastery=al.mastery, mastery_threshold=al.mastery_threshold,
             priority_floor=al.priority_floor, prior=tuple(pool.prior), forget=pool.forget,
             fit_prior_every=pool.fit_prior_every, success_threshold=pool.success_threshold, estimator=estimator,
-            explore_seed=explore_seed, filter_band=band, noise_scale=noise,
+            explore_seed=explore_seed, filter_band=band, noise_scale=noise, skip_price=price or None,
         )
 
     @property
@@ -337,8 +364,18 @@ class AllocationConfig:
                          f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
                          f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
                          "--dynamo.allocation.skip_factor 0")
-        if self.explore_seed is not None and not self.skip_factor:
-            p.append("--dynamo.allocation.explore_seed applies to the skip rule only (--dynamo.allocation.skip_factor > 0)")
+        if self.explore_seed is not None and not (self.skip_factor or self.skip_price):
+            p.append("--dynamo.allocation.explore_seed applies to the skip rules only (--dynamo.allocation.skip_factor > 0 "
+                     "or --dynamo.allocation.skip_price)")
+        if self.skip_price is not None:
+            if not (math.isfinite(self.skip_price) and self.skip_price > 0):
+                p.append(f"--dynamo.allocation.skip_price must be a finite number > 0 (0 = off), got {self.skip_price}")
+            elif not (self.rule == "neyman" and self.lo == 0 and self.estimator in SHIFTED_ESTIMATORS
+                      and (self.min_rollouts or 0) >= 2):
+                p.append("--dynamo.allocation.skip_price needs rule neyman, --dynamo.allocation.lo 0, "
+                         "--dynamo.allocation.min_rollouts >= 2 and --algo.advantage.estimator rloo, dr_grpo or "
+                         f"reinforce_baseline; got rule {self.rule}, lo {self.lo}, min_rollouts {self.min_rollouts}, "
+                         f"estimator {self.estimator}")
         if self.min_rollouts is not None and self.min_rollouts > 1:
             if self.lo != 0 or self.rule != "neyman":
                 p.append("--dynamo.allocation.min_rollouts needs --dynamo.allocation.lo 0 and rule neyman")
@@ -432,6 +469,7 @@ class AllocationStep:
     alpha: Optional[np.ndarray] = None
     beta: Optional[np.ndarray] = None
     scale: Optional[np.ndarray] = None
+    skip_costs: Optional[np.ndarray] = None
 
     def metrics(self) -> Dict[str, float]:
         c = self.counts
@@ -446,7 +484,7 @@ class AllocationStep:
             "dynamo/alloc_candidates": float(c.size),
             "dynamo/alloc_budget": float(self.budget),
             "dynamo/pred_var_ratio": predicted_variance_ratio(self.variances, c, self.estimator, self.alpha,
-                                                              self.beta, self.scale),
+                                                              self.beta, self.scale, self.skip_costs),
             **noise,
         }
 
@@ -489,6 +527,10 @@ class RolloutAllocator:
                 opts["explore_seed"] = c.explore_seed
         if c.min_rollouts is not None and c.min_rollouts > 1:
             opts["min_rollouts"] = c.min_rollouts
+        if c.skip_price is not None:
+            opts["skip_price"] = c.skip_price
+            if c.explore_seed is not None:
+                opts["explore_seed"] = c.explore_seed
         if c.calibrated:
             opts["calibrated"] = True
         if c.estimator is not None and c.rule == "neyman":
@@ -517,8 +559,11 @@ class RolloutAllocator:
             succ, fail = self.pool.evidence(ids)
             alpha, beta = a0 + succ, b0 + fail
         scale = self.pool.noise_scale(ids) if c.noise_scale is not None else None
+        skip_costs = None
+        if c.skip_price is not None:  # the costs the allocation priced (same pool state: same draws)
+            skip_costs = self.pool.skip_costs(ids, c.skip_price, calibrated=c.calibrated, explore_seed=c.explore_seed)
         self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator, alpha=alpha,
-                                   beta=beta, scale=scale)
+                                   beta=beta, scale=scale, skip_costs=skip_costs)
         return counts
 
     # -- pool update ---------------------------------------------------------------------------

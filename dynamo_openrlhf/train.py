@@ -222,11 +222,25 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "has no group baseline (reinforce, gae), else off: it is derived for sum v/n; 0 = off).",
     )
     g.add_argument(
+        "--dynamo.allocation.skip_price",
+        type=float,
+        default=None,
+        help="Priced skipping, kappa > 0 (rule neyman, lo 0, min_rollouts >= 2, --algo.advantage.estimator rloo/"
+        "dr_grpo/reinforce_baseline): the exact minimiser of the update's expected squared error, sum over served "
+        "prompts of v_i/(n_i-1) plus, for each skipped prompt, the squared bias of leaving its gradient out, priced "
+        "kappa x E[p^2(1-p)^2] under its posterior. A prompt with no expected signal (pass rate settled near 0 or 1) "
+        "gets 0 and its rollouts go to uncertain prompts (up to --dynamo.allocation.hi). Default: 4 when lo is 0 "
+        "with an rloo-family estimator (at p = 1/2 a skipped prompt then costs one rollout's noise, the largest "
+        "signal its rollouts can carry), else off; 0 = off (lo 0 then serves by the ranking rule of min_rollouts). "
+        "With exploration (--dynamo.allocation.explore_seed) some settled prompts are re-probed each step.",
+    )
+    g.add_argument(
         "--dynamo.allocation.explore_seed",
         type=int,
         default=None,
-        help="With the skip rule: a prompt is skipped only if a draw p~ from its posterior (evidence capped at 16 "
-        "trials) also has p~(1-p~) below the cut, so skipped prompts are re-probed now and then instead of starving. "
+        help="With a skip rule: a prompt is skipped only if a draw p~ from its posterior (evidence capped at 16 "
+        "trials) also has p~(1-p~) below the cut (skip_factor), or its skip cost is raised to kappa x (p~(1-p~))^2 "
+        "where larger (skip_price), so skipped prompts are re-probed now and then instead of starving. "
         "The draw is seeded by this seed, the prompt id and the pool's update count (a resumed run decides the "
         "same). Default: --train.seed; -1 = no exploration.",
     )

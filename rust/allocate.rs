@@ -78,6 +78,11 @@ pub struct Options<'a> {
     /// "proportional" gives n ∝ max(s·v, floor). "uniform" only validates it. `None` = every
     /// s_i = 1, bit for bit.
     pub scale: Option<&'a [f64]>,
+    /// Priced skipping (`priced.rs`): each prompt's cost of getting 0 rollouts, in the unit of
+    /// the variances (finite, ≥ 0, as long as `variances`; multiplied by `scale` like them).
+    /// Rule "neyman" with an rloo-family estimator, `lo = 0` and `min_rollouts ≥ 2` only; the
+    /// result is the exact minimiser of Σ_served w_i/(n_i − 1) + Σ_skipped skip_cost_i.
+    pub skip_costs: Option<&'a [f64]>,
 }
 
 impl Options<'_> {
@@ -117,6 +122,9 @@ pub fn allocate_guarded(
 ) -> Result<Vec<i64>> {
     debug_assert!(guard.is_none_or(|g| g.len() == variances.len()));
     let (budget, lo, hi) = check_bounds(variances.len(), budget, lo, hi)?;
+    if let Some(costs) = options.skip_costs {
+        return allocate_priced(variances, costs, budget, lo, hi, rule, options);
+    }
     let selection = options.selection();
     let seen_weights = options.unseen.is_some() || options.pass_rates.is_some();
     let shifted = options.estimator.is_some();
@@ -206,6 +214,63 @@ pub fn allocate_guarded(
         Rule::Neyman if !seen_weights => neyman::solve(variances, budget, lo, hi, &scan),
         _ => with_reference_options(variances, budget, lo, hi, rule, options),
     })
+}
+
+/// Priced skipping (`Options::skip_costs`): its preconditions, then the exact DP of `priced.rs`
+/// on w = s·v and s·skip_cost.
+fn allocate_priced(
+    variances: &[f64],
+    costs: &[f64],
+    budget: u64,
+    lo: u64,
+    hi: u64,
+    rule: Rule,
+    options: &Options,
+) -> Result<Vec<i64>> {
+    let shifted = options
+        .estimator
+        .is_some_and(|e| e.objective() == Objective::Shifted);
+    if rule != Rule::Neyman || !shifted {
+        return Err(Error::invalid(format!(
+            "skip_costs apply to rule 'neyman' with estimator 'rloo', 'dr_grpo' or \
+             'reinforce_baseline' only, got rule '{}' with estimator {:?}",
+            rule.name(),
+            options.estimator.map(|e| e.name())
+        )));
+    }
+    let given = [
+        ("unseen", options.unseen.is_some()),
+        ("pass_rates", options.pass_rates.is_some()),
+        ("skip_factor", options.skip_factor.is_some_and(|f| f > 0.0)),
+    ];
+    if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
+        return Err(Error::invalid(format!(
+            "skip_costs cannot be combined with {name}"
+        )));
+    }
+    if lo != 0 {
+        return Err(Error::invalid(format!(
+            "skip_costs need lo = 0 (a skipped prompt gets 0 rollouts), got lo = {lo}"
+        )));
+    }
+    let m = options.min_rollouts.unwrap_or(0);
+    if m < 2 {
+        return Err(Error::invalid(format!(
+            "skip_costs need min_rollouts >= 2 (a group of one has no baseline), got {:?}",
+            options.min_rollouts
+        )));
+    }
+    let m = m as u64;
+    crate::priced::check(variances, costs, budget, m, hi)?;
+    let Some(s) = options.scale else {
+        return Ok(crate::priced::solve(variances, costs, budget, m, hi));
+    };
+    check_scale(s, variances.len(), "variances")?;
+    let w: Vec<f64> = variances.iter().zip(s).map(|(x, y)| x * y).collect();
+    let c: Vec<f64> = costs.iter().zip(s).map(|(x, y)| x * y).collect();
+    // A product can still overflow to +inf: named by check.
+    crate::priced::check(&w, &c, budget, m, hi)?;
+    Ok(crate::priced::solve(&w, &c, budget, m, hi))
 }
 
 /// An estimator applies to rule "neyman" without the reference's options; then its own checks

@@ -10,6 +10,7 @@ pub mod explore;
 pub mod neyman;
 pub mod parallel;
 pub mod pool;
+pub mod priced;
 pub mod skip;
 pub mod storage;
 

@@ -282,6 +282,13 @@ pub struct PoolAllocateOptions<'a> {
     /// `Some(true)`: use the pool's own [`PassRatePool::noise_scale`] as the scale (not with
     /// `scale`). A pool without noise observations gives 1 everywhere: today's allocation.
     pub noise_scale: Option<bool>,
+    /// Priced skipping (`priced.rs`) with price κ (finite, > 0): skipping prompt i costs
+    /// κ·E[p²(1−p)²] under its posterior (times its calibration factor when calibrated, and
+    /// the scale), the model of the squared expected gradient it would have carried. Rule
+    /// "neyman" with an rloo-family estimator, `lo = 0`, `min_rollouts ≥ 2`. With
+    /// `explore_seed`, the moment is raised to (p̃(1−p̃))² of the exploration draw where that
+    /// is larger, so a settled-looking prompt is re-probed now and then. `None` = off.
+    pub skip_price: Option<f64>,
 }
 
 /// The noise proxy sums of one update step, one entry per row: Σ q over the row's successful
@@ -979,10 +986,17 @@ impl PassRatePool {
         };
         let calibrated = o.calibrated == Some(true);
         let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
-        if o.explore_seed.is_some() && !skipping {
+        if let Some(k) = o.skip_price {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(Error::invalid(format!(
+                    "skip_price must be finite and > 0, got {k}"
+                )));
+            }
+        }
+        if o.explore_seed.is_some() && !skipping && o.skip_price.is_none() {
             return Err(Error::invalid(format!(
-                "explore_seed applies to the skipping rule only (skip_factor > 0), got \
-                 skip_factor = {:?}",
+                "explore_seed applies to the skipping rules only (skip_factor > 0 or \
+                 skip_price), got skip_factor = {:?}",
                 o.skip_factor
             )));
         }
@@ -990,6 +1004,12 @@ impl PassRatePool {
             .estimator
             .filter(|e| e.objective() == Objective::GroupNorm)
         {
+            if o.skip_price.is_some() {
+                return Err(Error::invalid(
+                    "skip_price is not supported with estimator 'group_norm' (its skip price is \
+                     derived for the rloo family's sum v/(n-1)); use estimator 'rloo'",
+                ));
+            }
             e.check(lo, o.skip_factor, o.min_rollouts)?;
             // lo ≥ 2 here, so skip_factor/min_rollouts (lo = 0 options) cannot apply.
             allocate::Options {
@@ -1059,13 +1079,16 @@ impl PassRatePool {
             None => (self.expected_variance(ids), None),
         };
         let scale = own.as_deref().or(o.scale);
+        let skip_costs = o
+            .skip_price
+            .map(|k| self.skip_costs(ids, k, calibrated, o.explore_seed));
         // Skipping on calibrated variances: a prompt is skipped only if its plain posterior
         // variance is below the cut too. (A skipped prompt gets no revisit, so a calibration
         // factor that is too low could not correct itself.)
         let mut guard = (calibrated && skipping).then(|| self.expected_variance(ids));
         // Exploration: the exploration draw's variance joins the guard (skipped only if it is
         // below the cut too).
-        if let Some(seed) = o.explore_seed {
+        if let Some(seed) = o.explore_seed.filter(|_| skipping) {
             let step = self.updates;
             let draws = self.map_ids(ids, |p, id| {
                 let (s, f) = p.evidence_of(id);
@@ -1089,8 +1112,34 @@ impl PassRatePool {
             min_rollouts: o.min_rollouts,
             estimator: o.estimator,
             scale,
+            skip_costs: skip_costs.as_deref(),
         };
         allocate::allocate_guarded(&variances, guard.as_deref(), budget, lo, hi, rule, &options)
+    }
+
+    /// The priced-skip costs of `ids` (`PoolAllocateOptions::skip_price`): κ·E[p²(1−p)²] under
+    /// each posterior, times the calibration factor when `calibrated`, raised to κ·(p̃(1−p̃))² of
+    /// the exploration draw with an `explore_seed` where that is larger.
+    pub fn skip_costs(
+        &self,
+        ids: &[i64],
+        price: f64,
+        calibrated: bool,
+        explore_seed: Option<u64>,
+    ) -> Vec<f64> {
+        let step = self.updates;
+        self.map_ids(ids, |p, id| {
+            let (s, f) = p.evidence_of(id);
+            let mut u = crate::priced::squared_variance_moment(p.alpha0 + s, p.beta0 + f);
+            if let Some(seed) = explore_seed {
+                let d = crate::explore::exploration_variance(s, f, seed, id, step);
+                u = u.max(d * d);
+            }
+            if calibrated {
+                u *= p.calibration.factor(calibration::cell(s, f));
+            }
+            price * u
+        })
     }
 
     /// Empirical-Bayes fit of the prior by the method of moments with binomial-noise correction,
@@ -1510,6 +1559,71 @@ mod tests {
     }
 
     #[test]
+    fn skip_price_skips_settled_prompts_exactly() {
+        // ids 0, 1 settled (0/24), ids 2, 3 uncertain (12/24), 4 unseen.
+        let mut p = PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap();
+        p.update(&[0, 1, 2, 3], &[0, 0, 12, 12], &[24, 24, 24, 24])
+            .unwrap();
+        let ids = [0, 1, 2, 3, 4];
+        let o = PoolAllocateOptions {
+            estimator: Some(Estimator::Rloo),
+            min_rollouts: Some(2),
+            skip_price: Some(4.0),
+            ..Default::default()
+        };
+        let counts = p.allocate(&ids, 24, 0, 16, Rule::Neyman, &o).unwrap();
+        // The DP's result on the pool's own variances and costs, and the settled ones skipped.
+        let v = p.expected_variance(&ids);
+        let c = p.skip_costs(&ids, 4.0, false, None);
+        assert_eq!(counts, crate::priced::solve(&v, &c, 24, 2, 16));
+        assert_eq!((counts[0], counts[1]), (0, 0));
+        assert!(
+            counts[2] >= 6 && counts[3] >= 6 && counts[4] >= 6,
+            "{counts:?}"
+        );
+        // c = κ·E[p²(1−p)²] of Beta(1, 25).
+        let u = crate::priced::squared_variance_moment(1.0, 25.0);
+        assert!((c[0] - 4.0 * u).abs() < 1e-15);
+        // Exploration raises some settled prompts' costs over 64 steps' draws, never lowers one.
+        let mut raised = 0;
+        for seed in 0..64u64 {
+            let e = p.skip_costs(&ids, 4.0, false, Some(seed));
+            assert!(e.iter().zip(&c).all(|(x, y)| x >= y));
+            raised += (e[0] > c[0]) as usize;
+        }
+        assert!(raised > 0);
+        let err = |o: PoolAllocateOptions| {
+            p.allocate(&ids, 24, 0, 16, Rule::Neyman, &o)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(PoolAllocateOptions {
+            skip_price: Some(-1.0),
+            ..o
+        })
+        .contains("skip_price must be finite"));
+        assert!(err(PoolAllocateOptions {
+            min_rollouts: None,
+            ..o
+        })
+        .contains("min_rollouts >= 2"));
+        assert!(err(PoolAllocateOptions {
+            estimator: None,
+            ..o
+        })
+        .contains("rule 'neyman' with estimator"));
+        let gn = PoolAllocateOptions {
+            estimator: Some(Estimator::GroupNorm),
+            ..o
+        };
+        assert!(p
+            .allocate(&ids, 24, 2, 16, Rule::Neyman, &gn)
+            .unwrap_err()
+            .to_string()
+            .contains("group_norm"));
+    }
+
+    #[test]
     fn explore_seed_keeps_uncertain_prompts_from_being_skipped_for_ever() {
         let mut p = pool(1.0);
         // Prompts 1..=8 are informative (Beta(9, 9)); 100 has 59 failures (Beta(1, 60): v just
@@ -1553,7 +1667,7 @@ mod tests {
             .allocate(&ids, 64, 0, 16, Rule::Neyman, &bad)
             .unwrap_err()
             .to_string()
-            .starts_with("explore_seed applies to the skipping rule only"));
+            .starts_with("explore_seed applies to the skipping rules only"));
     }
 
     #[test]

@@ -199,7 +199,7 @@ fn maybe_detach<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Sen
     variances, budget, lo, hi, rule = "neyman", *,
     unseen = None, exploration_rollouts = None, pass_rates = None,
     mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-    estimator = None, scale = None
+    estimator = None, scale = None, skip_costs = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocate_rollouts<'py>(
@@ -218,11 +218,15 @@ fn allocate_rollouts<'py>(
     min_rollouts: Option<i64>,
     estimator: Option<&str>,
     scale: Option<&Bound<'py, PyAny>>,
+    skip_costs: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
     let rule = Rule::parse(rule).map_err(to_py_err)?;
     let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
     let v = float_array(variances, "variances")?;
     let scale = scale.map(|s| float_array(s, "scale")).transpose()?;
+    let skip_costs = skip_costs
+        .map(|s| float_array(s, "skip_costs"))
+        .transpose()?;
     let unseen = unseen.map(|u| bool_array(u, "unseen")).transpose()?;
     let rates = pass_rates
         .map(|r| float_array(r, "pass_rates"))
@@ -238,6 +242,7 @@ fn allocate_rollouts<'py>(
         min_rollouts,
         estimator,
         scale: scale.as_ref().map(|s| s.as_slice()),
+        skip_costs: skip_costs.as_ref().map(|s| s.as_slice()),
     };
     let counts = maybe_detach(py, v.len(), || {
         allocate::allocate(v, budget, lo, hi, rule, &options)
@@ -407,6 +412,26 @@ impl PyPassRatePool {
         self.per_id(py, prompt_ids, PassRatePool::calibrated_variance)
     }
 
+    /// Priced-skip costs per id (see the type stub).
+    #[pyo3(signature = (prompt_ids, price, *, calibrated = false, explore_seed = None))]
+    fn skip_costs<'py>(
+        &self,
+        py: Python<'py>,
+        prompt_ids: &Bound<'py, PyAny>,
+        price: f64,
+        calibrated: bool,
+        explore_seed: Option<u64>,
+    ) -> PyResult<Bound<'py, PyArray1<f64>>> {
+        if !(price.is_finite() && price > 0.0) {
+            return Err(to_py_err(crate::Error::invalid(format!(
+                "skip_price must be finite and > 0, got {price}"
+            ))));
+        }
+        self.per_id(py, prompt_ids, move |p, ids| {
+            p.skip_costs(ids, price, calibrated, explore_seed)
+        })
+    }
+
     /// (successes, failures) evidence above the prior per id, after forgetting.
     fn evidence<'py>(
         &self,
@@ -425,7 +450,8 @@ impl PyPassRatePool {
         prompt_ids, budget, lo, hi, rule = "neyman", *,
         exploration = None, mastery = None, exploration_rollouts = None,
         mastery_threshold = None, priority_floor = None, skip_factor = None, min_rollouts = None,
-        calibrated = None, estimator = None, explore_seed = None, scale = None, noise_scale = None
+        calibrated = None, estimator = None, explore_seed = None, scale = None, noise_scale = None,
+        skip_price = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn allocate<'py>(
@@ -448,6 +474,7 @@ impl PyPassRatePool {
         explore_seed: Option<u64>,
         scale: Option<&Bound<'py, PyAny>>,
         noise_scale: Option<bool>,
+        skip_price: Option<f64>,
     ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let rule = Rule::parse(rule).map_err(to_py_err)?;
         let estimator = Estimator::parse_optional(estimator).map_err(to_py_err)?;
@@ -467,6 +494,7 @@ impl PyPassRatePool {
             explore_seed,
             scale: scale.as_ref().map(|s| s.as_slice()),
             noise_scale,
+            skip_price,
         };
         let pool = &self.inner;
         let counts = maybe_detach(py, ids.len(), || {

@@ -341,8 +341,11 @@ def test_skip_decisions_explore_by_default_seeded_by_the_run():
     assert AllocationConfig.from_args(args(explore_seed=11)).explore_seed == 11
     assert AllocationConfig.from_args(args(explore_seed=-1)).explore_seed is None  # -1: no exploration
     assert AllocationConfig.from_args(args(lo=8, oversample=1.0)).explore_seed is None  # no skip rule, no draws
-    assert AllocationConfig.from_args(args(estimator="rloo")).explore_seed is None  # rloo selects by min_rollouts
-    with pytest.raises(ValueError, match=r"explore_seed applies to the skip rule only"):
+    r = AllocationConfig.from_args(args(estimator="rloo"))  # rloo with lo 0: priced skipping, exploring
+    assert (r.skip_factor, r.skip_price, r.explore_seed) == (None, 4.0, 7)
+    r = AllocationConfig.from_args(args(estimator="rloo", skip_price=0.0))  # 0 = off: the ranking rule, no draws
+    assert (r.skip_price, r.explore_seed, r.min_rollouts) == (None, None, 2)
+    with pytest.raises(ValueError, match=r"explore_seed applies to the skip rules only"):
         AllocationConfig(rule="neyman", n_samples_per_prompt=16, prompts_per_step=32, lo=8, hi=24, explore_seed=3)
     # the allocator hands the seed to the pool: same counts as the pool's own call with it
     ra = RolloutAllocator(c)

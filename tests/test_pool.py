@@ -741,7 +741,7 @@ def test_explore_seed_is_deterministic_and_resumes_exactly(tmp_path):
 def test_explore_seed_needs_the_skipping_rule():
     pool, ids = skip_trap_pool()
     for options in ({}, {"skip_factor": 0.0}, {"min_rollouts": 2}):
-        with pytest.raises(ValueError, match=r"^explore_seed applies to the skipping rule only \(skip_factor > 0\)"):
+        with pytest.raises(ValueError, match=r"^explore_seed applies to the skipping rules only \(skip_factor > 0 or skip_price\)"):
             pool.allocate(ids, 64, 0, 16, explore_seed=1, **options)
     with pytest.raises((OverflowError, TypeError)):
         pool.allocate(ids, 64, 0, 16, skip_factor=4.0, explore_seed=-1)
