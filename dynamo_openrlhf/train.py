@@ -152,6 +152,17 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="Debug: append one JSON line per scored sample (prompt, response, label, extracted answer, status, "
         "reward) to this file (built-in math reward only).",
     )
+    g.add_argument(
+        "--dynamo.nonfinite",
+        type=str,
+        default="error",
+        choices=["error", "drop"],
+        help="A reward or score (the reward function's), an old log-prob or an advantage that is NaN or +-inf. "
+        "error: stop the run at that step with one message naming each such sample (index in the step, prompt "
+        "id) and its value; the pass-rate pool is not updated from that step and nothing is checkpointed after "
+        "it. drop: remove those samples' groups (all samples of the prompt in that step) from the update and the "
+        "pool, log every one, count them as dynamo/nonfinite_dropped. A non-finite loss always stops the run.",
+    )
     # -- sequence level: rollout allocation ---------------------------------------------------
     g.add_argument(
         "--dynamo.allocation.rule",
@@ -510,6 +521,17 @@ def _apply_dynamo_to_openrlhf_args(args) -> None:
               f"{balancing.estimator}")
 
 
+def _skip_priced(args) -> bool:
+    """Whether the run's allocation prices skipped prompts (``AllocationConfig.skip_price``)."""
+    from dynamo_openrlhf.allocation import AllocationConfig
+
+    try:
+        cfg = AllocationConfig.from_args(args)
+    except (ValueError, AttributeError):
+        return False
+    return cfg is not None and cfg.skip_price is not None
+
+
 def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
     from dynamo_openrlhf import tiny
 
@@ -832,6 +854,11 @@ class _Hooks:
             except ValueError as e:
                 problems.append(str(e))
         problems += _preflight(args) + _dynamo_problems(args)
+        from dynamo_openrlhf.dataset_keys import dataset_key_problems
+
+        problems += dataset_key_problems([("--data.prompt_dataset", args.data.prompt_dataset),
+                                          ("--eval.dataset", args.eval.dataset)],
+                                         args.data.input_key, args.data.label_key)
         if not problems:
             try:
                 self.pool = _initial_pool(args)
@@ -928,7 +955,9 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
             f"  DynaMO allocation ({args.dynamo.allocation.rule}): rollouts per prompt "
             f"{min(r['dynamo/alloc_min'] for r in alloc):g}..{max(r['dynamo/alloc_max'] for r in alloc):g}, "
             f"{sum(r['dynamo/alloc_skipped'] for r in alloc):g} prompts skipped, budget "
-            f"{last['dynamo/alloc_budget']:g}/step; predicted variance vs uniform: mean {sum(ratios) / len(ratios):.3f}, "
+            f"{last['dynamo/alloc_budget']:g}/step over {last['dynamo/alloc_candidates']:g} candidates; predicted "
+            f"{'mean squared error (variance + priced skip bias)' if _skip_priced(args) else 'variance'} vs uniform "
+            f"over the same candidates: mean {sum(ratios) / len(ratios):.3f}, "
             f"min {min(ratios):.3f}; pool {last['dynamo/pool_size']:g} prompts, mean pass rate "
             f"{last['dynamo/pool_mean_pass_rate']:.3f}")
     noise = [r for r in alloc if "dynamo/noise_scale_mean" in r]

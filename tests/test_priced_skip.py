@@ -156,3 +156,29 @@ def test_prompt_costs_with_skip_costs_hand_values():
     np.testing.assert_allclose(got, [0.05, 0.1 / 2, 0.3 / 4], rtol=1e-15)
     with pytest.raises(ValueError, match=r"skip_costs has shape \(2,\), variances \(3,\)"):
         prompt_costs([0.2, 0.1, 0.3], [0, 3, 5], "rloo", skip_costs=[0.05, 9.0])
+
+
+def test_run_summary_names_the_predicted_mse_when_skips_are_priced():
+    from dynamo_openrlhf.train import format_summary
+
+    def summary_args(**al):
+        a = _args(**al)
+        a.dynamo.modulation = NS(preset="off")
+        a.dynamo.run_dir = a.dynamo.reward_dump = None
+        a.dynamo.loss = NS(prompt_weighting="auto", token_normalizer=16.0)
+        a.actor = NS(loss_agg_mode="token-mean")
+        a.rollout.max_new_tokens = 16
+        a.train = NS(seed=5, batch_size=32, dynamic_batch_enable=False, async_enable=False)
+        a.eval = NS(dataset=None)
+        a.ckpt = NS(path="/nonexistent/ckpt", output_dir="/nonexistent/final")
+        a.logger = NS(tensorboard_dir=None)
+        return a
+
+    row = {"type": "train", "step": 1, "dynamo/alloc_budget": 32.0, "dynamo/alloc_candidates": 8.0,
+           "dynamo/alloc_min": 2.0, "dynamo/alloc_max": 12.0, "dynamo/alloc_skipped": 3.0,
+           "dynamo/pred_var_ratio": 0.75, "dynamo/pool_size": 8.0, "dynamo/pool_mean_pass_rate": 0.5}
+    text = format_summary([row], summary_args(), 1.0)
+    assert ("rollouts per prompt 2..12, 3 prompts skipped, budget 32/step over 8 candidates; predicted mean squared "
+            "error (variance + priced skip bias) vs uniform over the same candidates: mean 0.750, min 0.750") in text
+    text = format_summary([row], summary_args(skip_price=0.0), 1.0)
+    assert "predicted variance vs uniform over the same candidates: mean 0.750" in text
