@@ -298,10 +298,33 @@ def estimator_table(n, rng):
     return rows
 
 
+def priced_table(rng, quick=False):
+    """Priced skipping (the exact DP of ``skip_price``) at trainer batch sizes: 2x candidates, budget n x prompts,
+    bounds 0..4n, min_rollouts 2; ratio against the same call without skip prices (the ranking rule) on the same
+    batch. The DP's work is candidates x budget x (hi - 1)."""
+    cases = [(256, 8), (1024, 8)] if quick else [(256, 8), (1024, 8), (1024, 16), (4096, 8)]
+    rows = []
+    for candidates, n in cases:
+        pool = PassRatePool(prior=(1.0, 1.0), forget=1.0, capacity=candidates)
+        ids = np.arange(candidates, dtype=np.int64)
+        p = rng.beta(0.5, 0.5, candidates)
+        pool.update(ids, rng.binomial(2 * n, p), np.full(candidates, 2 * n))
+        budget, hi = n * candidates // 2, 4 * n
+        got = pool.allocate(ids, budget, 0, hi, estimator="rloo", min_rollouts=2, skip_price=4.0)
+        assert got.sum() == budget and got.max() <= hi and not np.any(got == 1)
+        reps = 5 if candidates * budget * hi > 1e8 else 21
+        base = median_time(lambda: pool.allocate(ids, budget, 0, hi, estimator="rloo", min_rollouts=2), reps)
+        t = median_time(lambda: pool.allocate(ids, budget, 0, hi, estimator="rloo", min_rollouts=2,
+                                              skip_price=4.0), reps)
+        rows.append((candidates, budget, hi, int((got == 0).sum()), t, base))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
     parser.add_argument("--scale-only", action="store_true", help="only the noise-scale table")
+    parser.add_argument("--priced-only", action="store_true", help="only the priced-skipping table")
     args = parser.parse_args()
     sizes = [512, 4_096, 32_768, 262_144]
     if not args.quick:
@@ -313,6 +336,17 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load[0]:.1f} at start; numpy {np.__version__}; "
           f"python {platform.python_version()}\n")
+
+    priced = priced_table(rng, args.quick)
+    print("Priced skipping (skip_price=4, exact DP) vs the same call without prices, 2x candidates, budget n x "
+          "prompts, bounds 0..4n, min_rollouts 2 (same run):\n")
+    print("| candidates | budget | hi | skipped | median ms | ÷ without prices |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for c, b, hi, skipped, t, base in priced:
+        print(f"| {c:,} | {b:,} | {hi} | {skipped} | {t * 1e3:.2f} | {t / base:.1f}× |")
+    print()
+    if args.priced_only:
+        return
 
     n_scale = 1_048_576
     if args.scale_only:
