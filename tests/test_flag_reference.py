@@ -3,6 +3,7 @@ text changes without the file being regenerated (python scripts/flag_reference.p
 
 import argparse
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,22 @@ def test_cli_writes_then_checks(tmp_path, capsys):
     assert capsys.readouterr().out == f"{out} differs from the parser's flags; regenerate with: {REGENERATE}\n"
     assert main([], _toy_parser()) == 0
     assert capsys.readouterr().out == TOY
+
+
+def _flags_named(text: str):
+    """Every --dynamo.* / --[no-]dynamo.* / --no-dynamo.* option spelled out in a markdown text, as the parser's
+    option string."""
+    return {"--" + m.group(1) for m in re.finditer(r"--(?:\[no-\]|no-)?(dynamo(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text)}
+
+
+def test_every_dynamo_flag_the_readme_names_exists(dynamo_parser):
+    options = {o for a in dynamo_parser._actions for o in a.option_strings}
+    named = _flags_named((REPO / "README.md").read_text(encoding="utf-8"))
+    assert len(named) >= 5
+    assert sorted(named - options) == []
+
+
+def test_flag_names_are_read_in_every_spelling():
+    text = "`--dynamo.pool.load FILE`, `--[no-]dynamo.pool.calibrated`, --no-dynamo.eval_at_end; `--dynamo.allocation.lo`."
+    assert _flags_named(text) == {"--dynamo.pool.load", "--dynamo.pool.calibrated", "--dynamo.eval_at_end",
+                                  "--dynamo.allocation.lo"}
