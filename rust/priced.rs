@@ -110,6 +110,7 @@ pub fn solve(w: &[f64], skip_cost: &[f64], budget: u64, m: u64, hi: u64) -> Vec<
     let mut next = vec![f64::INFINITY; b_max + 1];
     // choice[k * (B + 1) + b]: the count of prompt k on the optimal path through (k, b).
     let mut choice = vec![0u16; n * (b_max + 1)];
+    let mut cost = vec![0.0f64; hi + 1];
     let hi16 = hi.min(u16::MAX as usize);
     debug_assert_eq!(hi16, hi, "hi above 65535 never passes check's caps");
     for k in 0..n {
@@ -119,24 +120,23 @@ pub fn solve(w: &[f64], skip_cost: &[f64], budget: u64, m: u64, hi: u64) -> Vec<
         let b_hi = b_max.min((k + 1).saturating_mul(hi));
         let row = &mut choice[k * (b_max + 1)..(k + 1) * (b_max + 1)];
         let (wk, sk) = (w[k], skip_cost[k]);
-        for b in 0..=b_max {
-            next[b] = f64::INFINITY;
+        // The served costs w/(c − 1), c = m..=hi, computed once per prompt (the same floats as
+        // dividing in the loop, without a division per cell).
+        for (c, slot) in cost.iter_mut().enumerate().take(hi + 1).skip(m) {
+            *slot = wk / (c - 1) as f64;
         }
+        next.fill(f64::INFINITY);
         for b in b_lo..=b_hi {
             let mut best = f[b] + sk;
             let mut arg = 0usize;
             let top = hi.min(b);
-            let mut c = m;
-            while c <= top {
-                let prev = f[b - c];
-                if prev < f64::INFINITY {
-                    let cost = prev + wk / (c - 1) as f64;
-                    if cost < best {
-                        best = cost;
-                        arg = c;
-                    }
+            // ∞ + finite stays ∞ and never compares below `best`, so no feasibility test is needed.
+            for c in m..=top {
+                let total = f[b - c] + cost[c];
+                if total < best {
+                    best = total;
+                    arg = c;
                 }
-                c += 1;
             }
             next[b] = best;
             row[b] = arg as u16;
