@@ -31,6 +31,16 @@ Run level: mean over batches with a bootstrap CI over batches, predicted ratios 
 median |measured − predicted|, Spearman of ŝ_i against S_i, and the proxies' cost at vocabulary 151,936
 (``bench_entropy_memory``'s setup).
 
+``--priced`` (priced skipping, the ``--dynamo.allocation.oversample 2`` recipe): per batch of N candidates and
+B = 4N, allocations uniform4 (4 each), priced (``PassRatePool.allocate(ids, B, 0, 32, "neyman", estimator="rloo",
+min_rollouts=2, skip_price=κ)``, pool posterior, no exploration), priced[oracle] (the same on the oracle pass
+rates) and noskip (rloo Neyman, lo = 2), on the same common-random-number banks. Realised MSE of each
+prompt-balanced update (skipped prompts contribute 0) against the candidates' mean expected update: trCov plus the
+squared bias, estimated without bias from uniform4's update restricted to the skipped prompts
+(``debiased_sq_mean``); ratios to uniform4 with paired bootstrap CIs, the trainer's predicted ratio
+(``priced_prediction``) and the κ that would have priced the measured bias (``implied_kappa``). Writes
+OUT/gradient_variance_priced.{md,json} (the JSON after every batch).
+
 Other loss variants (``--variants grpo,dynamo,...``) are measured the old way (``run_batch_legacy``: full
 gradients, allocations uniform / ours[e] / oracle[e], one batch per split).
 
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -893,6 +904,329 @@ def run_batch(policy, scorer, split: str, args, batch_index: int) -> Dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# Priced skipping (--priced): realised mean squared error against the trainer's prediction
+# ----------------------------------------------------------------------------------------------
+
+PRICED_UNIFORM_N = 4    # the oversample-2 recipe: B = 8 x prompts spread over 2 x prompts candidates
+PRICED_HI = 32          # hi = 4 x n_samples_per_prompt (8) of the recipe
+PRICED_MIN = 2          # min_rollouts of the recipe (RLOO needs 2)
+
+
+def priced_allocations(pool, oracle_pool, ids, budget: int, skip_price: float) -> Dict[str, np.ndarray]:
+    """name -> int64 allocation of ``budget`` over the N candidates (the trainer's oversample-2 recipe):
+    "uniform4" (budget/N each), "priced" (``PassRatePool.allocate(ids, budget, 0, 32, "neyman", estimator="rloo",
+    min_rollouts=2, skip_price=κ)`` on the pool posterior, no exploration), "priced[oracle]" (the same call on
+    the oracle pool) and "noskip" (the rloo Neyman allocation with lo = 2: the same budget, nothing skipped)."""
+    N = len(ids)
+    if budget % N:
+        raise ValueError(f"priced_allocations: budget {budget} is not a multiple of the {N} candidates")
+    kw = dict(estimator="rloo", min_rollouts=PRICED_MIN, skip_price=float(skip_price))
+    return {"uniform4": np.full(N, budget // N, dtype=np.int64),
+            "priced": np.asarray(pool.allocate(ids, budget, 0, PRICED_HI, "neyman", **kw), dtype=np.int64),
+            "priced[oracle]": np.asarray(oracle_pool.allocate(ids, budget, 0, PRICED_HI, "neyman", **kw),
+                                         dtype=np.int64),
+            "noskip": np.asarray(pool.allocate(ids, budget, PRICED_MIN, PRICED_HI, "neyman", estimator="rloo"),
+                                 dtype=np.int64)}
+
+
+def check_priced_allocation(name: str, n: np.ndarray, budget: int) -> None:
+    """Budget spent exactly, every count in {0} ∪ [PRICED_MIN, PRICED_HI] (raises AssertionError)."""
+    n = np.asarray(n)
+    assert int(n.sum()) == budget, f"{name}: {int(n.sum())} rollouts, budget {budget}"
+    bad = n[(n != 0) & ((n < PRICED_MIN) | (n > PRICED_HI))]
+    assert bad.size == 0, f"{name}: counts outside {{0}} ∪ [{PRICED_MIN}, {PRICED_HI}]: {n.tolist()}"
+
+
+def priced_prediction(pool, ids, n: np.ndarray, skip_price: float) -> Dict[str, float]:
+    """The trainer's ``dynamo/pred_var_ratio`` for counts ``n`` (``predicted_variance_ratio(v, n, "rloo",
+    skip_costs=pool.skip_costs(ids, κ))``, uniform over the same candidates as the base) and its two parts:
+    variance Σ_served v/(n−1) and priced bias Σ_skipped κ E[p²(1−p)²], each over uniform's Σ v/(B/N − 1)."""
+    from dynamo_openrlhf.allocation import predicted_variance_ratio
+
+    v = np.asarray(pool.expected_variance(ids), dtype=np.float64)
+    sc = np.asarray(pool.skip_costs(ids, float(skip_price)), dtype=np.float64)
+    n = np.asarray(n)
+    base = float(v.sum()) / (n.sum() / len(n) - 1.0)
+    served = n > 0
+    var = float(np.sum(v[served] / (n[served] - 1.0))) / base if base > 0 else 1.0
+    bias = float(np.sum(sc[~served])) / base if base > 0 else 0.0
+    return {"ratio": predicted_variance_ratio(v, n, "rloo", skip_costs=sc), "variance": var, "bias": bias}
+
+
+def debiased_sq_mean(U: np.ndarray, weights: Optional[np.ndarray] = None) -> np.ndarray:
+    """Unbiased ‖E x‖² from R i.i.d. vectors x_r with UNcentred Gram matrix U (R, R): ‖mean‖² − tr Cov/R.
+
+    ``weights``: (S, R) bootstrap counts (rows sum to R) -> S values; None -> the plain estimate. Can be < 0
+    (it is unbiased, not truncated)."""
+    U = np.asarray(U, dtype=np.float64)
+    R = U.shape[0]
+    W = np.ones((1, R)) if weights is None else np.asarray(weights, dtype=np.float64)
+    mean2 = np.einsum("sr,rq,sq->s", W, U, W) / R ** 2
+    G = nm.centered_from_uncentered(U)
+    out = mean2 - trace_cov(G, W) / R
+    return out[0] if weights is None else out
+
+
+def implied_kappa(bias2: float, noise_scale: float, moment_sum: float) -> float:
+    """The κ that would price the skipped prompts' measured squared bias exactly:
+    N²‖bias‖² = κ·S·Σ_skipped E[p²(1−p)²] ⇒ κ = ``bias2`` / (``noise_scale`` · ``moment_sum``), with ``bias2`` =
+    N²‖E[G_skipped]‖² and ``noise_scale`` S = N²·trCov(G_uniform)·(n_u − 1)/Σ_i p_i(1−p_i) in the same units
+    (per-rollout score noise). nan when nothing is skipped or the moment sum is 0."""
+    if not (noise_scale > 0) or not (moment_sum > 0):
+        return float("nan")
+    return float(bias2 / (noise_scale * moment_sum))
+
+
+def _ci_signed(samples, level: float = 0.95):
+    """Percentile interval of finite samples, negative values kept (for unbiased estimates that can be < 0)."""
+    r = np.asarray(samples, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if r.size == 0:
+        return [float("nan"), float("nan")]
+    a = (1 - level) / 2
+    return [float(np.quantile(r, a)), float(np.quantile(r, 1 - a))]
+
+
+def run_batch_priced(policy, scorer, split: str, args, batch_index: int) -> Dict:
+    """One batch of the --priced measurement (see docs/noise_model.md, "Priced skipping: predicted vs realised
+    MSE"). N = ``args.prompts`` candidates, B = 4N. Each repeat draws a bank of max_a n_i rollouts per prompt
+    (common random numbers); per allocation a the update G_a = Σ_j c_j s_j (skipped prompts contribute 0,
+    every prompt weighted 1/N) and, for each allocation that skips, uniform4's update restricted to its skipped
+    prompts, U_a, whose mean is −bias_a exactly (RLOO's expected update of a prompt does not depend on n).
+    MSE_a = trCov(G_a) + ‖E U_a‖² (debiased), ratio to uniform4's trCov."""
+    import torch
+
+    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf.prompt_ids import prompt_ids
+    from dynamo_openrlhf.tiny import read_jsonl
+
+    t_start = time.time()
+    rows = read_jsonl(policy.files["eval" if split == "eval" else "train"])
+    seed0 = args.seed * 1_000_003 + 100_000 * batch_index
+    rng = np.random.default_rng(seed0)
+    N = min(args.prompts, len(rows))
+    batch = [rows[i] for i in np.sort(rng.choice(len(rows), size=N, replace=False))]
+    encoded = [policy.encode(r["prompt"]) for r in batch]
+    labels = [str(r["answer"]) for r in batch]
+    ids = prompt_ids([r["prompt"] for r in batch], labels)
+    nu = PRICED_UNIFORM_N
+    B = nu * N
+    kappa = args.skip_price
+
+    # 1. pass rates: oracle (large sample, held as near-certain evidence) and the pool posterior (as run_batch)
+    _, o_owner, o_rew = sample_scored(policy, scorer, encoded, labels, [args.oracle_samples] * N, seed0 + 1)
+    k_or = np.bincount(o_owner, weights=o_rew, minlength=N).round().astype(np.int64)
+    _, q_owner, q_rew = sample_scored(policy, scorer, encoded, labels, [args.pool_samples] * N, seed0 + 2)
+    k_pool = np.bincount(q_owner, weights=q_rew, minlength=N).round().astype(np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update(ids, k_pool, np.full(N, args.pool_samples))
+    try:
+        prior = pool.fit_prior()
+    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
+        prior = pool.prior
+        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
+    oracle_pool = PassRatePool(prior=(1.0, 1.0))
+    scale = ORACLE_TRIALS // args.oracle_samples
+    oracle_pool.update(ids, k_or * scale, np.full(N, args.oracle_samples * scale))
+    pools = {"uniform4": pool, "priced": pool, "priced[oracle]": oracle_pool, "noskip": pool}
+
+    # 2. allocations and the trainer's predictions
+    allocs = priced_allocations(pool, oracle_pool, ids, B, kappa)
+    for name, n in allocs.items():
+        check_priced_allocation(name, n, B)
+    names = list(allocs)
+    skippers = [a for a in names if (allocs[a] == 0).any()]
+    log(f"[gv] batch {batch_index} ({split}): {N} candidates, B={B}; oracle mean p {k_or.mean() / args.oracle_samples:.3f} "
+        f"(p=0: {int((k_or == 0).sum())}, p=1: {int((k_or == args.oracle_samples).sum())}); prior "
+        f"Beta({prior[0]:.3g}, {prior[1]:.3g}); skipped: "
+        + ", ".join(f"{a} {int((allocs[a] == 0).sum())}" for a in names) + f" ({time.time() - t_start:.1f}s)")
+
+    # 3. repeats: rows of C are the allocations' updates, then uniform4 restricted to each skipper's skipped set
+    R = args.repeats
+    nmat = np.stack([allocs[a] for a in names]
+                    + [np.where(allocs[a] == 0, nu, 0) for a in skippers]).astype(np.int64)
+    m = nmat.max(0)
+    starts = np.cumsum(m) - m
+    X = torch.empty((len(nmat), R, policy.dim), dtype=torch.float32)
+    S_buf = torch.empty((int(m.sum()), policy.dim), dtype=torch.float32)
+    k_bank = np.zeros(N)
+    for r in range(R):
+        resp, owner, rew = sample_scored(policy, scorer, encoded, labels, m, seed0 + 1000 + r)
+        _, S = per_sample(policy, encoded, resp, owner, keep_scores=True, out=S_buf)
+        C = np.stack([rloo_coefficients(n, starts, rew, len(resp), N) for n in nmat])
+        X[:, r] = torch.from_numpy(C).float() @ S
+        k_bank += np.bincount(owner, weights=rew, minlength=N)
+        if (r + 1) % 8 == 0:
+            log(f"[gv] batch {batch_index}: repeat {r + 1}/{R} ({time.time() - t_start:.0f}s)")
+    del S_buf
+
+    # 4. Gram matrices over repeats; MSE = trCov + debiased squared bias; paired bootstrap over repeats
+    U = [(X[k].double() @ X[k].double().T).numpy() for k in range(len(nmat))]
+    Ud = {a: None for a in names}
+    for a in names:  # paired cross-check of the bias: ‖E G_a − E G_uniform4‖² from the per-repeat differences
+        if a in skippers:
+            D = (X[names.index(a)] - X[0]).double()
+            Ud[a] = (D @ D.T).numpy()
+    del X
+    W = _counts(np.random.default_rng([args.seed, batch_index, 11]), R, args.bootstrap)
+    Gu = nm.centered_from_uncentered(U[0])
+    tr_u, tr_u_w = float(trace_cov(Gu)), trace_cov(Gu, W)
+    g2 = float(debiased_sq_mean(U[0]))  # ‖g‖²: uniform4 is unbiased for the target
+    # per-rollout noise scale S in N²-units: trCov(uniform4) = S Σ v_i / (N² (n_u − 1)), v from oracle + bank p
+    p_all = (k_or + k_bank) / (args.oracle_samples + R * m)
+    v_all = p_all * (1 - p_all)
+    S_noise = tr_u * N ** 2 * (nu - 1) / float(v_all.sum()) if v_all.sum() > 0 else float("nan")
+    res: Dict[str, Dict] = {}
+    for k, a in enumerate(names):
+        n = allocs[a]
+        G = nm.centered_from_uncentered(U[k])
+        tr, tr_w = float(trace_cov(G)), trace_cov(G, W)
+        skipped = n == 0
+        if a in skippers:
+            Ub = U[len(names) + skippers.index(a)]
+            b2, b2_w = float(debiased_sq_mean(Ub)), debiased_sq_mean(Ub, W)
+            b2_paired = float(debiased_sq_mean(Ud[a]))
+        else:
+            b2, b2_w, b2_paired = 0.0, np.zeros(len(W)), 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mse_w = (tr_w + b2_w) / tr_u_w
+            var_w = tr_w / tr_u_w
+            bias_w = b2_w / tr_u_w
+        pred = priced_prediction(pools[a], ids, n, kappa)
+        moment = np.asarray(pool.skip_costs(ids, 1.0), dtype=np.float64)  # the pool's E[p²(1−p)²]
+        p_or = k_or / args.oracle_samples
+        res[a] = {
+            "n": n.tolist(), "skipped": int(skipped.sum()), "served_max": int(n.max()),
+            "trace": tr, "bias2": b2, "bias2_paired": b2_paired, "mse": tr + b2,
+            "mse_ratio": (tr + b2) / tr_u, "mse_ratio_ci": _ci(mse_w),
+            "var_ratio": tr / tr_u, "var_ratio_ci": _ci(var_w),
+            "bias_ratio": b2 / tr_u, "bias_ratio_ci": _ci_signed(bias_w),
+            "predicted": pred["ratio"], "predicted_variance": pred["variance"], "predicted_bias": pred["bias"],
+            "moment_pool_skipped": float(moment[skipped].sum()),
+            "moment_oracle_skipped": float(np.sum((p_or * (1 - p_or))[skipped] ** 2)),
+            "skipped_oracle_p": p_or[skipped].tolist(),
+        }
+        res[a]["kappa_implied"] = implied_kappa(N ** 2 * b2, S_noise, res[a]["moment_pool_skipped"])
+        res[a]["kappa_implied_oracle_p"] = implied_kappa(N ** 2 * b2, S_noise, res[a]["moment_oracle_skipped"])
+    log(f"[gv] batch {batch_index}: " + ", ".join(
+        f"{a} MSE {r['mse_ratio']:.2f} (var {r['var_ratio']:.2f} + bias {r['bias_ratio']:.3f}; predicted "
+        f"{r['predicted']:.2f}; skipped {r['skipped']})" for a, r in res.items() if a != "uniform4")
+        + f" ({time.time() - t_start:.0f}s)")
+    return {
+        "split": split, "prompts": N, "budget": B, "pool_prior_fitted": [float(x) for x in prior],
+        "oracle_pass_rate_mean": float(k_or.mean() / args.oracle_samples),
+        "oracle_share_zero": float(np.mean(k_or == 0)), "oracle_share_one": float(np.mean(k_or == args.oracle_samples)),
+        "uniform_trace": tr_u, "target_norm2": g2, "noise_scale": S_noise,
+        "allocations": res,
+        "prompt_rows": [{"prompt": r["prompt"], "answer": r["answer"], "difficulty": r.get("difficulty"),
+                         "oracle_successes": int(ko), "pool_successes": int(kp), "bank_p": float(pb)}
+                        for r, ko, kp, pb in zip(batch, k_or, k_pool, k_bank / (R * m))],
+        "seconds": time.time() - t_start,
+    }
+
+
+def aggregate_priced(batches: List[Dict], resamples: int, seed: int) -> Dict:
+    """Per allocation: per-batch values, mean over batches with a bootstrap CI over batches, and pooled ratios
+    (Σ_b MSE_a / Σ_b trCov_uniform4, and κ pooled as Σ N²‖bias‖² / Σ S·Σ E[p²(1−p)²])."""
+    out: Dict[str, Dict] = {}
+    tu = sum(b["uniform_trace"] for b in batches)
+    for a in batches[0]["allocations"]:
+        rows = [b["allocations"][a] for b in batches]
+        d: Dict[str, object] = {}
+        for key in ("mse_ratio", "var_ratio", "bias_ratio", "predicted", "predicted_variance", "predicted_bias",
+                    "skipped"):
+            vals = [float(r[key]) for r in rows]
+            mean, ci = nm.mean_ci(vals, resamples, seed)
+            d[key] = {"per_batch": vals, "mean": mean, "ci": ci}
+        d["pooled_mse_ratio"] = sum(r["mse"] for r in rows) / tu
+        d["pooled_var_ratio"] = sum(r["trace"] for r in rows) / tu
+        d["pooled_bias_ratio"] = sum(r["bias2"] for r in rows) / tu
+        num = sum(b["prompts"] ** 2 * b["allocations"][a]["bias2"] for b in batches)
+        for src in ("pool", "oracle"):
+            den = sum(b["noise_scale"] * b["allocations"][a][f"moment_{src}_skipped"] for b in batches
+                      if np.isfinite(b["noise_scale"]))
+            d[f"kappa_pooled_{src}"] = float(num / den) if den > 0 else float("nan")
+        out[a] = d
+    return out
+
+
+def table_priced(result: Dict) -> str:
+    s = result["setup"]
+    sm = result["summary"]
+    K = len(result["batches"])
+    lines = [f"Priced skipping on the {s['tiny_config'] or 'tiny-cpu'} warm start ({s['params']:,} parameters): {K} "
+             f"batches of N = {s['prompts']} candidates, B = {PRICED_UNIFORM_N}N, {s['repeats']} paired repeats each. "
+             f"MSE = trCov(G) + ‖E G − g‖² of the prompt-balanced RLOO update G (mean over all N candidates, skipped "
+             f"ones 0) against g = the candidates' mean expected update, over uniform4's (its variance; it is "
+             f"unbiased). priced = PassRatePool.allocate(ids, B, 0, {PRICED_HI}, 'neyman', estimator='rloo', "
+             f"min_rollouts={PRICED_MIN}, skip_price={s['skip_price']}) on the pool posterior "
+             f"({s['pool_samples']} earlier rollouts/prompt, fitted prior), no exploration; priced (oracle) the same on "
+             f"the oracle pass rates ({s['oracle_samples']} samples/prompt); noskip = rloo Neyman with lo = "
+             f"{PRICED_MIN}. predicted = the trainer's dynamo/pred_var_ratio. Mean over batches [95% bootstrap CI "
+             f"over batches]; pooled = Σ over batches / Σ uniform4.", "",
+             "| allocation | skipped (mean) | MSE ratio [CI] | variance part | bias part | predicted (var + bias) "
+             "| pooled MSE ratio | implied κ (pool E[p²(1−p)²]) | implied κ (oracle p) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for a, d in sm.items():
+        if a == "uniform4":
+            continue
+        lines.append(
+            f"| {_alloc_label(a)} | {d['skipped']['mean']:.1f} | {_fmt_ci(d['mse_ratio']['mean'], d['mse_ratio']['ci'])} "
+            f"| {d['var_ratio']['mean']:.2f} | {d['bias_ratio']['mean']:.3f} | {d['predicted']['mean']:.2f} "
+            f"({d['predicted_variance']['mean']:.2f} + {d['predicted_bias']['mean']:.3f}) | {d['pooled_mse_ratio']:.2f} "
+            f"| {d['kappa_pooled_pool']:.2g} | {d['kappa_pooled_oracle']:.2g} |")
+    lines += ["", "Per batch (MSE ratio [95% paired bootstrap CI over repeats] = variance + bias [CI]; predicted; "
+              "skipped):", "",
+              "| batch | p=0 / p=1 share | ‖g‖² / trCov(uniform4) | " + " | ".join(
+                  _alloc_label(a) for a in sm if a != "uniform4") + " |", "|---|---|---|" + "---|" * (len(sm) - 1)]
+    for b, bt in enumerate(result["batches"]):
+        cells = [f"{_fmt_ci(r['mse_ratio'], r['mse_ratio_ci'])} = {r['var_ratio']:.2f} + {r['bias_ratio']:.3f} "
+                 f"[{r['bias_ratio_ci'][0]:.3f}, {r['bias_ratio_ci'][1]:.3f}]; {r['predicted']:.2f}; {r['skipped']}"
+                 for a, r in bt["allocations"].items() if a != "uniform4"]
+        lines.append(f"| {b} | {bt['oracle_share_zero']:.0%} / {bt['oracle_share_one']:.0%} | "
+                     f"{bt['target_norm2'] / bt['uniform_trace']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_priced(args) -> Dict:
+    """The --priced measurement over ``args.batches`` batches; writes OUT/gradient_variance_priced.json after each
+    batch (partial results survive an interrupted run)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dynamo_openrlhf.tiny import prepare_tiny_assets
+
+    t_start = time.time()
+    assets = prepare_tiny_assets(args.cache_dir, config=args.tiny_config, log=lambda m: log(m))
+    policy = Policy(str(assets.model_dir))
+    policy.files = {"train": assets.train_file, "eval": assets.eval_file}
+    policy.per_sample_scores = nm.PerSampleScores(policy.model)
+    scorer = CachedScorer()
+    setup = {"mode": "priced", "model": str(assets.model_dir), "tiny_config": args.tiny_config_text,
+             "prompts": args.prompts, "batches": args.batches, "uniform_n": PRICED_UNIFORM_N, "hi": PRICED_HI,
+             "min_rollouts": PRICED_MIN, "skip_price": args.skip_price, "repeats": args.repeats,
+             "token_normalizer": TOKEN_NORMALIZER, "oracle_samples": args.oracle_samples,
+             "pool_samples": args.pool_samples, "seed": args.seed, "threads": args.threads,
+             "bootstrap": args.bootstrap, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 1.0,
+             "params": policy.dim, "splits": args.splits}
+    batches: List[Dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "gradient_variance_priced.json")
+    try:
+        for b in range(args.batches):
+            batches.append(run_batch_priced(policy, scorer, args.splits[b % len(args.splits)], args, b))
+            partial = {"setup": setup, "batches": batches,
+                       "summary": aggregate_priced(batches, args.bootstrap, args.seed),
+                       "score_calls": scorer.calls, "seconds": time.time() - t_start, "partial": True}
+            with open(path, "w") as f:
+                json.dump(partial, f, indent=1)
+    finally:
+        scorer.close()
+    return {"setup": setup, "batches": batches, "summary": aggregate_priced(batches, args.bootstrap, args.seed),
+            "score_calls": scorer.calls, "seconds": time.time() - t_start}
+
+
 def aggregate(batches: List[Dict], models: Sequence[str], oracle_samples: int, resamples: int, seed: int) -> Dict:
     """Run-level numbers: per allocation the per-batch ratios, their mean with a bootstrap CI over batches, the
     median |measured − predicted|; per noise model the Spearman correlation of ŝ_i (oracle version) with the
@@ -1284,6 +1618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default 2000; --quick 200)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("DYNAMO_OPENRLHF_CPU_THREADS", "1")),
                    help="torch threads (default $DYNAMO_OPENRLHF_CPU_THREADS or 1)")
+    p.add_argument("--priced", action="store_true",
+                   help="priced skipping: realised MSE of uniform4 / priced / priced[oracle] / noskip on B = 4 x prompts "
+                        "candidates (the oversample-2 recipe) against the trainer's prediction; writes "
+                        "OUT/gradient_variance_priced.{md,json}, no plot")
+    p.add_argument("--skip_price", type=float, default=4.0, help="κ of --priced (the trainer's default 4)")
     p.add_argument("--from_json", default=None, help="re-render the table and plot from an earlier run's JSON (no sampling)")
     p.add_argument("--cache_dir", default=None, help="tiny preset cache (default $DYNAMO_OPENRLHF_CACHE or ~/.cache/dynamo_openrlhf)")
     return p
@@ -1326,12 +1665,24 @@ def main(argv=None) -> int:
         args.tiny_config = parse_tiny_config(args.tiny_config)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    if not (math.isfinite(args.skip_price) and args.skip_price > 0):
+        parser.error(f"--skip_price must be a finite number > 0, got {args.skip_price}")
     if args.from_json:  # re-render the table and the plot of an earlier run
         with open(args.from_json) as f:
             result = json.load(f)
     else:
-        result = run(args)
+        result = run_priced(args) if args.priced else run(args)
     os.makedirs(args.out, exist_ok=True)
+    if result["setup"].get("mode") == "priced":
+        md = table_priced(result)
+        with open(os.path.join(args.out, "gradient_variance_priced.md"), "w") as f:
+            f.write(md + "\n")
+        with open(os.path.join(args.out, "gradient_variance_priced.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(md)
+        print(f"wrote {os.path.join(args.out, 'gradient_variance_priced.md')}, gradient_variance_priced.json "
+              f"({result['seconds']:.0f}s)")
+        return 0
     md = table(result)
     with open(os.path.join(args.out, "gradient_variance.md"), "w") as f:
         f.write(md + "\n")

@@ -124,6 +124,92 @@ def test_allocations_hold_budget_and_bounds():
 
 
 # ---------------------------------------------------------------------------------------------------
+# --priced: priced skipping's realised MSE
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_debiased_sq_mean_is_exactly_unbiased_by_enumeration():
+    # x_r = mu + s_r d_r, s_r = ±1 independent: averaging the estimator over all 2^R sign patterns is its exact
+    # expectation, which must be ‖mu‖² (the noise differs per repeat: the estimator needs only independence)
+    import itertools
+
+    rng = np.random.default_rng(3)
+    R, D = 4, 5
+    mu, d = rng.normal(size=D), rng.normal(size=(R, D)) * np.array([[0.5], [1.0], [2.0], [3.0]])
+    vals = []
+    for signs in itertools.product((-1.0, 1.0), repeat=R):
+        X = mu + np.asarray(signs)[:, None] * d
+        est = gv.debiased_sq_mean(X @ X.T)
+        direct = (X.mean(0) ** 2).sum() - np.var(X, axis=0, ddof=1).sum() / R  # ‖mean‖² − trCov/R
+        assert est == pytest.approx(direct, rel=1e-12, abs=1e-12)
+        vals.append(est)
+    assert np.mean(vals) == pytest.approx((mu ** 2).sum(), rel=1e-12)
+    # identical repeats: no noise, the estimate is ‖x‖² itself
+    X = np.tile(mu, (R, 1))
+    assert gv.debiased_sq_mean(X @ X.T) == pytest.approx((mu ** 2).sum(), rel=1e-12)
+    # bootstrap rows: the same estimator on the resampled repeats
+    X = mu + rng.normal(size=(R, D))
+    W = gv._counts(rng, R, 6)
+    boot = gv.debiased_sq_mean(X @ X.T, W)
+    assert boot.shape == (6,)
+    for k in range(6):
+        rows = np.repeat(X, W[k].astype(int), axis=0)
+        want = (rows.mean(0) ** 2).sum() - np.var(rows, axis=0, ddof=1).sum() / R
+        assert boot[k] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert gv.debiased_sq_mean(X @ X.T, np.ones((1, R)))[0] == pytest.approx(gv.debiased_sq_mean(X @ X.T), rel=1e-12)
+
+
+def test_implied_kappa_and_signed_ci():
+    assert gv.implied_kappa(6.0, 2.0, 0.75) == 4.0  # 6 = κ · 2 · 0.75
+    assert math.isnan(gv.implied_kappa(1.0, 2.0, 0.0)) and math.isnan(gv.implied_kappa(1.0, float("nan"), 1.0))
+    lo, hi = gv._ci_signed(np.linspace(-1.0, 1.0, 201))
+    assert lo == pytest.approx(-0.95) and hi == pytest.approx(0.95)  # negatives kept (gv._ci drops them)
+
+
+def test_priced_allocations_budget_bounds_skips_and_prediction():
+    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf.allocation import predicted_variance_ratio
+
+    N = 12
+    ids = np.arange(200, 200 + N, dtype=np.int64)
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update(ids, np.array([0, 8, 4, 1, 7, 3, 0, 8, 2, 5, 6, 4]), np.full(N, 8))
+    pool.fit_prior()
+    p = np.array([0, 1, 0.5, 0.1, 0.9, 0.3, 0, 1, 0.2, 0.6, 0.7, 0.5])
+    oracle = _oracle_pool(ids, p)
+    B = gv.PRICED_UNIFORM_N * N
+    allocs = gv.priced_allocations(pool, oracle, ids, B, 4.0)
+    assert list(allocs) == ["uniform4", "priced", "priced[oracle]", "noskip"]
+    for name, n in allocs.items():
+        assert n.dtype == np.int64 and n.shape == (N,)
+        gv.check_priced_allocation(name, n, B)
+    assert allocs["uniform4"].tolist() == [4] * N and allocs["noskip"].min() >= gv.PRICED_MIN
+    # the oracle skips its settled prompts (p = 0 or 1: skip cost ~1e-9) and, at this budget, p = 0.1 / 0.9
+    # (4 (p(1-p))² = 0.032 against serving's v/(n-1) = 0.09/(n-1) plus the rollouts' price); serves the rest
+    assert (allocs["priced[oracle]"] == 0).tolist() == [bool(x * (1 - x) <= 0.09 + 1e-12) for x in p]
+    assert np.array_equal(allocs["priced"], np.asarray(pool.allocate(ids, B, 0, 32, "neyman", estimator="rloo",
+                                                                     min_rollouts=2, skip_price=4.0)))
+    # prediction = the trainer's formula, = variance part + bias part (B/N integer), each over Σ v/3
+    v = np.asarray(pool.expected_variance(ids))
+    sc = np.asarray(pool.skip_costs(ids, 4.0))
+    n = allocs["priced"]
+    pr = gv.priced_prediction(pool, ids, n, 4.0)
+    assert pr["ratio"] == pytest.approx(predicted_variance_ratio(v, n, "rloo", skip_costs=sc), rel=1e-12)
+    assert pr["variance"] == pytest.approx(np.sum(v[n > 0] / (n[n > 0] - 1)) / (v.sum() / 3), rel=1e-12)
+    assert pr["bias"] == pytest.approx(sc[n == 0].sum() / (v.sum() / 3), rel=1e-12)
+    assert pr["ratio"] == pytest.approx(pr["variance"] + pr["bias"], rel=1e-12)
+    # the exact DP minimises this objective: no worse than uniform4 or noskip on it
+    assert gv.priced_prediction(pool, ids, allocs["uniform4"], 4.0) == {"ratio": 1.0, "variance": 1.0, "bias": 0.0}
+    assert pr["ratio"] <= gv.priced_prediction(pool, ids, allocs["noskip"], 4.0)["ratio"] + 1e-12 and pr["ratio"] < 1.0
+    with pytest.raises(AssertionError, match="outside"):
+        gv.check_priced_allocation("x", np.array([1] + [4] * (N - 2) + [7]), B)
+    with pytest.raises(AssertionError, match="budget"):
+        gv.check_priced_allocation("x", np.array([4] * N), B + 1)
+    with pytest.raises(ValueError, match="multiple"):
+        gv.priced_allocations(pool, oracle, ids, B + 1, 4.0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # real policy: gradients and sampling (tiny preset)
 # ---------------------------------------------------------------------------------------------------
 
@@ -440,6 +526,46 @@ def test_quick_run_writes_outputs(tmp_path, capsys, policy):
     (lb,) = d["legacy"]["batches"]
     assert set(lb["allocations"]) == {"uniform", "ours[group_norm]", "oracle[group_norm]"}
     assert lb["allocations"]["uniform"]["ratio"]["grpo"] == 1.0
+
+
+def test_quick_priced_run(tmp_path, capsys, policy):
+    out = tmp_path / "out"
+    rc = gv.main(["--priced", "--quick", "--batches", "2", "--prompts", "5", "--repeats", "3", "--oracle_samples", "8",
+                  "--pool_samples", "4", "--bootstrap", "50", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| allocation | skipped (mean) | MSE ratio [CI] |" in printed
+    assert (out / "gradient_variance_priced.md").read_text().startswith("Priced skipping on the tiny-cpu")
+    d = json.loads((out / "gradient_variance_priced.json").read_text())
+    assert d["setup"]["mode"] == "priced" and d["setup"]["skip_price"] == 4.0 and "partial" not in d
+    assert len(d["batches"]) == 2
+    for bt in d["batches"]:
+        assert bt["prompts"] == 5 and bt["budget"] == 20
+        assert list(bt["allocations"]) == ["uniform4", "priced", "priced[oracle]", "noskip"]
+        u = bt["allocations"]["uniform4"]
+        assert u["n"] == [4] * 5 and u["mse_ratio"] == 1.0 and u["bias2"] == 0.0 and u["predicted"] == 1.0
+        assert u["trace"] == pytest.approx(bt["uniform_trace"], rel=1e-12) and bt["uniform_trace"] > 0
+        for name, r in bt["allocations"].items():
+            gv.check_priced_allocation(name, np.array(r["n"]), 20)
+            assert r["skipped"] == r["n"].count(0)
+            assert r["mse"] == pytest.approx(r["trace"] + r["bias2"], rel=1e-12)
+            assert r["mse_ratio"] == pytest.approx(r["var_ratio"] + r["bias_ratio"], rel=1e-12)
+            assert r["predicted"] == pytest.approx(r["predicted_variance"] + r["predicted_bias"], rel=1e-9)
+            if r["skipped"] == 0:  # nothing skipped: unbiased, and no bias part predicted
+                assert r["bias2"] == 0.0 and r["predicted_bias"] == 0.0 and math.isnan(r["kappa_implied"])
+        assert bt["allocations"]["noskip"]["skipped"] == 0
+    s = d["summary"]["priced"]
+    assert s["mse_ratio"]["per_batch"] == [bt["allocations"]["priced"]["mse_ratio"] for bt in d["batches"]]
+    assert s["pooled_mse_ratio"] == pytest.approx(
+        sum(bt["allocations"]["priced"]["mse"] for bt in d["batches"]) / sum(bt["uniform_trace"] for bt in d["batches"]),
+        rel=1e-12)
+    # re-rendering from the JSON gives the same table
+    rc = gv.main(["--from_json", str(out / "gradient_variance_priced.json"), "--out", str(tmp_path / "again")])
+    assert rc == 0
+    assert (tmp_path / "again" / "gradient_variance_priced.md").read_text() == \
+        (out / "gradient_variance_priced.md").read_text()
+    with pytest.raises(SystemExit):
+        gv.main(["--priced", "--skip_price", "0"])
 
 
 def test_fused_entropy_and_ghost_diag_match_the_separate_computations():
