@@ -18,6 +18,9 @@
   per-sample weights in ``info["dynamo_loss_weight"]`` (popped before OpenRLHF logs ``info``); they
   multiply the modulated advantages, and the policy term's normaliser only cancels DeepSpeed's 1/gas
   and the data-parallel averaging (:func:`dynamo_openrlhf.loss.balanced_normalizers`).
+  Each micro-batch's loss is checked before OpenRLHF's ``strategy.backward``: a NaN/inf loss stops the run
+  with the micro-batch's samples named (index in the step, prompt id) and their non-finite inputs
+  (:func:`dynamo_openrlhf.nonfinite.loss_report`).
 * ``DynamoPolicyModelActor(PolicyModelActor)``: upgrades the ``ActorPPOTrainer`` that OpenRLHF's
   ``init_model_from_pretrained`` builds to ``DynamoActorPPOTrainer`` and applies the CPU backend in
   its process when chosen.
@@ -42,6 +45,8 @@ from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, prompt_balancing  # noqa
 from dynamo_openrlhf.entropy import response_entropy  # noqa: E402
 from dynamo_openrlhf.loss import DynaMOPolicyLoss, balanced_normalizers  # noqa: E402
 from dynamo_openrlhf.modulation import STAT_KEYS, ModulationConfig  # noqa: E402
+from dynamo_openrlhf.nonfinite import STEP_INDEX_KEY, NonfiniteError, loss_report  # noqa: E402
+from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
 
 __all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "EXTREME_STATS", "STAT_PREFIX", "TOKEN_ENTROPY_KEY",
            "reduce_extremes"]
@@ -110,6 +115,7 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         self._info: Optional[Dict] = None
         self._sample_weight: Optional[torch.Tensor] = None
         self._extremes: Optional[Dict[str, float]] = None
+        self._loss_inputs = None  # the micro-batch's (log_probs, old_log_probs, advantages, action_mask)
         if not self.dynamo_loss.modulation.is_identity:
             self.actor.register_forward_hook(self._keep_entropy, with_kwargs=True)
 
@@ -138,6 +144,7 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         )
 
     def _policy_loss(self, log_probs, old_log_probs, advantages, action_mask=None, **kwargs):
+        self._loss_inputs = (log_probs.detach(), old_log_probs, advantages, action_mask)
         entropy = self._entropy
         if entropy is not None:
             entropy = entropy[:, -log_probs.shape[1]:].detach()
@@ -187,11 +194,52 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             # OpenRLHF's replay buffer collates per-sample 0-d info tensors into a list
             weight = torch.stack([torch.as_tensor(w) for w in weight]) if weight else None
         self._sample_weight = weight
+        step_index = _per_sample(experience.info.pop(STEP_INDEX_KEY, None))
         self._entropy, self._info = None, experience.info
+        # OpenRLHF's training_step sums the micro-batch's loss and calls strategy.backward(loss, ...) at once:
+        # the strategy's backward is wrapped for this call so that the finished loss is checked before it.
+        strategy = self.strategy
+        backward = getattr(strategy, "backward", None)
+        shadowed = "backward" in vars(strategy)
+
+        def checked_backward(loss, *args, **kwargs):
+            # Before the gradient exists: a non-finite loss stops the run with the micro-batch's samples named.
+            if not torch.isfinite(loss.detach()).all():
+                self._raise_nonfinite_loss(loss, experience, step_index)
+            return backward(loss, *args, **kwargs)
+
+        if backward is not None:
+            strategy.backward = checked_backward
         try:
             return super().training_step(experience, kl_ctl, step, loss_batch_info)
         finally:
-            self._entropy, self._info, self._sample_weight = None, None, None
+            if backward is not None:
+                if shadowed:
+                    strategy.backward = backward
+                else:
+                    del strategy.backward
+            self._entropy, self._info, self._sample_weight, self._loss_inputs = None, None, None, None
+
+    def _raise_nonfinite_loss(self, loss, experience, step_index) -> None:
+        B = experience.action_mask.shape[0]
+        positions = step_index if step_index is not None else torch.full((B,), -1, dtype=torch.int64)
+        try:
+            pids = prompt_ids(list(experience.prompts), list(experience.labels))
+        except ValueError:
+            pids = [0] * B
+        log_probs, old, adv, mask = self._loss_inputs or (None, experience.action_log_probs,
+                                                          experience.advantages, experience.action_mask)
+        raise NonfiniteError(loss_report(loss, log_probs, old, adv, mask, positions, pids))
+
+
+def _per_sample(value) -> Optional[torch.Tensor]:
+    """(B,) int64 of a per-sample ``info`` entry (OpenRLHF's replay buffer may collate it into a list of 0-d
+    tensors), or None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return torch.stack([torch.as_tensor(v).reshape(()) for v in value]).to("cpu", torch.int64) if value else None
+    return torch.as_tensor(value).reshape(-1).to("cpu", torch.int64)
 
 
 def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -140,10 +140,13 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     def train_step(self, rollout_samples, global_step: int):
         if self.allocator is not None:
             expected = self.allocator.last.budget if self.allocator.last is not None else None
+            if expected is not None:  # less the groups --dynamo.nonfinite drop removed
+                expected -= getattr(self.samples_generator, "last_nonfinite_dropped", 0)
             if expected is not None and len(rollout_samples) != expected:
                 raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
         status, global_step = super().train_step(rollout_samples, global_step)
         status.update(self._generated_since_last_step())
+        status.update(self._fault_counts_since_last_step())
         L = getattr(self.experience_maker, "last_token_normalizer", None)
         if self.balancing is not None and self.balancing.token_level and L is not None:
             status["dynamo/token_normalizer"] = L  # the L of this step's weights
@@ -163,6 +166,17 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         self._generated_logged = now
         return {"dynamo/generated_rollouts": float(now[0] - done[0]),
                 "dynamo/generated_tokens": float(now[1] - done[1])}
+
+    def _fault_counts_since_last_step(self) -> Dict[str, float]:
+        """``dynamo/nonfinite_dropped`` (samples removed by ``--dynamo.nonfinite drop``: the generator's for
+        rewards, the experience maker's for old log-probs and advantages) and ``dynamo/prompts_truncated``
+        (training prompts cut to the prompt budget) since the previous step's log."""
+        gen, maker = self.samples_generator, getattr(self, "experience_maker", None)
+        now = (getattr(gen, "nonfinite_dropped", 0) + getattr(maker, "nonfinite_dropped", 0),
+               getattr(gen, "prompts_truncated", 0))
+        done = getattr(self, "_faults_logged", (0, 0))
+        self._faults_logged = now
+        return {"dynamo/nonfinite_dropped": float(now[0] - done[0]), "dynamo/prompts_truncated": float(now[1] - done[1])}
 
     def _record_groups(self, groups: RolloutGroups) -> None:
         """The experience maker hands each step's groups here as soon as it has read them (inside

@@ -18,6 +18,10 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
 - ``generated_rollouts`` / ``generated_tokens``: running totals of the training samples (and their
   response tokens) that came back from the engines, counted before OpenRLHF's dynamic filtering drops
   any group, so they include discarded ones; evaluation samples are not counted.
+- Every training step's samples are tagged with their index in the step (``info["dynamo_step_index"]``),
+  their rewards and scores checked for NaN/inf before anything reads them (``--dynamo.nonfinite``, see
+  :mod:`dynamo_openrlhf.nonfinite`; evaluation samples too), and the prompts the rollout engine cut to the
+  prompt budget (``--data.max_len`` - ``--rollout.max_new_tokens``) counted (``prompts_truncated``, warned once).
 
 :class:`RolloutGroups` turns tagged samples back into groups (prompt id, size, successes) in
 rollout order; the experience maker and the pool update use it, nothing else regroups samples.
@@ -44,6 +48,7 @@ from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
 from .evaluate import is_success
 from .noise_proxy import noise_proxy as _noise_proxy
+from .nonfinite import STEP_INDEX_KEY, NonfiniteError, find_nonfinite, keep_whole_groups, nonfinite_mode
 from .prompt_ids import prompt_ids
 
 __all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source",
@@ -141,15 +146,28 @@ class DynamoSamplesGenerator(SamplesGenerator):
         # also the groups OpenRLHF's --algo.dynamic_filtering_enable discards and re-samples.
         self.generated_rollouts = 0
         self.generated_tokens = 0  # their response tokens (action_mask)
+        # --dynamo.nonfinite: training samples dropped so far (whole groups of a sample whose reward or score is
+        # not finite), and in the latest step; prompts longer than the prompt budget so far (training steps).
+        self.nonfinite = nonfinite_mode(self.args)
+        self.nonfinite_dropped = 0
+        self.last_nonfinite_dropped = 0
+        self.prompts_truncated = 0
+        self._truncation_warned = False
+        self._prompt_lengths: dict = {}
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
         # Evaluation keeps OpenRLHF's fixed n (the eval n_samples_per_prompt); no allocation.
         self._evaluating = True
         try:
-            self.last_eval_samples = super().generate_eval_samples(**generate_kwargs)
-            return self.last_eval_samples
+            samples = super().generate_eval_samples(**generate_kwargs)
         finally:
             self._evaluating = False
+        # Evaluation drops nothing (pass@k needs every sample): a non-finite reward is an error with
+        # --dynamo.nonfinite error; with drop it is logged and counts as a failure (NaN is above no threshold).
+        self._check_rewards(samples, evaluation=True)
+        self._count_truncated(samples, evaluation=True)
+        self.last_eval_samples = samples
+        return samples
 
     # -- one training step -------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,7 +175,8 @@ class DynamoSamplesGenerator(SamplesGenerator):
         """One step: ``(samples, None, prompts_consumed, loader_exhausted)`` like OpenRLHF's. With an
         allocator, exactly ``sum(n_i)`` samples (the allocator's budget) from ``num_candidates`` prompts."""
         if self.rollout_allocator is None:
-            return super().generate_samples(**generate_kwargs)
+            samples, rate, consumed, exhausted = super().generate_samples(**generate_kwargs)
+            return self._finish_step(samples), rate, consumed, exhausted
         if getattr(self, "_dataloader_iter", None) is None:
             self._dataloader_iter = iter(self.prompts_dataloader)
         num = self.num_candidates or self.args.rollout.batch_size
@@ -173,7 +192,117 @@ class DynamoSamplesGenerator(SamplesGenerator):
                     batch_vllm_engine_call(self.vllm_engines, "sleep")
         if exhausted:
             self._dataloader_iter = None
-        return experiences, None, len(prompts), exhausted
+        return self._finish_step(experiences), None, len(prompts), exhausted
+
+    # -- checks on a step's samples ----------------------------------------------------------------
+    def _finish_step(self, samples: List[Experience]) -> List[Experience]:
+        """Tag each training sample with its index in the step (``info[STEP_INDEX_KEY]``), count the prompts
+        longer than the prompt budget, and check the rewards (:meth:`_check_rewards`): the samples to train on."""
+        for i, exp in enumerate(samples):
+            exp.info[STEP_INDEX_KEY] = torch.tensor([i], dtype=torch.int64)
+        self._count_truncated(samples)
+        return self._check_rewards(samples)
+
+    def _check_rewards(self, samples: List[Experience], evaluation: bool = False) -> List[Experience]:
+        """Every sample's reward and score must be finite. ``--dynamo.nonfinite error``:
+        :class:`~dynamo_openrlhf.nonfinite.NonfiniteError` naming the samples (the reward first, then the
+        score); ``drop``: the samples of every group (request) holding such a sample are removed, each logged,
+        and counted in ``nonfinite_dropped`` (evaluation: logged, nothing removed)."""
+        self.last_nonfinite_dropped = 0
+        if not samples:
+            return samples
+        prompts = [e.prompts[0] if e.prompts else "" for e in samples]
+        labels = [e.labels[0] if e.labels else "" for e in samples]
+        positions = np.arange(len(samples), dtype=np.int64)
+        reports = []
+        for what in ("reward", "score"):
+            vals = [getattr(e, what + "s") for e in samples]
+            if all(v is None for v in vals):
+                continue
+            flat = np.array([float(v.reshape(-1)[0]) if v is not None else 0.0 for v in vals], dtype=np.float64)
+            if np.isfinite(flat).all():
+                continue
+            reports.append(find_nonfinite(what, flat, prompt_ids(prompts, labels), positions, prompts=prompts))
+        if not reports:
+            return samples
+        if self.nonfinite == "error":
+            stage = "evaluation: " if evaluation else ""
+            raise NonfiniteError(stage + reports[0].message(self.reward_source))
+        if evaluation:
+            for r in reports:
+                for line in r.sample_lines():
+                    print(f"[dynamo] --dynamo.nonfinite drop: evaluation {line}: counted as a failure", flush=True)
+            return samples
+        bad = np.unique(np.concatenate([r.positions for r in reports]))
+        keep = keep_whole_groups(self._group_labels(samples), bad)
+        for r in reports:
+            for line in r.sample_lines():
+                print(f"[dynamo] --dynamo.nonfinite drop: {line}: its group is dropped from the update and the pool",
+                      flush=True)
+        dropped = np.flatnonzero(~keep)
+        print(f"[dynamo] --dynamo.nonfinite drop: dropped {dropped.size} of the step's {len(samples)} samples "
+              f"(indices {dropped.tolist()})", flush=True)
+        self.last_nonfinite_dropped = int(dropped.size)
+        self.nonfinite_dropped += int(dropped.size)
+        return [e for e, k in zip(samples, keep) if k]
+
+    def _nonfinite_filtered_score(self, response: dict) -> None:
+        """A non-finite score under --algo.dynamic_filtering_enable: OpenRLHF's filter would discard its group
+        without a word (a NaN or infinite mean score is outside any range) before the step's checks see it, so it
+        is handled as it arrives (its index in the step does not exist yet): an error, or (drop) logged and
+        counted as one dropped sample (the filter discards the rest of its group)."""
+        report = find_nonfinite("score", np.array([float(response["scores"])]),
+                                prompt_ids([response["prompt"]], [response["label"]]), np.array([-1]),
+                                prompts=[response["prompt"]])
+        if self.nonfinite == "error":
+            raise NonfiniteError(report.message(self.reward_source))
+        print(f"[dynamo] --dynamo.nonfinite drop: {report.sample_lines()[0]}: its group is discarded by "
+              "--algo.dynamic_filtering_enable", flush=True)
+        self.nonfinite_dropped += 1
+
+    def _group_labels(self, samples: List[Experience]) -> np.ndarray:
+        """(S,) int64 group of each sample: its request's serial (tagged), else OpenRLHF's contiguous groups of
+        --rollout.n_samples_per_prompt in step order."""
+        if all(e.info.get(GROUP_KEY) is not None for e in samples):
+            return np.array([int(e.info[GROUP_KEY].reshape(-1)[0]) for e in samples], dtype=np.int64)
+        return np.arange(len(samples), dtype=np.int64) // int(self.args.rollout.n_samples_per_prompt)
+
+    def _count_truncated(self, samples: List[Experience], evaluation: bool = False) -> int:
+        """Distinct prompts of ``samples`` that the rollout engine cut to the prompt budget (OpenRLHF's agent
+        executor keeps a too-long prompt's last ``max_len - max_new_tokens`` tokens without a word to the
+        trainer): a prompt whose tokens (the run's tokenizer, no special tokens, as the engine tokenizes it)
+        outnumber the prompt tokens of its sample. Training steps add to ``prompts_truncated``; the first time
+        any prompt is cut, one warning with the numbers is printed."""
+        if not samples or not callable(self.tokenizer):
+            return 0
+        seen, cut, longest, budget = set(), 0, 0, None
+        for e in samples:
+            prompt = e.prompts[0] if e.prompts else None
+            if not isinstance(prompt, str) or prompt in seen or e.action_mask is None or not e.action_mask.any():
+                continue
+            seen.add(prompt)
+            full = self._prompt_lengths.get(prompt)
+            if full is None:
+                full = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                self._prompt_lengths[prompt] = full
+            # action_mask covers tokens 1.. of the sequence: the first action token's index + 1 is the prompt length
+            kept = int(torch.as_tensor(e.action_mask).reshape(-1).to(torch.int64).argmax()) + 1
+            if full > kept:
+                cut += 1
+                longest = max(longest, full)
+                budget = kept if budget is None else max(budget, kept)
+        self._prompt_lengths.clear()  # one step's cache: a dataset-sized dict is not kept
+        if not evaluation:
+            self.prompts_truncated += cut
+        if cut and not self._truncation_warned:
+            self._truncation_warned = True
+            where = "evaluation prompts" if evaluation else "prompts of this training step"
+            print(f"[dynamo] WARNING: {cut} of the {len(seen)} {where} are longer than the prompt budget of "
+                  f"{budget} tokens (longest {longest} tokens): the rollout engine kept only their last {budget} "
+                  "tokens, so the policy and the reward function saw truncated prompts. The budget is --data.max_len "
+                  "minus --rollout.max_new_tokens; raise --data.max_len. Counted per step as dynamo/prompts_truncated; "
+                  "this warning is printed once.", flush=True)
+        return cut
 
     def _generate_allocated(self, prompts, labels, images, **generate_kwargs) -> List[Experience]:
         refs, requests = self._dispatch_allocated(prompts, labels, images, **generate_kwargs)
@@ -260,6 +389,9 @@ class DynamoSamplesGenerator(SamplesGenerator):
         # allocator (OpenRLHF's own _generate_vllm calls this method too) and evaluation.
         if self.reward_source is not None:
             check_reward(response, self.reward_source)
+        if (self.args.algo.dynamic_filtering_enable and not self._evaluating and self.rollout_allocator is None
+                and response.get("scores") is not None and not np.isfinite(float(response["scores"]))):
+            self._nonfinite_filtered_score(response)
         exp = super()._process_response_into_experience(response, **generate_kwargs)
         if not self._evaluating:
             self.generated_rollouts += 1
