@@ -45,10 +45,21 @@ def _cases(tmp: Path):
         "`--dynamo.cpu_engine vllm` where vLLM's CPU build does not import": lambda: _cpu_engine_without_vllm(),
         "resuming `--dynamo.loss.token_normalizer auto` from a checkpoint without its running L":
             lambda: _resume_auto_L_without_state(),
+        "dataset without the `--data.input_key` / `--data.label_key` column": lambda: _dataset_without_key(tmp),
         "`--dynamo.allocation.noise_scale` with a rule that does not weigh prompts by variance":
             lambda: AllocationConfig(rule="uniform", n_samples_per_prompt=8, prompts_per_step=16, lo=4, hi=16,
                                      noise_scale="nll"),
     }
+
+
+def _dataset_without_key(tmp: Path):
+    # The launcher reports these before Ray starts (joined with any other problem, exit code 2).
+    from dynamo_openrlhf.dataset_keys import dataset_key_problems
+
+    eval_file = tmp / "eval.jsonl"
+    eval_file.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n')
+    problems = dataset_key_problems([("--eval.dataset", str(eval_file))], "input", "answer")
+    raise ValueError("; ".join(problems))
 
 
 def _resume_auto_L_without_state():
