@@ -51,8 +51,9 @@ _HINTS = {
     "score": "A reward function must return a finite score for every sample",
     "old log-prob": "the actor's forward (make_experience) gave a non-finite log-probability to a response token: "
                     "a numerical overflow in the model (e.g. fp16) or a diverged run",
-    "advantage": "its reward and old log-probs were finite: the KL to the reference model "
-                 "(--algo.kl.*), the critic's values or the advantage estimator gave it",
+    "advantage": "a reward function's rewards and the old log-probs were checked before it, so a reward "
+                 "model's reward, the KL to the reference model (--algo.kl.*), the critic's values or the "
+                 "advantage estimator gave it",
 }
 
 
