@@ -240,6 +240,7 @@ def test_count_carries_and_level_sizes():
     assert tiny.carry_counts(1) == {0: 55, 1: 45}  # one digit: 0-9
     sizes = tiny.CARRY_LEVEL_SIZES
     assert sum(sizes[lvl] for lvl in range(1, 6)) == 9000 ** 2 and sizes[6] == 90000 ** 2
+    assert sizes[0] == 9000  # a+0: every 4-digit a
     with pytest.raises(ValueError, match="width must be >= 1, got 0"):
         tiny.carry_counts(0)
 
@@ -255,6 +256,10 @@ def test_carry_problems_are_deterministic_disjoint_and_correct():
     for split in ("train", "eval"):
         assert len({r["prompt"] for r in a[split]}) == len(a[split])
         for r in a[split]:
+            if r["difficulty"] == 0:  # the easy level: a+0
+                x = re.fullmatch(r"What is ([1-9]\d{3})\+0\?", r["prompt"]).group(1)
+                assert r["answer"] == x, r
+                continue
             x, y = re.fullmatch(r"What is ([1-9]\d*)\+([1-9]\d*)\?", r["prompt"]).groups()
             width = 5 if r["difficulty"] == 6 else 4
             assert len(x) == len(y) == width, r
@@ -277,6 +282,22 @@ def test_carry_warm_start_sees_fresh_problems_and_no_five_digit_ones():
     held = tiny.extra_heldout_problems({2: 10, 6: 5}, cfg)
     assert Counter(r["difficulty"] for r in held) == {2: 10, 6: 5}
     assert not {r["prompt"] for r in held} & ({r["prompt"] for r in sft} | {r["prompt"] for s in splits.values() for r in s})
+
+
+def test_carry_easy_level_zero_is_a_plus_zero_and_not_in_the_default_mix():
+    """Level 0 (a+0, the answer is a) is available to a recipe that names it; the default mix leaves it out."""
+    assert 0 not in {lvl for lvl, _, _ in tiny.TinyConfig(task="carry").mix}
+    cfg = tiny.TinyConfig(task="carry", mix=((0, 5, 3), (1, 2, 2)), sft_unseen_levels=(0, 1), sft_unseen_count=10)
+    splits = tiny.generate_problems(cfg)
+    assert Counter(r["difficulty"] for r in splits["train"]) == {0: 5, 1: 2}
+    zero = [r for s in splits.values() for r in s if r["difficulty"] == 0]
+    assert len({r["prompt"] for r in zero}) == 8
+    for r in zero:
+        assert re.fullmatch(r"What is [1-9]\d{3}\+0\?", r["prompt"]) and r["prompt"] == f"What is {r['answer']}+0?"
+    sft = [r for r in tiny.warm_start_problems(cfg, splits) if r["difficulty"] == 0]
+    assert len(sft) == 10 and not {r["prompt"] for r in sft} & {r["prompt"] for r in zero}
+    with pytest.raises(ValueError, match="level 0 has 9000 distinct problems, asked for 9000 train \\+ 1 eval"):
+        tiny.generate_problems(tiny.TinyConfig(task="carry", mix=((0, 9000, 1),), sft_unseen_levels=()))
 
 
 def test_carry_answers_parse_with_the_reward():
@@ -319,3 +340,21 @@ def test_tiny_task_flag_selects_the_task_and_its_preset():
     assert (arith["data.max_samples"], arith["train.num_episodes"]) == (96, 4)
     with pytest.raises(SystemExit):
         parser.parse_args(["--dynamo.tiny_task", "mul"])
+
+
+def test_label_smoothing_applies_to_the_answer_digits_of_the_smoothed_levels_only():
+    tok = tiny.build_tokenizer()
+    row = lambda level: {"prompt": "What is 1234+1000?", "answer": "2234", "difficulty": level}  # noqa: E731
+    cfg = tiny.TinyConfig(task="carry", sft_smoothed_levels=(1, 2))
+    prompt, response, smooth = tiny.warm_start_example(tok, row(1), cfg)
+    assert tok.decode(response) == "\\boxed{2234}</s>" and tok.decode(prompt).endswith("What is 1234+1000?<|assistant|>")
+    # 7 tokens "\boxed{", 4 answer digits, "}", "</s>"
+    assert smooth == [0] * 7 + [1] * 4 + [0, 0]
+    assert tiny.warm_start_example(tok, row(3), cfg)[2] == [0] * 13
+    # None: every level (what recipes before the field did), and the digest does not see the field then
+    assert tiny.warm_start_example(tok, row(3), tiny.TinyConfig())[2] == smooth
+    assert tiny.TinyConfig(sft_smoothed_levels=None).digest() == "01170425152045f1"
+    assert tiny.TinyConfig(sft_smoothed_levels=(1,)).digest() != "01170425152045f1"
+    # the carry recipe smooths every level; its digest (cache directory) is the one its runs were measured with
+    carry = tiny.TinyConfig(task="carry")
+    assert carry.sft_smoothed_levels is None and carry.digest() == "acdc5e3d003c36df"
