@@ -443,3 +443,78 @@ def test_trainer_logs_the_counts_and_expects_the_budget_less_the_dropped(monkeyp
     t.experience_maker.nonfinite_dropped = 4
     status, _ = t.train_step([None] * 9, 5)  # counts since the previous step's log
     assert status["dynamo/nonfinite_dropped"] == 2.0 and status["dynamo/prompts_truncated"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- OpenRLHF's executor
+
+
+class _FakeLLM:
+    """Stands for the vLLM engine inside OpenRLHF's agent executor: every request gets ``max_tokens`` tokens."""
+
+    def __init__(self):
+        self.prompts = []
+
+    async def generate(self, prompt_token_ids, params, multi_modal_data=None):
+        self.prompts.append(list(prompt_token_ids))
+        out = SimpleNamespace(token_ids=[5] * params.max_tokens, finish_reason="length", logprobs=None)
+        return SimpleNamespace(outputs=[out])
+
+
+class ExecutorEngine:
+    """A rollout engine whose responses come from OpenRLHF 0.11.2's real ``SingleTurnAgentExecutor`` (its prompt
+    truncation and its reward-function call), with a fake LLM."""
+
+    def __init__(self, reward_file):
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+        self.executor = SingleTurnAgentExecutor(remote_rm_url=str(reward_file))
+        self.llm = _FakeLLM()
+        self.generate_responses = _Remote(self._generate)
+        self.get_num_unfinished_requests = _Remote(lambda: 0)
+
+    def _generate(self, prompt, label, sampling_params, max_length, hf_tokenizer, num_samples, images=None):
+        import asyncio
+
+        async def all_samples():
+            return await asyncio.gather(*[
+                self.executor.execute(prompt, label, sampling_params, max_length, hf_tokenizer, self.llm)
+                for _ in range(num_samples)])
+
+        return _Ref(asyncio.run(all_samples()))
+
+
+def test_openrlhfs_executor_cut_prompts_and_nan_rewards_are_caught(passthrough_ray, tmp_path, capsys):
+    """The issue's two observations on the tiny preset's budget (--data.max_len 48, --rollout.max_new_tokens 16:
+    32 prompt tokens): a 45-token prompt reaches the engine and the reward function cut from the left, and a
+    reward function that returns NaN for one prompt's samples stops the step."""
+    pytest.importorskip("tokenizers")
+    from dynamo_openrlhf import tiny
+
+    tok = tiny.build_tokenizer()
+    reward_file = tmp_path / "nan_reward.py"
+    reward_file.write_text(
+        "def reward_func(queries, prompts, labels, **kw):\n"
+        "    r = [float('nan') if p.startswith('Long') else 1.0 for p in prompts]\n"
+        "    return {'rewards': r, 'scores': r}\n")
+    long_prompt = "Long: " + "1+1=2, " * 5 + "so 2+3=?"  # 49 characters = 49 tokens of the char tokenizer
+    short_prompt = "What is 2+3?"
+    assert len(tok(long_prompt, add_special_tokens=False)["input_ids"]) == 49
+    labels = ["5", "5"]
+    args = SimpleNamespace(
+        algo=SimpleNamespace(advantage=SimpleNamespace(is_correction_level="off"), dynamic_filtering_enable=False),
+        rollout=SimpleNamespace(n_samples_per_prompt=2, batch_size=2), vllm=SimpleNamespace(enable_sleep=False),
+        dynamo=SimpleNamespace(nonfinite="drop"))
+    loader = [(None, [p], [l], [None]) for p, l in zip([short_prompt, long_prompt], labels)]
+    engine = ExecutorEngine(reward_file)
+    gen = DynamoSamplesGenerator(SimpleNamespace(args=args), loader, None, tok, [engine],
+                                 reward_source=str(reward_file))
+    samples, *_ = gen.generate_samples(max_new_tokens=16, max_len=48, temperature=1.0)
+    # the engine saw the long prompt's last 32 tokens only
+    assert sorted(len(p) for p in engine.llm.prompts) == [12, 12, 32, 32]
+    assert gen.prompts_truncated == 1
+    out = capsys.readouterr().out
+    assert ("WARNING: 1 of the 2 prompts of this training step are longer than the prompt budget of 32 tokens "
+            "(longest 49 tokens)") in out
+    # its NaN rewards: the group is dropped (drop mode), the short prompt's samples are trained on
+    assert [s.prompts[0] for s in samples] == [short_prompt] * 2 and gen.last_nonfinite_dropped == 2
+    assert f"(prompt id {prompt_id(long_prompt, '5')}, prompt {long_prompt!r}) has reward nan" in out
