@@ -111,13 +111,14 @@ def add_dynamo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument(
         "--dynamo.tiny_task",
         type=str,
-        default="arith",
+        default="carry",
         choices=["arith", "carry"],
-        help="Problem set of --dynamo.preset tiny-cpu (dynamo_openrlhf.tiny). arith: six levels of one-digit "
-        "arithmetic and two-digit products, answers mostly memorised facts (RL on the train prompts does not move "
-        "held-out pass@1). carry: sums of two 4-digit numbers with 0-4 carries and of two 5-digit numbers (a "
-        "length the warm start never sees); the warm start learns the procedure only partly, and RL on the 128 "
-        "train prompts raises pass@1 on the 200 held-out ones. The preset's data and schedule follow the task.",
+        help="Problem set of --dynamo.preset tiny-cpu (dynamo_openrlhf.tiny). carry (default): sums of two 4-digit "
+        "numbers with 0-4 carries and of two 5-digit numbers (a length the warm start never sees); the warm start "
+        "learns the procedure only partly, and RL on the 128 train prompts raises pass@1 on the 200 held-out ones. "
+        "arith: the original task, six levels of one-digit arithmetic and two-digit products, answers mostly "
+        "memorised facts (RL on the train prompts does not move held-out pass@1). The preset's data and schedule "
+        "follow the task.",
     )
     g.add_argument(
         "--dynamo.eval_at_start",
@@ -536,7 +537,7 @@ def _tiny_cpu_preset(ns: argparse.Namespace) -> Dict[str, Any]:
     from dynamo_openrlhf import tiny
 
     run_dir = getattr(ns, "dynamo.run_dir") or os.path.join("runs", "tiny-cpu")
-    task = getattr(ns, "dynamo.tiny_task", "arith")
+    task = getattr(ns, "dynamo.tiny_task", "carry")
     root = tiny.asset_root(getattr(ns, "dynamo.cache_dir"), tiny.TinyConfig(task=task))
     flags = {
         "dynamo.run_dir": run_dir,

@@ -65,6 +65,7 @@ def test_the_launcher_refuses_a_missing_key_before_ray(tmp_path):
     """The issue's case: the tiny preset's data with ``--data.input_key input`` (its column is ``prompt``)."""
     env = dict(os.environ, RAY_ADDRESS="local", COLUMNS="100", PYTHONUNBUFFERED="1")
     r = subprocess.run([sys.executable, "-m", "dynamo_openrlhf.train", "--dynamo.preset", "tiny-cpu",
+                        "--dynamo.tiny_task", "arith",  # its assets: cached by other tests
                         "--dynamo.run_dir", str(tmp_path / "run"), "--data.input_key", "input"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -325,9 +325,11 @@ def test_tiny_task_flag_selects_the_task_and_its_preset():
     from dynamo_openrlhf import train
 
     parser = train.add_dynamo_arguments(argparse.ArgumentParser())
-    assert getattr(parser.parse_args([]), "dynamo.tiny_task") == "arith"
-    ns = parser.parse_args(["--dynamo.tiny_task", "carry", "--dynamo.cache_dir", "/tmp/c"])
+    assert getattr(parser.parse_args([]), "dynamo.tiny_task") == "carry"  # the default (issue #24 §1)
+    ns = parser.parse_args(["--dynamo.cache_dir", "/tmp/c"])
     flags = train._tiny_cpu_preset(ns)
+    assert flags == train._tiny_cpu_preset(parser.parse_args(["--dynamo.tiny_task", "carry", "--dynamo.cache_dir",
+                                                              "/tmp/c"]))
     root = tiny.asset_root("/tmp/c", tiny.TinyConfig(task="carry"))
     assert flags["actor.model_name_or_path"] == str(root / "model")
     assert flags["data.prompt_dataset"] == str(root / "data" / "train.jsonl")
@@ -335,7 +337,7 @@ def test_tiny_task_flag_selects_the_task_and_its_preset():
     # the whole train file (128) x 3 episodes / 16 prompts per step = 24 steps; the eval set (200) is not cut
     assert (flags["data.max_samples"], flags["train.num_episodes"], flags["rollout.batch_size"]) == (200, 3, 16)
     assert flags["rollout.n_samples_per_prompt"] * flags["rollout.batch_size"] == 128
-    arith = train._tiny_cpu_preset(parser.parse_args(["--dynamo.cache_dir", "/tmp/c"]))
+    arith = train._tiny_cpu_preset(parser.parse_args(["--dynamo.tiny_task", "arith", "--dynamo.cache_dir", "/tmp/c"]))
     assert arith["actor.model_name_or_path"] == str(tiny.asset_root("/tmp/c") / "model")
     assert (arith["data.max_samples"], arith["train.num_episodes"]) == (96, 4)
     with pytest.raises(SystemExit):

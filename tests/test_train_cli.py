@@ -68,7 +68,7 @@ def test_unknown_flag_is_one_clear_error():
 
 def test_missing_dataset_file_is_one_clear_error(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(tmp_path / "run"),
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(tmp_path / "run"),
               "--data.prompt_dataset", str(missing)], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"--data.prompt_dataset: dataset file not found: {missing}" in r.stderr
@@ -202,7 +202,8 @@ def e2e(tmp_path_factory):
     tiny.prepare_tiny_assets()  # cached; built once per machine
     base = tmp_path_factory.mktemp("e2e")
     run_dir = base / "run"
-    common = ["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(run_dir),
+    # the arith task: the assets tiny.prepare_tiny_assets() builds (and the weights compared below)
+    common = ["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
               "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
               "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.hi", "6",
               "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
@@ -432,7 +433,7 @@ def test_e2e_balanced_loss_and_pool_calibration(e2e):
 
 
 def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
-    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.run_dir", str(tmp_path / "run"),
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(tmp_path / "run"),
               "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "5"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     # hi: the over-sampling default 4n = 32
