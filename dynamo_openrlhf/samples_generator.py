@@ -153,7 +153,6 @@ class DynamoSamplesGenerator(SamplesGenerator):
         self.last_nonfinite_dropped = 0
         self.prompts_truncated = 0
         self._truncation_warned = False
-        self._prompt_lengths: dict = {}
 
     def generate_eval_samples(self, **generate_kwargs) -> List[Experience]:
         # Evaluation keeps OpenRLHF's fixed n (the eval n_samples_per_prompt); no allocation.
@@ -280,18 +279,14 @@ class DynamoSamplesGenerator(SamplesGenerator):
             prompt = e.prompts[0] if e.prompts else None
             if not isinstance(prompt, str) or prompt in seen or e.action_mask is None or not e.action_mask.any():
                 continue
-            seen.add(prompt)
-            full = self._prompt_lengths.get(prompt)
-            if full is None:
-                full = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                self._prompt_lengths[prompt] = full
+            seen.add(prompt)  # each distinct prompt of the step is tokenized once
+            full = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             # action_mask covers tokens 1.. of the sequence: the first action token's index + 1 is the prompt length
             kept = int(torch.as_tensor(e.action_mask).reshape(-1).to(torch.int64).argmax()) + 1
             if full > kept:
                 cut += 1
                 longest = max(longest, full)
                 budget = kept if budget is None else max(budget, kept)
-        self._prompt_lengths.clear()  # one step's cache: a dataset-sized dict is not kept
         if not evaluation:
             self.prompts_truncated += cut
         if cut and not self._truncation_warned:
