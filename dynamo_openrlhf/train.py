@@ -956,7 +956,9 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
             f"  DynaMO allocation ({args.dynamo.allocation.rule}): rollouts per prompt "
             f"{min(r['dynamo/alloc_min'] for r in alloc):g}..{max(r['dynamo/alloc_max'] for r in alloc):g}, "
             f"{sum(r['dynamo/alloc_skipped'] for r in alloc):g} prompts skipped, budget "
-            f"{last['dynamo/alloc_budget']:g}/step over {last['dynamo/alloc_candidates']:g} candidates; predicted "
+            f"{last['dynamo/alloc_budget']:g}/step"
+            + (f" over {last['dynamo/alloc_candidates']:g} candidates" if "dynamo/alloc_candidates" in last else "")
+            + "; predicted "
             f"{'mean squared error (variance + priced skip bias)' if _skip_priced(args) else 'variance'} vs uniform "
             f"over the same candidates: mean {sum(ratios) / len(ratios):.3f}, "
             f"min {min(ratios):.3f}; pool {last['dynamo/pool_size']:g} prompts, mean pass rate "
