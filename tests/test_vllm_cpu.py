@@ -146,12 +146,16 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
     def rollouts(cls):
         gen = cls(SimpleNamespace(args=gen_args), [(None, prompts[:4], labels[:4], [None] * 4)], None, tok, [engine])
         exps, _, consumed, _ = gen.generate_samples(temperature=0.0, top_p=1.0, max_new_tokens=12, max_len=48)
+        # DynaMO's step-index tag (its bookkeeping, popped by the actor before training) is checked apart
+        tags.append([int(e.info.pop("dynamo_step_index")[0]) if "dynamo_step_index" in e.info else None
+                     for e in exps])
         rows = [(e.prompts[0], e.labels[0], e.sequences[0].tolist(), e.attention_mask[0].tolist(),
                  e.action_mask[0].tolist(), e.rewards.tolist(), e.scores.tolist(), e.response_length.tolist(),
                  e.truncated.tolist(), e.total_length.tolist(), sorted((k, v.tolist()) for k, v in e.info.items()))
                 for e in exps]
         return consumed, sorted(rows, key=lambda r: (prompts.index(r[0]), r[2]))
 
+    tags = []
     theirs, ours = rollouts(SamplesGenerator), rollouts(DynamoSamplesGenerator)
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12)
     engine_greedy = lambda: [list(o.outputs[0].token_ids) for o in ray.get([engine.generate.remote(i, greedy) for i in ids])]
@@ -197,7 +201,7 @@ if __name__ == "__main__":  # the engine spawns its core process: keep the modul
         "before": before, "hf_before": hf_before, "after": after, "hf_after": hf_after,
         "checksum": float(sum(t.double().sum() for t in new.values())), "num_tensors": len(items),
         "running": running, "shut": shut, "left": vllm_processes(),
-        "openrlhf_rollouts": theirs, "dynamo_rollouts": ours,
+        "openrlhf_rollouts": theirs, "dynamo_rollouts": ours, "step_index_tags": tags,
     }))
 """
 
@@ -262,3 +266,5 @@ def test_dynamo_off_rollouts_are_openrlhfs_on_the_real_engine(engine_run):
         assert [label] == [v for k, v in expected.items() if k in prompt]
     assert sorted(r[1] for r in theirs) == sorted(list(expected.values()) * 3)
     assert out["dynamo_rollouts"] == out["openrlhf_rollouts"]
+    # ours tags each sample with its index in the step; OpenRLHF's generator tags nothing
+    assert out["step_index_tags"] == [[None] * 12, list(range(12))]
