@@ -38,8 +38,8 @@ evaluated once per seed in the ``grpo`` run) at x = 0.
   ``dynamo/pred_var_ratio`` and ``dynamo/alloc_skipped`` over steps, median ``actor_grad_norm``, steps, generated
   rollouts, run wall time.
 
-Runs go ``--workers`` at a time (2 on this 2-core machine); jobs are seed-major with the arm order rotated
-per seed, so concurrent pairs differ from seed to seed. A failed run is recorded (returncode, log) and the
+Runs go ``--workers`` at a time (2 on this 2-core machine); jobs are seed-major, the calibration arms first
+within a seed (``grpo`` leading: it evaluates the seed's step 0), the other arms' order rotated per seed. A failed run is recorded (returncode, log) and the
 study goes on; the aggregation uses the runs that finished.
 
 Usage::
@@ -187,11 +187,15 @@ def train_command(arm: str, seed: int, run_dir: str, data: Dict[str, Any], episo
 
 
 def job_order(arms: Sequence[str], seeds: Sequence[int]) -> List[tuple]:
-    """Seed-major; within seed k the arm list is rotated by k (so concurrent pairs and positions vary)."""
+    """Seed-major. Within a seed the calibration arms first, ``grpo`` (which evaluates step 0 for the seed) leading,
+    so that a seed cut short by ``--deadline`` still has its step 0 and calibration curve; then the other arms,
+    their list rotated by the seed's index k (so concurrent pairs and positions vary)."""
+    cal = [a for a in CALIBRATION if a in arms]
+    rest = [a for a in arms if a not in cal]
     jobs = []
     for k, seed in enumerate(seeds):
-        r = k % len(arms)
-        jobs += [(a, seed) for a in list(arms[r:]) + list(arms[:r])]
+        r = k % len(rest) if rest else 0
+        jobs += [(a, seed) for a in cal + rest[r:] + rest[:r]]
     return jobs
 
 

@@ -132,10 +132,15 @@ def test_arms_flags_match_the_study_design():
     assert cmd[cmd.index("--actor.model_name_or_path") + 1] == "/m" and "--dynamo.eval_at_start" in cmd
 
 
-def test_job_order_is_seed_major_with_rotated_arms():
+def test_job_order_is_seed_major_calibration_first_then_rotated_arms():
     assert ls.job_order(["a", "b", "c"], [1, 2, 3, 4]) == [
         ("a", 1), ("b", 1), ("c", 1), ("b", 2), ("c", 2), ("a", 2), ("c", 3), ("a", 3), ("b", 3),
         ("a", 4), ("b", 4), ("c", 4)]
+    # grpo and the calibration arms lead every seed (a seed cut short keeps its step 0 and its curve)
+    arms = ["filter", "grpo-3x", "dynamo-wide", "grpo", "grpo-1.5x"]
+    assert ls.job_order(arms, [7, 8]) == [
+        ("grpo", 7), ("grpo-1.5x", 7), ("grpo-3x", 7), ("filter", 7), ("dynamo-wide", 7),
+        ("grpo", 8), ("grpo-1.5x", 8), ("grpo-3x", 8), ("dynamo-wide", 8), ("filter", 8)]
 
 
 # ---------------------------------------------------------------------------------------------- parsing
