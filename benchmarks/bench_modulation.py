@@ -1,7 +1,7 @@
 """Benchmark (not a test): forward+backward of DynaMOPolicyLoss vs OpenRLHF 0.11.2's PolicyLoss.
 
     python benchmarks/bench_modulation.py                        # (256, 2048) float32, CPU, int64 mask
-    python benchmarks/bench_modulation.py --threads 1 --no-trim  # the configuration of the README table
+    python benchmarks/bench_modulation.py --threads 1 --no-trim  # the configuration of the docs/bench_modulation.md table
     python benchmarks/bench_modulation.py --quick                # (64, 512), 10 rounds: a smoke run
 
 All variants get the same tensors: log-probs (requires_grad, multiplied by the mask as OpenRLHF's

@@ -63,7 +63,7 @@ BASELINE = "grpo"
 COLORS = {"grpo": "tab:gray", "allocation": "tab:blue", "modulation": "tab:orange", "dynamo": "tab:red"}
 
 # Same for every variant: no periodic/best checkpoints (they cost wall time unrelated to the method); the
-# transformers rollout engine the README's results were measured with, also where vLLM's CPU build is installed.
+# transformers rollout engine the results in docs/learning_curves.md were measured with, also where vLLM's CPU build is installed.
 COMMON_FLAGS = ["--ckpt.save_steps", "1000000", "--ckpt.best_metric_key", "none", "--dynamo.cpu_engine", "transformers"]
 
 

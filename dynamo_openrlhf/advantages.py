@@ -117,7 +117,7 @@ class EstimatorSpec:
 
 
 #: name -> :class:`EstimatorSpec`, in OpenRLHF 0.11.2's spelling. ``reinforce`` and ``gae`` have no group
-#: baseline; the allocator treats them with the plain Σ v/n model (documented in the README).
+#: baseline; the allocator treats them with the plain Σ v/n model (documented in docs/allocation_objectives.md).
 ESTIMATORS: Dict[str, EstimatorSpec] = {}
 
 
