@@ -2,7 +2,7 @@
 # The tiny CPU run with DynaMO on, every DynaMO setting spelled out: no GPU needed (1-3 minutes on 2 cores).
 #
 # What it runs: `python -m dynamo_openrlhf.train --dynamo.preset tiny-cpu` (OpenRLHF 0.11.2's own Ray trainer
-# on CPU: a locally built tiny Llama + character tokenizer, a generated arithmetic problem set, a short
+# on CPU: a locally built tiny Llama + character tokenizer, a generated addition problem set (carry), a short
 # supervised warm start cached in ~/.cache/dynamo_openrlhf, RLOO with 16 prompts x 8 rollouts per step for 24
 # steps, math-verify reward) with DynaMO's Neyman allocation (6..10 rollouts per prompt, n = 8) from the Beta
 # pass-rate pool and the decay6 token-level modulation. These are also the defaults of the plain preset
@@ -11,7 +11,7 @@
 # Outputs: runs/tiny-cpu-dynamo (metrics.jsonl, pass_rate_pool.bin, checkpoints, final model, TensorBoard).
 #
 #   bash examples/tiny_cpu_dynamo.sh                          # 24 steps, eval before and after
-#   bash examples/tiny_cpu_dynamo.sh --train.num_episodes 2   # shorter: 12 steps (96 prompts x 2 episodes)
+#   bash examples/tiny_cpu_dynamo.sh --train.num_episodes 2   # shorter: 16 steps (128 prompts x 2 episodes)
 #   bash examples/tiny_cpu_dynamo.sh --ckpt.load_enable       # resume (the pool comes back from the checkpoint)
 set -euo pipefail
 

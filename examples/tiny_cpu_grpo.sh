@@ -3,7 +3,7 @@
 # no GPU needed (a few minutes on 2 cores).
 #
 # What it runs: `python -m dynamo_openrlhf.train --dynamo.preset tiny-cpu` (a locally built tiny Llama +
-# character tokenizer, a generated arithmetic problem set, a short supervised warm start cached in
+# character tokenizer, a generated addition problem set (carry), a short supervised warm start cached in
 # ~/.cache/dynamo_openrlhf, 16 prompts x 8 rollouts per step for 24 steps, RLOO advantages, math-verify reward)
 # with --dynamo.allocation.rule off (OpenRLHF's own sampler, 8 rollouts for every prompt, no pass-rate pool;
 # the loss weighs tokens as OpenRLHF does) and --dynamo.modulation.preset off (OpenRLHF's PolicyLoss). Compare
@@ -13,7 +13,7 @@
 # Outputs: runs/tiny-cpu-grpo (metrics.jsonl, checkpoints, final model, TensorBoard).
 #
 #   bash examples/tiny_cpu_grpo.sh
-#   bash examples/tiny_cpu_grpo.sh --train.num_episodes 2   # shorter: 12 steps (96 prompts x 2 episodes)
+#   bash examples/tiny_cpu_grpo.sh --train.num_episodes 2   # shorter: 16 steps (128 prompts x 2 episodes)
 set -euo pipefail
 
 DYNAMO_ARGS=(
