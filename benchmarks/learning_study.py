@@ -546,7 +546,13 @@ def markdown(summary: Dict[str, Any], meta: Dict[str, Any]) -> str:
           if r.get("heldout_auc_vs_dynfilter")]
     if vs:
         lines += ["", f"Held-out AUC − `{DYNFILTER}` (paired per seed; orders the Ms): " + "; ".join(vs) + "."]
-    failed = [f"{i['arm']} s{i['seed']} (rc {i['returncode']})" for i in meta.get("runs", []) if i["returncode"] != 0]
+    runs = meta.get("runs", [])
+    failed = [f"{i['arm']} s{i['seed']} (rc {i['returncode']})" for i in runs
+              if i["returncode"] not in (0, "not started")]
+    waiting = sorted({i["seed"] for i in runs if i["returncode"] == "not started"})
+    if waiting:
+        failed.append(f"{sum(i['returncode'] == 'not started' for i in runs)} runs not started (deadline "
+                      f"{meta.get('deadline')}; seeds {waiting})")
     lines += ["", f"Study: seeds {meta.get('seeds')}, {meta.get('episodes')} episodes of {meta.get('train_prompts')} "
               f"train prompts ({meta.get('prompts_per_step')} per step, n = {meta.get('n')}), evaluation every "
               f"{meta.get('eval_steps')} steps and at the end on {meta.get('heldout_prompts')} held-out + "
@@ -626,8 +632,10 @@ def aggregate(out: str, meta: Dict[str, Any], png: str) -> Dict[str, Any]:
     with open(os.path.join(out, "learning_study.json"), "w") as f:
         json.dump({"meta": meta, "summary": summary,
                    "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}}, f, indent=1)
-    plot(runs, summary, arms, png, title=f"tiny-cpu carry learning study: {len(meta['seeds'])} seeds x "
-                                         f"{len(arms)} arms, x-axis = rollouts generated")
+    done = sorted({s for by in runs.values() for s in by})
+    plot(runs, summary, arms, png, title=f"tiny-cpu carry learning study: {len(arms)} arms, seeds with finished runs "
+                                         f"{done} (of {len(meta['seeds'])} planned), x-axis = rollouts generated; "
+                                         "mean and 95 % bootstrap CI over seeds")
     print(table, flush=True)
     return summary
 
@@ -663,8 +671,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--deadline", default=None, help="HH:MM (UTC, the next such time): runs still going then are "
                                                      "stopped, later ones not started; the finished ones are aggregated")
     p.add_argument("--cache-dir", default=None, help="--dynamo.cache_dir of every run (default: the preset's)")
-    p.add_argument("--quick", action="store_true", help="smoke run: grpo + dynamo-wide, seeds 1,2, 2 steps, "
-                                                        "16 held-out + 8 train prompts x 2 samples")
+    p.add_argument("--quick", action="store_true", help="smoke run: grpo + dynamo-wide, seeds 1,2, 2 steps of 8 "
+                                                        "prompts x 4, 8 held-out + 8 train prompts x 2 samples")
     p.add_argument("--out", default=None, help="default benchmarks/out/learning_study (…_quick with --quick)")
     p.add_argument("--png", default=None, help="default docs/learning_study.png (<out>/learning_study.png with --quick)")
     p.add_argument("--from-existing", action="store_true", help="only re-aggregate the run dirs under --out")
@@ -683,9 +691,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.quick:
         seeds, arms = seeds[:2], ["grpo", "dynamo-wide"]
         args.episodes, args.eval_steps, args.eval_samples = 1, 1, 2
-        args.heldout_prompts, args.train_eval_prompts = 16, 8
-        # 32 train prompts: 2 steps of 16 (dynamo-wide: 32 candidates per step, 2 episodes)
-        extra = ["--data.max_samples", "32"] + extra
+        args.heldout_prompts, args.train_eval_prompts = 8, 8
+        # 16 train prompts, 8 per step x n = 4: 2 steps of 32 rollouts (dynamo-wide: 16 candidates a step, 2 episodes);
+        # --data.max_samples caps the eval file too (8 + 8 rows)
+        args.n, args.prompts_per_step = 4, 8
+        extra = ["--data.max_samples", "16"] + extra
     if args.out is None:
         args.out = os.path.join(ROOT, "benchmarks", "out", "learning_study" + ("_quick" if args.quick else ""))
     png = args.png or (os.path.join(args.out, "learning_study.png") if args.quick
@@ -703,7 +713,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         data = write_study_data(args.out, args.heldout_prompts, args.train_eval_prompts, args.cache_dir)
         if args.quick:
-            data["train_prompts"] = 32
+            data["train_prompts"] = 16
         meta = {"seeds": seeds, "arms": arms, "episodes": args.episodes, "eval_steps": args.eval_steps,
                 "eval_samples": args.eval_samples, "train_prompts": data["train_prompts"],
                 "heldout_prompts": data["heldout_prompts"], "train_eval_prompts": data["train_eval_prompts"],

@@ -229,6 +229,10 @@ def test_collect_and_summarise_compute_the_pre_registered_metrics(study):
     assert f"| openrlhf-dynfilter | 2 | 3.0 | 512 | {m['M']:.2f} [{m['M']:.2f}, {m['M']:.2f}] | " \
            f"{auc - 0.32:+.3f} [{auc - 0.32:+.3f}, {auc - 0.32:+.3f}] |" in table
     assert "Failed runs: grpo+loss s1 (rc 1)." in table
+    table = ls.markdown(s, {"seeds": [1, 2], "deadline": "01:05", "runs": [
+        {"arm": "grpo", "seed": 1, "returncode": 0}, {"arm": "filter", "seed": 2, "returncode": "deadline"},
+        {"arm": "grpo", "seed": 3, "returncode": "not started"}, {"arm": "filter", "seed": 3, "returncode": "not started"}]})
+    assert "Failed runs: filter s2 (rc deadline), 2 runs not started (deadline 01:05; seeds [3])." in table
 
 
 def test_from_existing_writes_table_json_and_plot(study, tmp_path):
@@ -263,17 +267,18 @@ def test_quick_study_runs_the_real_trainer(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((out / "learning_study.json").read_text())
-    assert data["meta"]["heldout_prompts"] == 16 and data["meta"]["train_eval_prompts"] == 8
+    assert data["meta"]["heldout_prompts"] == 8 and data["meta"]["train_eval_prompts"] == 8
     assert all(i["returncode"] == 0 for i in data["meta"]["runs"]), data["meta"]["runs"]
     for arm in ("grpo", "dynamo-wide"):
         for seed in ("1", "2"):
             run = data["runs"][arm][seed]
-            # 32 train prompts: 2 steps of 128 generated rollouts (dynamo-wide: 32 candidates a step, 2 episodes)
-            assert run["steps"] == 2 and run["rollouts"] == 2 * 16 * 8
+            # 16 train prompts: 2 steps of 8 x 4 = 32 generated rollouts (dynamo-wide: 16 candidates a step, 2 episodes)
+            assert run["steps"] == 2 and run["rollouts"] == 2 * 8 * 4
             assert [p["step"] for p in run["curve"]] == [0, 1, 2]
-            assert [p["rollouts"] for p in run["curve"]] == [0.0, 128.0, 256.0]
+            assert [p["rollouts"] for p in run["curve"]] == [0.0, 32.0, 64.0]
             assert 0.0 <= run["heldout_auc"] <= 1.0 and 0.0 <= run["train_auc"] <= 1.0
-    assert data["runs"]["dynamo-wide"]["1"]["alloc_candidates"] == 32.0
+    assert data["runs"]["dynamo-wide"]["1"]["alloc_candidates"] == 16.0
+    assert data["meta"]["flags"]["dynamo-wide"][5] == "16"  # hi = 4n
     # step 0 is evaluated in the grpo run only and shared
     assert data["runs"]["dynamo-wide"]["1"]["curve"][0] == data["runs"]["grpo"]["1"]["curve"][0]
     assert (out / "learning_study.png").stat().st_size > 10_000
