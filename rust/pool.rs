@@ -431,6 +431,17 @@ fn check_noise_rows(successes: &[i64], trials: &[i64], noise: &NoiseRows) -> Res
     Ok(())
 }
 
+/// The priced-skip price κ must be finite and > 0.
+fn check_skip_price(price: f64) -> Result<()> {
+    if price.is_finite() && price > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "skip_price must be finite and > 0, got {price}"
+        )))
+    }
+}
+
 pub fn check_prior(alpha0: f64, beta0: f64) -> Result<()> {
     for (name, x) in [("alpha0", alpha0), ("beta0", beta0)] {
         if !(x > 0.0 && x.is_finite()) {
@@ -987,11 +998,7 @@ impl PassRatePool {
         let calibrated = o.calibrated == Some(true);
         let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
         if let Some(k) = o.skip_price {
-            if !(k.is_finite() && k > 0.0) {
-                return Err(Error::invalid(format!(
-                    "skip_price must be finite and > 0, got {k}"
-                )));
-            }
+            check_skip_price(k)?;
         }
         if o.explore_seed.is_some() && !skipping && o.skip_price.is_none() {
             return Err(Error::invalid(format!(
@@ -1081,7 +1088,8 @@ impl PassRatePool {
         let scale = own.as_deref().or(o.scale);
         let skip_costs = o
             .skip_price
-            .map(|k| self.skip_costs(ids, k, calibrated, o.explore_seed));
+            .map(|k| self.skip_costs(ids, k, calibrated, o.explore_seed))
+            .transpose()?;
         // Skipping on calibrated variances: a prompt is skipped only if its plain posterior
         // variance is below the cut too. (A skipped prompt gets no revisit, so a calibration
         // factor that is too low could not correct itself.)
@@ -1126,9 +1134,10 @@ impl PassRatePool {
         price: f64,
         calibrated: bool,
         explore_seed: Option<u64>,
-    ) -> Vec<f64> {
+    ) -> Result<Vec<f64>> {
+        check_skip_price(price)?;
         let step = self.updates;
-        self.map_ids(ids, |p, id| {
+        Ok(self.map_ids(ids, |p, id| {
             let (s, f) = p.evidence_of(id);
             let mut u = crate::priced::squared_variance_moment(p.alpha0 + s, p.beta0 + f);
             if let Some(seed) = explore_seed {
@@ -1139,7 +1148,7 @@ impl PassRatePool {
                 u *= p.calibration.factor(calibration::cell(s, f));
             }
             price * u
-        })
+        }))
     }
 
     /// Empirical-Bayes fit of the prior by the method of moments with binomial-noise correction,
@@ -1574,7 +1583,7 @@ mod tests {
         let counts = p.allocate(&ids, 24, 0, 16, Rule::Neyman, &o).unwrap();
         // The DP's result on the pool's own variances and costs, and the settled ones skipped.
         let v = p.expected_variance(&ids);
-        let c = p.skip_costs(&ids, 4.0, false, None);
+        let c = p.skip_costs(&ids, 4.0, false, None).unwrap();
         assert_eq!(counts, crate::priced::solve(&v, &c, 24, 2, 16));
         assert_eq!((counts[0], counts[1]), (0, 0));
         assert!(
@@ -1587,7 +1596,7 @@ mod tests {
         // Exploration raises some settled prompts' costs over 64 steps' draws, never lowers one.
         let mut raised = 0;
         for seed in 0..64u64 {
-            let e = p.skip_costs(&ids, 4.0, false, Some(seed));
+            let e = p.skip_costs(&ids, 4.0, false, Some(seed)).unwrap();
             assert!(e.iter().zip(&c).all(|(x, y)| x >= y));
             raised += (e[0] > c[0]) as usize;
         }

@@ -422,14 +422,14 @@ impl PyPassRatePool {
         calibrated: bool,
         explore_seed: Option<u64>,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        if !(price.is_finite() && price > 0.0) {
-            return Err(to_py_err(crate::Error::invalid(format!(
-                "skip_price must be finite and > 0, got {price}"
-            ))));
-        }
-        self.per_id(py, prompt_ids, move |p, ids| {
-            p.skip_costs(ids, price, calibrated, explore_seed)
+        let ids = int_array(prompt_ids, "prompt_ids", false)?;
+        let ids = ids.as_slice();
+        let pool = &self.inner;
+        let costs = maybe_detach(py, ids.len(), || {
+            pool.skip_costs(ids, price, calibrated, explore_seed)
         })
+        .map_err(to_py_err)?;
+        Ok(PyArray1::from_vec(py, costs))
     }
 
     /// (successes, failures) evidence above the prior per id, after forgetting.
