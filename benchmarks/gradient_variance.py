@@ -332,6 +332,31 @@ class CachedScorer:
         self.scorer.close()
 
 
+def fitted_pool(ids, successes, trials: int):
+    """The pool a batch allocates from: Beta(1,1) updated with ``successes`` of ``trials`` earlier rollouts per
+    prompt, prior refitted (kept at Beta(1,1) when the fit is refused). Returns (pool, prior)."""
+    from dynamo_openrlhf import PassRatePool
+
+    pool = PassRatePool(prior=(1.0, 1.0))
+    pool.update(ids, successes, np.full(len(ids), trials))
+    try:
+        prior = pool.fit_prior()
+    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
+        prior = pool.prior
+        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
+    return pool, prior
+
+
+def oracle_pool_of(ids, successes, samples: int):
+    """A pool whose posteriors are the oracle estimates: ``successes`` of ``samples`` scaled to ORACLE_TRIALS."""
+    from dynamo_openrlhf import PassRatePool
+
+    pool = PassRatePool(prior=(1.0, 1.0))
+    scale = ORACLE_TRIALS // samples
+    pool.update(ids, successes * scale, np.full(len(ids), samples * scale))
+    return pool
+
+
 def count_successes(policy: Policy, scorer: CachedScorer, encoded, labels, k: int, seed: int) -> np.ndarray:
     texts, _, owner = policy.sample(encoded, [k] * len(encoded), seed)
     r = scorer(texts, [labels[o] for o in owner])
@@ -433,7 +458,6 @@ def run_batch_legacy(policy, scorer, losses, split: str, args, batch_index: int)
     group_norm): one backward per repeat and allocation, allocations uniform / ours[e] / oracle[e]."""
     import torch
 
-    from dynamo_openrlhf import PassRatePool
     from dynamo_openrlhf.advantages import group_normalized_advantages, prompt_balanced_weights
     from dynamo_openrlhf.prompt_ids import prompt_ids
     from dynamo_openrlhf.tiny import read_jsonl
@@ -454,16 +478,8 @@ def run_batch_legacy(policy, scorer, losses, split: str, args, batch_index: int)
     p_or = k_or / args.oracle_samples
     v_or = p_or * (1 - p_or)
     k_pool = count_successes(policy, scorer, encoded, labels, args.pool_samples, seed0 + 2)
-    pool = PassRatePool(prior=(1.0, 1.0))
-    pool.update(ids, k_pool, np.full(N, args.pool_samples))
-    try:
-        prior = pool.fit_prior()
-    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
-        prior = pool.prior
-        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
-    oracle_pool = PassRatePool(prior=(1.0, 1.0))
-    scale = ORACLE_TRIALS // args.oracle_samples
-    oracle_pool.update(ids, k_or * scale, np.full(N, args.oracle_samples * scale))
+    pool, prior = fitted_pool(ids, k_pool, args.pool_samples)
+    oracle_pool = oracle_pool_of(ids, k_or, args.oracle_samples)
     log(f"[gv] batch '{split}': {N} prompts, B={B}; oracle pass rates from {args.oracle_samples} samples/prompt "
         f"(mean {p_or.mean():.3f}; p=0: {int((k_or == 0).sum())}, p=1: {int((k_or == args.oracle_samples).sum())}); "
         f"pool from {args.pool_samples}/prompt, fitted prior Beta({prior[0]:.3g}, {prior[1]:.3g}) "
@@ -746,7 +762,6 @@ def rloo_coefficients(n: np.ndarray, starts: np.ndarray, rewards: np.ndarray, M:
 def run_batch(policy, scorer, split: str, args, batch_index: int) -> Dict:
     import torch
 
-    from dynamo_openrlhf import PassRatePool
     from dynamo_openrlhf.prompt_ids import prompt_ids
     from dynamo_openrlhf.tiny import read_jsonl
 
@@ -771,13 +786,7 @@ def run_batch(policy, scorer, split: str, args, batch_index: int) -> Dict:
     q_resp, q_owner, q_rew = sample_scored(policy, scorer, encoded, labels, [args.pool_samples] * N, seed0 + 2)
     q_prox, _ = per_sample(policy, encoded, q_resp, q_owner, keep_scores=False)
     k_pool = np.bincount(q_owner, weights=q_rew, minlength=N).round().astype(np.int64)
-    pool = PassRatePool(prior=(1.0, 1.0))
-    pool.update(ids, k_pool, np.full(N, args.pool_samples))
-    try:
-        prior = pool.fit_prior()
-    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
-        prior = pool.prior
-        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
+    pool, prior = fitted_pool(ids, k_pool, args.pool_samples)
     p_pool = np.asarray(pool.mean(ids), dtype=np.float64)
     v_pool = np.asarray(pool.expected_variance(ids), dtype=np.float64)
     log(f"[gv] batch {batch_index} ({split}): {N} prompts, B={B}; oracle {args.oracle_samples}/prompt (mean p "
@@ -997,7 +1006,6 @@ def run_batch_priced(policy, scorer, split: str, args, batch_index: int) -> Dict
     MSE_a = trCov(G_a) + ‖E U_a‖² (debiased), ratio to uniform4's trCov."""
     import torch
 
-    from dynamo_openrlhf import PassRatePool
     from dynamo_openrlhf.prompt_ids import prompt_ids
     from dynamo_openrlhf.tiny import read_jsonl
 
@@ -1019,16 +1027,8 @@ def run_batch_priced(policy, scorer, split: str, args, batch_index: int) -> Dict
     k_or = np.bincount(o_owner, weights=o_rew, minlength=N).round().astype(np.int64)
     _, q_owner, q_rew = sample_scored(policy, scorer, encoded, labels, [args.pool_samples] * N, seed0 + 2)
     k_pool = np.bincount(q_owner, weights=q_rew, minlength=N).round().astype(np.int64)
-    pool = PassRatePool(prior=(1.0, 1.0))
-    pool.update(ids, k_pool, np.full(N, args.pool_samples))
-    try:
-        prior = pool.fit_prior()
-    except ValueError as e:  # e.g. every prompt solved: keep Beta(1,1)
-        prior = pool.prior
-        log(f"[gv] fit_prior refused ({e}); keeping Beta(1,1)")
-    oracle_pool = PassRatePool(prior=(1.0, 1.0))
-    scale = ORACLE_TRIALS // args.oracle_samples
-    oracle_pool.update(ids, k_or * scale, np.full(N, args.oracle_samples * scale))
+    pool, prior = fitted_pool(ids, k_pool, args.pool_samples)
+    oracle_pool = oracle_pool_of(ids, k_or, args.oracle_samples)
     pools = {"uniform4": pool, "priced": pool, "priced[oracle]": oracle_pool, "noskip": pool}
 
     # 2. allocations and the trainer's predictions
