@@ -221,6 +221,26 @@ impl Table {
             .chain(self.min_id)
     }
 
+    /// Every stored entry in table order, rotated to start just after an empty slot, then the
+    /// marker id's. Inserting them in this order into an empty table of the same size re-creates
+    /// this layout slot for slot: linear probing places each entry after the entries before it in
+    /// its cluster, and no cluster is split (plain table order would split the one that wraps past
+    /// the last slot). A saved and reloaded pool therefore writes the same bytes and iterates, sums
+    /// and grows exactly as the original.
+    fn entries_from_gap(&self) -> impl Iterator<Item = Slot> + '_ {
+        let start = self
+            .slots
+            .iter()
+            .position(|s| s.id == EMPTY)
+            .map_or(0, |i| i + 1);
+        let (head, tail) = self.slots.split_at(start);
+        tail.iter()
+            .chain(head)
+            .copied()
+            .filter(|s| s.id != EMPTY)
+            .chain(self.min_id)
+    }
+
     /// Every stored entry, mutably (same order as `entries`).
     fn entries_mut(&mut self) -> impl Iterator<Item = &mut Slot> + '_ {
         self.slots
@@ -1235,9 +1255,10 @@ impl PassRatePool {
         self.table.entries().map(|e| e.id).collect()
     }
 
-    /// Stored entries (evidence divided by the scale), in storage order; used by the file format.
+    /// Stored entries (evidence divided by the scale), in the file's order (table order from just
+    /// after an empty slot, which a load re-inserts into the same layout); used by the file format.
     pub fn stored_entries(&self) -> impl Iterator<Item = Slot> + '_ {
-        self.table.entries()
+        self.table.entries_from_gap()
     }
 
     /// Rebuilds a pool from saved state; entries are added with [`Self::insert_stored`].
@@ -2127,6 +2148,41 @@ mod tests {
             p.update(&ids, &ones, &ones).unwrap();
             let q = crate::storage::from_bytes(&crate::storage::to_bytes(&p)).unwrap();
             assert_eq!(q.slots(), p.slots(), "{n} prompts");
+        }
+    }
+
+    /// Pools whose table has a cluster wrapping past its last slot (slot 0 holds an entry whose
+    /// home is elsewhere): the case plain table order does not rebuild.
+    fn wrapped_pool(seed: u64) -> Option<PassRatePool> {
+        let mut rng = Rng::new(seed);
+        let mut p = pool(0.9);
+        for _ in 0..12 {
+            let ids: Vec<i64> = (0..150).map(|_| rng.below(4000) as i64).collect();
+            let t: Vec<i64> = (0..150).map(|_| 1 + rng.below(8) as i64).collect();
+            let k: Vec<i64> = t.iter().map(|&t| rng.below(t as u64 + 1) as i64).collect();
+            p.update(&ids, &k, &t).unwrap();
+        }
+        let first = p.table.slots[0];
+        (first.id != EMPTY && p.table.home(first.id) != 0).then_some(p)
+    }
+
+    #[test]
+    fn a_reloaded_pool_keeps_its_layout_bytes_and_continuation() {
+        let pools: Vec<PassRatePool> = (0..200).filter_map(wrapped_pool).take(3).collect();
+        assert_eq!(pools.len(), 3, "no seed gave a wrapped cluster");
+        for mut p in pools {
+            let bytes = crate::storage::to_bytes(&p);
+            let mut q = crate::storage::from_bytes(&bytes).unwrap();
+            let ids = |p: &PassRatePool| p.table.slots.iter().map(|s| s.id).collect::<Vec<_>>();
+            assert_eq!(ids(&q), ids(&p), "same slot for every prompt");
+            assert_eq!(crate::storage::to_bytes(&q), bytes);
+            // The same updates (new prompts, a growth of the table) keep both identical.
+            let new: Vec<i64> = (4000..7000).collect();
+            let ones = vec![1i64; new.len()];
+            p.update(&new, &ones, &ones).unwrap();
+            q.update(&new, &ones, &ones).unwrap();
+            assert!(p.slots() > q.slots() / 2 && ids(&q) == ids(&p));
+            assert_eq!(crate::storage::to_bytes(&q), crate::storage::to_bytes(&p));
         }
     }
 }
