@@ -529,10 +529,8 @@ def prompt_balancing(args) -> Optional[PromptBalancing]:
             problems.append("--dynamo.loss.token_normalizer does not apply with --actor.loss_agg_mode "
                             f"{agg} (each sequence's loss is its token mean; the balanced loss keeps it)")
         L = 1.0
-    if _get(args, "train.dynamic_batch_enable", False):
-        problems.append("--train.dynamic_batch_enable is not supported with --dynamo.loss.prompt_weighting "
-                        "balanced (its per-micro-batch loss scaling cannot be cancelled exactly); use "
-                        "--dynamo.loss.prompt_weighting tokens or turn dynamic batching off")
+    # --train.dynamic_batch_enable: the weights travel with their samples through the token-budget micro-batches,
+    # and the actor's normaliser follows DeepSpeed's gas of 1 there (ppo_actor.DynamoActorPPOTrainer._deepspeed_gas).
     if _get(args, "train.async_enable", False) and not allocation_on:  # (with allocation on: refused there)
         problems.append("--train.async_enable is not supported with --dynamo.loss.prompt_weighting balanced (the "
                         "async trainer does not attach the loss weights); use --dynamo.loss.prompt_weighting tokens")

@@ -114,7 +114,10 @@ def balanced_normalizers(dp_size: int, gradient_accumulation: int) -> Dict[str, 
     scales every backward by 1/gas and averages gradients over the dp_size data-parallel ranks. With
     ``batch_num_tokens = global_batch_size = 1/gas`` these cancel exactly: the gradient of one
     optimizer step is the plain sum, over its micro-batches and ranks, of the (weighted) per-token
-    losses (token-mean) or per-sequence token means (seq-mean-token-mean) — no random token count."""
+    losses (token-mean) or per-sequence token means (seq-mean-token-mean) — no random token count.
+    ``gradient_accumulation``: the gas DeepSpeed divides each backward by, which is 1 under OpenRLHF's
+    ``--train.dynamic_batch_enable`` (a variable number of token-budget micro-batches per optimizer step,
+    each backward unscaled), whatever the strategy's ``accumulated_gradient`` says."""
     gas = int(gradient_accumulation)
     if gas < 1 or int(dp_size) < 1:
         raise ValueError(f"need dp_size >= 1 and gradient accumulation >= 1, got {dp_size}, {gradient_accumulation}")

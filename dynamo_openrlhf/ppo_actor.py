@@ -17,7 +17,10 @@
   With the prompt-balanced loss (``--dynamo.loss.prompt_weighting``), each micro-batch carries the
   per-sample weights in ``info["dynamo_loss_weight"]`` (popped before OpenRLHF logs ``info``); they
   multiply the modulated advantages, and the policy term's normaliser only cancels DeepSpeed's 1/gas
-  and the data-parallel averaging (:func:`dynamo_openrlhf.loss.balanced_normalizers`).
+  and the data-parallel averaging (:func:`dynamo_openrlhf.loss.balanced_normalizers`). The weights are
+  per-sample ``info`` entries, so they travel with their samples through OpenRLHF's splitting, DP balancing
+  and token-budget micro-batching (``--train.dynamic_batch_enable``, where DeepSpeed's gas is 1: the
+  update is the same as with fixed micro-batches).
   Each micro-batch's loss is checked before OpenRLHF's ``strategy.backward``: a NaN/inf loss stops the run
   with the micro-batch's samples named (index in the step, prompt id) and their non-finite inputs
   (:func:`dynamo_openrlhf.nonfinite.loss_report`).
@@ -156,7 +159,7 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
                                    "experience maker attaches it every step)")
             # The policy term's normaliser only cancels DeepSpeed's 1/gas and the DP averaging; the
             # weights carry 1/(N n_i L). KL and entropy terms keep OpenRLHF's normalisation.
-            kwargs.update(balanced_normalizers(kwargs.get("dp_size", 1), self.strategy.accumulated_gradient))
+            kwargs.update(balanced_normalizers(kwargs.get("dp_size", 1), self._deepspeed_gas()))
         out = self.dynamo_loss(log_probs, old_log_probs, advantages, action_mask=action_mask, entropy=entropy,
                                sample_weight=weight, **kwargs)
         stats = self.dynamo_loss.last_modulation_stats
@@ -170,6 +173,15 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
                 self._info[STAT_PREFIX + k] = v.detach().reshape(())
             self._info[TOKEN_ENTROPY_KEY] = _masked_mean(entropy, action_mask)
         return out
+
+    def _deepspeed_gas(self) -> int:
+        """The 1/gas DeepSpeed applies to each backward: the strategy's gradient accumulation, except with
+        ``--train.dynamic_batch_enable``, where OpenRLHF configures DeepSpeed with gradient_accumulation_steps 1
+        (token-budget micro-batches, a variable number per optimizer step, each backward unscaled) and steps the
+        optimizer itself at each step's last micro-batch."""
+        if getattr(self.args.train, "dynamic_batch_enable", False):
+            return 1
+        return self.strategy.accumulated_gradient
 
     def ppo_train(self, kl_ctl: float):
         """OpenRLHF's ``ppo_train``; the modulation's ``*_max`` / ``*_min`` statistics are added as the
