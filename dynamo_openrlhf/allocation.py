@@ -459,7 +459,9 @@ def noise_scale_metrics(scale) -> Dict[str, float]:
 @dataclasses.dataclass(frozen=True)
 class AllocationStep:
     """One step's allocation: ``counts`` (N,) int64 per candidate prompt, the posterior expected
-    variances ``variances`` (N,) it was made from, and the ``budget``. ``scale`` (N,): the pool's noise
+    variances ``variances`` (N,) it was made from, and the ``budget`` (rollouts allocated; with dynamic
+    filtering's refills, :meth:`RolloutAllocator.allocate_refill`, the refill prompts are appended and
+    ``budget`` counts their rollouts too, dropped groups' included). ``scale`` (N,): the pool's noise
     scale ŝ of each prompt when the allocation weighed the variances by it (None: off)."""
 
     counts: np.ndarray
@@ -470,6 +472,7 @@ class AllocationStep:
     beta: Optional[np.ndarray] = None
     scale: Optional[np.ndarray] = None
     skip_costs: Optional[np.ndarray] = None
+    refills: int = 0  # refill allocations appended (dynamic filtering: RolloutAllocator.allocate_refill)
 
     def metrics(self) -> Dict[str, float]:
         c = self.counts
@@ -564,6 +567,52 @@ class RolloutAllocator:
             skip_costs = self.pool.skip_costs(ids, c.skip_price, calibrated=c.calibrated, explore_seed=c.explore_seed)
         self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator, alpha=alpha,
                                    beta=beta, scale=scale, skip_costs=skip_costs)
+        return counts
+
+    def allocate_refill(self, prompt_ids: Sequence[int], budget: int) -> np.ndarray:
+        """int64 counts (N,) that spend up to ``budget`` rollouts (those of the groups dynamic filtering dropped
+        this step) on N refill prompts, by the run's rule from the pool as it stands (the dropped groups are
+        not learnt yet: the pool learns the whole step once, after it). Spends
+        min(``budget``, hi·N); with lo > 0 and lo·N > ``budget`` only the first ``budget // lo`` prompts are
+        allocated (the others get 0). The step's :attr:`last` is extended (its counts, variances, ... get
+        the refill prompts appended, its budget the rollouts spent), so that ``last`` describes every
+        rollout the step allocated. ValueError for a negative budget or before the step's :meth:`allocate`."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0:
+            raise ValueError(f"allocate_refill: budget must be an integer >= 0 (rollouts), got {budget!r}")
+        if self.last is None:
+            raise ValueError("allocate_refill: no allocation this step yet (call allocate first)")
+        c = self.config
+        spend = min(int(budget), c.hi * ids.size)
+        served = ids.size if c.lo == 0 else min(ids.size, spend // c.lo)
+        counts = np.zeros(ids.size, dtype=np.int64)
+        if served and spend:
+            sub = ids[:served]
+            v = self.pool.calibrated_variance(sub) if c.calibrated else self.pool.expected_variance(sub)
+            if c.rule == "filter":
+                part = filter_counts(self.pool.mean(sub), v, spend, c.lo, c.hi, c.filter_band)
+            else:
+                part = self.pool.allocate(sub, spend, c.lo, c.hi, c.rule, **self._options())
+            counts[:served] = np.asarray(part, dtype=np.int64)
+        if int(counts.sum()) != (spend if served else 0):
+            raise RuntimeError(f"refill allocation spent {int(counts.sum())} rollouts, budget {spend}")
+        step = self.last
+        v_all = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
+        cat = (lambda old, new: None if old is None else np.concatenate([old, np.asarray(new)]))
+        alpha = beta = None
+        if c.estimator == "group_norm":
+            a0, b0 = self.pool.prior
+            succ, fail = self.pool.evidence(ids)
+            alpha, beta = a0 + succ, b0 + fail
+        scale = self.pool.noise_scale(ids) if c.noise_scale is not None else None
+        skip_costs = None
+        if c.skip_price is not None:
+            skip_costs = self.pool.skip_costs(ids, c.skip_price, calibrated=c.calibrated, explore_seed=c.explore_seed)
+        self.last = dataclasses.replace(
+            step, counts=np.concatenate([step.counts, counts]), variances=np.concatenate([step.variances, v_all]),
+            budget=step.budget + int(counts.sum()), alpha=cat(step.alpha, alpha), beta=cat(step.beta, beta),
+            scale=cat(step.scale, scale), skip_costs=cat(step.skip_costs, skip_costs),
+            refills=step.refills + 1)
         return counts
 
     # -- pool update ---------------------------------------------------------------------------

@@ -12,6 +12,18 @@ where the group structure of a batch is written (tags) and read back (:class:`Ro
   reference code, docs/reference_notes.md), and tagged with ``info["dynamo_prompt_id"]`` (its
   request's id) and ``info["dynamo_group"]`` (a serial number per request, unique in the run). The
   samples of one request are contiguous.
+- With an allocator and ``--algo.dynamic_filtering_enable`` (dynamic sampling, DAPO-style): a group whose
+  rewards have no spread (:func:`zero_reward_spread`: max - min <= :data:`ZERO_SPREAD_TOL`, so a constant 0.5
+  group is dropped too, which OpenRLHF's mean-range test lets through) is dropped from the step, as OpenRLHF
+  drops it, but its outcomes are kept for the pass-rate pool (:meth:`DynamoSamplesGenerator.take_filtered`:
+  the trainer adds them to the step's pool update, so every rollout updates the pool once). When a wave of
+  requests is complete, the rollouts of the wave's dropped groups are refilled: one new prompt per dropped
+  group (times the over-sampling ratio ``num_candidates / rollout.batch_size``), drawn from the loader and
+  allocated by DynaMO with exactly those rollouts as budget (``refill_allocator(prompt_ids, budget)``),
+  until no group is dropped or the loader is exhausted. Refilling per wave, not per group, keeps the step
+  independent of completion order (the same prompts, the same allocations). The step trains on the
+  allocation's budget, as OpenRLHF trains on ``rollout.batch_size x n``; the dropped rollouts are spent
+  on top of it, counted in ``generated_rollouts`` and ``filtered_rollouts``.
 - With ``rollout_allocator = None`` (default), and always during evaluation, OpenRLHF's own
   methods run unchanged (and nothing is tagged). ``last_eval_samples`` keeps the last evaluation's
   samples (for pass@k).
@@ -34,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import inspect
+import math
 import dataclasses
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -52,10 +65,26 @@ from .nonfinite import STEP_INDEX_KEY, NonfiniteError, find_nonfinite, keep_whol
 from .prompt_ids import prompt_ids
 
 __all__ = ["DynamoSamplesGenerator", "RolloutGroups", "PROMPT_ID_KEY", "GROUP_KEY", "check_reward", "reward_source",
-           "outcome_values", "is_success"]
+           "outcome_values", "is_success", "zero_reward_spread", "merge_filtered_groups", "ZERO_SPREAD_TOL"]
 
 PROMPT_ID_KEY = "dynamo_prompt_id"
 GROUP_KEY = "dynamo_group"
+#: Dynamic filtering with an allocation: a group whose rewards' spread (max - min, in reward units) is at most
+#: this has no signal (every baseline-subtracted advantage is 0 up to rounding) and is dropped.
+ZERO_SPREAD_TOL = 1e-6
+
+
+def zero_reward_spread(rewards, tol: float = ZERO_SPREAD_TOL) -> bool:
+    """Whether one group's rewards ``rewards`` (G,) have no spread: all finite and max - min <= ``tol``
+    (reward units). A group with a NaN/inf reward has no defined spread: False (kept, so that the
+    ``--dynamo.nonfinite`` check sees it). An empty group: False. Unlike OpenRLHF's test (the mean outside
+    ``--algo.dynamic_filtering_range``), a constant group of partial credit (e.g. all 0.5) has no spread."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    if r.size == 0 or not np.isfinite(r).all():
+        return False
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"zero_reward_spread: tol must be a finite number >= 0, got {tol!r}")
+    return bool(r.max() - r.min() <= tol)
 
 _REQUIRED = {
     "_dispatch_prompts_to_vllm": ("self", "prompts", "labels", "images", "generate_kwargs"),
@@ -131,14 +160,31 @@ class DynamoSamplesGenerator(SamplesGenerator):
     ``rollout.batch_size``; more for over-sampling with skipping). ``reward_source``: the run's reward
     function file or URL (``--reward.remote_url``) or agent file; when set, every sample must come back
     with a reward, else one error names the sample and the source (:func:`check_reward`).
+    ``refill_allocator``: ``(prompt_ids, budget) -> per-prompt n`` spending at most ``budget`` rollouts
+    (:meth:`~dynamo_openrlhf.allocation.RolloutAllocator.allocate_refill`), needed with an allocator and
+    ``--algo.dynamic_filtering_enable``; ``success_threshold``: the pool's success rule for the dropped
+    groups' outcomes (``--dynamo.pool.success_threshold``).
     """
 
     def __init__(self, *args, rollout_allocator: Optional[Callable] = None, num_candidates: Optional[int] = None,
-                 reward_source: Optional[str] = None, **kwargs):
+                 reward_source: Optional[str] = None, refill_allocator: Optional[Callable] = None,
+                 success_threshold: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.rollout_allocator = rollout_allocator
         self.num_candidates = num_candidates
         self.reward_source = reward_source
+        self.refill_allocator = refill_allocator
+        self.success_threshold = float(success_threshold)
+        self.filtering = rollout_allocator is not None and bool(self.args.algo.dynamic_filtering_enable)
+        if self.filtering and refill_allocator is None:
+            raise ValueError("--algo.dynamic_filtering_enable with an allocation needs a refill_allocator (the "
+                             "dropped groups' rollouts are re-allocated over new prompts)")
+        # Dynamic filtering with an allocation: dropped groups (and their rollouts) so far and in the latest
+        # step; their outcomes wait in _filtered until the trainer's pool update takes them (take_filtered).
+        self.filtered_groups = 0
+        self.filtered_rollouts = 0
+        self.last_filtered_rollouts = 0
+        self._filtered: List[RolloutGroups] = []
         self._evaluating = False
         self._next_group = 0
         self.last_eval_samples: List[Experience] = []
@@ -171,8 +217,11 @@ class DynamoSamplesGenerator(SamplesGenerator):
     # -- one training step -------------------------------------------------------------------------
     @torch.no_grad()
     def generate_samples(self, **generate_kwargs) -> Tuple[List[Experience], Optional[float], int, bool]:
-        """One step: ``(samples, None, prompts_consumed, loader_exhausted)`` like OpenRLHF's. With an
-        allocator, exactly ``sum(n_i)`` samples (the allocator's budget) from ``num_candidates`` prompts."""
+        """One step: ``(samples, filter_pass_rate, prompts_consumed, loader_exhausted)`` like OpenRLHF's. With an
+        allocator, exactly ``sum(n_i)`` samples (the allocator's budget) from ``num_candidates`` prompts; with
+        dynamic filtering, the budget less the dropped groups' rollouts plus the refills' (the budget again unless
+        the loader ran out), ``prompts_consumed`` counting the refill prompts, and ``filter_pass_rate`` the
+        percentage of the step's groups that were kept (None without filtering)."""
         if self.rollout_allocator is None:
             samples, rate, consumed, exhausted = super().generate_samples(**generate_kwargs)
             return self._finish_step(samples), rate, consumed, exhausted
@@ -181,17 +230,31 @@ class DynamoSamplesGenerator(SamplesGenerator):
         num = self.num_candidates or self.args.rollout.batch_size
         prompts, labels, images, exhausted = _collect_prompt_batch(self._dataloader_iter, num)
         experiences: List[Experience] = []
+        consumed, rate = len(prompts), None
+        self.last_filtered_rollouts = 0
         if prompts:
             if self.args.vllm.enable_sleep:
                 batch_vllm_engine_call(self.vllm_engines, "wake_up")
             try:
-                experiences = self._generate_allocated(prompts, labels, images, **generate_kwargs)
+                experiences, consumed, exhausted, rate = self._generate_allocated(
+                    prompts, labels, images, exhausted, **generate_kwargs)
             finally:
                 if self.args.vllm.enable_sleep:
                     batch_vllm_engine_call(self.vllm_engines, "sleep")
         if exhausted:
             self._dataloader_iter = None
-        return self._finish_step(experiences), None, len(prompts), exhausted
+        return self._finish_step(experiences), rate, consumed, exhausted
+
+    def take_filtered(self) -> Optional[RolloutGroups]:
+        """The outcomes of the groups dynamic filtering dropped since the last call (prompt ids, sizes,
+        successes; rollout order of their steps), and forget them: the trainer's pool update calls it once per
+        step, so each dropped rollout reaches the pool once. None when there are none."""
+        if not self._filtered:
+            return None
+        parts, self._filtered = self._filtered, []
+        cat = (lambda name: np.concatenate([getattr(g, name) for g in parts]).astype(np.int64))
+        return RolloutGroups(prompt_ids=cat("prompt_ids"), sizes=cat("sizes"), successes=cat("successes"),
+                             positions=np.zeros(0, dtype=np.int64))
 
     # -- checks on a step's samples ----------------------------------------------------------------
     def _finish_step(self, samples: List[Experience]) -> List[Experience]:
@@ -299,10 +362,39 @@ class DynamoSamplesGenerator(SamplesGenerator):
                   "this warning is printed once.", flush=True)
         return cut
 
-    def _generate_allocated(self, prompts, labels, images, **generate_kwargs) -> List[Experience]:
+    def _generate_allocated(self, prompts, labels, images, exhausted: bool, **generate_kwargs):
+        """``(kept samples, prompts consumed, loader exhausted, filter pass rate or None)`` of one step: one wave of
+        requests, then (dynamic filtering) a refill wave per wave that dropped groups (module docstring)."""
         refs, requests = self._dispatch_allocated(prompts, labels, images, **generate_kwargs)
-        request_of = dict(zip(refs, requests))
         out: List[Experience] = []
+        consumed, groups_seen, groups_kept = len(prompts), 0, 0
+        while refs:
+            freed, dropped = 0, []
+            for exps in self._collect_groups(refs, requests, **generate_kwargs):
+                groups_seen += 1
+                if self.filtering and self._no_signal(exps):
+                    dropped.append(exps)
+                    freed += len(exps)
+                else:
+                    groups_kept += 1
+                    out.extend(exps)
+            refs = []
+            if dropped:
+                self._drop(dropped)
+            if freed and not exhausted:
+                ratio = (self.num_candidates or self.args.rollout.batch_size) / self.args.rollout.batch_size
+                k = max(len(dropped), int(round(len(dropped) * ratio)))
+                prompts, labels, images, exhausted = _collect_prompt_batch(self._dataloader_iter, k)
+                consumed += len(prompts)
+                if prompts:
+                    refs, requests = self._dispatch_allocated(prompts, labels, images, refill_budget=freed,
+                                                              **generate_kwargs)
+        rate = 100.0 * groups_kept / groups_seen if self.filtering and groups_seen else None
+        return out, consumed, exhausted, rate
+
+    def _collect_groups(self, refs, requests, **generate_kwargs):
+        """Yield each request's samples (tagged, one group) as its engine call completes."""
+        request_of = dict(zip(refs, requests))
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=10.0)
@@ -311,6 +403,7 @@ class DynamoSamplesGenerator(SamplesGenerator):
                 responses = ray.get(ref)
                 if len(responses) != n:
                     raise RuntimeError(f"rollout engine returned {len(responses)} samples for a request of n={n}")
+                exps = []
                 for response in responses:
                     if response["prompt"] != prompt or response["label"] != label:
                         raise RuntimeError("rollout engine returned a sample of another prompt/label for group "
@@ -318,8 +411,31 @@ class DynamoSamplesGenerator(SamplesGenerator):
                     exp = self._process_response_into_experience(response, **generate_kwargs)
                     exp.info[PROMPT_ID_KEY] = torch.tensor([pid], dtype=torch.int64)
                     exp.info[GROUP_KEY] = torch.tensor([group], dtype=torch.int64)
-                    out.append(exp)
-        return out
+                    exps.append(exp)
+                yield exps
+
+    @staticmethod
+    def _no_signal(exps: List[Experience]) -> bool:
+        """Dynamic filtering's test for one group: its rewards have no spread (:func:`zero_reward_spread`). A
+        group without rewards at rollout time (a reward model scores later) is kept, as OpenRLHF keeps it; one
+        with a non-finite reward or score is kept for the ``--dynamo.nonfinite`` check."""
+        if any(e.rewards is None for e in exps):
+            return False
+        for what in ("rewards", "scores"):
+            vals = [getattr(e, what) for e in exps]
+            if all(v is not None for v in vals):
+                flat = torch.cat([v.reshape(-1) for v in vals]).double().numpy()
+                if not np.isfinite(flat).all():
+                    return False
+        return zero_reward_spread(torch.cat([e.rewards.reshape(-1) for e in exps]).double().numpy())
+
+    def _drop(self, dropped: List[List[Experience]]) -> None:
+        """Keep the outcomes of the dropped groups for the pool (in the order they came back) and count them."""
+        flat = [e for exps in dropped for e in exps]
+        self._filtered.append(RolloutGroups.from_experiences(flat, self.success_threshold))
+        self.filtered_groups += len(dropped)
+        self.filtered_rollouts += len(flat)
+        self.last_filtered_rollouts += len(flat)
 
     # -- dispatch --------------------------------------------------------------------------------
     def _dispatch_prompts_to_vllm(
@@ -329,11 +445,19 @@ class DynamoSamplesGenerator(SamplesGenerator):
             return super()._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
         return self._dispatch_allocated(prompts, labels, images, **generate_kwargs)[0]
 
-    def _dispatch_allocated(self, prompts, labels, images, **generate_kwargs) -> Tuple[List, List[tuple]]:
+    def _dispatch_allocated(self, prompts, labels, images, refill_budget: Optional[int] = None,
+                            **generate_kwargs) -> Tuple[List, List[tuple]]:
         """Refs and their requests ``(group serial, prompt, label, n, prompt id)``; prompts with n = 0 are not
-        sent. Each (prompt, label) is hashed here, once per step."""
+        sent. Each (prompt, label) is hashed here, once per step. ``refill_budget``: these are refill prompts
+        for that many dropped rollouts (``refill_allocator``), else the step's candidates (``rollout_allocator``)."""
         ids = prompt_ids(prompts, labels)
-        counts = _validate_allocation(self.rollout_allocator(ids), len(prompts))
+        if refill_budget is None:
+            counts = _validate_allocation(self.rollout_allocator(ids), len(prompts))
+        else:
+            counts = _validate_allocation(self.refill_allocator(ids, int(refill_budget)), len(prompts))
+            if sum(counts) > refill_budget:
+                raise ValueError(f"refill_allocator spent {sum(counts)} rollouts, more than the {refill_budget} of "
+                                 "the dropped groups")
         if images is None:
             images = [None] * len(prompts)
         todo = [(p, l, img, n, int(pid)) for p, l, img, n, pid in zip(prompts, labels, images, counts, ids) if n > 0]
@@ -522,3 +646,40 @@ class RolloutGroups:
             noise_success=noise_success,
             noise_failure=noise_failure,
         )
+
+
+def merge_filtered_groups(groups: RolloutGroups, filtered: Optional[RolloutGroups],
+                          class_means: Tuple[Optional[float], Optional[float]] = (None, None)):
+    """One step's pool update rows: the trained ``groups`` followed by the ``filtered`` ones (dynamic filtering's
+    dropped groups, :meth:`DynamoSamplesGenerator.take_filtered`), as ``(prompt_ids, successes, trials,
+    noise_success, noise_failure)`` (int64 (M,) x 3, then float64 (M,) or None).
+
+    Noise sums (``groups`` read with a noise proxy): the dropped groups never reach the actor's forward, so
+    their rollouts have no proxy; each is counted at its class's mean q (``class_means`` = the pool's
+    :attr:`~dynamo_openrlhf._core.PassRatePool.noise_means` before the update, else the trained groups' mean
+    of the class in this step), which is what the pool itself does for a rollout without noise, so the class
+    means do not move. When a dropped rollout's class has neither mean, the step passes no noise at all
+    (both None; the pool then counts every rollout of a started class at its mean)."""
+    rows = (groups.prompt_ids, groups.successes, groups.sizes)
+    ns, nf = groups.noise_success, groups.noise_failure
+    if filtered is None or filtered.sizes.size == 0:
+        return (*rows, ns, nf)
+    ids = np.concatenate([groups.prompt_ids, filtered.prompt_ids]).astype(np.int64)
+    succ = np.concatenate([groups.successes, filtered.successes]).astype(np.int64)
+    trials = np.concatenate([groups.sizes, filtered.sizes]).astype(np.int64)
+    if ns is None or nf is None:
+        return ids, succ, trials, None, None
+    fs = filtered.successes.astype(np.float64)
+    ff = (filtered.sizes - filtered.successes).astype(np.float64)
+    out = []
+    for count, kept_sum, kept_count, pool_mean in ((fs, ns, groups.successes, class_means[0]),
+                                                   (ff, nf, groups.sizes - groups.successes, class_means[1])):
+        mean = pool_mean
+        if mean is None and kept_count.sum() > 0:
+            mean = float(np.sum(kept_sum)) / float(kept_count.sum())
+        if mean is None:
+            if count.sum() > 0:
+                return ids, succ, trials, None, None
+            mean = 0.0
+        out.append(np.concatenate([np.asarray(kept_sum, dtype=np.float64), count * float(mean)]))
+    return ids, succ, trials, out[0], out[1]
