@@ -121,9 +121,11 @@ BOOTSTRAP = 10_000
 
 # No checkpoints (their wall time has nothing to do with the method), no best-model tracking; nothing capped by
 # --data.max_samples (the study's files are already the sets it means); the final evaluation at the last step; the
-# transformers rollout engine (as the previous study: a run starts in about a third of the vLLM CPU engine's time).
+# transformers rollout engine (as the previous study: a run starts in about a third of the vLLM CPU engine's time);
+# float32 training, named although it is the CPU default (the first attempt trained in bf16, ~10x slower here).
 COMMON_FLAGS = ["--dynamo.tiny_task", TASK, "--ckpt.save_steps", "1000000", "--ckpt.best_metric_key", "none",
-                "--data.max_samples", "100000000", "--dynamo.eval_at_end", "--dynamo.cpu_engine", "transformers"]
+                "--data.max_samples", "100000000", "--dynamo.eval_at_end", "--dynamo.cpu_engine", "transformers",
+                "--dynamo.cpu_dtype", "fp32"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ Process patches (``apply_cpu_patches``; idempotent; in the driver and in every R
     the optimizer config, so DeepSpeed uses ``torch.optim.AdamW`` instead of building FusedAdam.
   * replay buffer: ``NaiveReplayBuffer`` targets ``cuda:<device>``; it targets ``cpu`` instead.
   * EMA: ``moving_average(..., "cuda")`` is given ``"cpu"``.
+  * number format (``--dynamo.cpu_dtype``, ``DYNAMO_OPENRLHF_CPU_DTYPE``): ``fp32`` (the default) loads
+    the models in float32 (``convert_to_torch_dtype``), turns DeepSpeed's bf16/fp16 modes off and runs the
+    vLLM CPU engine in float32; OpenRLHF's ``--ds.param_dtype`` offers bf16/fp16 only, which a CPU
+    without AVX512-BF16 multiplies an order of magnitude slower. ``bf16`` keeps OpenRLHF's choice.
   * ``torch.cuda.current_stream`` returns None (OpenRLHF passes it to the sync broadcast).
   * weight sync actor -> rollout engine: OpenRLHF broadcasts each parameter over NCCL (or CUDA
     IPC). vLLM engine: the same code over a gloo group (``stateless_init_process_group`` is
@@ -92,6 +96,9 @@ __all__ = [
     "vllm_cpu_build",
     "resolve_cpu_engine",
     "cpu_engine",
+    "cpu_dtype",
+    "CPU_DTYPES",
+    "DTYPE_ENV",
     "GlooWeightSyncGroup",
     "CPUWorkerWrap",
     "create_cpu_rollout_engines",
@@ -113,6 +120,11 @@ ENGINE_ENV = "DYNAMO_OPENRLHF_CPU_ENGINE"
 KV_CACHE_ENV = "DYNAMO_OPENRLHF_CPU_KV_CACHE_MB"
 DEFAULT_KV_CACHE_MB = 256
 CPU_ENGINES = ("auto", "vllm", "transformers")
+# Number format the actor trains in and the vLLM CPU engine runs in ("fp32" or "bf16"), set by the driver
+# for every Ray worker (--dynamo.cpu_dtype). Unset: --ds.param_dtype as OpenRLHF reads it.
+DTYPE_ENV = "DYNAMO_OPENRLHF_CPU_DTYPE"
+CPU_DTYPES = ("fp32", "bf16")
+DEFAULT_CPU_DTYPE = "fp32"
 
 # Names of the modules this backend put into sys.modules (empty when the real packages are used).
 _INSTALLED: list[str] = []
@@ -280,10 +292,28 @@ def _patch_deepspeed() -> None:
     ds_comm_torch.build_shm_op = lambda: None
 
 
+def cpu_dtype() -> str:
+    """The number format of this CPU run: ``"fp32"`` or ``"bf16"`` (``DYNAMO_OPENRLHF_CPU_DTYPE``;
+    unset means OpenRLHF's own ``--ds.param_dtype``, reported as ``"bf16"``)."""
+    value = os.environ.get(DTYPE_ENV, "bf16")
+    if value not in CPU_DTYPES:
+        raise ValueError(f"{DTYPE_ENV}={value!r}: expected one of {', '.join(CPU_DTYPES)}")
+    return value
+
+
+def _float32_ds_config(cfg: dict) -> dict:
+    """DeepSpeed trains in float32 when neither bf16 nor fp16 is enabled."""
+    for key in ("bf16", "fp16"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key]["enabled"] = False
+    return cfg
+
+
 def _patch_openrlhf() -> None:
     import torch
 
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+    import openrlhf.utils.utils as openrlhf_utils
     from openrlhf.trainer.ppo_utils import replay_buffer
     from openrlhf.trainer.ray import ppo_actor, vllm_engine
     import openrlhf.trainer.ray as trainer_ray
@@ -304,9 +334,24 @@ def _patch_openrlhf() -> None:
         opt = cfg.get("optimizer")
         if opt and opt.get("type") in ("Adam", "AdamW"):
             opt.setdefault("params", {})["torch_adam"] = True
-        return cfg
+        return _float32_ds_config(cfg) if cpu_dtype() == "fp32" else cfg
 
     ds_strategy.get_train_ds_config = get_train_ds_config
+
+    # float32 training (--dynamo.cpu_dtype fp32): OpenRLHF's --ds.param_dtype offers bf16/fp16 only, and a CPU
+    # without AVX512-BF16 runs their matmuls ~13-17x slower than float32. Models load in float32 (OpenRLHF
+    # imports convert_to_torch_dtype at call time) and DeepSpeed's bf16/fp16 modes are off.
+    orig_eval_cfg, orig_to_dtype = ds_strategy.get_eval_ds_config, openrlhf_utils.convert_to_torch_dtype
+
+    def get_eval_ds_config(*args, **kwargs):
+        cfg = orig_eval_cfg(*args, **kwargs)
+        return _float32_ds_config(cfg) if cpu_dtype() == "fp32" else cfg
+
+    def convert_to_torch_dtype(param_dtype):
+        return torch.float32 if cpu_dtype() == "fp32" else orig_to_dtype(param_dtype)
+
+    ds_strategy.get_eval_ds_config = get_eval_ds_config
+    openrlhf_utils.convert_to_torch_dtype = convert_to_torch_dtype
 
     # EMA updates target "cuda".
     orig_ema = ds_strategy.DeepspeedStrategy.moving_average
@@ -977,7 +1022,8 @@ def _vllm_engine_kwargs(common: Dict[str, Any], *, num_gpus: float, full_determi
         tensor_parallel_size=1,
         distributed_executor_backend="uni",
         enable_prefix_caching=enable_prefix_caching,
-        dtype="bfloat16",  # what OpenRLHF runs its engines in, and the actor's --ds.param_dtype bf16
+        # OpenRLHF runs its engines in bf16, the actor's --ds.param_dtype; float32 with --dynamo.cpu_dtype fp32
+        dtype="float32" if cpu_dtype() == "fp32" else "bfloat16",
         trust_remote_code=True,
         full_determinism=full_determinism,
         kv_cache_memory_bytes=kv_mb << 20,

@@ -16,6 +16,10 @@
 * with ``--dynamo.allocation.noise_scale``, the pool also learns each prompt's gradient-noise scale from a
   per-rollout proxy of the step's own log-probs (the experience maker sums it per group and outcome class),
   the allocation weighs each prompt's variance by it, logged as ``dynamo/noise_scale_mean``/``_spread``;
+* with ``--algo.dynamic_filtering_enable`` and an allocation, the groups without reward spread are dropped
+  from the update but learnt by the pool in the step's update, their rollouts refilled over new prompts by
+  the allocator (:meth:`~dynamo_openrlhf.allocation.RolloutAllocator.allocate_refill`), and logged as
+  ``dynamo/filtered_groups`` / ``dynamo/filtered_rollouts``;
 * logs ``dynamo/generated_rollouts`` and ``dynamo/generated_tokens`` every step: what the rollout engines
   returned for training since the previous step, including the groups OpenRLHF's
   ``--algo.dynamic_filtering_enable`` discards (``rollout/num_samples`` counts only the trained ones);
@@ -55,6 +59,7 @@ from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
     RolloutGroups,
+    merge_filtered_groups,
     outcome_values,
     reward_source,
 )
@@ -111,6 +116,8 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             rollout_allocator=self.allocator.allocate if config is not None else None,
             num_candidates=config.candidates_per_step if config is not None else None,
             reward_source=reward_source(self.args),
+            refill_allocator=self.allocator.allocate_refill if config is not None else None,
+            success_threshold=self.args.dynamo.pool.success_threshold,
         )
         self.balancing = prompt_balancing(self.args)
         if config is not None or self.balancing is not None:
@@ -140,13 +147,16 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     def train_step(self, rollout_samples, global_step: int):
         if self.allocator is not None:
             expected = self.allocator.last.budget if self.allocator.last is not None else None
-            if expected is not None:  # less the groups --dynamo.nonfinite drop removed
+            if expected is not None:  # less the groups --dynamo.nonfinite drop and dynamic filtering removed
                 expected -= getattr(self.samples_generator, "last_nonfinite_dropped", 0)
+                expected -= getattr(self.samples_generator, "last_filtered_rollouts", 0)
             if expected is not None and len(rollout_samples) != expected:
                 raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
         status, global_step = super().train_step(rollout_samples, global_step)
         status.update(self._generated_since_last_step())
         status.update(self._fault_counts_since_last_step())
+        if getattr(self.samples_generator, "filtering", False):  # dynamic filtering with an allocation
+            status.update(self._filtered_since_last_step())
         L = getattr(self.experience_maker, "last_token_normalizer", None)
         if self.balancing is not None and self.balancing.token_level and L is not None:
             status["dynamo/token_normalizer"] = L  # the L of this step's weights
@@ -167,6 +177,16 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         return {"dynamo/generated_rollouts": float(now[0] - done[0]),
                 "dynamo/generated_tokens": float(now[1] - done[1])}
 
+    def _filtered_since_last_step(self) -> Dict[str, float]:
+        """``dynamo/filtered_groups`` / ``dynamo/filtered_rollouts``: groups (rollouts) that dynamic filtering
+        dropped with an allocation since the previous step's log (their rollouts are in
+        ``dynamo/generated_rollouts`` and in the pool, not in the update)."""
+        gen = self.samples_generator
+        now = (gen.filtered_groups, gen.filtered_rollouts)
+        done = getattr(self, "_filtered_logged", (0, 0))
+        self._filtered_logged = now
+        return {"dynamo/filtered_groups": float(now[0] - done[0]), "dynamo/filtered_rollouts": float(now[1] - done[1])}
+
     def _fault_counts_since_last_step(self) -> Dict[str, float]:
         """``dynamo/nonfinite_dropped`` (samples removed by ``--dynamo.nonfinite drop``: the generator's for
         rewards, the experience maker's for old log-probs and advantages) and ``dynamo/prompts_truncated``
@@ -181,9 +201,13 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     def _record_groups(self, groups: RolloutGroups) -> None:
         """The experience maker hands each step's groups here as soon as it has read them (inside
         OpenRLHF's ``train_step``): the pool learns the step's verified outcomes, and with
-        ``--dynamo.allocation.noise_scale`` each group's per-class sums of the noise proxy (None when off)."""
-        self.allocator.record(groups.prompt_ids, groups.successes, groups.sizes,
-                              noise_success=groups.noise_success, noise_failure=groups.noise_failure)
+        ``--dynamo.allocation.noise_scale`` each group's per-class sums of the noise proxy (None when off). With
+        dynamic filtering the groups it dropped since the previous update join them, in the same update (one
+        forgetting step), their noise counted at the class means (:func:`merge_filtered_groups`)."""
+        gen = getattr(self, "samples_generator", None)
+        filtered = gen.take_filtered() if isinstance(gen, DynamoSamplesGenerator) else None
+        ids, succ, trials, ns, nf = merge_filtered_groups(groups, filtered, self.allocator.pool.noise_means)
+        self.allocator.record(ids, succ, trials, noise_success=ns, noise_failure=nf)
 
     # -- state kept in OpenRLHF checkpoints -----------------------------------------------------
     def _running_normalizer(self):

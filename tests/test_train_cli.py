@@ -106,6 +106,41 @@ def test_builtin_reward_name_resolves_to_its_file():
         _resolve_reward_modules("dynamo_openrlhf.version_check")
 
 
+DTYPE_SCRIPT = r"""
+import json, os, sys
+from dynamo_openrlhf import cpu_backend
+assert cpu_backend.apply_cpu_patches()
+import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+import openrlhf.utils.utils as openrlhf_utils
+
+out = {}
+for value in ("fp32", "bf16"):
+    os.environ[cpu_backend.DTYPE_ENV] = value
+    train = ds_strategy.get_train_ds_config(offload=False, stage=2, param_dtype="bf16", max_norm=1.0)
+    ev = ds_strategy.get_eval_ds_config(offload=False, stage=0, param_dtype="bf16")
+    engine = cpu_backend._vllm_engine_kwargs({}, num_gpus=0, full_determinism=False, enable_prefix_caching=False,
+                                             logprobs_mode=None)
+    out[value] = [str(openrlhf_utils.convert_to_torch_dtype("bf16")), train["bf16"]["enabled"],
+                  train["fp16"]["enabled"], ev["bf16"]["enabled"], engine["dtype"]]
+os.environ[cpu_backend.DTYPE_ENV] = "fp64"
+try:
+    cpu_backend.cpu_dtype()
+except ValueError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_cpu_dtype_fp32_turns_openrlhfs_bf16_into_float32_and_bf16_keeps_it():
+    r = subprocess.run([sys.executable, "-c", DTYPE_SCRIPT], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["fp32"] == ["torch.float32", False, False, False, "float32"]
+    assert out["bf16"] == ["torch.bfloat16", True, False, True, "bfloat16"]
+    assert out["error"] == "DYNAMO_OPENRLHF_CPU_DTYPE='fp64': expected one of fp32, bf16"
+
+
 # ----------------------------------------------------------------------------------------------
 # The CPU rollout engine: one request per prompt, each with its own n
 # ----------------------------------------------------------------------------------------------
@@ -233,9 +268,10 @@ def test_e2e_grpo_updates_the_actor(e2e):
     final = e2e["weights_run1"]
     assert set(final) <= set(start)
     changed = 0.0
+    # --dynamo.cpu_dtype fp32 (the CPU default): the actor trained, and saved, float32 weights
+    assert {w.dtype for w in final.values()} == {torch.float32}
     for name, w in final.items():
-        ref = start[name].to(w.dtype)  # the actor trains in bf16: compare at its precision
-        changed = max(changed, (w.float() != ref.float()).float().mean().item())
+        changed = max(changed, (w != start[name].float()).float().mean().item())
     assert changed > 0.05, "the GRPO steps did not change the actor's weights"
     assert all(torch.isfinite(w.float()).all() for w in final.values())
 
@@ -478,8 +514,8 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
 
     assert _dynamo_problems(args()) == []
     assert _dynamo_problems(args(**{"dynamo.allocation.rule": "off", "algo.dynamic_filtering_enable": True})) == []
-    (p,) = _dynamo_problems(args(**{"algo.dynamic_filtering_enable": True}))
-    assert "--algo.dynamic_filtering_enable" in p and "--dynamo.allocation.oversample" in p
+    # dynamic filtering with an allocation: supported (issue #25 §2, tests/test_dynamic_filtering.py)
+    assert _dynamo_problems(args(**{"algo.dynamic_filtering_enable": True})) == []
     (p,) = _dynamo_problems(args(**{"train.async_enable": True}))
     assert "--train.async_enable is not supported" in p
     (p,) = _dynamo_problems(args(**{"algo.advantage.estimator": "flash_reinforce"}))
@@ -557,7 +593,6 @@ def test_prompt_weighting_flags_resolve_and_are_validated():
         (dict(L=float("inf")), "--dynamo.loss.token_normalizer must be a finite number > 0, got inf"),
         (dict(L=8.0, agg="seq-mean-token-mean"), "--dynamo.loss.token_normalizer does not apply with "
                                                   "--actor.loss_agg_mode seq-mean-token-mean"),
-        (dict(dyn=True), "--train.dynamic_batch_enable is not supported with --dynamo.loss.prompt_weighting balanced"),
         (dict(asyn=True, rule="off", weighting="balanced"), "--train.async_enable is not supported with "
                                                             "--dynamo.loss.prompt_weighting balanced"),
         (dict(rule="off", L=8.0), "--dynamo.loss.token_normalizer applies to the balanced loss only; the run uses "
@@ -569,8 +604,10 @@ def test_prompt_weighting_flags_resolve_and_are_validated():
             prompt_balancing(args(**kw))
         problems = _dynamo_problems(args(**kw))
         assert any(message in p for p in problems), (kw, problems)
-    # OpenRLHF's own validation of dynamic batching / the tokens loss are untouched
+    # OpenRLHF's own validation of dynamic batching / the tokens loss are untouched; the balanced loss takes dynamic
+    # batching (issue #25 §3, tests/test_dynamic_batch.py)
     assert _dynamo_problems(args(weighting="tokens", dyn=True)) == []
+    assert _dynamo_problems(args(dyn=True)) == []
 
 
 def test_dynamo_flags_imply_openrlhf_settings_and_say_so(capsys):
