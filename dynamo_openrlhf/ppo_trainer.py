@@ -54,6 +54,7 @@ from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf._core import PassRatePool  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
+from dynamo_openrlhf.checkpoint import MODEL_STATES, latest_tag  # noqa: E402
 from dynamo_openrlhf.evaluate import default_ks, is_success, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
@@ -239,15 +240,31 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             if "allocator" not in state:
                 raise ValueError("the checkpoint has no DynaMO pass-rate pool (saved with --dynamo.allocation.rule "
                                  "off or by an older version); cannot resume the allocation exactly")
-            self.allocator.load_state_dict(state["allocator"])
+            try:
+                self.allocator.load_state_dict(state["allocator"])
+            except ValueError as e:  # its length or a checksum does not hold: never resume from it
+                raise ValueError(f"{self._checkpoint_file()}: the DynaMO pass-rate pool in this checkpoint is not "
+                                 f"valid ({str(e).replace('<bytes> ', '')}); resume from an earlier checkpoint "
+                                 "(write its tag into the 'latest' file next to it)") from None
             print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
                   f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()}", flush=True)
         if running is not None:
             print(f"[dynamo] restored token normaliser: L = {running.value!r} (running mean response length of "
                   f"{running.steps} steps)", flush=True)
 
+    def _checkpoint_file(self) -> str:
+        """The model-state file of the checkpoint ``--ckpt.load_enable`` resumes from (it holds client_states)."""
+        ckpt = os.path.join(self.args.ckpt.path, "_actor")
+        return os.path.join(ckpt, latest_tag(ckpt) or "<latest>", MODEL_STATES)
+
     def init_checkpoint_states(self):
         states = super().init_checkpoint_states()
+        if "global_step" not in states:
+            # --ckpt.load_enable, a checkpoint directory, but no complete checkpoint in it (a kill during the first
+            # save): OpenRLHF's actor loaded nothing and hands back {}, which OpenRLHF's fit cannot read.
+            print(f"[dynamo] no complete checkpoint in {os.path.join(self.args.ckpt.path, '_actor')}: "
+                  "starting from step 0", flush=True)
+            states = {"episode": 0, "global_step": 0, "total_consumed_prompts": 0, "data_loader_state_dict": {}}
         if states.get("dynamo") and not self._restored:
             self.load_dynamo_state_dict(states["dynamo"])
             self._restored = True
