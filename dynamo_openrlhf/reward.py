@@ -161,11 +161,11 @@ def _serve() -> None:  # pragma: no cover - runs in the helper process
 
 
 class _Helper:
-    def __init__(self, startup_timeout: float):
+    def __init__(self, startup_timeout: float, helper_file: str):
         env = dict(os.environ)
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_CMD, os.path.abspath(__file__)],
+            [sys.executable, "-c", _SERVE_CMD, helper_file],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -178,7 +178,8 @@ class _Helper:
         reply = self._read(startup_timeout)
         if not reply or not reply.get("ready"):
             self.kill()
-            raise RuntimeError("math-verify helper process did not start (is math-verify installed?)")
+            raise RuntimeError(f"math-verify helper process ({helper_file}) did not start within "
+                               f"{startup_timeout:g}s (is math-verify installed?)")
 
     def _read(self, timeout: float) -> Optional[dict]:
         if not self.sel.select(timeout):
@@ -218,11 +219,25 @@ class Score(NamedTuple):
 
 
 class MathReward:
-    """Scores responses against labels with math-verify under a per-sample time/memory budget."""
+    """Scores responses against labels with math-verify under a per-sample time/memory budget.
+
+    ``timeout_s``: wall-clock budget per sample in seconds (default ``$DYNAMO_REWARD_TIMEOUT_S`` or 5);
+    ``workers``: helper processes, i.e. samples checked at once (default ``$DYNAMO_REWARD_WORKERS`` or 2);
+    ``startup_timeout_s``: how long a helper may take to start; ``helper_file``: the Python file whose
+    ``_serve()`` the helpers run (default: this file's math-verify loop; another checker speaking the same
+    one-JSON-line protocol gets the same time and memory budget). A sample past its budget costs its slot
+    ``timeout_s`` plus a helper restart, so a step whose every sample times out takes about
+    ``ceil(samples / workers) x (timeout_s + helper start)`` (measured: docs/faults.md)."""
 
     def __init__(self, timeout_s: Optional[float] = None, workers: Optional[int] = None,
-                 max_answer_chars: int = MAX_ANSWER_CHARS, startup_timeout_s: float = 120.0):
+                 max_answer_chars: int = MAX_ANSWER_CHARS, startup_timeout_s: float = 120.0,
+                 helper_file: Optional[str] = None):
         self.timeout_s = float(timeout_s if timeout_s is not None else os.environ.get("DYNAMO_REWARD_TIMEOUT_S", 5.0))
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
+        self.helper_file = os.path.abspath(helper_file or __file__)
+        if not os.path.isfile(self.helper_file):
+            raise ValueError(f"helper_file {self.helper_file} does not exist")
         self.max_answer_chars = max_answer_chars
         self.startup_timeout_s = startup_timeout_s
         n = int(workers if workers is not None else os.environ.get("DYNAMO_REWARD_WORKERS", 2))
@@ -240,7 +255,7 @@ class MathReward:
         helper = self._slots.get()
         try:
             if helper is None or not helper.alive():
-                helper = _Helper(self.startup_timeout_s)
+                helper = _Helper(self.startup_timeout_s, self.helper_file)
             reply = helper.ask(answer, str(label), self.timeout_s)
             if reply is None:
                 helper = None
