@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dynamo_openrlhf.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["tiny-cpu"], default=None,
                    help="tiny-cpu: the tiny preset's warm-started model and eval split (built and cached once)")
+    p.add_argument("--tiny_task", choices=["arith", "carry"], default="carry",
+                   help="problem set of --preset tiny-cpu, as the trainer's --dynamo.tiny_task (default carry)")
     p.add_argument("--cache_dir", default=None, help="preset cache root (default: $DYNAMO_OPENRLHF_CACHE or ~/.cache/dynamo_openrlhf)")
     p.add_argument("--model", default=None, help="Hugging Face model directory, or a training run directory "
                    "(--dynamo.run_dir; its final/ HF model is used)")
@@ -325,9 +327,10 @@ def main(argv=None) -> int:
     opt = lambda name: getattr(args, name)  # noqa: E731 - dotted dests
 
     if args.preset == "tiny-cpu":
-        from dynamo_openrlhf.tiny import prepare_tiny_assets
+        from dynamo_openrlhf.tiny import TinyConfig, prepare_tiny_assets
 
-        assets = prepare_tiny_assets(args.cache_dir, log=lambda m: print(m, file=sys.stderr))
+        assets = prepare_tiny_assets(args.cache_dir, TinyConfig(task=args.tiny_task),
+                                     log=lambda m: print(m, file=sys.stderr))
         explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         if args.model is None:
             args.model = str(assets.model_dir)

@@ -99,7 +99,11 @@ def test_cli_tiny_preset_end_to_end(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("math_verify")
     out = tmp_path / "eval.json"
-    p = _run("--preset", "tiny-cpu", "--n", "4", "--k", "1,2,4", "--max_prompts", "16",
+    from dynamo_openrlhf.evaluate import build_parser
+
+    # the trainer's default task by default; the arith assets here (the ones the other tests build)
+    assert build_parser().parse_args(["--preset", "tiny-cpu"]).tiny_task == "carry"
+    p = _run("--preset", "tiny-cpu", "--tiny_task", "arith", "--n", "4", "--k", "1,2,4", "--max_prompts", "16",
              "--bootstrap", "200", "--output", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "pass@1" in p.stdout and "| difficulty |" in p.stdout
