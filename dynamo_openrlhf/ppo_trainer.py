@@ -258,7 +258,24 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         return os.path.join(ckpt, latest_tag(ckpt) or "<latest>", MODEL_STATES)
 
     def init_checkpoint_states(self):
-        states = super().init_checkpoint_states()
+        """OpenRLHF's checkpoint states (``{"episode": 0, "global_step": 0, ...}`` on a fresh run), the DynaMO
+        state restored from them once. OpenRLHF's own version is not called: it logs the whole dict, which with
+        a pool is the repr of the pool's bytes (4 characters per byte: ~1 GB of log line for a 10M-prompt pool),
+        and fit() asks for the states twice. The first answer is kept without its ``"dynamo"`` entry (the pool's
+        bytes are not held for the whole run) and handed out again, as a shallow copy. On a restore a
+        ``{"type": "ckpt_load"}`` row goes to the metrics: ``timing/ckpt_states_fetch`` (s, the states from the
+        actor, over Ray) and ``timing/dynamo_pool_load`` (s, :meth:`load_dynamo_state_dict`)."""
+        cached = getattr(self, "_checkpoint_states", None)
+        if cached is not None:
+            return dict(cached)
+        ckpt_path = os.path.join(self.args.ckpt.path, "_actor")
+        t0 = time.perf_counter()
+        if self.args.ckpt.load_enable and os.path.exists(ckpt_path):
+            states = ray.get(self.actor_model_group.async_run_method(method_name="get_checkpoint_states"))[0]
+            print(f"[dynamo] checkpoint states: { {k: v for k, v in states.items() if k != 'dynamo'} }", flush=True)
+        else:
+            states = {"episode": 0, "global_step": 0, "total_consumed_prompts": 0, "data_loader_state_dict": {}}
+        fetch_s = time.perf_counter() - t0
         if "global_step" not in states:
             # --ckpt.load_enable, a checkpoint directory, but no complete checkpoint in it (a kill during the first
             # save): OpenRLHF's actor loaded nothing and hands back {}, which OpenRLHF's fit cannot read.
@@ -266,9 +283,14 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                   "starting from step 0", flush=True)
             states = {"episode": 0, "global_step": 0, "total_consumed_prompts": 0, "data_loader_state_dict": {}}
         if states.get("dynamo") and not self._restored:
+            t0 = time.perf_counter()
             self.load_dynamo_state_dict(states["dynamo"])
             self._restored = True
-        return states
+            self._record({"type": "ckpt_load", "step": states["global_step"], "time": time.time(),
+                          "timing/ckpt_states_fetch": fetch_s, "timing/dynamo_pool_load": time.perf_counter() - t0})
+        states = {k: v for k, v in states.items() if k != "dynamo"}
+        self._checkpoint_states = states
+        return dict(states)
 
     # -- metrics -------------------------------------------------------------------------------
     def _record(self, row: Dict[str, Any]) -> None:
@@ -283,10 +305,23 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         row = {"type": "train", "step": global_step, "time": time.time(), **_scalars(logs_dict or {})}
         self._record(row)
         # The pool is O(pool) to serialise: only for steps that can write a checkpoint (regular or best).
+        state_s = None
         if client_states is not None and (global_step % self.args.ckpt.save_steps == 0
                                           or global_step % self.args.eval.steps == 0):
+            t0 = time.perf_counter()
             client_states["dynamo"] = self.dynamo_state_dict()
-        return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+            state_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+        if state_s is not None and global_step % self.args.ckpt.save_steps == 0:
+            # A checkpoint was written (after the step's train row): timing/dynamo_pool_save (s, the DynaMO state,
+            # i.e. the pool's to_bytes), timing/ckpt_save (s, OpenRLHF's save: client_states over Ray to the actor,
+            # torch.save of model, optimizer and client_states), dynamo/pool_state_bytes (the pool's part).
+            alloc = client_states["dynamo"].get("allocator")
+            self._record({"type": "ckpt", "step": global_step, "time": time.time(), "timing/dynamo_pool_save": state_s,
+                          "timing/ckpt_save": time.perf_counter() - t0,
+                          "dynamo/pool_state_bytes": len(alloc["pool"]) if alloc else 0})
+        return out
 
     def evaluate(self, global_step, **generate_kwargs):
         logs = super().evaluate(global_step, **generate_kwargs)

@@ -1,0 +1,108 @@
+"""The pure helpers of benchmarks/bench_pool_in_run.py (the trainer runs themselves are the benchmark's)."""
+
+import hashlib
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_pool_in_run as b  # noqa: E402
+
+from dynamo_openrlhf import PassRatePool  # noqa: E402
+
+
+def test_synthetic_ids_are_the_odd_multiplier_bijection():
+    ids = b.synthetic_ids(4)
+    assert ids.dtype == np.int64
+    m = 0x9E3779B97F4A7C15
+    want = [((i * m) % 2**64) for i in range(4)]
+    assert [int(x) % 2**64 for x in ids] == want
+    assert int(ids[1]) == m - 2**64  # above 2**63: negative as int64
+    assert len(np.unique(b.synthetic_ids(100_000))) == 100_000
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        b.synthetic_ids(-1)
+
+
+def test_synthetic_counts_are_seeded_groups_of_8():
+    s, t = b.synthetic_counts(10_000, seed=3)
+    s2, t2 = b.synthetic_counts(10_000, seed=3)
+    assert np.array_equal(s, s2) and np.array_equal(t, t2)
+    assert set(np.unique(t).tolist()) == {8, 16, 24, 32}
+    assert (s >= 0).all() and (s <= t).all()
+    with pytest.raises(ValueError, match="group and max_visits"):
+        b.synthetic_counts(3, group=0)
+
+
+def test_build_pool_file_10k(tmp_path):
+    path = str(tmp_path / "pool.bin")
+    info = b.build_pool_file(path, 10_000, seed=0)
+    # format version 3: 80-byte header + 24 bytes a prompt + calibration block 2728 + noise block 48
+    assert info["file_bytes"] == 80 + 24 * 10_000 + 2728 + 48
+    assert info["prompts"] == 10_000
+    loaded = PassRatePool.load(path)
+    assert len(loaded) == 10_000
+    assert info["sha256"] == hashlib.sha256(loaded.to_bytes()).hexdigest()
+    assert info["memory_bytes"] == loaded.stats()["bytes"]
+    ids = b.synthetic_ids(10_000)
+    s, t = b.synthetic_counts(10_000, seed=0)
+    # prior Beta(1, 1): posterior mean (1 + s) / (2 + t), exactly as the pool computes it in float64
+    assert np.allclose(loaded.mean(ids), (1 + s) / (2 + t), rtol=0, atol=1e-12)
+    assert info["mean_pass_rate"] == pytest.approx(s.sum() / t.sum(), rel=1e-6)
+
+
+def test_parse_status():
+    text = "Name:\tray::X\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nRssAnon:\t 512 kB\nRssFile:\t 256 kB\nThreads: 3\n"
+    assert b.parse_status(text) == {"VmHWM": 2048 * 1024, "VmRSS": 1024 * 1024, "RssAnon": 512 * 1024,
+                                    "RssFile": 256 * 1024}
+    with pytest.raises(ValueError, match="unexpected /proc status line"):
+        b.parse_status("VmRSS:\t12 MB\n")
+
+
+def test_descendants():
+    parents = {2: 1, 3: 2, 4: 2, 5: 9, 6: 4, 1: 0}
+    assert b.descendants(1, parents) == [2, 3, 4, 6]
+    assert b.descendants(4, parents) == [6]
+    assert b.descendants(5, parents) == []
+
+
+def test_save_windows_and_rss_around_saves():
+    rows = [{"type": "train", "step": 1, "time": 10.0},
+            {"type": "ckpt", "step": 1, "time": 13.0, "timing/ckpt_save": 2.0, "timing/dynamo_pool_save": 0.5},
+            {"type": "ckpt", "step": 2, "time": 30.0, "timing/ckpt_save": 1.0, "timing/dynamo_pool_save": 0.0}]
+    assert b.save_windows(rows) == [(1, 10.5, 13.0), (2, 29.0, 30.0)]
+    samples = [(10.0, 100), (10.4, 110), (11.0, 150), (12.9, 120), (13.5, 105), (29.5, 400)]
+    out = b.rss_around_saves(samples, b.save_windows(rows))
+    assert out == [{"step": 1, "steady": 110, "peak": 150, "ratio": 150 / 110, "samples": 2},
+                   {"step": 2, "steady": 105, "peak": 400, "ratio": 400 / 105, "samples": 1}]
+    assert b.rss_around_saves([(11.0, 1)], [(1, 10.5, 13.0)]) == []  # nothing before the window
+
+
+def test_summarise_run_and_derived():
+    def run(pool_s, step_s, save, to_bytes, steady, peak, load=None, fetch=None):
+        rows = [{"type": "train", "step": i, "time": 100.0 * i, "timing/dynamo_pool": pool_s * i,
+                 "timing/step_total": step_s} for i in (1, 2, 3)]
+        rows += [{"type": "ckpt", "step": i, "time": 100.0 * i + 50, "timing/ckpt_save": save,
+                  "timing/dynamo_pool_save": to_bytes, "dynamo/pool_state_bytes": 1000} for i in (1, 2, 3)]
+        if load is not None:
+            rows.append({"type": "ckpt_load", "step": 3, "time": 1.0, "timing/dynamo_pool_load": load,
+                         "timing/ckpt_states_fetch": fetch})
+        samples = {"trainer": [(100.0 * i + 45 - save - to_bytes, steady) for i in (1, 2, 3)]
+                   + [(100.0 * i + 49, peak) for i in (1, 2, 3)]}
+        samples["trainer"].sort()
+        return b.summarise_run(rows, samples)
+
+    base = run(0.001, 3.0, 1.0, 0.0, 1000, 1100, load=0.001, fetch=0.01)
+    assert base["steps"] == 3 and base["checkpoints"] == 3 and base["pool_s"] == 0.002
+    assert base["rss"]["trainer"]["steady"] == 1000 and base["rss"]["trainer"]["max_ratio"] == 1.1
+    pool = run(0.002, 3.3, 2.0, 1.5, 1500, 2400, load=1.201, fetch=0.51)
+    runs = {"base": base, "pool": pool, "base_resume": base, "pool_resume": pool}
+    d = b.derived({"memory_bytes": 400}, runs)
+    assert d["save_pool_part_s"] == pytest.approx(2.5)
+    assert d["load_pool_part_s"] == pytest.approx(1.7)
+    assert d["save_peak_ratio"] == 1.6
+    assert d["rss_overhead_bytes"] == 500 and d["rss_overhead_ratio"] == 1.25
+    assert d["pool_time_ratio"] == 2.0 and d["step_ratio"] == pytest.approx(1.1)
+    assert "| <= 2 |" in b.table({"prompts": 10, "file_bytes": 1, "memory_bytes": 400, "build_s": 0.1}, runs)
