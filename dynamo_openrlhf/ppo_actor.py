@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Optional
 
-from dynamo_openrlhf import cpu_backend
+from dynamo_openrlhf import checkpoint, cpu_backend
 
 cpu_backend.install_import_stand_ins()
 
@@ -267,6 +267,8 @@ class DynamoPolicyModelActor(_openrlhf_ppo_actor.PolicyModelActor.__ray_actor_cl
 
     def init_model_from_pretrained(self, strategy, *args, **kwargs):
         cpu_backend.apply_if_chosen(strategy.args)
+        # this process saves the checkpoints: every file of a save atomic, `latest` last (docs/faults.md)
+        checkpoint.install_atomic_checkpoints()
         out = super().init_model_from_pretrained(strategy, *args, **kwargs)
         DynamoActorPPOTrainer.upgrade(self.trainer)
         return out

@@ -681,6 +681,12 @@ def _preflight(args) -> List[str]:
     for url in (args.reward.remote_url or "").split(","):
         if url.endswith(".py") and not os.path.exists(url):
             problems.append(f"--reward.remote_url: reward function file not found: {url}")
+    if args.ckpt.load_enable and args.ckpt.path:
+        from dynamo_openrlhf.checkpoint import resume_problem
+
+        problem = resume_problem(os.path.join(os.path.expanduser(args.ckpt.path), "_actor"))
+        if problem:
+            problems.append(f"--ckpt.load_enable: {problem}")
     if not args.vllm.num_engines:
         problems.append("--vllm.num_engines must be >= 1: OpenRLHF 0.11.2 generates rollouts with vLLM engines only "
                         "(on the CPU backend they are transformers engines)")

@@ -46,6 +46,7 @@ def _cases(tmp: Path):
         "resuming `--dynamo.loss.token_normalizer auto` from a checkpoint without its running L":
             lambda: _resume_auto_L_without_state(),
         "dataset without the `--data.input_key` / `--data.label_key` column": lambda: _dataset_without_key(tmp),
+        "`--ckpt.load_enable` after a save killed while writing `latest`": lambda: _interrupted_latest(tmp),
         "`--dynamo.allocation.noise_scale` with a rule that does not weigh prompts by variance":
             lambda: AllocationConfig(rule="uniform", n_samples_per_prompt=8, prompts_per_step=16, lo=4, hi=16,
                                      noise_scale="nll"),
@@ -60,6 +61,17 @@ def _dataset_without_key(tmp: Path):
     eval_file.write_text('{"prompt": "What is 1+1?", "answer": "2"}\n')
     problems = dataset_key_problems([("--eval.dataset", str(eval_file))], "input", "answer")
     raise ValueError("; ".join(problems))
+
+
+def _interrupted_latest(tmp: Path):
+    # The launcher runs this check before Ray starts when --ckpt.load_enable is given (train._preflight).
+    from dynamo_openrlhf.checkpoint import resume_problem
+
+    actor = tmp / "ckpt" / "_actor"
+    (actor / "global_step4").mkdir(parents=True)
+    (actor / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(b"PK")
+    (actor / "latest").write_text("")
+    raise ValueError(f"--ckpt.load_enable: {resume_problem(str(actor))}")
 
 
 def _resume_auto_L_without_state():
