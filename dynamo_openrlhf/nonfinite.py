@@ -49,9 +49,9 @@ _SHOWN = 8  # samples named one by one in a message; the rest are counted
 _HINTS = {
     "reward": "A reward function must return a finite reward for every sample",
     "score": "A reward function must return a finite score for every sample",
-    "old log-prob": "the actor's forward (make_experience) gave a non-finite log-probability to a response token: "
+    "old log-prob": "The actor's forward (make_experience) gave a non-finite log-probability to a response token: "
                     "a numerical overflow in the model (e.g. fp16) or a diverged run",
-    "advantage": "a reward function's rewards and the old log-probs were checked before it, so a reward "
+    "advantage": "A reward function's rewards and the old log-probs were checked before it, so a reward "
                  "model's reward, the KL to the reference model (--algo.kl.*), the critic's values or the "
                  "advantage estimator gave it",
 }
