@@ -391,6 +391,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_pool_in_run"))
     ap.add_argument("--runs", default="base,pool,base_resume,pool_resume")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--reuse", default=None,
+                    help="a bench_pool_in_run.json whose runs fill in those not in --runs (e.g. an earlier base)")
     args = ap.parse_args(argv)
     n = 10_000 if args.quick else args.prompts
     os.makedirs(args.out, exist_ok=True)
@@ -400,6 +402,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pool["build_s"] = time.time() - t0
     print(f"pool: {pool}", flush=True)
     runs: Dict[str, Dict[str, Any]] = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)["runs"]
+        runs.update({k: dict(v, reused_from=args.reuse) for k, v in earlier.items() if k not in args.runs.split(",")})
     for name in args.runs.split(","):
         base = name.replace("_resume", "")
         r = run_one(name, os.path.join(args.out, base), pool_file if base == "pool" else None,

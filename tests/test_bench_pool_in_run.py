@@ -106,3 +106,49 @@ def test_summarise_run_and_derived():
     assert d["rss_overhead_bytes"] == 500 and d["rss_overhead_ratio"] == 1.25
     assert d["pool_time_ratio"] == 2.0 and d["step_ratio"] == pytest.approx(1.1)
     assert "| <= 2 |" in b.table({"prompts": 10, "file_bytes": 1, "memory_bytes": 400, "build_s": 0.1}, runs)
+
+
+def _trainer_module():
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    from dynamo_openrlhf import ppo_trainer
+
+    return ppo_trainer
+
+
+def test_pool_checkpoint_form_round_trips_through_torch_save(tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    import torch
+
+    pt = _trainer_module()
+    from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    data = b.build_pool(10_000, seed=1).to_bytes()
+    t = pt.pool_to_checkpoint(data)
+    assert t.dtype == torch.uint8 and t.shape == (len(data),)
+    assert t.numpy().tobytes() == data
+    buf = io.BytesIO()
+    torch.save({"dynamo": {"allocator": {"pool": t}}}, buf)
+    # the tensor's storage is written as is: the file is the pool plus a small zip/pickle overhead
+    assert len(data) < len(buf.getvalue()) < len(data) + 4096
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)["dynamo"]["allocator"]["pool"]
+    assert pt.pool_from_checkpoint(back) == data
+    assert pt.pool_from_checkpoint(data) is data  # checkpoints written before the tensor form
+    with pytest.raises(ValueError, match="neither bytes nor a 1-D uint8 tensor: Tensor torch.float32"):
+        pt.pool_from_checkpoint(torch.zeros(3))
+    with pytest.raises(ValueError, match="expected bytes, got bytearray"):
+        pt.pool_to_checkpoint(bytearray(data))
+    # the trainer restores the tensor form (a bare trainer, as in tests/test_checkpoint_faults.py)
+    trainer = object.__new__(pt.DynamoPPOTrainer.__ray_actor_class__)
+    trainer.history, trainer.experience_maker = [], None
+    trainer.allocator = RolloutAllocator(AllocationConfig(forget=1.0))
+    trainer.args = SimpleNamespace(ckpt=SimpleNamespace(path=str(tmp_path)))
+    from dynamo_openrlhf.allocation import STATE_VERSION as ALLOC_VERSION
+
+    trainer.load_dynamo_state_dict({"version": pt.STATE_VERSION, "history": [],
+                                    "allocator": {"version": ALLOC_VERSION, "pool": back, "steps": 1}})
+    assert trainer.allocator.pool_digest() == hashlib.sha256(data).hexdigest()
