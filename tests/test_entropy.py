@@ -140,7 +140,7 @@ def test_ring_attention_layout_gathers_over_the_ring_group():
     procs = [ctx.Process(target=_ring_worker, args=(r, 2, port, logits, att, 3, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = dict(queue.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
