@@ -240,7 +240,8 @@ def e2e(tmp_path_factory):
     # the arith task: the assets tiny.prepare_tiny_assets() builds (and the weights compared below)
     common = ["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
               "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
-              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.hi", "6",
+              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.lo", "2",
+              "--dynamo.allocation.hi", "6",
               "--train.batch_size", "32", "--eval.n_samples_per_prompt", "4",
               "--no-dynamo.eval_at_start", "--dynamo.eval_at_end", "--data.max_samples", "16",
               "--vllm.num_engines", "2", "--dynamo.allocation.noise_scale", "nll"]
