@@ -548,14 +548,31 @@ class RolloutAllocator:
         ids = np.asarray(prompt_ids, dtype=np.int64)
         c = self.config
         budget = c.budget_for(ids.size)
-        v = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
+        v = self._variances(ids)
+        counts = self._rule_counts(ids, v, budget)
+        if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
+            raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
+        self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator,
+                                   **self._step_details(ids))
+        return counts
+
+    def _variances(self, ids: np.ndarray) -> np.ndarray:
+        c = self.config
+        return self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
+
+    def _rule_counts(self, ids: np.ndarray, v: np.ndarray, budget: int) -> np.ndarray:
+        """int64 counts (N,) of the run's rule spending ``budget`` on ``ids`` (variances ``v``)."""
+        c = self.config
         if c.rule == "filter":
             counts = filter_counts(self.pool.mean(ids), v, budget, c.lo, c.hi, c.filter_band)
         else:
             counts = self.pool.allocate(ids, budget, c.lo, c.hi, c.rule, **self._options())
-        counts = np.asarray(counts, dtype=np.int64)
-        if int(counts.sum()) != budget:  # the core guarantees it; a broken build must not go unnoticed
-            raise RuntimeError(f"allocation spent {int(counts.sum())} rollouts, budget {budget}")
+        return np.asarray(counts, dtype=np.int64)
+
+    def _step_details(self, ids: np.ndarray) -> Dict[str, Optional[np.ndarray]]:
+        """The per-prompt inputs of the step's metrics beside the variances: group_norm's posterior (alpha, beta),
+        the noise scale, the skip costs the allocation priced (same pool state: same draws); None when unused."""
+        c = self.config
         alpha = beta = None
         if c.estimator == "group_norm":
             a0, b0 = self.pool.prior
@@ -563,11 +580,9 @@ class RolloutAllocator:
             alpha, beta = a0 + succ, b0 + fail
         scale = self.pool.noise_scale(ids) if c.noise_scale is not None else None
         skip_costs = None
-        if c.skip_price is not None:  # the costs the allocation priced (same pool state: same draws)
+        if c.skip_price is not None:
             skip_costs = self.pool.skip_costs(ids, c.skip_price, calibrated=c.calibrated, explore_seed=c.explore_seed)
-        self.last = AllocationStep(counts=counts, variances=v, budget=budget, estimator=c.estimator, alpha=alpha,
-                                   beta=beta, scale=scale, skip_costs=skip_costs)
-        return counts
+        return {"alpha": alpha, "beta": beta, "scale": scale, "skip_costs": skip_costs}
 
     def allocate_refill(self, prompt_ids: Sequence[int], budget: int) -> np.ndarray:
         """int64 counts (N,) that spend up to ``budget`` rollouts (those of the groups dynamic filtering dropped
@@ -588,31 +603,17 @@ class RolloutAllocator:
         counts = np.zeros(ids.size, dtype=np.int64)
         if served and spend:
             sub = ids[:served]
-            v = self.pool.calibrated_variance(sub) if c.calibrated else self.pool.expected_variance(sub)
-            if c.rule == "filter":
-                part = filter_counts(self.pool.mean(sub), v, spend, c.lo, c.hi, c.filter_band)
-            else:
-                part = self.pool.allocate(sub, spend, c.lo, c.hi, c.rule, **self._options())
-            counts[:served] = np.asarray(part, dtype=np.int64)
+            counts[:served] = self._rule_counts(sub, self._variances(sub), spend)
         if int(counts.sum()) != (spend if served else 0):
             raise RuntimeError(f"refill allocation spent {int(counts.sum())} rollouts, budget {spend}")
         step = self.last
-        v_all = self.pool.calibrated_variance(ids) if c.calibrated else self.pool.expected_variance(ids)
+        details = self._step_details(ids)
         cat = (lambda old, new: None if old is None else np.concatenate([old, np.asarray(new)]))
-        alpha = beta = None
-        if c.estimator == "group_norm":
-            a0, b0 = self.pool.prior
-            succ, fail = self.pool.evidence(ids)
-            alpha, beta = a0 + succ, b0 + fail
-        scale = self.pool.noise_scale(ids) if c.noise_scale is not None else None
-        skip_costs = None
-        if c.skip_price is not None:
-            skip_costs = self.pool.skip_costs(ids, c.skip_price, calibrated=c.calibrated, explore_seed=c.explore_seed)
         self.last = dataclasses.replace(
-            step, counts=np.concatenate([step.counts, counts]), variances=np.concatenate([step.variances, v_all]),
-            budget=step.budget + int(counts.sum()), alpha=cat(step.alpha, alpha), beta=cat(step.beta, beta),
-            scale=cat(step.scale, scale), skip_costs=cat(step.skip_costs, skip_costs),
-            refills=step.refills + 1)
+            step, counts=np.concatenate([step.counts, counts]),
+            variances=np.concatenate([step.variances, self._variances(ids)]),
+            budget=step.budget + int(counts.sum()), refills=step.refills + 1,
+            **{k: cat(getattr(step, k), v) for k, v in details.items()})
         return counts
 
     # -- pool update ---------------------------------------------------------------------------
