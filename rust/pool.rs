@@ -254,6 +254,95 @@ impl Table {
     }
 }
 
+/// Exact sum of non-negative finite f32 values, as a fixed-point integer in units of 2^-149 (the
+/// smallest f32 subnormal): every such value is an integer there below 2^277, so 6 × 64 bits hold
+/// the sum of up to 2^64 of them with no rounding at all. The pool keeps its evidence totals in
+/// these, so that `stats()` is O(1) and its totals are independent of the order of additions
+/// and removals: a reloaded pool reports the same totals as the pool that was saved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExactSum([u64; 6]);
+
+impl ExactSum {
+    /// (integer mantissa, bit position) with x = mantissa · 2^(position − 149).
+    #[inline]
+    fn parts(x: f32) -> (u128, u32) {
+        debug_assert!(x.is_finite() && x >= 0.0, "ExactSum takes finite values >= 0, got {x}");
+        let bits = x.to_bits() & 0x7fff_ffff; // -0.0 adds like +0.0
+        let (e, m) = (bits >> 23, bits & 0x7f_ffff);
+        if e == 0 {
+            (m as u128, 0) // subnormal: m · 2^-149
+        } else {
+            ((m | 0x80_0000) as u128, e - 1) // (1.m) · 2^(e−127) = (m + 2^23) · 2^(e−150)
+        }
+    }
+
+    /// Adds `x` (finite, ≥ 0).
+    #[inline]
+    pub fn add(&mut self, x: f32) {
+        let (m, at) = Self::parts(x);
+        let v = m << (at % 64);
+        let (mut limb, mut carry) = ((at / 64) as usize, false);
+        for part in [v as u64, (v >> 64) as u64] {
+            let (a, c1) = self.0[limb].overflowing_add(part);
+            let (a, c2) = a.overflowing_add(carry as u64);
+            self.0[limb] = a;
+            carry = c1 || c2;
+            limb += 1;
+        }
+        while carry {
+            let (a, c) = self.0[limb].overflowing_add(1);
+            self.0[limb] = a;
+            carry = c;
+            limb += 1;
+        }
+    }
+
+    /// Removes `x` (finite, ≥ 0), which must be part of the sum (it was added and not removed).
+    #[inline]
+    pub fn sub(&mut self, x: f32) {
+        let (m, at) = Self::parts(x);
+        let v = m << (at % 64);
+        let (mut limb, mut borrow) = ((at / 64) as usize, false);
+        for part in [v as u64, (v >> 64) as u64] {
+            let (a, b1) = self.0[limb].overflowing_sub(part);
+            let (a, b2) = a.overflowing_sub(borrow as u64);
+            self.0[limb] = a;
+            borrow = b1 || b2;
+            limb += 1;
+        }
+        while borrow {
+            debug_assert!(limb < 6, "ExactSum::sub of a value that was not added");
+            let (a, b) = self.0[limb].overflowing_sub(1);
+            self.0[limb] = a;
+            borrow = b;
+            limb += 1;
+        }
+    }
+
+    /// The sum, correctly rounded (to nearest, ties to even) to f64.
+    pub fn to_f64(&self) -> f64 {
+        let Some(top) = (0..6).rev().find(|&i| self.0[i] != 0) else {
+            return 0.0;
+        };
+        // A 128-bit window whose highest limb is the top one, and whether anything below it is set.
+        let (window, base, below) = if top == 0 {
+            (self.0[0] as u128, 0i32, false)
+        } else {
+            let w = (self.0[top] as u128) << 64 | self.0[top - 1] as u128;
+            (w, 64 * (top as i32 - 1), self.0[..top - 1].iter().any(|&l| l != 0))
+        };
+        let lz = window.leading_zeros();
+        let shifted = window << lz;
+        // 64 leading bits with the rest folded into a sticky bit: u64 → f64 then rounds as the
+        // whole number would (64 > 53 + 2 bits, so the sticky bit only breaks ties).
+        let sticky = (shifted as u64 != 0 || below) as u64;
+        let head = (shifted >> 64) as u64 | sticky;
+        // head's lowest bit weighs 2^(base + 64 − lz − 149); |exponent| < 1000, so exact.
+        let exponent = base + 64 - lz as i32 - 149;
+        head as f64 * f64::from_bits(((exponent + 1023) as u64) << 52)
+    }
+}
+
 /// Summary returned by [`PassRatePool::stats`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
@@ -397,6 +486,9 @@ pub struct PassRatePool {
     table: Table,
     calibration: Calibration,
     noise: NoiseTotals,
+    /// Exact sums of the stored successes and failures over all entries (actual = sum · scale),
+    /// kept with every change of an entry so that [`Self::stats`] needs no O(pool) scan.
+    evidence: [ExactSum; 2],
 }
 
 pub fn check_noise_weight(weight: f64) -> Result<()> {
@@ -522,6 +614,7 @@ impl PassRatePool {
             table: Table::with_prompts(capacity),
             calibration: Calibration::default(),
             noise: NoiseTotals::default(),
+            evidence: [ExactSum::default(); 2],
         })
     }
 
@@ -729,6 +822,10 @@ impl PassRatePool {
         if !new.iter().all(|v| v.is_finite()) {
             return false;
         }
+        for c in 0..2 {
+            self.evidence[c].sub(old[c]);
+            self.evidence[c].add(new[c]);
+        }
         [e.successes, e.failures, e.noise_success, e.noise_failure] = new;
         for c in 0..2 {
             if self.noise.started[c] {
@@ -760,6 +857,7 @@ impl PassRatePool {
             self.noise.sum[c] *= g;
             self.noise.count[c] *= g;
         }
+        self.evidence = self.scan_evidence();
         self.scale = 1.0;
     }
 
@@ -1234,10 +1332,9 @@ impl PassRatePool {
         Ok((a, b))
     }
 
+    /// Size, memory and evidence totals; O(1) (the totals are kept with every change).
     pub fn stats(&self) -> Stats {
-        let (s, f) = self.table.entries().fold((0.0f64, 0.0f64), |(s, f), e| {
-            (s + e.successes as f64, f + e.failures as f64)
-        });
+        let [s, f] = self.evidence.map(|x| x.to_f64());
         Stats {
             prompts: self.len(),
             slots: self.table.slots.len(),
@@ -1294,12 +1391,29 @@ impl PassRatePool {
             table,
             calibration: Calibration::default(),
             noise: NoiseTotals::default(),
+            evidence: [ExactSum::default(); 2],
         })
     }
 
-    /// Inserts one stored entry; false if the id is already present.
+    /// Inserts one stored entry (values finite and ≥ 0, as a file's records are checked to be);
+    /// false (and nothing changed) if the id is already present.
     pub fn insert_stored(&mut self, slot: Slot) -> bool {
-        self.table.insert_new(slot)
+        let fresh = self.table.insert_new(slot);
+        if fresh {
+            self.evidence[0].add(slot.successes);
+            self.evidence[1].add(slot.failures);
+        }
+        fresh
+    }
+
+    /// The exact sums of the stored successes and failures, by a scan of every entry (O(pool)).
+    fn scan_evidence(&self) -> [ExactSum; 2] {
+        let mut sums = [ExactSum::default(); 2];
+        for e in self.table.entries() {
+            sums[0].add(e.successes);
+            sums[1].add(e.failures);
+        }
+        sums
     }
 }
 
@@ -2137,6 +2251,105 @@ mod tests {
         b.update_with_noise(&ids, &k, &t, rows(&qs, &qf)).unwrap();
         assert_eq!(a.fit_prior().unwrap(), b.fit_prior().unwrap());
         assert_eq!(b.noise_means(), [Some(2.0), Some(1.0)]);
+    }
+
+    #[test]
+    fn exact_sum_is_exact_and_rounds_once() {
+        let sum = |xs: &[f32]| {
+            let mut e = ExactSum::default();
+            xs.iter().for_each(|&x| e.add(x));
+            e
+        };
+        let two = |k: i32| 2f32.powi(k);
+        assert_eq!(ExactSum::default().to_f64(), 0.0);
+        // A float sum loses the 1 (1e30 + 1 - 1e30 = 0); the exact one keeps it.
+        let mut e = sum(&[1e30, 1.0]);
+        e.sub(1e30);
+        assert_eq!(e.to_f64(), 1.0);
+        assert_eq!(e, sum(&[1.0]));
+        // Extremes: the smallest subnormal and the largest f32, alone and together.
+        let tiny = f32::from_bits(1);
+        assert_eq!(sum(&[tiny]).to_f64(), 2f64.powi(-149));
+        assert_eq!(sum(&[f32::MAX; 4]).to_f64(), 4.0 * f32::MAX as f64);
+        assert_eq!(sum(&[f32::MAX, tiny]).to_f64(), f32::MAX as f64);
+        // One rounding to nearest, ties to even: 1 + 2^-53 is a tie (down to 1), anything
+        // beyond it, however far below (2^-149), rounds up; 1 + 3·2^-53 ties up to even.
+        assert_eq!(sum(&[1.0, two(-53)]).to_f64(), 1.0);
+        assert_eq!(sum(&[1.0, two(-53), tiny]).to_f64(), 1.0 + 2f64.powi(-52));
+        assert_eq!(sum(&[1.0, two(-52), two(-53)]).to_f64(), 1.0 + 2f64.powi(-51));
+        assert_eq!(sum(&[1.0, two(-60)]).to_f64(), 1.0);
+        // A carry across a 64-bit limb: 2^63-weighted parts (limb boundary at 2^-85, 2^-21, ...).
+        let mut e = sum(&[two(-86); 2]);
+        assert_eq!(e.to_f64(), 2f64.powi(-85));
+        e.sub(two(-86));
+        assert_eq!(e.to_f64(), 2f64.powi(-86));
+        // -0.0 adds nothing.
+        assert_eq!(sum(&[-0.0, 0.0]), ExactSum::default());
+    }
+
+    #[test]
+    fn exact_sum_is_independent_of_order() {
+        let mut rng = Rng::new(5);
+        // Multiples of 2^-16 below 2^20: every f64 partial sum is exact, so it is the reference.
+        let xs: Vec<f32> = (0..5000)
+            .map(|_| (rng.below(1 << 36) as f64 / 65536.0) as f32)
+            .collect();
+        let mut forward = ExactSum::default();
+        xs.iter().for_each(|&x| forward.add(x));
+        let reference: f64 = xs.iter().map(|&x| x as f64).sum();
+        assert_eq!(forward.to_f64(), reference);
+        // Any values (1e-40 .. 1e35): the same multiset in another order, with some added and
+        // removed again on the way, gives the same bits.
+        let ys: Vec<f32> = (0..5000)
+            .map(|_| (rng.unit() * 10f64.powf(75.0 * rng.unit() - 40.0)) as f32)
+            .collect();
+        let mut a = ExactSum::default();
+        ys.iter().for_each(|&y| a.add(y));
+        let mut b = ExactSum::default();
+        for (j, &y) in ys.iter().enumerate().rev() {
+            b.add(y);
+            b.add(ys[j / 2]);
+            b.sub(ys[j / 2]);
+        }
+        assert_eq!(a, b);
+        ys.iter().for_each(|&y| b.sub(y));
+        assert_eq!(b, ExactSum::default());
+    }
+
+    #[test]
+    fn stats_totals_are_kept_exactly_without_a_scan() {
+        // Forgetting (with renormalisations), growth, repeated ids, noise steps, the marker id.
+        let mut rng = Rng::new(31);
+        let mut p = PassRatePool::new(0.5, 0.5, 0.7, 0).unwrap();
+        for step in 0..150 {
+            let n = 1 + rng.below(200) as usize;
+            let mut ids: Vec<i64> = (0..n).map(|_| rng.below(3000) as i64 - 1500).collect();
+            if step % 7 == 0 {
+                ids[0] = i64::MIN;
+            }
+            let t: Vec<i64> = (0..n).map(|_| rng.below(9) as i64).collect();
+            let k: Vec<i64> = t.iter().map(|&x| rng.below(x as u64 + 1) as i64).collect();
+            let qs: Vec<f64> = k.iter().map(|&x| x as f64 * 0.5).collect();
+            let qf: Vec<f64> = (0..n).map(|j| (t[j] - k[j]) as f64).collect();
+            let noise = (step % 2 == 0).then_some(NoiseRows {
+                success: &qs,
+                failure: &qf,
+            });
+            p.update_with_noise(&ids, &k, &t, noise).unwrap();
+            assert_eq!(p.evidence, p.scan_evidence(), "step {step}");
+        }
+        assert!(p.contains(i64::MIN) && p.updates() == 150);
+        let st = p.stats();
+        let [s, f] = p.scan_evidence().map(|x| x.to_f64() * p.scale());
+        assert_eq!((st.successes, st.failures), (s, f));
+        // A reloaded pool reports the same totals (they do not depend on insertion order).
+        let q = crate::storage::from_bytes(&crate::storage::to_bytes(&p)).unwrap();
+        assert_eq!(q.evidence, p.evidence);
+        assert_eq!(q.stats(), st);
+        // Integer evidence without forgetting: the totals are the counts themselves.
+        let mut p = pool(1.0);
+        p.update(&[1, 2, 1], &[3, 0, 2], &[4, 16, 2]).unwrap();
+        assert_eq!((p.stats().successes, p.stats().failures), (5.0, 17.0));
     }
 
     #[test]
