@@ -8,10 +8,12 @@ try:
     from dynamo_openrlhf._core import (
         ESTIMATORS,
         FORMAT_VERSION,
+        PROBLEM_SUBJECTS,
         RULES,
         PassRatePool,
         __version__,
         allocate_rollouts,
+        allocation_problems,
     )
 except ModuleNotFoundError as _missing:
     # A copy of the package without the compiled extension shadows the installed one (e.g. a Ray job's
@@ -30,8 +32,10 @@ except ModuleNotFoundError as _missing:
 __all__ = [
     "ESTIMATORS",
     "FORMAT_VERSION",
+    "PROBLEM_SUBJECTS",
     "RULES",
     "PassRatePool",
     "__version__",
     "allocate_rollouts",
+    "allocation_problems",
 ]

@@ -17,9 +17,11 @@ __all__ = [
     "ESTIMATORS",
     "FORMAT_VERSION",
     "PassRatePool",
+    "PROBLEM_SUBJECTS",
     "RULES",
     "__version__",
     "allocate_rollouts",
+    "allocation_problems",
     "group_norm_costs",
 ]
 
@@ -31,9 +33,12 @@ RULES: tuple[str, str, str]
 ESTIMATORS: tuple[str, str, str, str]
 #: Version of the pool file format written by :meth:`PassRatePool.save`.
 FORMAT_VERSION: int
+#: What a problem of :func:`allocation_problems` is about, in the order problems are listed.
+PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str]
 
 _Rule = Literal["neyman", "proportional", "uniform"]
 _Estimator = Literal["rloo", "dr_grpo", "reinforce_baseline", "group_norm"]
+_Subject = Literal["bounds", "budget", "skip_factor", "min_rollouts", "estimator", "prior", "forget"]
 _FloatArrayLike = npt.ArrayLike
 _IntArrayLike = npt.ArrayLike
 
@@ -216,6 +221,36 @@ class _PoolStats(TypedDict):
     noise_success_mean: float | None  #: pool-level mean noise proxy per successful rollout
     noise_failure_mean: float | None  #: pool-level mean noise proxy per failed rollout
     noise_weight: float  #: shrinkage weight w0 of :meth:`PassRatePool.noise_scale`
+
+@final
+def allocation_problems(
+    prompts: int,
+    budget: int,
+    lo: int,
+    hi: int,
+    rule: _Rule | None = None,
+    *,
+    estimator: _Estimator | None = None,
+    skip_factor: float | None = None,
+    min_rollouts: int | None = None,
+    prior: tuple[float, float] | None = None,
+    forget: float | None = None,
+) -> list[tuple[_Subject, str]]:
+    """Every problem of one allocation call's settings, found at once, without data: ``budget``
+    rollouts over ``prompts`` prompts within [``lo``, ``hi``] each, by ``rule`` (None: only the
+    bounds, the budget and the pool settings are checked), with the switches as
+    :func:`allocate_rollouts` / :meth:`PassRatePool.allocate` would get them (None = not given),
+    and the pool's ``prior`` (alpha0, beta0) and ``forget``.
+
+    Returns ``(subject, message)`` pairs, at most one per subject, in the order of
+    :data:`PROBLEM_SUBJECTS` ("bounds": a negative bound or lo > hi; "budget": the budget outside
+    [prompts*lo, prompts*hi] or negative; then "skip_factor", "min_rollouts", "estimator",
+    "prior", "forget"); empty when an allocation call with these settings passes its argument
+    checks for any valid data. Each message is exactly the ``ValueError`` message the allocation
+    call raises for that setting (the same checks run). The rule-dependent subjects are judged
+    only when the bounds and the budget hold. An unknown ``rule`` or ``estimator`` name raises
+    ``ValueError`` (as in the allocation calls); ``prompts`` must be >= 0."""
+    ...
 
 @final
 def group_norm_costs(

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
-from dynamo_openrlhf._core import RULES, PassRatePool, group_norm_costs
+from dynamo_openrlhf._core import RULES, PassRatePool, allocation_problems, group_norm_costs
 from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
@@ -340,30 +340,17 @@ class AllocationConfig:
         if not (math.isfinite(self.oversample) and self.oversample >= 1.0):
             p.append(f"--dynamo.allocation.oversample must be a finite number >= 1, got {self.oversample}")
             return p
-        if self.lo < 0 or self.hi < self.lo:
-            p.append(f"--dynamo.allocation.lo/hi: need 0 <= lo <= hi, got lo={self.lo}, hi={self.hi}")
-        else:
-            n, m, b = self.n_samples_per_prompt, self.candidates_per_step, self.budget
-            if not self.lo <= n <= self.hi:
-                p.append(f"--dynamo.allocation.lo/hi: need lo <= n_samples_per_prompt <= hi, got lo={self.lo}, "
-                         f"n={n}, hi={self.hi}")
-            elif not self.lo * m <= b <= self.hi * m:
-                p.append(f"infeasible rollout budget: {m} candidate prompts x bounds [{self.lo}, {self.hi}] = "
-                         f"[{self.lo * m}, {self.hi * m}] does not contain the budget {b} "
-                         f"(--rollout.batch_size {self.prompts_per_step} x --rollout.n_samples_per_prompt {n}); "
-                         "lower --dynamo.allocation.lo or --dynamo.allocation.oversample")
-        if self.skip_factor is not None:
-            if not (math.isfinite(self.skip_factor) and self.skip_factor >= 0):
-                p.append(f"--dynamo.allocation.skip_factor must be >= 0, got {self.skip_factor}")
-            elif self.skip_factor > 0 and (self.lo != 0 or self.rule != "neyman"):
-                p.append("--dynamo.allocation.skip_factor needs --dynamo.allocation.lo 0 and rule neyman")
-            elif self.skip_factor > 0 and self.budget < 3 * self.candidates_per_step:
-                # With n0 = B/M rollouts each, prompts of EQUAL variance (e.g. all unseen) fall below
-                # 4 x the shadow price v/((n0-1) n0) once n0 < 2.56: the rule would skip at random.
-                p.append(f"--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got "
-                         f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
-                         f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
-                         "--dynamo.allocation.skip_factor 0")
+        core = self._core_problems()
+        p.extend(core.values())
+        if (self.skip_factor and self.lo == 0 and self.rule == "neyman" and self.budget < 3 * self.candidates_per_step
+                and not core.keys() & {"bounds", "budget", "skip_factor"}):
+            # The trainer's own policy, not an argument check: with n0 = B/M rollouts each, prompts of EQUAL
+            # variance (e.g. all unseen) fall below 4 x the shadow price v/((n0-1) n0) once n0 < 2.56, so the
+            # rule would skip at random.
+            p.append(f"--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got "
+                     f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
+                     f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
+                     "--dynamo.allocation.skip_factor 0")
         if self.explore_seed is not None and not (self.skip_factor or self.skip_price):
             p.append("--dynamo.allocation.explore_seed applies to the skip rules only (--dynamo.allocation.skip_factor > 0 "
                      "or --dynamo.allocation.skip_price)")
@@ -376,11 +363,6 @@ class AllocationConfig:
                          "--dynamo.allocation.min_rollouts >= 2 and --algo.advantage.estimator rloo, dr_grpo or "
                          f"reinforce_baseline; got rule {self.rule}, lo {self.lo}, min_rollouts {self.min_rollouts}, "
                          f"estimator {self.estimator}")
-        if self.min_rollouts is not None and self.min_rollouts > 1:
-            if self.lo != 0 or self.rule != "neyman":
-                p.append("--dynamo.allocation.min_rollouts needs --dynamo.allocation.lo 0 and rule neyman")
-            elif self.min_rollouts > self.hi:
-                p.append(f"--dynamo.allocation.min_rollouts {self.min_rollouts} > --dynamo.allocation.hi {self.hi}")
         p.extend(self._estimator_problems())
         if self.calibrated and self.rule in ("uniform", "filter"):
             p.append(f"--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule {self.rule}")
@@ -388,39 +370,57 @@ class AllocationConfig:
             x is not None for x in (self.exploration, self.mastery, self.exploration_rollouts,
                                     self.mastery_threshold, self.priority_floor)):
             p.append(f"--dynamo.allocation.rule {self.rule} takes no exploration/mastery options")
-        a, b_ = self.prior
-        if not (math.isfinite(a) and math.isfinite(b_) and a > 0 and b_ > 0):
-            p.append(f"--dynamo.pool.prior: need two finite numbers > 0, got {self.prior}")
-        if not (0.0 < self.forget <= 1.0):
-            p.append(f"--dynamo.pool.forget must lie in (0, 1], got {self.forget}")
         if self.fit_prior_every < 0:
             p.append(f"--dynamo.pool.fit_prior_every must be >= 0, got {self.fit_prior_every}")
         return p
 
+    def _core_problems(self) -> Dict[str, str]:
+        """The core's own checks (:func:`~dynamo_openrlhf._core.allocation_problems`) of the allocations this
+        config makes, each message prefixed with the flags it is about: a full step (``budget`` over
+        ``candidates_per_step`` prompts) with the switches as :meth:`RolloutAllocator._options` passes them,
+        the pool's prior and forgetting, and a step of one prompt (``n_samples_per_prompt`` rollouts: a step
+        at the end of the data has fewer prompts than ``prompts_per_step``, each spending n). Keyed by the
+        core's subject (:data:`~dynamo_openrlhf._core.PROBLEM_SUBJECTS`), in its order."""
+        n, m, b = self.n_samples_per_prompt, self.candidates_per_step, self.budget
+        rule = self.rule if self.rule in RULES else "uniform" if self.rule == "filter" else None
+        neyman = self.rule == "neyman"
+        step = allocation_problems(
+            m, b, self.lo, self.hi, rule,
+            estimator=self.estimator if neyman and self.estimator in CORE_ESTIMATORS else None,
+            skip_factor=self.skip_factor or None,
+            min_rollouts=self.min_rollouts if self.min_rollouts is not None and self.min_rollouts > 1 else None,
+            prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget))
+        last = dict(allocation_problems(1, n, self.lo, self.hi)).get("budget")
+        if last is not None:  # n outside [lo, hi]: the cause of any full step's infeasibility too
+            last = (f"--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt {n} (a step at the end of "
+                    f"the data has fewer prompts, {n} rollouts each): {last}")
+        rule_note = " (rule filter allocates with the core's rule uniform)" if self.rule == "filter" else ""
+        flags = {"bounds": "--dynamo.allocation.lo/hi", "prior": "--dynamo.pool.prior", "forget": "--dynamo.pool.forget",
+                 "estimator": f"--algo.advantage.estimator {self.estimator} with --dynamo.allocation.rule neyman"}
+        p = {"budget": last} if last is not None else {}
+        for subject, message in step:
+            if subject == "budget":
+                p["budget"] = last or (
+                    f"infeasible rollout budget: --rollout.batch_size {self.prompts_per_step} x "
+                    f"--rollout.n_samples_per_prompt {n} = {b} rollouts over {m} candidate prompts: {message}; "
+                    "change --dynamo.allocation.lo/hi or lower --dynamo.allocation.oversample")
+            else:
+                p[subject] = f"{flags.get(subject, f'--dynamo.allocation.{subject}{rule_note}')}: {message}"
+        return p
 
     def _estimator_problems(self) -> list:
+        """What the core's checks cannot see: an estimator name without a variance model, and the reference's
+        exploration/mastery switches (the pool's options) with an estimator."""
         e = self.estimator
         if e is None:
             return []
         if e not in CORE_ESTIMATORS:
             return [f"--algo.advantage.estimator {e}: no allocation variance model; expected one of "
                     f"{list(CORE_ESTIMATORS)} (or none)"]
-        if self.rule != "neyman":
-            return []
-        flag = f"--algo.advantage.estimator {e} with --dynamo.allocation.rule neyman"
-        p = []
-        if e == "group_norm" and self.lo < 2:
-            p.append(f"{flag} needs --dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), got "
-                     f"lo={self.lo}")
-        elif e in SHIFTED_ESTIMATORS and self.lo < 2 and not (self.lo == 0 and (self.min_rollouts or 0) >= 2):
-            p.append(f"{flag} needs --dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), or lo 0 "
-                     f"with --dynamo.allocation.min_rollouts >= 2; got lo={self.lo}")
-        if self.skip_factor:
-            p.append(f"--dynamo.allocation.skip_factor is derived for the sum v/n objective: not with {flag} "
-                     "(use --dynamo.allocation.min_rollouts with lo 0)")
-        if self.exploration or self.mastery:
-            p.append(f"--dynamo.allocation.exploration/mastery do not apply with {flag}")
-        return p
+        if self.rule == "neyman" and (self.exploration or self.mastery):
+            return [f"--dynamo.allocation.exploration/mastery do not apply with --algo.advantage.estimator {e} "
+                    "with --dynamo.allocation.rule neyman"]
+        return []
 
 
 def calibration_scores(predicted, successes, trials) -> Dict[str, float]:

@@ -462,7 +462,7 @@ pub fn describe_invalid(name: &str, index: usize, value: f64) -> Error {
 
 /// `skip_factor` and `min_rollouts`: rule "neyman" only (any value is refused with the other
 /// rules), not with the reference options, and the checks of `Selection::check`.
-fn check_selection(
+pub(crate) fn check_selection(
     rule: Rule,
     o: &Options,
     selection: &Selection,

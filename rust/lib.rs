@@ -11,6 +11,7 @@ pub mod neyman;
 pub mod parallel;
 pub mod pool;
 pub mod priced;
+pub mod rules;
 pub mod skip;
 pub mod storage;
 

@@ -6,6 +6,7 @@ use crate::allocate::{self, Options, Rule};
 use crate::error::Error;
 use crate::estimator::Estimator;
 use crate::pool::{NoiseRows, PassRatePool, PoolAllocateOptions};
+use crate::rules;
 use crate::storage;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -249,6 +250,43 @@ fn allocate_rollouts<'py>(
     })
     .map_err(to_py_err)?;
     Ok(PyArray1::from_vec(py, counts))
+}
+
+/// Every problem of one allocation call's settings, as (subject, message) pairs (see the stub).
+#[pyfunction]
+#[pyo3(signature = (
+    prompts, budget, lo, hi, rule = None, *,
+    estimator = None, skip_factor = None, min_rollouts = None, prior = None, forget = None
+))]
+#[allow(clippy::too_many_arguments)]
+fn allocation_problems(
+    prompts: usize,
+    budget: i64,
+    lo: i64,
+    hi: i64,
+    rule: Option<&str>,
+    estimator: Option<&str>,
+    skip_factor: Option<f64>,
+    min_rollouts: Option<i64>,
+    prior: Option<(f64, f64)>,
+    forget: Option<f64>,
+) -> PyResult<Vec<(&'static str, String)>> {
+    let settings = rules::Settings {
+        prompts,
+        budget,
+        lo,
+        hi,
+        rule: rule.map(Rule::parse).transpose().map_err(to_py_err)?,
+        estimator: Estimator::parse_optional(estimator).map_err(to_py_err)?,
+        skip_factor,
+        min_rollouts,
+        prior,
+        forget,
+    };
+    Ok(rules::problems(&settings)
+        .into_iter()
+        .map(|p| (p.subject.name(), p.message))
+        .collect())
 }
 
 /// group_norm's per-prompt cost at given counts (see the type stub).
@@ -625,6 +663,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", storage::VERSION)?;
     m.add_function(wrap_pyfunction!(allocate_rollouts, m)?)?;
     m.add_function(wrap_pyfunction!(group_norm_costs, m)?)?;
+    m.add_function(wrap_pyfunction!(allocation_problems, m)?)?;
+    m.add(
+        "PROBLEM_SUBJECTS",
+        PyTuple::new(m.py(), rules::Subject::NAMES)?,
+    )?;
     m.add_class::<PyPassRatePool>()?;
     Ok(())
 }

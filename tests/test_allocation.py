@@ -39,28 +39,41 @@ def test_budget_and_candidates():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(rule="bogus"), "unknown rule 'bogus'"),
-        (dict(lo=5), "need lo <= n_samples_per_prompt <= hi, got lo=5, n=4, hi=6"),
-        (dict(hi=3), "need lo <= n_samples_per_prompt <= hi, got lo=2, n=4, hi=3"),
-        (dict(lo=3, hi=2), "need 0 <= lo <= hi"),
+        (dict(rule="bogus"), "--dynamo.allocation.rule: unknown rule 'bogus'"),
+        (dict(lo=5), "--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt 4 (a step at the end of the "
+                     "data has fewer prompts, 4 rollouts each): budget 4 is infeasible: must lie in [N*lo, N*hi] = "
+                     "[5, 6] for N=1, lo=5, hi=6"),
+        (dict(hi=3), "--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt 4 (a step at the end of the "
+                     "data has fewer prompts, 4 rollouts each): budget 4 is infeasible: must lie in [N*lo, N*hi] = "
+                     "[2, 3] for N=1, lo=2, hi=3"),
+        (dict(lo=3, hi=2), "--dynamo.allocation.lo/hi: lo (3) must not exceed hi (2)"),
+        (dict(lo=-1), "--dynamo.allocation.lo/hi: lo must be non-negative, got -1"),
         (dict(oversample=2.0, lo=3, hi=6),
-         r"infeasible rollout budget: 16 candidate prompts x bounds \[3, 6\] = \[48, 96\] does not contain the "
-         r"budget 32 \(--rollout.batch_size 8 x --rollout.n_samples_per_prompt 4\)"),
-        (dict(oversample=0.5), "oversample must be a finite number >= 1"),
-        (dict(skip_factor=4.0), "skip_factor needs --dynamo.allocation.lo 0 and rule neyman"),
+         "infeasible rollout budget: --rollout.batch_size 8 x --rollout.n_samples_per_prompt 4 = 32 rollouts over 16 "
+         "candidate prompts: budget 32 is infeasible: must lie in [N*lo, N*hi] = [48, 96] for N=16, lo=3, hi=6; "
+         "change --dynamo.allocation.lo/hi or lower --dynamo.allocation.oversample"),
+        (dict(oversample=0.5), "--dynamo.allocation.oversample must be a finite number >= 1, got 0.5"),
+        (dict(skip_factor=4.0),
+         "--dynamo.allocation.skip_factor: skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 2"),
+        (dict(skip_factor=-1.0, lo=0, hi=16),
+         "--dynamo.allocation.skip_factor: skip_factor must be a finite non-negative number, got -1"),
         (dict(skip_factor=4.0, lo=0, hi=16, oversample=2.0),
-         "skip_factor needs >= 3 rollouts per candidate prompt on average, got 2"),
-        (dict(min_rollouts=2), "min_rollouts needs --dynamo.allocation.lo 0 and rule neyman"),
-        (dict(min_rollouts=9, lo=0), "min_rollouts 9 > --dynamo.allocation.hi 6"),
-        (dict(rule="uniform", calibrated=True), "calibrated does not apply"),
+         "--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got 2"),
+        (dict(min_rollouts=2), "--dynamo.allocation.min_rollouts: min_rollouts requires lo = 0 (with lo > 0 no prompt "
+                               "gets 0 rollouts; raise lo instead), got lo = 2"),
+        (dict(min_rollouts=2, lo=0, rule="proportional"),
+         "--dynamo.allocation.min_rollouts: min_rollouts applies to rule 'neyman' only, got rule 'proportional'"),
+        (dict(min_rollouts=9, lo=0), "--dynamo.allocation.min_rollouts: min_rollouts (9) must not exceed hi (6)"),
+        (dict(rule="uniform", calibrated=True), "--dynamo.pool.calibrated does not apply"),
         (dict(rule="uniform", mastery=True), "uniform takes no exploration/mastery options"),
-        (dict(prior=(0.0, 1.0)), "--dynamo.pool.prior"),
-        (dict(forget=1.5), r"--dynamo.pool.forget must lie in \(0, 1\]"),
+        (dict(prior=(0.0, 1.0)), "--dynamo.pool.prior: prior alpha0 must be a finite positive number, got 0"),
+        (dict(forget=1.5), "--dynamo.pool.forget: forget must lie in (0, 1], got 1.5"),
     ],
 )
 def test_config_errors_name_the_flag(kw, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as info:
         _cfg(**kw)
+    assert message in str(info.value)
 
 
 def test_predicted_variance_ratio_hand_values():
@@ -273,13 +286,16 @@ def test_allocator_passes_the_estimator_and_predicts_with_it():
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(estimator="rloo", lo=1), "--algo.advantage.estimator rloo with --dynamo.allocation.rule neyman needs "
-                                   "--dynamo.allocation.lo >= 2 (a group of one rollout has no baseline), or lo 0 "
-                                   "with --dynamo.allocation.min_rollouts >= 2; got lo=1"),
+    (dict(estimator="rloo", lo=1), "--algo.advantage.estimator rloo with --dynamo.allocation.rule neyman: estimator "
+                                   "'rloo' needs lo >= 2 (a group of one rollout has no baseline), got lo = 1; to let "
+                                   "prompts be skipped use lo = 0 with min_rollouts >= 2"),
     (dict(estimator="group_norm", lo=0, min_rollouts=2, oversample=2.0, hi=16),
-     "--algo.advantage.estimator group_norm with --dynamo.allocation.rule neyman needs --dynamo.allocation.lo >= 2"),
+     "--algo.advantage.estimator group_norm with --dynamo.allocation.rule neyman: estimator 'group_norm' needs lo >= 2 "
+     "(a group of one rollout has zero advantage under group_norm), got lo = 0"),
     (dict(estimator="rloo", lo=0, hi=16, oversample=2.0, skip_factor=4.0, min_rollouts=2),
-     "--dynamo.allocation.skip_factor is derived for the sum v/n objective"),
+     "--algo.advantage.estimator rloo with --dynamo.allocation.rule neyman: skip_factor is not supported with "
+     "estimator 'rloo' (its skipping rule is derived for the Σ v/n objective); with lo = 0 use min_rollouts >= 2 "
+     "instead"),
     (dict(estimator="gae"), "--algo.advantage.estimator gae: no allocation variance model"),
 ])
 def test_estimator_settings_errors_name_the_flags(kw, message):
@@ -288,13 +304,21 @@ def test_estimator_settings_errors_name_the_flags(kw, message):
 
 
 def test_estimator_settings_that_work():
+    """Settings the config accepts are settings the core allocates with: each one's first step spends the budget
+    within its bounds (and with min_rollouts, every prompt gets 0 or at least that many)."""
     cases = [dict(estimator="rloo", lo=0, hi=16, oversample=2.0, min_rollouts=2),  # lo 0 with min_rollouts 2
              dict(estimator="rloo", lo=1, rule="uniform"),  # the rule does not use the estimator
              dict(estimator="group_norm", lo=2)]
     for kw in cases:
-        cfg = _cfg(**kw)  # constructing raises on any problem
-        assert cfg.problems() == []
-        assert (cfg.estimator, cfg.lo, cfg.rule) == (kw["estimator"], kw["lo"], kw.get("rule", "neyman"))
+        cfg = _cfg(**kw)
+        counts = RolloutAllocator(cfg).allocate(np.arange(cfg.candidates_per_step))
+        assert counts.size == cfg.candidates_per_step and int(counts.sum()) == cfg.budget == 32, kw
+        assert counts.min() >= cfg.lo and counts.max() <= cfg.hi, (kw, counts)
+        assert all(c == 0 or c >= (cfg.min_rollouts or 1) for c in counts.tolist()), (kw, counts)
+    # unseen prompts are alike: 32 rollouts over 16 candidates at the floor of 2 serve them all; 4 each over 8
+    assert RolloutAllocator(_cfg(**cases[0])).allocate(np.arange(16)).tolist() == [2] * 16
+    assert RolloutAllocator(_cfg(**cases[1])).allocate(np.arange(8)).tolist() == [4] * 8
+    assert RolloutAllocator(_cfg(**cases[2])).allocate(np.arange(8)).tolist() == [4] * 8
 
 
 # ---------------------------------------------------------------------------------------------- calibration

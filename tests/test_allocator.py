@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynamo_openrlhf import RULES, allocate_rollouts
+from dynamo_openrlhf import RULES, PassRatePool, allocate_rollouts
 
 
 # ---------------------------------------------------------------- reference solvers (Python)
@@ -760,3 +760,35 @@ def test_large_scale_reports_the_first_bad_index():
     s[299_999] = np.nan
     with pytest.raises(ValueError, match=r"^scale\[250001\] is zero"):
         allocate_rollouts(np.full(300_000, 0.1), 16 * 300_000, 8, 24, scale=s)
+
+
+def test_allocation_problems_are_the_allocation_calls_messages():
+    from dynamo_openrlhf import PROBLEM_SUBJECTS, allocation_problems
+
+    assert PROBLEM_SUBJECTS == ("bounds", "budget", "skip_factor", "min_rollouts", "estimator", "prior", "forget")
+    assert allocation_problems(16, 64, 2, 6, "neyman", estimator="rloo", prior=(1.0, 1.0), forget=0.9) == []
+    cases = [  # settings, the call that raises for them
+        (dict(prompts=2, budget=4, lo=3, hi=1), lambda: allocate_rollouts([0.1, 0.2], 4, 3, 1)),
+        (dict(prompts=2, budget=40, lo=2, hi=6), lambda: allocate_rollouts([0.1, 0.2], 40, 2, 6)),
+        (dict(prompts=4, budget=8, lo=0, hi=4, rule="neyman", min_rollouts=5),
+         lambda: allocate_rollouts([0.1] * 4, 8, 0, 4, min_rollouts=5)),
+        (dict(prompts=2, budget=8, lo=1, hi=6, rule="neyman", estimator="rloo"),
+         lambda: allocate_rollouts([0.1, 0.2], 8, 1, 6, estimator="rloo")),
+        (dict(prompts=4, budget=8, lo=0, hi=4, rule="uniform", skip_factor=4.0),
+         lambda: allocate_rollouts([0.1] * 4, 8, 0, 4, rule="uniform", skip_factor=4.0)),
+        (dict(prompts=0, budget=0, lo=0, hi=0, forget=0.0), lambda: PassRatePool(forget=0.0)),
+        (dict(prompts=0, budget=0, lo=0, hi=0, prior=(1.0, float("nan"))),
+         lambda: PassRatePool(prior=(1.0, float("nan")))),
+    ]
+    for kw, call in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        (problem,) = allocation_problems(**kw)
+        assert problem[1] == str(info.value), kw
+    # every problem at once, in the subjects' order; unknown names raise as in the allocation calls
+    found = allocation_problems(8, 32, 0, 8, "neyman", skip_factor=-1.0, min_rollouts=9, forget=2.0)
+    assert [s for s, _ in found] == ["skip_factor", "min_rollouts", "forget"]
+    with pytest.raises(ValueError, match="^rule must be one of 'neyman', 'proportional', 'uniform', got \"filter\"$"):
+        allocation_problems(8, 32, 0, 8, "filter")
+    with pytest.raises(ValueError, match="^estimator must be None or one of"):
+        allocation_problems(8, 32, 0, 8, "neyman", estimator="gae")

@@ -6,13 +6,16 @@ whose message cell is exactly that message (paths are made stable with a fixed f
 directory and shown as ``FILE`` in the README)."""
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 def _message(fn) -> str:
@@ -127,3 +130,40 @@ def test_readme_bad_inputs_table_matches_the_code(tmp_path):
     for name, fn in cases.items():
         msg = _message(fn).replace(str(tmp_path) + os.sep, "")
         assert rows[name] == msg, (name, msg)
+
+
+def _cli_error(tmp: Path, *flags: str) -> str:
+    """The launcher's error line for the tiny preset (n = 8 samples per prompt, batch size 16) with ``flags``:
+    it exits with code 2 before Ray starts."""
+    env = dict(os.environ, RAY_ADDRESS="local", COLUMNS="100", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "dynamo_openrlhf.train", "--dynamo.preset", "tiny-cpu",
+                        "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(tmp / "run"), *flags],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stdout + r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("python -m dynamo_openrlhf.train: error: ")]
+    return line
+
+
+def test_cli_and_standalone_api_give_the_same_message(tmp_path):
+    """Allocation bounds and budgets are judged once, by the core: for the same bad input the launcher reports the
+    very message that ``allocate_rollouts`` / ``PassRatePool`` raise, after the flags it is about."""
+    from dynamo_openrlhf import PassRatePool, allocate_rollouts
+
+    # over-sampling 2x: 32 candidates share the 16 x 8 = 128 rollouts, but lo = 5 needs 160 (hi: 4n = 32)
+    budget = _message(lambda: allocate_rollouts(np.full(32, 0.25), 128, 5, 32))
+    forget = _message(lambda: PassRatePool(forget=1.5))
+    assert budget == ("budget 128 is infeasible: must lie in [N*lo, N*hi] = [160, 1024] for N=32, lo=5, hi=32")
+    assert forget == "forget must lie in (0, 1], got 1.5"
+    line = _cli_error(tmp_path, "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "5",
+                      "--dynamo.pool.forget", "1.5")
+    assert line == ("python -m dynamo_openrlhf.train: error: infeasible rollout budget: --rollout.batch_size 16 x "
+                    f"--rollout.n_samples_per_prompt 8 = 128 rollouts over 32 candidate prompts: {budget}; change "
+                    "--dynamo.allocation.lo/hi or lower --dynamo.allocation.oversample; "
+                    f"--dynamo.pool.forget: {forget}")
+    # the README's "rloo allocation with lo = 1" row: the launcher says it after the flags
+    rloo = _message(lambda: allocate_rollouts(np.array([0.1, 0.2]), 8, 1, 6, estimator="rloo"))
+    assert rloo == _readme_rows()["rloo allocation with lo = 1"]
+    line = _cli_error(tmp_path, "--algo.advantage.estimator", "rloo", "--dynamo.allocation.lo", "1")
+    assert line == ("python -m dynamo_openrlhf.train: error: --algo.advantage.estimator rloo with "
+                    f"--dynamo.allocation.rule neyman: {rloo}")

@@ -1,0 +1,381 @@
+//! Every problem with a set of allocation settings, found at once (pure Rust, no PyO3).
+//!
+//! `allocate` and `PassRatePool::allocate` stop at their first bad argument; a launcher wants
+//! the whole list before a run starts, in the same words. [`problems`] runs the very checks
+//! those calls run (`allocate::check_bounds`, `allocate::check_selection`,
+//! `allocate::check_estimator` with `Estimator::check`, the pool's `check_prior` and
+//! `check_forget`) on settings instead of data, one check family at a time, and tags each
+//! message with the [`Subject`] it is about, so that a caller can name its own flag for it.
+//! No rule is restated here: a message is exactly what the allocation call would raise.
+
+use crate::allocate::{check_bounds, check_estimator, check_selection, Options, Rule};
+use crate::estimator::Estimator;
+use crate::pool::{check_forget, check_prior};
+use crate::skip::Selection;
+
+/// What a [`Problem`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// `lo` and `hi` themselves: a negative bound, or `lo > hi`.
+    Bounds,
+    /// The budget against `prompts × [lo, hi]` (or a negative budget).
+    Budget,
+    SkipFactor,
+    MinRollouts,
+    Estimator,
+    Prior,
+    Forget,
+}
+
+impl Subject {
+    pub const NAMES: [&'static str; 7] = [
+        "bounds",
+        "budget",
+        "skip_factor",
+        "min_rollouts",
+        "estimator",
+        "prior",
+        "forget",
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Subject::Bounds => "bounds",
+            Subject::Budget => "budget",
+            Subject::SkipFactor => "skip_factor",
+            Subject::MinRollouts => "min_rollouts",
+            Subject::Estimator => "estimator",
+            Subject::Prior => "prior",
+            Subject::Forget => "forget",
+        }
+    }
+}
+
+/// One problem: what it is about and the message the allocation call raises for it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub subject: Subject,
+    pub message: String,
+}
+
+/// One allocation call's settings: `budget` rollouts over `prompts` prompts within
+/// `[lo, hi]` each, by `rule` (`None`: only the bounds, budget and pool are checked) with the
+/// switches as the call would get them (`None` = not given). `prior` = (α₀, β₀) and `forget`
+/// of the pool the allocation reads, when there is one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    pub prompts: usize,
+    pub budget: i64,
+    pub lo: i64,
+    pub hi: i64,
+    pub rule: Option<Rule>,
+    pub estimator: Option<Estimator>,
+    pub skip_factor: Option<f64>,
+    pub min_rollouts: Option<i64>,
+    pub prior: Option<(f64, f64)>,
+    pub forget: Option<f64>,
+}
+
+/// Every problem of `s`, at most one per [`Subject`], in the order of the subjects (empty:
+/// an allocation call with these settings passes its argument checks for any valid data).
+/// The rule-dependent checks (skip switches, estimator) run only when the bounds and budget
+/// hold, as in the allocation call, whose later checks assume them.
+pub fn problems(s: &Settings) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut push = |subject: Subject, r: crate::Result<()>| {
+        if let Err(e) = r {
+            out.push(Problem {
+                subject,
+                message: e.to_string(),
+            });
+        }
+    };
+    // With no prompt and no budget only the signs and the order of lo and hi can fail.
+    let bounds = check_bounds(0, 0, s.lo, s.hi).map(|_| ());
+    let bounds_ok = bounds.is_ok();
+    push(Subject::Bounds, bounds);
+    let budget_ok = bounds_ok && check_bounds(s.prompts, s.budget, s.lo, s.hi).is_ok();
+    if bounds_ok {
+        push(
+            Subject::Budget,
+            check_bounds(s.prompts, s.budget, s.lo, s.hi).map(|_| ()),
+        );
+    }
+    if let (Some(rule), true) = (s.rule, budget_ok) {
+        for (subject, sel) in [
+            (
+                Subject::SkipFactor,
+                Selection {
+                    skip_factor: s.skip_factor,
+                    min_rollouts: None,
+                },
+            ),
+            (
+                Subject::MinRollouts,
+                Selection {
+                    skip_factor: None,
+                    min_rollouts: s.min_rollouts,
+                },
+            ),
+        ] {
+            let options = Options {
+                skip_factor: sel.skip_factor,
+                min_rollouts: sel.min_rollouts,
+                ..Options::default()
+            };
+            push(
+                subject,
+                check_selection(rule, &options, &sel, s.budget, s.lo, s.hi),
+            );
+        }
+        if let Some(e) = s.estimator {
+            let options = Options {
+                skip_factor: s.skip_factor,
+                min_rollouts: s.min_rollouts,
+                ..Options::default()
+            };
+            push(Subject::Estimator, check_estimator(e, rule, &options, s.lo));
+        }
+    }
+    if let Some((a, b)) = s.prior {
+        push(Subject::Prior, check_prior(a, b));
+    }
+    if let Some(f) = s.forget {
+        push(Subject::Forget, check_forget(f));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocate::allocate;
+    use crate::pool::{PassRatePool, PoolAllocateOptions};
+
+    fn settings(prompts: usize, budget: i64, lo: i64, hi: i64) -> Settings {
+        Settings {
+            prompts,
+            budget,
+            lo,
+            hi,
+            rule: Some(Rule::Neyman),
+            ..Settings::default()
+        }
+    }
+
+    fn found(s: &Settings) -> Vec<(&'static str, String)> {
+        problems(s)
+            .into_iter()
+            .map(|p| (p.subject.name(), p.message))
+            .collect()
+    }
+
+    /// The message `allocate` raises for the same settings (unit variances).
+    fn allocate_error(s: &Settings) -> String {
+        let v = vec![0.25; s.prompts];
+        let o = Options {
+            skip_factor: s.skip_factor,
+            min_rollouts: s.min_rollouts,
+            estimator: s.estimator,
+            ..Options::default()
+        };
+        allocate(&v, s.budget, s.lo, s.hi, s.rule.unwrap(), &o)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn valid_settings_have_no_problem() {
+        assert!(problems(&settings(16, 64, 2, 6)).is_empty());
+        let s = Settings {
+            skip_factor: Some(4.0),
+            min_rollouts: Some(2),
+            prior: Some((1.0, 1.0)),
+            forget: Some(1.0),
+            ..settings(32, 64, 0, 8)
+        };
+        assert!(problems(&s).is_empty());
+        let s = Settings {
+            estimator: Some(Estimator::Rloo),
+            min_rollouts: Some(2),
+            ..settings(32, 64, 0, 8)
+        };
+        assert!(problems(&s).is_empty());
+        // no rule: the rule-dependent switches are not looked at
+        let s = Settings {
+            rule: None,
+            skip_factor: Some(f64::NAN),
+            ..settings(4, 8, 2, 2)
+        };
+        assert!(problems(&s).is_empty());
+    }
+
+    #[test]
+    fn each_problem_is_the_allocation_calls_message() {
+        let cases = [
+            (
+                settings(4, 8, 3, 1),
+                "bounds",
+                "lo (3) must not exceed hi (1)",
+            ),
+            (
+                settings(4, 8, -1, 4),
+                "bounds",
+                "lo must be non-negative, got -1",
+            ),
+            (
+                settings(48, 128, 4, 16),
+                "budget",
+                "budget 128 is infeasible: must lie in [N*lo, N*hi] = [192, 768] for N=48, \
+                 lo=4, hi=16",
+            ),
+            (
+                settings(4, -8, 0, 4),
+                "budget",
+                "budget must be non-negative, got -8",
+            ),
+            (
+                Settings {
+                    skip_factor: Some(4.0),
+                    ..settings(8, 32, 2, 8)
+                },
+                "skip_factor",
+                "skip_factor requires lo = 0 (a skipped prompt gets 0 rollouts), got lo = 2",
+            ),
+            (
+                Settings {
+                    skip_factor: Some(f64::NAN),
+                    ..settings(8, 32, 0, 8)
+                },
+                "skip_factor",
+                "skip_factor must be a finite non-negative number, got NaN",
+            ),
+            (
+                Settings {
+                    rule: Some(Rule::Uniform),
+                    min_rollouts: Some(2),
+                    ..settings(8, 32, 0, 8)
+                },
+                "min_rollouts",
+                "min_rollouts applies to rule 'neyman' only, got rule 'uniform'",
+            ),
+            (
+                Settings {
+                    min_rollouts: Some(9),
+                    ..settings(8, 32, 0, 8)
+                },
+                "min_rollouts",
+                "min_rollouts (9) must not exceed hi (8)",
+            ),
+            (
+                Settings {
+                    min_rollouts: Some(3),
+                    ..settings(2, 5, 0, 4)
+                },
+                "min_rollouts",
+                "budget 5 cannot be split into groups of min_rollouts..hi = 3..4 rollouts \
+                 (no count c with c*3 <= 5 <= c*4)",
+            ),
+            (
+                Settings {
+                    estimator: Some(Estimator::Rloo),
+                    ..settings(2, 8, 1, 6)
+                },
+                "estimator",
+                "estimator 'rloo' needs lo >= 2 (a group of one rollout has no baseline), got \
+                 lo = 1; to let prompts be skipped use lo = 0 with min_rollouts >= 2",
+            ),
+            (
+                Settings {
+                    estimator: Some(Estimator::Rloo),
+                    rule: Some(Rule::Proportional),
+                    ..settings(2, 8, 2, 6)
+                },
+                "estimator",
+                "estimator applies to rule 'neyman' only, got rule 'proportional' with \
+                 estimator 'rloo'",
+            ),
+        ];
+        for (s, subject, message) in cases {
+            assert_eq!(found(&s), vec![(subject, message.to_string())], "{s:?}");
+            assert_eq!(allocate_error(&s), message, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn every_problem_at_once_one_per_subject() {
+        let s = Settings {
+            skip_factor: Some(-1.0),
+            min_rollouts: Some(12),
+            estimator: Some(Estimator::GroupNorm),
+            prior: Some((0.0, 1.0)),
+            forget: Some(1.5),
+            ..settings(8, 32, 0, 8)
+        };
+        let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            subjects,
+            [
+                "skip_factor",
+                "min_rollouts",
+                "estimator",
+                "prior",
+                "forget"
+            ]
+        );
+        let p = found(&s);
+        assert_eq!(
+            p[3].1,
+            "prior alpha0 must be a finite positive number, got 0"
+        );
+        assert_eq!(p[4].1, "forget must lie in (0, 1], got 1.5");
+        // bad bounds: the budget and the rule's switches are not judged against them
+        let s = Settings {
+            skip_factor: Some(-1.0),
+            forget: Some(0.0),
+            ..settings(8, 32, 9, 8)
+        };
+        let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(subjects, ["bounds", "forget"]);
+        // an infeasible budget: the switches are not judged either
+        let s = Settings {
+            skip_factor: Some(-1.0),
+            ..settings(8, 100, 0, 8)
+        };
+        let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(subjects, ["budget"]);
+    }
+
+    #[test]
+    fn the_pool_raises_the_same_messages() {
+        let pool = PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap();
+        let ids: Vec<i64> = (0..8).collect();
+        let cases = [
+            Settings {
+                min_rollouts: Some(9),
+                ..settings(8, 32, 0, 8)
+            },
+            Settings {
+                estimator: Some(Estimator::GroupNorm),
+                ..settings(8, 32, 1, 8)
+            },
+            settings(8, 100, 0, 8),
+        ];
+        for s in cases {
+            let o = PoolAllocateOptions {
+                skip_factor: s.skip_factor,
+                min_rollouts: s.min_rollouts,
+                estimator: s.estimator,
+                ..PoolAllocateOptions::default()
+            };
+            let e = pool
+                .allocate(&ids, s.budget, s.lo, s.hi, Rule::Neyman, &o)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                found(&s).into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
+                [e]
+            );
+        }
+    }
+}
