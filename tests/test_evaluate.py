@@ -1,4 +1,4 @@
-"""pass@k evaluation: the estimator, the CLI end-to-end on the tiny preset, bad inputs."""
+"""pass@k evaluation: the estimator (dynamo_openrlhf.metrics), the CLI end-to-end on the tiny preset, bad inputs."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynamo_openrlhf.evaluate import bootstrap_ci, pass_at_k, pass_at_k_array, summarize
+from dynamo_openrlhf.metrics import bootstrap_ci, pass_at_k, pass_at_k_array, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,7 @@ def test_cli_k_greater_than_n(tmp_path, data_file):
 
 
 def test_train_eval_logs_from_in_training_samples():
-    from dynamo_openrlhf.evaluate import default_ks, train_eval_logs
+    from dynamo_openrlhf.metrics import default_ks, train_eval_logs
 
     rewards = [1, 0, 0, 0] + [0] * 4 + [1] * 4
     logs = train_eval_logs(rewards, 4, [1, 2, 4, 8])
@@ -208,3 +208,11 @@ def test_train_eval_logs_from_in_training_samples():
     dup = train_eval_logs([1, 0] + [1, 1], 2, [1, 2])
     assert dup["eval_pass@1"] == pytest.approx(0.75) and dup["eval_frac_solved"] == pytest.approx(0.5)
     assert default_ks(8) == [1, 2, 4, 8] and default_ks(6) == [1, 2, 4, 6] and default_ks(1) == [1]
+
+
+def test_evaluate_re_exports_the_metrics_until_the_glue_imports_them_from_metrics():
+    from dynamo_openrlhf import evaluate, metrics
+
+    for name in metrics.__all__:
+        assert getattr(evaluate, name) is getattr(metrics, name), name
+    assert metrics.is_success([0.5, 0.51, -1.0, 1.0], 0.5).tolist() == [False, True, False, True]

@@ -9,6 +9,8 @@ from typing import Dict, List, Set
 PACKAGE = "dynamo_openrlhf"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAUNCHER = f"{PACKAGE}.train"
+#: Ground-floor modules: they import no other module of the package (the trainer glue and the CLIs build on them).
+GROUND_FLOOR = {f"{PACKAGE}.metrics": {"numpy", "typing"}}
 
 
 def _module_name(path: Path) -> str:
@@ -108,3 +110,31 @@ def test_no_module_imports_the_launcher():
     graph = package_imports()
     importers = sorted(m for m, edges in graph.items() if LAUNCHER in edges and m != LAUNCHER)
     assert importers == []
+
+
+def top_level_imports(path: Path) -> Set[str]:
+    """The top-level names of every module ``path`` imports (``import a.b`` and ``from a.b import c`` give a;
+    relative imports give the package)."""
+    names: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(PACKAGE if node.level else (node.module or "").split(".")[0])
+    return names
+
+
+def test_ground_floor_modules_import_nothing_from_the_package():
+    graph = package_imports()
+    for module, allowed in GROUND_FLOOR.items():
+        assert graph[module] == set(), (module, graph[module])
+        path = ROOT / f"{module.rsplit('.', 1)[1]}.py"
+        assert top_level_imports(path) == allowed, module  # NumPy and the standard library only
+    # the success rule and pass@k have one home: the evaluation CLI and the trainer glue read them from it
+    assert f"{PACKAGE}.metrics" in graph[f"{PACKAGE}.evaluate"]
+
+
+def test_top_level_imports_reads_the_import_forms(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os.path\nfrom typing import List\nfrom . import x\ndef g():\n    import numpy as np\n")
+    assert top_level_imports(f) == {"os", "typing", PACKAGE, "numpy"}
