@@ -12,6 +12,8 @@
    end), one after the other, ``RAY_ADDRESS=local``:
    ``base`` (no pool file), ``pool`` (``--dynamo.pool.load <file>``), and the same two again with
    ``--ckpt.load_enable`` (``base_resume``, ``pool_resume``: restore the last checkpoint, nothing left to train).
+   Each run records the 1-minute load average at its start and end (``loadavg_1min``): the machine may be
+   shared, and the step and save times scale with how busy it is.
 3. While a run goes, a thread samples VmRSS / VmHWM / RssAnon of ``/proc/<pid>/status`` every 50 ms for the
    processes of THAT run's process tree whose command line names ``DynamoPPOTrainer`` (the Ray actor that holds
    the pool), ``PolicyModelActor`` (the actor that writes the checkpoint) and the launcher itself. When the
@@ -27,6 +29,10 @@ Definitions: save window = [ckpt row time - ckpt_save - dynamo_pool_save, ckpt r
 save = the last sample before its window; peak during a save = the largest sample inside it; the pool part of
 a save = pool run's ckpt_save + dynamo_pool_save minus the base run's (medians over checkpoints); RSS overhead =
 median steady RSS (pool) - median steady RSS (base), against the pool's ``stats()["bytes"]``.
+
+CPU: the sampler also reads utime + stime of ``/proc/<pid>/stat``; per save and restore window the CPU seconds of
+the trainer and policy actors (``cpu_in_windows``), and pool - base of them: on a shared machine the wall times
+above grow with the load, the CPU seconds hardly.
 
 Writes ``<out>/bench_pool_in_run.json`` and ``.md`` (the table, also printed).
 """
@@ -122,6 +128,42 @@ def parse_status(text: str) -> Dict[str, int]:
     return out
 
 
+def parse_stat_cpu(text: str, ticks_per_s: float) -> float:
+    """CPU seconds (user + system, the process's own threads, not its waited-for children) of a
+    ``/proc/<pid>/stat`` text: fields 14 and 15 (utime, stime, in clock ticks) / ``ticks_per_s``. The command
+    name (field 2) may hold spaces and parentheses, so the fields are counted after its last ``)``."""
+    rest = text.rsplit(")", 1)[-1].split()
+    if ")" not in text or len(rest) < 13:
+        raise ValueError(f"unexpected /proc stat text {text[:80]!r}")
+    return (int(rest[11]) + int(rest[12])) / ticks_per_s
+
+
+def restore_windows(rows: Iterable[Dict[str, Any]]) -> List[tuple]:
+    """(step, start, end) of every restore row (``type == "ckpt_load"``), in seconds since the epoch: end = the
+    row's ``time``, start = end - ``timing/ckpt_states_fetch`` - ``timing/dynamo_pool_load``."""
+    out = []
+    for r in rows:
+        if r.get("type") == "ckpt_load":
+            end = float(r["time"])
+            out.append((int(r["step"]),
+                        end - float(r["timing/ckpt_states_fetch"]) - float(r["timing/dynamo_pool_load"]), end))
+    return out
+
+
+def cpu_in_windows(samples: Sequence[tuple], windows: Sequence[tuple]) -> List[Dict[str, Any]]:
+    """Per window (step, start, end): {"step", "cpu_s"}: the CPU seconds a process spent from its last sample
+    at or before start to its first sample at or after end, from ``samples`` = (time, CPU seconds) sorted by
+    time. Unlike wall time this hardly depends on how busy a shared machine is (it over-counts by at most the
+    CPU of one sampling interval at each end). A window without a sample on both sides is skipped."""
+    out = []
+    for step, start, end in windows:
+        before = [c for t, c in samples if t <= start]
+        after = [c for t, c in samples if t >= end]
+        if before and after:
+            out.append({"step": step, "cpu_s": after[0] - before[-1]})
+    return out
+
+
 def descendants(root: int, parents: Dict[int, int]) -> List[int]:
     """The pids below ``root`` (children, grandchildren, ...; not root itself), sorted, from a
     {pid: parent pid} map."""
@@ -164,7 +206,8 @@ def rss_around_saves(samples: Sequence[tuple], windows: Sequence[tuple]) -> List
     return out
 
 
-def summarise_run(rows: Sequence[Dict[str, Any]], samples: Dict[str, List[tuple]]) -> Dict[str, Any]:
+def summarise_run(rows: Sequence[Dict[str, Any]], samples: Dict[str, List[tuple]],
+                  cpu: Optional[Dict[str, List[tuple]]] = None) -> Dict[str, Any]:
     """One run's numbers from its metrics rows and RSS samples ({role: [(time, VmRSS bytes)]}):
     medians over steps of ``timing/dynamo_pool`` and ``timing/step_total`` (s), medians over checkpoints of
     ``timing/dynamo_pool_save`` and ``timing/ckpt_save`` (s), the restore's ``timing/dynamo_pool_load`` and
@@ -179,7 +222,14 @@ def summarise_run(rows: Sequence[Dict[str, Any]], samples: Dict[str, List[tuple]
 
     windows = save_windows(rows)
     rss = {role: rss_around_saves(s, windows) for role, s in samples.items()}
+    cpu_out = {}
+    for role, s in (cpu or {}).items():
+        saves, restores = cpu_in_windows(s, windows), cpu_in_windows(s, restore_windows(rows))
+        cpu_out[role] = {"saves": saves, "restores": restores,
+                         "save_median_s": statistics.median([x["cpu_s"] for x in saves]) if saves else None,
+                         "restore_s": restores[-1]["cpu_s"] if restores else None}
     return {
+        "cpu": cpu_out,
         "steps": len(train),
         "pool_s": med(train, "timing/dynamo_pool"),
         "step_s": med(train, "timing/step_total"),
@@ -229,6 +279,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.root, self.metrics_path, self.interval = root, metrics_path, interval
         self.samples: Dict[str, List[tuple]] = {"trainer": [], "policy": [], "launcher": []}
+        self.cpu: Dict[str, List[tuple]] = {"trainer": [], "policy": [], "launcher": []}  # (time, CPU s)
+        self.ticks = os.sysconf("SC_CLK_TCK")
         self.last: Dict[str, Dict[str, int]] = {}
         self.pids: Dict[str, int] = {"launcher": root}
         self.hwm_reset_at: Optional[float] = None
@@ -272,6 +324,11 @@ class Sampler(threading.Thread):
                 if "VmRSS" in st:
                     self.samples[role].append((now, st["VmRSS"]))
                     self.last[role] = st
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        self.cpu[role].append((now, parse_stat_cpu(f.read(), self.ticks)))
+                except (OSError, ValueError):
+                    pass
             time.sleep(self.interval)
 
 
@@ -294,6 +351,7 @@ def run_one(name: str, run_dir: str, pool_file: Optional[str], resume: bool, tim
     cmd = train_command(run_dir, pool_file, resume)
     env = dict(os.environ, RAY_ADDRESS="local")  # never join another Ray cluster
     metrics = os.path.join(run_dir, "metrics.jsonl")
+    load_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
     t0 = time.time()
     with open(os.path.join(run_dir, f"{name}.log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -311,8 +369,9 @@ def run_one(name: str, run_dir: str, pool_file: Optional[str], resume: bool, tim
     with open(metrics) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if float(r.get("time", t0)) >= t0]  # a resumed run appends to the first run's file
-    out = summarise_run(rows, sampler.samples)
+    out = summarise_run(rows, sampler.samples, sampler.cpu)
     out.update({"name": name, "command": " ".join(cmd[1:]), "wall_s": time.time() - t0,
+                "loadavg_1min": [load_start, os.getloadavg()[0]],
                 "trainer_hwm_after_reset": sampler.last.get("trainer", {}).get("VmHWM"),
                 "hwm_reset_at": sampler.hwm_reset_at,
                 "peak_rss": {role: max((v for _, v in s), default=None) for role, s in sampler.samples.items()}})
@@ -330,22 +389,34 @@ def _s(x, nd=3):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
+def _loads(x):
+    return "-" if not x else ", ".join(f"{v:.1f}" for v in x)
+
+
 def table(pool: Dict[str, Any], runs: Dict[str, Dict[str, Any]]) -> str:
     lines = [f"Pool: {pool['prompts']:,} prompts, file {_mb(pool['file_bytes'])} MiB, in memory "
              f"{_mb(pool['memory_bytes'])} MiB, built in {pool['build_s']:.1f} s.", "",
              "| run | steps | timing/dynamo_pool (s, median) | step_total (s, median) | checkpoints | pool to_bytes (s) "
              "| ckpt save (s, median) | pool load (s) | states fetch (s) | trainer steady RSS (MiB) "
-             "| trainer peak/steady in saves (max) | policy peak/steady in saves (max) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| trainer peak/steady in saves (max) | policy peak/steady in saves (max) | load avg 1 min (start, end) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
         t, pol = r["rss"].get("trainer", {}), r["rss"].get("policy", {})
         lines.append(f"| {name} | {r['steps']} | {_s(r['pool_s'], 4)} | {_s(r['step_s'], 2)} | {r['checkpoints']} | "
                      f"{_s(r['pool_save_s'])} | {_s(r['ckpt_save_s'])} | {_s(r['pool_load_s'])} | "
                      f"{_s(r['states_fetch_s'])} | {_mb(t.get('steady'))} | {_s(t.get('max_ratio'), 2)} | "
-                     f"{_s(pol.get('max_ratio'), 2)} |")
+                     f"{_s(pol.get('max_ratio'), 2)} | {_loads(r.get('loadavg_1min'))} |")
     if "base" not in runs or "pool" not in runs:
         return "\n".join(lines)
     d = derived(pool, runs)
+    lines += ["", "CPU seconds (user + system) of the actors inside the windows, from /proc/<pid>/stat (a shared machine "
+              "stretches wall time, hardly CPU time):", "",
+              "| run | trainer CPU in a save (s, median) | policy CPU in a save (s, median) | trainer CPU in the restore (s) |",
+              "|---|---:|---:|---:|"]
+    for name, r in runs.items():
+        c = r.get("cpu", {})
+        lines.append(f"| {name} | {_s(c.get('trainer', {}).get('save_median_s'))} | "
+                     f"{_s(c.get('policy', {}).get('save_median_s'))} | {_s(c.get('trainer', {}).get('restore_s'))} |")
     lines += ["", "| quantity | measured | target |", "|---|---:|---:|",
               f"| pool part of a checkpoint save (s) | {_s(d['save_pool_part_s'], 2)} | <= 2 |",
               f"| pool part of a restore (s): states fetch + pool load, pool - base | {_s(d['load_pool_part_s'], 2)} "
@@ -355,7 +426,9 @@ def table(pool: Dict[str, Any], runs: Dict[str, Dict[str, Any]]) -> str:
               f"| trainer actor: steady RSS, pool - base (MiB) / pool's own bytes (MiB) | "
               f"{_mb(d['rss_overhead_bytes'])} / {_mb(pool['memory_bytes'])} = {_s(d['rss_overhead_ratio'], 2)} | - |",
               f"| timing/dynamo_pool, pool / base (median step) | {_s(d['pool_time_ratio'], 2)} | ~1 |",
-              f"| step_total, pool / base (median step) | {_s(d['step_ratio'], 2)} | ~1 |"]
+              f"| step_total, pool / base (median step) | {_s(d['step_ratio'], 2)} | ~1 |",
+              f"| CPU s of a save (trainer + policy), pool - base | {_s(d.get('save_pool_part_cpu_s'), 2)} | - |",
+              f"| CPU s of the restore (trainer), pool - base | {_s(d.get('load_pool_part_cpu_s'), 2)} | - |"]
     return "\n".join(lines)
 
 
@@ -376,12 +449,24 @@ def derived(pool: Dict[str, Any], runs: Dict[str, Dict[str, Any]]) -> Dict[str, 
         rp, rb = runs["pool_resume"], runs["base_resume"]
         if rp["pool_load_s"] is not None and rb["pool_load_s"] is not None:
             load = (rp["pool_load_s"] + rp["states_fetch_s"]) - (rb["pool_load_s"] + rb["states_fetch_s"])
+    def cpu(run, key):
+        c = run.get("cpu", {})
+        vals = [c.get(role, {}).get(key) for role in ("trainer", "policy")]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) if vals else None
+
+    save_cpu = diff(cpu(p, "save_median_s"), cpu(b, "save_median_s"))
+    load_cpu = None
+    if "pool_resume" in runs and "base_resume" in runs:
+        load_cpu = diff(runs["pool_resume"].get("cpu", {}).get("trainer", {}).get("restore_s"),
+                        runs["base_resume"].get("cpu", {}).get("trainer", {}).get("restore_s"))
     st_b, st_p = b["rss"]["trainer"]["steady"], p["rss"]["trainer"]["steady"]
     over = diff(st_p, st_b)
     return {"save_pool_part_s": save_p - save_b, "load_pool_part_s": load,
             "save_peak_ratio": p["rss"]["trainer"]["max_ratio"],
             "rss_overhead_bytes": over, "rss_overhead_ratio": ratio(over, pool["memory_bytes"]),
-            "pool_time_ratio": ratio(p["pool_s"], b["pool_s"]), "step_ratio": ratio(p["step_s"], b["step_s"])}
+            "pool_time_ratio": ratio(p["pool_s"], b["pool_s"]), "step_ratio": ratio(p["step_s"], b["step_s"]),
+            "save_pool_part_cpu_s": save_cpu, "load_pool_part_cpu_s": load_cpu}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
