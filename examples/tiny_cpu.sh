@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tiny CPU run: OpenRLHF 0.11.2's own Ray trainer on CPU with DynaMO's defaults (Neyman allocation,
 # decay6 modulation), no GPU needed (a few minutes on 2 cores). The same with every DynaMO flag spelled
-# out: examples/tiny_cpu_dynamo.sh; with DynaMO off (OpenRLHF's RLOO exactly): examples/tiny_cpu_grpo.sh.
+# out: examples/tiny_cpu_dynamo.sh; with DynaMO off (OpenRLHF's RLOO exactly): examples/tiny_cpu_rloo.sh.
 #
 # The tiny-cpu preset supplies a locally built tiny Llama + character tokenizer, a generated
 # addition problem set (`carry`, the default: 4-digit sums by number of carries plus a 5-digit level the

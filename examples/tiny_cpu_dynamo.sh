@@ -6,7 +6,7 @@
 # supervised warm start cached in ~/.cache/dynamo_openrlhf, RLOO with 16 prompts x 8 rollouts per step for 24
 # steps, math-verify reward) with DynaMO's Neyman allocation (6..10 rollouts per prompt, n = 8) from the Beta
 # pass-rate pool and the decay6 token-level modulation. These are also the defaults of the plain preset
-# (examples/tiny_cpu.sh); the same run with DynaMO off: examples/tiny_cpu_grpo.sh.
+# (examples/tiny_cpu.sh); the same run with DynaMO off: examples/tiny_cpu_rloo.sh.
 # Needs: CPU only (one DeepSpeed actor and one transformers rollout engine; fake Ray GPUs), ~4 GB RAM.
 # Outputs: runs/tiny-cpu-dynamo (metrics.jsonl, pass_rate_pool.bin, checkpoints, final model, TensorBoard).
 #

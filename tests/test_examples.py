@@ -34,12 +34,12 @@ GPU_SCRIPTS = [
     "qwen2.5-math-7b_grpo_baseline.sh",
     "qwen2.5-math-7b_dynamo_multinode.sh",
 ]
-CPU_SCRIPTS = ["tiny_cpu.sh", "tiny_cpu_dynamo.sh", "tiny_cpu_grpo.sh"]
+CPU_SCRIPTS = ["tiny_cpu.sh", "tiny_cpu_dynamo.sh", "tiny_cpu_rloo.sh"]
 # (DynaMO run, its baseline): the GRPO baselines are the paper recipe (RECIPE=paper) with DynaMO off
 PAIRS = [
     ("qwen2.5-math-1.5b_dynamo_paper.sh", "qwen2.5-math-1.5b_grpo_baseline.sh"),
     ("7b+paper", "qwen2.5-math-7b_grpo_baseline.sh"),
-    ("tiny_cpu_dynamo.sh", "tiny_cpu_grpo.sh"),
+    ("tiny_cpu_dynamo.sh", "tiny_cpu_rloo.sh"),
 ]
 EXTRA = ["--train.seed", "7"]  # forwarded "$@"
 DATA_LINES = 1024
@@ -319,6 +319,6 @@ def test_tiny_cpu_scripts(parsed):
     assert dyn["allocation"]["rule"] == "neyman" and dyn["modulation"]["mu_max"] == 1.2
     default = parsed["tiny_cpu.sh"]["values"]  # the preset with DynaMO's defaults
     assert default["allocation"]["rule"] == "neyman" and not default["modulation"]["identity"]
-    grpo = parsed["tiny_cpu_grpo.sh"]["values"]
-    assert grpo["allocation"] is None and grpo["modulation"]["identity"]
-    assert dyn["run_dir"] != grpo["run_dir"]
+    off = parsed["tiny_cpu_rloo.sh"]["values"]  # DynaMO off with the preset's estimator, RLOO (as its name says)
+    assert off["allocation"] is None and off["modulation"]["identity"] and off["estimator"] == "rloo"
+    assert dyn["run_dir"] != off["run_dir"] and off["run_dir"].endswith("tiny-cpu-rloo")
