@@ -531,9 +531,8 @@ def prompt_balancing(args) -> Optional[PromptBalancing]:
         L = 1.0
     # --train.dynamic_batch_enable: the weights travel with their samples through the token-budget micro-batches,
     # and the actor's normaliser follows DeepSpeed's gas of 1 there (ppo_actor.DynamoActorPPOTrainer._deepspeed_gas).
-    if _get(args, "train.async_enable", False) and not allocation_on:  # (with allocation on: refused there)
-        problems.append("--train.async_enable is not supported with --dynamo.loss.prompt_weighting balanced (the "
-                        "async trainer does not attach the loss weights); use --dynamo.loss.prompt_weighting tokens")
+    # --train.async_enable: the async trainer actor's experience maker computes the weights from the batch's own
+    # groups (dynamo_openrlhf.ppo_trainer_async), so they belong to the batch whatever waits in the queue.
     tbs = _get(args, "train.batch_size")
     if not (isinstance(tbs, int) and tbs >= 1):
         problems.append(f"--train.batch_size must be >= 1, got {tbs!r}")

@@ -67,7 +67,8 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
     reward_source,
 )
 
-__all__ = ["DynamoPPOTrainer", "STATE_VERSION", "pool_from_checkpoint", "pool_to_checkpoint"]
+__all__ = ["DynamoPPOTrainer", "STATE_VERSION", "eval_extras_and_row", "pool_from_checkpoint", "pool_to_checkpoint",
+           "scalars"]
 
 STATE_VERSION = 3  # of client_states["dynamo"]; 1 = history only; 2 = + pool; 3 = + running token normaliser
 
@@ -96,7 +97,9 @@ def pool_from_checkpoint(value: Any) -> bytes:
                      f"{getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
 
 
-def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
+def scalars(d: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of a status dict that go into a metrics.jsonl row: numbers (0-d tensors as numbers), strings,
+    booleans and None."""
     out = {}
     for k, v in d.items():
         if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
@@ -104,6 +107,39 @@ def _scalars(d: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(v, (int, float, str, bool)) or v is None:
             out[k] = v
     return out
+
+
+_scalars = scalars
+
+
+def eval_extras_and_row(global_step: int, logs: Optional[Dict[str, Any]], samples, n: int, args):
+    """DynaMO's part of one in-training evaluation: ``(extra, row)``. ``extra``: unbiased pass@k
+    (``--dynamo.eval_pass_k``, default :func:`~dynamo_openrlhf.evaluate.default_ks`) and the solved/unsolved
+    fractions of the eval samples (the pool's success rule: score, else reward, > ``--dynamo.pool.success_threshold``),
+    for OpenRLHF's loggers; ``row``: the history row (``type`` eval, ``step``, OpenRLHF's ``logs`` and ``extra``, and
+    the successes and samples per distinct prompt text for the run summary's paired start -> end difference).
+    ``samples``: the evaluation's experiences, ``n``: eval samples per prompt."""
+    text = args.dynamo.eval_pass_k
+    ks = default_ks(n) if not text else [int(k) for k in str(text).split(",")]
+    threshold = args.dynamo.pool.success_threshold
+    values = np.concatenate([outcome_values(s, i) for i, s in enumerate(samples)]) if samples else []
+    extra = train_eval_logs(values, n, ks, threshold)
+    row = {"type": "eval", "step": global_step, "time": time.time(), **scalars({**(logs or {}), **(extra or {})})}
+    prompts = [p for s in samples for p in s.prompts]
+    if len(values) and len(prompts) == len(values):
+        # Sorted by prompt (vLLM does not keep the eval order from one evaluation to the next); the hash of the
+        # sorted prompts tells whether two evaluations scored the same prompts.
+        ok = is_success(values, threshold)
+        per: Dict[str, List[int]] = {}
+        for p, good in zip(prompts, ok):
+            per.setdefault(p, [0, 0])
+            per[p][0] += int(good)
+            per[p][1] += 1
+        keys = sorted(per)
+        row["eval_prompt_successes"] = [per[p][0] for p in keys]
+        row["eval_prompt_samples"] = [per[p][1] for p in keys]
+        row["eval_prompts_sha256"] = hashlib.sha256("\0".join(keys).encode()).hexdigest()
+    return extra, row
 
 
 class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
@@ -358,37 +394,15 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         logs = super().evaluate(global_step, **generate_kwargs)
         samples = self.samples_generator.last_eval_samples
         n = generate_kwargs["n_samples_per_prompt"]
-        # The pool's success rule (score, else reward, > --dynamo.pool.success_threshold).
-        values = np.concatenate([outcome_values(s, i) for i, s in enumerate(samples)]) if samples else []
-        extra = train_eval_logs(values, n, self._eval_ks(n), self.args.dynamo.pool.success_threshold)
+        extra, row = eval_extras_and_row(global_step, logs, samples, n, self.args)
         if extra:
             for lg in (self.wandb_logger, self.tensorboard_logger):
                 if lg is not None:
                     lg.log_eval(global_step, extra)
             logs = {**(logs or {}), **extra}
         self._evaluated_steps.add(global_step)
-        row = {"type": "eval", "step": global_step, "time": time.time(), **_scalars(logs or {})}
-        prompts = [p for s in samples for p in s.prompts]
-        if len(values) and len(prompts) == len(values):
-            # Successes and samples per distinct prompt text, sorted by prompt (vLLM does not keep the eval
-            # order from one evaluation to the next), for the run summary's paired start -> end difference;
-            # the hash of the sorted prompts tells whether two evaluations scored the same prompts.
-            ok = is_success(values, self.args.dynamo.pool.success_threshold)
-            per: Dict[str, List[int]] = {}
-            for p, good in zip(prompts, ok):
-                per.setdefault(p, [0, 0])
-                per[p][0] += int(good)
-                per[p][1] += 1
-            keys = sorted(per)
-            row["eval_prompt_successes"] = [per[p][0] for p in keys]
-            row["eval_prompt_samples"] = [per[p][1] for p in keys]
-            row["eval_prompts_sha256"] = hashlib.sha256("\0".join(keys).encode()).hexdigest()
         self._record(row)
         return logs
-
-    def _eval_ks(self, n: int) -> List[int]:
-        text = self.args.dynamo.eval_pass_k
-        return default_ks(n) if not text else [int(k) for k in str(text).split(",")]
 
     def _dynamo_evaluate(self, global_step):
         kwargs = dict(self.generate_kwargs)

@@ -20,7 +20,9 @@ How it hooks OpenRLHF (its own code path runs; nothing of it is copied):
 * Class swaps read by the run's own imports: ``ppo_actor.PolicyModelActor`` ->
   :class:`dynamo_openrlhf.ppo_actor.DynamoPolicyModelActor` (the DynaMO loss) and
   ``ppo_trainer.PPOTrainer`` -> :class:`dynamo_openrlhf.ppo_trainer.DynamoPPOTrainer` (allocation,
-  pool, metrics, checkpoint state; Ray actor subclasses of OpenRLHF's).
+  pool, metrics, checkpoint state; Ray actor subclasses of OpenRLHF's); with ``--train.async_enable``
+  ``ppo_trainer_async.PPOTrainerAsync`` -> :class:`dynamo_openrlhf.ppo_trainer_async.DynamoPPOTrainerAsync`
+  (the generator actor allocates and is the pool's only writer; docs/async.md).
 * Without CUDA, ``cpu_backend`` adapts the loop to CPU (see its docstring).
 
 Everything is undone when the run returns. After the run a short summary is printed.
@@ -37,7 +39,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["main", "add_dynamo_arguments", "PRESETS", "DynamoPPOTrainer", "DynamoPolicyModelActor"]
+__all__ = ["main", "add_dynamo_arguments", "PRESETS", "DynamoPPOTrainer", "DynamoPPOTrainerAsync", "DynamoPolicyModelActor",
+           "async_allocation_problems"]
 
 OPENRLHF_CLI = "openrlhf.cli.train_ppo_ray"
 PROG = "python -m dynamo_openrlhf.train"
@@ -443,6 +446,38 @@ def _token_normalizer_arg(text: str):
         raise argparse.ArgumentTypeError(msg) from None
 
 
+def async_allocation_problems(args) -> List[str]:
+    """What the allocation (``--dynamo.allocation.rule`` not off) refuses among OpenRLHF's throughput flags,
+    one message per problem, each naming the flag and what to use instead (docs/async.md). With
+    ``--train.async_enable`` the generator actor is the pool's only writer and learns each batch from the rewards
+    it computed at rollout time, so the rewards must exist there (a reward function or agent, not a reward
+    model), and the per-prompt noise scale, which needs the trainer's log-probs, is off. Over-sampling through
+    ``--rollout.vllm_generate_batch_size`` is refused naming its DynaMO equivalent."""
+    rule = args.dynamo.allocation.rule
+    problems = []
+    vgbs = args.rollout.vllm_generate_batch_size
+    bs = args.rollout.batch_size
+    if vgbs and vgbs != bs:
+        ratio = vgbs / bs if bs else float("nan")
+        problems.append(f"--rollout.vllm_generate_batch_size {vgbs} != --rollout.batch_size {bs}: with "
+                        f"--dynamo.allocation.rule {rule} each step draws and allocates its own candidate prompts; "
+                        f"over-sample with --dynamo.allocation.oversample {ratio:g} (draws {vgbs} candidates per "
+                        f"step) and leave --rollout.vllm_generate_batch_size unset")
+    if args.train.async_enable:
+        noise = getattr(args.dynamo.allocation, "noise_scale", "off")
+        if noise != "off":
+            problems.append(f"--dynamo.allocation.noise_scale {noise} is not supported "
+                            "with --train.async_enable (the generator updates the pool at rollout time, before the "
+                            "trainer's forward gives the log-probs the noise proxy needs); use "
+                            "--dynamo.allocation.noise_scale off")
+        if not (getattr(getattr(args, "reward", None), "remote_url", None)
+                or getattr(args.train, "agent_func_path", None)):
+            problems.append(f"--train.async_enable with --dynamo.allocation.rule {rule} needs the rewards at rollout "
+                            "time (--reward.remote_url or --train.agent_func_path): the generator updates the pool "
+                            "from them; a reward model scores later, in the trainer")
+    return problems
+
+
 def _dynamo_problems(args) -> List[str]:
     """DynaMO settings that cannot work with the rest of the run, found before Ray starts."""
     from dynamo_openrlhf.allocation import AllocationConfig
@@ -465,14 +500,7 @@ def _dynamo_problems(args) -> List[str]:
         from dynamo_openrlhf.experience_maker import SUPPORTED_ESTIMATORS
 
         rule = args.dynamo.allocation.rule
-        if args.train.async_enable:
-            problems.append(f"--train.async_enable is not supported with --dynamo.allocation.rule {rule} "
-                            "(use --dynamo.allocation.rule off)")
-        vgbs = args.rollout.vllm_generate_batch_size
-        if vgbs and vgbs != args.rollout.batch_size:
-            problems.append(f"--rollout.vllm_generate_batch_size {vgbs} != --rollout.batch_size: with "
-                            f"--dynamo.allocation.rule {rule} each step draws its own prompts (see "
-                            "--dynamo.allocation.oversample)")
+        problems += async_allocation_problems(args)
         if args.algo.advantage.estimator not in SUPPORTED_ESTIMATORS:
             problems.append(f"--algo.advantage.estimator {args.algo.advantage.estimator} is not supported with "
                             f"--dynamo.allocation.rule {rule}; use one of {list(SUPPORTED_ESTIMATORS)}")
@@ -721,6 +749,10 @@ def __getattr__(name: str):
         from dynamo_openrlhf.ppo_trainer import DynamoPPOTrainer
 
         return DynamoPPOTrainer
+    if name == "DynamoPPOTrainerAsync":
+        from dynamo_openrlhf.ppo_trainer_async import DynamoPPOTrainerAsync
+
+        return DynamoPPOTrainerAsync
     if name == "DynamoPolicyModelActor":
         from dynamo_openrlhf.ppo_actor import DynamoPolicyModelActor
 
@@ -765,7 +797,8 @@ class _Hooks:
         self.args = None  # nested config (OpenRLHF's hierarchize output)
         self.pool = None  # --dynamo.pool.load, read once here and handed to the trainer actor
         self.training_started = False
-        self.trainer = None
+        self.sync_trainer = None
+        self.async_trainer = None
         self._undo: List[Callable[[], None]] = []
 
     def _patch(self, obj, name, value) -> None:
@@ -826,11 +859,23 @@ class _Hooks:
 
         self._patch(ray, "init", ray_init)
 
-        self.trainer = _Recorder(sys.modules[__name__].DynamoPPOTrainer,
-                                 extra=lambda: {"dynamo_pool": hooks.pool} if hooks.pool is not None else {})
-        self._patch(ppo_trainer, "PPOTrainer", self.trainer)
+        pool_kwargs = (lambda: {"dynamo_pool": hooks.pool} if hooks.pool is not None else {})
+        self.sync_trainer = _Recorder(sys.modules[__name__].DynamoPPOTrainer, extra=pool_kwargs)
+        self._patch(ppo_trainer, "PPOTrainer", self.sync_trainer)
+        # --train.async_enable: OpenRLHF's train() imports PPOTrainerAsync from this module when it runs
+        from openrlhf.trainer import ppo_trainer_async
+
+        self.async_trainer = _Recorder(sys.modules[__name__].DynamoPPOTrainerAsync, extra=pool_kwargs)
+        self._patch(ppo_trainer_async, "PPOTrainerAsync", self.async_trainer)
         self._patch(ppo_actor, "PolicyModelActor", sys.modules[__name__].DynamoPolicyModelActor)
         return self
+
+    def trainer_handle(self):
+        """The handle of the trainer actor the run started (sync or async), or None."""
+        for rec in (self.sync_trainer, self.async_trainer):
+            if rec is not None and rec.handle is not None:
+                return rec.handle
+        return None
 
     def __exit__(self, *exc):
         while self._undo:
@@ -1109,8 +1154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         history = []
-        if hooks.trainer is not None and hooks.trainer.handle is not None:
-            history = ray.get(hooks.trainer.handle.get_dynamo_history.remote())
+        handle = hooks.trainer_handle()
+        if handle is not None:
+            history = ray.get(handle.get_dynamo_history.remote())
         print(format_summary(history, hooks.args, time.time() - t0), flush=True)
     finally:
         if backend == "cpu":

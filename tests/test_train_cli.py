@@ -517,8 +517,9 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     assert _dynamo_problems(args(**{"dynamo.allocation.rule": "off", "algo.dynamic_filtering_enable": True})) == []
     # dynamic filtering with an allocation: supported (issue #25 §2, tests/test_dynamic_filtering.py)
     assert _dynamo_problems(args(**{"algo.dynamic_filtering_enable": True})) == []
+    # async with an allocation: supported with rewards at rollout time (issue #25 §1, tests/test_async.py)
     (p,) = _dynamo_problems(args(**{"train.async_enable": True}))
-    assert "--train.async_enable is not supported" in p
+    assert "--train.async_enable with --dynamo.allocation.rule neyman needs the rewards at rollout time" in p
     (p,) = _dynamo_problems(args(**{"algo.advantage.estimator": "flash_reinforce"}))
     assert "--algo.advantage.estimator flash_reinforce is not supported" in p
     (p,) = _dynamo_problems(args(**{"dynamo.allocation.hi": 3}))
@@ -594,8 +595,6 @@ def test_prompt_weighting_flags_resolve_and_are_validated():
         (dict(L=float("inf")), "--dynamo.loss.token_normalizer must be a finite number > 0, got inf"),
         (dict(L=8.0, agg="seq-mean-token-mean"), "--dynamo.loss.token_normalizer does not apply with "
                                                   "--actor.loss_agg_mode seq-mean-token-mean"),
-        (dict(asyn=True, rule="off", weighting="balanced"), "--train.async_enable is not supported with "
-                                                            "--dynamo.loss.prompt_weighting balanced"),
         (dict(rule="off", L=8.0), "--dynamo.loss.token_normalizer applies to the balanced loss only; the run uses "
                                   "--dynamo.loss.prompt_weighting tokens (auto, allocation off)"),
         (dict(weighting="bogus"), "--dynamo.loss.prompt_weighting: unknown value 'bogus'"),

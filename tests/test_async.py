@@ -1,0 +1,266 @@
+"""DynaMO under OpenRLHF's async trainer (``--train.async_enable``; issue #25 §1, docs/async.md).
+
+Unit checks of the launcher's refusals, the staleness count and the queue taps, then one end-to-end run of the
+tiny preset with the allocation on and queue size 1 (3 steps, a checkpoint every step), resumed from its step-1
+checkpoint while batch 2 was already generated and in the pool."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("openrlhf")
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(**over):
+    a = NS(
+        rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None, max_new_tokens=12),
+        algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="rloo")),
+        train=NS(async_enable=True, batch_size=32, dynamic_batch_enable=False, agent_func_path=None),
+        reward=NS(remote_url=["reward.py"]),
+        actor=NS(policy_loss_type="ppo", loss_agg_mode="token-mean"),
+        dynamo=NS(eval_pass_k=None, loss=NS(prompt_weighting="auto", token_normalizer=None),
+                  allocation=NS(rule="neyman", lo=2, hi=6, oversample=1.0, skip_factor=None, noise_scale="off",
+                                exploration=None, exploration_rollouts=None, mastery=None, mastery_threshold=None,
+                                priority_floor=None, min_rollouts=None),
+                  pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
+                          calibrated=True),
+                  modulation=NS(preset="decay6", mu_max=None, lambda_min=None, gamma=None, tau=None)),
+    )
+    for path, value in over.items():
+        obj = a
+        *parents, leaf = path.split(".")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, value)
+    return a
+
+
+def _problems(**over):
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    from dynamo_openrlhf.train import _dynamo_problems
+
+    return _dynamo_problems(_args(**over))
+
+
+def test_async_with_the_allocation_and_the_balanced_loss_is_accepted():
+    from dynamo_openrlhf.advantages import PromptBalancing, prompt_balancing
+
+    assert _problems() == []
+    assert _problems(**{"train.async_queue_size": 2, "train.partial_rollout_enable": True}) == []
+    # allocation off, balanced loss: the async trainer's experience maker attaches the weights
+    assert _problems(**{"dynamo.allocation.rule": "off", "dynamo.loss.prompt_weighting": "balanced"}) == []
+    b = prompt_balancing(_args(**{"dynamo.allocation.rule": "off", "dynamo.loss.prompt_weighting": "balanced"}))
+    assert b == PromptBalancing("rloo", 12.0, True, 32, running=True)
+
+
+def test_oversampling_through_vllm_generate_batch_size_is_refused_naming_the_dynamo_flag():
+    (p,) = _problems(**{"rollout.vllm_generate_batch_size": 12})
+    assert p == ("--rollout.vllm_generate_batch_size 12 != --rollout.batch_size 8: with --dynamo.allocation.rule "
+                 "neyman each step draws and allocates its own candidate prompts; over-sample with "
+                 "--dynamo.allocation.oversample 1.5 (draws 12 candidates per step) and leave "
+                 "--rollout.vllm_generate_batch_size unset")
+    # the same numbers through the DynaMO flag are accepted, and draw the same 12 candidates
+    from dynamo_openrlhf.allocation import AllocationConfig
+
+    a = _args(**{"dynamo.allocation.oversample": 1.5, "dynamo.allocation.lo": 0})
+    assert _problems(**{"dynamo.allocation.oversample": 1.5, "dynamo.allocation.lo": 0}) == []
+    assert AllocationConfig.from_args(a).candidates_per_step == 12
+    # allocation off: OpenRLHF's own over-sampling stays available
+    assert _problems(**{"rollout.vllm_generate_batch_size": 12, "dynamo.allocation.rule": "off",
+                        "dynamo.loss.prompt_weighting": "tokens"}) == []
+
+
+def test_async_allocation_refuses_the_noise_scale_and_a_reward_model():
+    (p,) = _problems(**{"dynamo.allocation.noise_scale": "nll"})
+    assert p.startswith("--dynamo.allocation.noise_scale nll is not supported with --train.async_enable")
+    assert p.endswith("use --dynamo.allocation.noise_scale off")
+    (p,) = _problems(**{"reward.remote_url": None})
+    assert p == ("--train.async_enable with --dynamo.allocation.rule neyman needs the rewards at rollout time "
+                 "(--reward.remote_url or --train.agent_func_path): the generator updates the pool from them; a "
+                 "reward model scores later, in the trainer")
+    assert _problems(**{"reward.remote_url": None, "train.agent_func_path": "agent.py"}) == []
+    # sync: neither applies
+    assert _problems(**{"train.async_enable": False, "reward.remote_url": None}) == []
+
+
+def test_pool_staleness():
+    from dynamo_openrlhf.ppo_trainer_async import pool_staleness
+
+    assert pool_staleness(0, 0) == 0
+    assert pool_staleness(1, 0) == 1
+    assert pool_staleness(5, 3) == 2
+    with pytest.raises(ValueError, match="the trainer finished 2 steps but only 1 batches were generated"):
+        pool_staleness(1, 2)
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        pool_staleness(-1, 0)
+
+
+def test_queue_taps_see_batches_and_pass_everything_else():
+    from dynamo_openrlhf.ppo_trainer_async import BATCH_KEY, _is_batch, _Tap
+
+    class Q:
+        def __init__(self):
+            self.items = []
+
+        def put(self, item, block=True):
+            self.items.append(item)
+
+        def get(self, block=True):
+            return self.items.pop(0)
+
+        def qsize(self):
+            return len(self.items)
+
+    seen = []
+    q = Q()
+    out = _Tap(q, on_put=lambda item: (item[1].__setitem__(BATCH_KEY, {"step": 1}) if _is_batch(item) else None)
+               or item)
+    inn = _Tap(q, on_get=lambda item: seen.append(item[1].pop(BATCH_KEY, None) if _is_batch(item) else item) or item)
+    out.put((["s"], {"episode": 0}, None, 0.5), block=True)
+    out.put(("eval", 3, {"x": 1}))
+    out.put("done")
+    assert out.qsize() == 3  # anything else is the queue's
+    assert inn.get(block=True) == (["s"], {"episode": 0}, None, 0.5)  # popped on the way out
+    assert inn.get() == ("eval", 3, {"x": 1}) and inn.get() == "done"
+    assert seen == [{"step": 1}, ("eval", 3, {"x": 1}), "done"]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end (tiny preset, CPU backend)
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(args, timeout=1500):
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+               RAY_DEDUP_LOGS="0", COLUMNS="100", RAY_worker_register_timeout_seconds="900")
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-m", "dynamo_openrlhf.train"] + args, cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        # Ray gives its local node 30 s to start (hard-coded); on an overloaded machine that is retried
+        if r.returncode == 0 or "The current node timed out during startup" not in r.stderr:
+            return r
+    return r
+
+
+def _rows(run_dir, kind="train"):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    """Transformers stand-in engine (starts faster than vLLM's CPU build). Allocation on (neyman, 4 rollouts per prompt within 2..6, forget 1, no prior refits: the pool's evidence
+    is every rollout once), balanced loss, decay6 modulation, async queue size 1; 24 prompts = 3 steps, a
+    checkpoint every step. Then the run is resumed from its step-1 checkpoint (``latest`` rewritten), as if it had
+    been stopped after saving step 1: at that moment batch 2 was already generated and in the generator's pool."""
+    from dynamo_openrlhf import tiny
+
+    tiny.prepare_tiny_assets()
+    base = tmp_path_factory.mktemp("async")
+    run_dir = base / "run"
+    common = ["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
+              "--dynamo.cpu_engine", "transformers",
+              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.lo", "2",
+              "--dynamo.allocation.hi", "6", "--train.batch_size", "32", "--data.max_samples", "24",
+              "--train.num_episodes", "1", "--no-dynamo.eval_at_start", "--no-dynamo.eval_at_end",
+              "--ckpt.save_steps", "1", "--ckpt.max_num", "5", "--dynamo.pool.forget", "1",
+              "--dynamo.pool.fit_prior_every", "0", "--train.async_enable", "--train.async_queue_size", "1"]
+    first = _run(common)
+    assert first.returncode == 0, (first.stdout[-3000:], first.stderr[-5000:])
+    rows1 = _rows(run_dir)
+    pool1 = (run_dir / "pass_rate_pool.bin").read_bytes()
+    (run_dir / "metrics.jsonl").rename(base / "metrics_run1.jsonl")
+    (run_dir / "ckpt" / "_actor" / "latest").write_text("global_step1")
+    second = _run(common + ["--ckpt.load_enable"])
+    assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-5000:])
+    return dict(base=base, run_dir=run_dir, first=first, second=second, rows1=rows1, pool1=pool1)
+
+
+def test_e2e_async_trains_logs_metrics_and_the_summary_counts_the_steps(async_run):
+    rows = async_run["rows1"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "dynamo_openrlhf run summary: 3 steps" in async_run["first"].stdout
+    for r in rows:
+        # every step trains on its allocation's budget; the balanced loss and the modulation ran
+        assert r["rollout/num_samples"] == r["dynamo/alloc_budget"] == 32
+        assert r["dynamo/generated_rollouts"] == 32 and r["dynamo/step_trials"] == 32
+        assert "dynamo/token_normalizer" in r and "dynamo/token_entropy" in r
+    # queue size 1: the first batch is drawn before any step, the others one step ahead of the trainer
+    assert [r["dynamo/pool_staleness"] for r in rows] == [0.0, 1.0, 1.0]
+
+
+def test_e2e_async_every_rollout_updates_the_pool_once_in_step_order(async_run):
+    from dynamo_openrlhf._core import PassRatePool
+
+    pool = PassRatePool.from_bytes(async_run["pool1"])
+    st = pool.stats()
+    rows = async_run["rows1"]
+    assert st["successes"] + st["failures"] == sum(r["dynamo/generated_rollouts"] for r in rows) == 96
+    assert st["prompts"] == 24
+    # one pool update per batch, in step order
+    assert [r["dynamo/pool_updates"] for r in rows] == [1.0, 2.0, 3.0]
+
+
+def test_e2e_async_checkpoint_holds_the_pool_of_its_step_not_the_queued_batch(async_run):
+    first, second = async_run["first"].stdout, async_run["second"].stdout
+    saved = dict(re.findall(r"\[dynamo\] step (\d+): checkpoint pool = the pool after batch \d+ \((\d+) updates\)",
+                            first))
+    assert saved == {"1": "1", "2": "2", "3": "3"}
+    digests = dict(re.findall(r"\[dynamo\] step (\d+): checkpoint pool = .*sha256 ([0-9a-f]{64})", first))
+    # at step 1's save the generator's pool already held batch 2 (staleness 1 at batch 2's draw): the checkpoint
+    # holds the pool after batch 1, and the resumed run restores exactly it
+    restored = re.search(r"\[dynamo\] restored pass-rate pool: 8 prompts, 1 updates, sha256 ([0-9a-f]{64})", second)
+    assert restored is not None, second[-3000:]
+    assert restored.group(1) == digests["1"]
+    assert digests["1"] != digests["2"] != digests["3"]
+    assert digests["3"] == hashlib.sha256(async_run["pool1"]).hexdigest()
+    # the resumed run regenerates batches 2 and 3 (the queued one included) and each rollout reaches the pool once
+    rows2 = _rows(async_run["run_dir"])
+    assert [r["step"] for r in rows2 if r["step"] > 1] == [2, 3]
+    from dynamo_openrlhf._core import PassRatePool
+
+    st = PassRatePool.load(str(async_run["run_dir"] / "pass_rate_pool.bin")).stats()
+    assert st["successes"] + st["failures"] == 96 and st["prompts"] == 24
+
+
+def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_keeps_metrics_and_summary(tmp_path):
+    """The issue's new-user run, DynaMO's allocation off: ``--train.async_enable --algo.dynamic_filtering_enable``
+    (here also ``--train.partial_rollout_enable`` and queue size 2) on the tiny preset trains 3 steps, and the
+    modulation's statistics, metrics.jsonl and the run summary follow the async trainer (it said "0 steps")."""
+    from dynamo_openrlhf import tiny
+
+    tiny.prepare_tiny_assets()
+    run_dir = tmp_path / "run"
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
+              "--dynamo.cpu_engine", "transformers",
+              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "32",
+              "--data.max_samples", "64", "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
+              "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
+              "--train.async_enable", "--train.async_queue_size", "2", "--train.partial_rollout_enable",
+              "--algo.dynamic_filtering_enable"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    rows = _rows(run_dir)
+    steps = [row["step"] for row in rows]
+    assert steps == list(range(1, len(rows) + 1)) and 2 <= len(rows) <= 8
+    assert f"dynamo_openrlhf run summary: {len(rows)} steps" in r.stdout
+    for row in rows:
+        assert "dynamo/token_entropy" in row and "dynamic_filtering_pass_rate" in row
+        # OpenRLHF's dynamic filtering fills each batch to 8 groups of 4 (the last one: what the loader had left)
+        assert row["rollout/num_samples"] <= 32 and row["rollout/num_samples"] % 4 == 0
+        assert row["dynamo/generated_rollouts"] >= 32
+        assert 0 <= row["dynamo/pool_staleness"] <= 2
+    assert rows[0]["dynamo/pool_staleness"] == 0 and rows[0]["rollout/num_samples"] == 32
+    assert not (run_dir / "pass_rate_pool.bin").exists()  # no allocation, no pool
