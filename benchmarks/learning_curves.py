@@ -51,6 +51,9 @@ import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _plotting  # noqa: E402  (the plot plumbing shared with learning_study.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS: Dict[str, List[str]] = {
@@ -351,14 +354,9 @@ def markdown_table(agg: Dict[str, Any], baseline: str = BASELINE,
 
 
 def plot(agg: Dict[str, Any], path: str, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = next((a["k"] for a in agg.values() if a.get("k") is not None), None)
     rows = [("pass1", "eval pass@1")] + ([("pass_k", f"eval pass@{k}")] if k is not None else [])
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.6 * len(rows)), squeeze=False)
+    fig, axes = _plotting.figure(len(rows), 2, (11, 3.6 * len(rows)), squeeze=False)
     for i, (key, label) in enumerate(rows):
         for j, (xkey, xlabel) in enumerate((("rollouts", "rollouts consumed"),
                                             ("wall_s", "training wall clock, s (evaluations excluded)"))):
@@ -367,21 +365,14 @@ def plot(agg: Dict[str, Any], path: str, title: str = "") -> None:
                 pts = [c for c in a["curve"] if c.get(key)]
                 if not pts:
                     continue
-                x = [c[xkey] for c in pts]
-                ax.plot(x, [c[key]["mean"] for c in pts], marker="o", ms=3, label=variant,
-                        color=COLORS.get(variant))
-                ax.fill_between(x, [c[key]["min"] for c in pts], [c[key]["max"] for c in pts], alpha=0.15,
-                                color=COLORS.get(variant))
+                _plotting.mean_band(ax, [c[xkey] for c in pts], [c[key]["mean"] for c in pts],
+                                    [c[key]["min"] for c in pts], [c[key]["max"] for c in pts],
+                                    label=variant, color=COLORS.get(variant), alpha=0.15)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
     axes[0][0].legend(title="mean, min–max over seeds", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plotting.save(fig, path, title, dpi=110)
 
 
 def collect(out: str, variants: Sequence[str], seeds: Optional[Sequence[int]] = None) -> Dict[str, Dict[int, Any]]:

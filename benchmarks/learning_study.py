@@ -68,6 +68,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _plotting  # noqa: E402  (the plot plumbing shared with learning_curves.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TASK = "carry"
@@ -568,12 +571,7 @@ def plot(runs, summary: Dict[str, Any], arms: Sequence[str], path: str, title: s
     """Left: the calibration curve (mean held-out AUC vs budget multiple, log x, 95 % CI bars) with each arm's
     mean AUC and M marked (horizontal bar: M's CI, clipped to the calibrated range). Right: mean held-out
     pass@1 vs cumulative generated rollouts per arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (ax, ax2) = _plotting.figure(1, 2, (14, 5.5))
     cal = [a for a in CALIBRATION if a in summary and summary[a].get("heldout_auc")]
     if cal:
         b = [ARMS[a].budget for a in cal]
@@ -607,20 +605,14 @@ def plot(runs, summary: Dict[str, Any], arms: Sequence[str], path: str, title: s
         if arm not in runs:
             continue
         c = mean_curve(runs, arm)
-        x = [p["x"] for p in c]
-        ax2.plot(x, [p["mean"] for p in c], marker="o", ms=3, label=arm, color=COLORS.get(arm),
-                 lw=2 if arm in ("grpo", "dynamo-wide") else 1.2)
-        ax2.fill_between(x, [p["lo"] for p in c], [p["hi"] for p in c], alpha=0.08, color=COLORS.get(arm))
+        _plotting.mean_band(ax2, [p["x"] for p in c], [p["mean"] for p in c], [p["lo"] for p in c],
+                            [p["hi"] for p in c], label=arm, color=COLORS.get(arm), alpha=0.08,
+                            lw=2 if arm in ("grpo", "dynamo-wide") else 1.2)
     ax2.set_xlabel("cumulative generated rollouts")
     ax2.set_ylabel("held-out pass@1 (mean over seeds, 95 % CI)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plotting.save(fig, path, title, dpi=100)
 
 
 def aggregate(out: str, meta: Dict[str, Any], png: str) -> Dict[str, Any]:
