@@ -2,6 +2,7 @@
 
     nice -n 19 python benchmarks/bench_pool_in_run.py            # 10,000,000-prompt pool, 4 trainer runs
     nice -n 19 python benchmarks/bench_pool_in_run.py --quick    # 10,000-prompt pool: a smoke run
+    nice -n 19 python benchmarks/bench_pool_in_run.py --offline  # no trainer: the pool's CPU seconds (offline())
 
 1. ``build_pool_file`` writes a synthetic pool with ``PassRatePool.save``: ``--prompts`` distinct int64 ids
    (an odd-multiplier bijection of 0..P-1, so never a collision), pass rates p ~ Beta(0.7, 0.9) (mostly
@@ -49,6 +50,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -379,6 +381,105 @@ def run_one(name: str, run_dir: str, pool_file: Optional[str], resume: bool, tim
 
 
 # ----------------------------------------------------------------------------------------------
+# offline: the pool's parts of a step, a save and a restore, in CPU seconds (no trainer)
+# ----------------------------------------------------------------------------------------------
+def _vm(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # MiB
+    raise ValueError(f"no {field} in /proc/self/status")
+
+
+def offline(pool_file: str, steps: int = 25, repeats: int = 3, small: int = 10_000) -> Dict[str, Any]:
+    """The pool's own work, in CPU seconds (``time.process_time``: all threads, rayon's included), on the pool
+    file ``pool_file`` against a ``small``-prompt pool built like it:
+
+    * per step (``steps`` steps, 16 random prompts of the pool each, 1 to 8 successes out of the allocation):
+      ``RolloutAllocator.allocate``, ``record`` (the pool update; ``fit_prior`` every 10th), ``metrics``;
+      forget 0.999 and the other ``AllocationConfig`` defaults; medians and maxima in ms;
+    * a save's ``to_bytes`` (CPU s, and the process's VmHWM over VmRSS before it, MiB: the transient copies);
+    * a restore as the trainer does it: the checkpoint tensor to bytes (``pool_from_checkpoint``'s copy),
+      ``from_bytes``, the digest of its log line (``pool_digest``: ``to_bytes`` + sha256) against sha256 of the
+      checkpoint bytes (equal digests asserted).
+    ``repeats`` repeats of the save and restore."""
+    import torch
+
+    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    def clock(f):
+        c = time.process_time()
+        out = f()
+        return out, time.process_time() - c
+
+    out: Dict[str, Any] = {"pool_file": pool_file, "steps": steps, "per_step": {}, "save": [], "restore": []}
+    rng = np.random.default_rng(0)
+    big = PassRatePool.load(pool_file)
+    for name, pool, ids_of in (("small", build_pool(small), synthetic_ids(small)), ("pool", big, None)):
+        pool.forget = 0.999
+        alloc = RolloutAllocator(AllocationConfig(forget=0.999), pool=pool)
+        ids_all = ids_of if ids_of is not None else pool.ids()
+        times: Dict[str, List[float]] = {"allocate": [], "record": [], "metrics": []}
+        for _ in range(steps):
+            ids = ids_all[rng.integers(0, len(ids_all), size=16)]
+            counts, t_alloc = clock(lambda: alloc.allocate(ids))
+            succ = rng.binomial(counts, 0.5)
+            _, t_rec = clock(lambda: alloc.record(ids, succ, counts))
+            _, t_met = clock(alloc.metrics)
+            for k, v in (("allocate", t_alloc), ("record", t_rec), ("metrics", t_met)):
+                times[k].append(v)
+        out["per_step"][name] = {"prompts": len(pool), **{f"{k}_ms_median": 1e3 * statistics.median(v)
+                                                           for k, v in times.items()},
+                                 **{f"{k}_ms_max": 1e3 * max(v) for k, v in times.items()}}
+        del ids_all
+    del alloc, pool, big  # the stepped pool; the save and restore use a fresh load
+    big = PassRatePool.load(pool_file)
+    for _ in range(repeats):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass
+        before = _vm("VmRSS")
+        data, t_save = clock(big.to_bytes)
+        out["save"].append({"to_bytes_s": t_save, "transient_mib": _vm("VmHWM") - before})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))  # the checkpoint form
+        raw, t_copy = clock(lambda: tensor.numpy().tobytes())
+        restored, t_parse = clock(lambda: PassRatePool.from_bytes(raw))
+        old, t_digest = clock(lambda: hashlib.sha256(restored.to_bytes()).hexdigest())
+        new, t_sha = clock(lambda: hashlib.sha256(raw).hexdigest())
+        if old != new:
+            raise RuntimeError("the checkpoint bytes and the restored pool's to_bytes differ")
+        out["restore"].append({"copy_s": t_copy, "from_bytes_s": t_parse, "digest_to_bytes_sha_s": t_digest,
+                               "sha_of_checkpoint_bytes_s": t_sha, "now_s": t_copy + t_parse + t_digest,
+                               "digest_of_checkpoint_s": t_copy + t_parse + t_sha})
+        del data, tensor, raw, restored
+    out["loadavg_1min"] = os.getloadavg()[0]
+    return out
+
+
+def offline_table(o: Dict[str, Any]) -> str:
+    """Markdown tables of :func:`offline`'s numbers."""
+    lines = ["| pool | prompts | allocate (ms, median / max) | record (ms, median / max) | metrics (ms, median / max) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in o["per_step"].items():
+        lines.append(f"| {name} | {r['prompts']:,} | " + " | ".join(
+            f"{r[k + '_ms_median']:.3f} / {r[k + '_ms_max']:.1f}" for k in ("allocate", "record", "metrics")) + " |")
+    lines += ["", "| save | to_bytes CPU (s) | transient (MiB over RSS before) |", "|---|---:|---:|"]
+    lines += [f"| {i + 1} | {r['to_bytes_s']:.3f} | {r['transient_mib']:.0f} |" for i, r in enumerate(o["save"])]
+    lines += ["", "| restore | tensor -> bytes (s) | from_bytes (s) | digest: to_bytes + sha256 (s) | sha256 of the "
+              "checkpoint bytes (s) | total as now (s) | total, digest of the checkpoint bytes (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {i + 1} | {r['copy_s']:.3f} | {r['from_bytes_s']:.3f} | {r['digest_to_bytes_sha_s']:.3f} | "
+              f"{r['sha_of_checkpoint_bytes_s']:.3f} | {r['now_s']:.3f} | {r['digest_of_checkpoint_s']:.3f} |"
+              for i, r in enumerate(o["restore"])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
 def _mb(x):
@@ -476,16 +577,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_pool_in_run"))
     ap.add_argument("--runs", default="base,pool,base_resume,pool_resume")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--offline", action="store_true",
+                    help="no trainer runs: the pool's parts of a step, a save and a restore in CPU seconds (offline())")
+    ap.add_argument("--pool_file", default=None, help="with --offline: an existing pool file instead of building one")
     ap.add_argument("--reuse", default=None,
                     help="a bench_pool_in_run.json whose runs fill in those not in --runs (e.g. an earlier base)")
     args = ap.parse_args(argv)
     n = 10_000 if args.quick else args.prompts
     os.makedirs(args.out, exist_ok=True)
     pool_file = os.path.join(args.out, f"pool_{n}.bin")
+    if args.offline and args.pool_file:
+        o = offline(args.pool_file, steps=25, repeats=3)
+        with open(os.path.join(args.out, "bench_pool_offline.json"), "w") as f:
+            json.dump(o, f, indent=1)
+        text = offline_table(o)
+        with open(os.path.join(args.out, "bench_pool_offline.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return 0
     t0 = time.time()
     pool = build_pool_file(pool_file, n)
     pool["build_s"] = time.time() - t0
     print(f"pool: {pool}", flush=True)
+    if args.offline:
+        o = offline(pool_file, steps=25, repeats=3, small=min(10_000, n))
+        with open(os.path.join(args.out, "bench_pool_offline.json"), "w") as f:
+            json.dump(o, f, indent=1)
+        text = offline_table(o)
+        with open(os.path.join(args.out, "bench_pool_offline.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        return 0
     runs: Dict[str, Dict[str, Any]] = {}
     if args.reuse:
         with open(args.reuse) as f:

@@ -50,3 +50,17 @@ def test_summarise_and_derived_with_cpu():
     assert d["load_pool_part_cpu_s"] == 1.5 - 0.125
     text = b.table({"prompts": 1, "file_bytes": 1, "memory_bytes": 1, "build_s": 0.1}, {"base": base, "pool": pool})
     assert "| pool | 1.000 | 2.000 | 1.500 |" in text
+
+
+def test_offline_measures_a_small_pool_file(tmp_path):
+    path = str(tmp_path / "pool.bin")
+    b.build_pool_file(path, 3000, seed=2)
+    o = b.offline(path, steps=3, repeats=1, small=500)
+    assert o["per_step"]["small"]["prompts"] == 500 and o["per_step"]["pool"]["prompts"] == 3000
+    assert set(o["per_step"]["pool"]) == {"prompts"} | {f"{k}_ms_{m}" for k in ("allocate", "record", "metrics")
+                                                         for m in ("median", "max")}
+    (r,) = o["restore"]  # offline() raises if the two digests differ
+    assert r["now_s"] == r["copy_s"] + r["from_bytes_s"] + r["digest_to_bytes_sha_s"]
+    assert len(o["save"]) == 1 and o["save"][0]["to_bytes_s"] >= 0
+    text = b.offline_table(o)
+    assert "| pool | 3,000 |" in text and "| small | 500 |" in text and text.count("\n| 1 |") == 2
