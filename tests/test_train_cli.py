@@ -474,8 +474,9 @@ def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
               "--dynamo.allocation.oversample", "2", "--dynamo.allocation.lo", "5"], timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     # hi: the over-sampling default 4n = 32
-    assert ("infeasible rollout budget: 32 candidate prompts x bounds [5, 32] = [160, 1024] does not contain the "
-            "budget 128") in r.stderr
+    assert ("infeasible rollout budget: --rollout.batch_size 16 x --rollout.n_samples_per_prompt 8 = 128 rollouts "
+            "over 32 candidate prompts: budget 128 is infeasible: must lie in [N*lo, N*hi] = [160, 1024] for N=32, "
+            "lo=5, hi=32") in r.stderr
     assert "Traceback" not in r.stderr and "Started a local Ray instance" not in r.stdout + r.stderr
     r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.allocation.rule", "bogus",
               "--dynamo.modulation.preset", "decay7"], timeout=300)
@@ -523,7 +524,10 @@ def test_dynamo_settings_are_checked_against_the_run(tmp_path):
     (p,) = _dynamo_problems(args(**{"algo.advantage.estimator": "flash_reinforce"}))
     assert "--algo.advantage.estimator flash_reinforce is not supported" in p
     (p,) = _dynamo_problems(args(**{"dynamo.allocation.hi": 3}))
-    assert "need lo <= n_samples_per_prompt <= hi, got lo=3, n=4, hi=3" in p  # lo: the default n - n//4
+    # lo: the default n - n//4
+    assert ("--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt 4 (a step at the end of the data has "
+            "fewer prompts, 4 rollouts each): budget 4 is infeasible: must lie in [N*lo, N*hi] = [3, 3] for N=1, lo=3, "
+            "hi=3") in p
     (p,) = _dynamo_problems(args(**{"dynamo.modulation.mu_max": 0.5}))
     assert p.startswith("--dynamo.modulation.*:") and "mu_max" in p
     (p,) = _dynamo_problems(args(**{"actor.policy_loss_type": "gspo"}))
