@@ -121,120 +121,150 @@ def test_watch_settings_are_checked(monkeypatch):
     assert engine_faults._seconds(engine_faults.HANG_ENV, 300.0) == 300.0
 
 
-# -- the watch, against small Ray actors (in-process) ----------------------------------------------------
+# -- the watch, against in-process fakes of its Ray calls (the end-to-end tests below use real Ray) ------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
+class _Ref:
+    """A status request to a fake engine: ready or not, its answer or its error."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.ready = not engine.hung
+
+    def get(self):
+        if self.engine.init_error:
+            import ray
+
+            raise ray.exceptions.ActorDiedError()  # as Ray raises it for a creation task that failed
+        if self.engine.dead:
+            import ray
+
+            raise ray.exceptions.ActorDiedError()
+        return engine_faults.engine_status(self.engine.actor)
+
+
+class _Engine:
+    """A fake engine actor handle: ``__ray_call__.remote(fn)`` gives a :class:`_Ref`; the actor object it runs
+    ``engine_status`` on has ``llm`` (None: no vLLM engine) and is this process (its pid and children)."""
+
+    def __init__(self, errored=None, hung=False, dead=False, init_error=False):
+        from types import SimpleNamespace
+
+        self.actor = SimpleNamespace(llm=None if errored is None else SimpleNamespace(errored=errored))
+        self.hung, self.dead, self.init_error = hung, dead, init_error
+        self.killed = 0
+        self._actor_id = SimpleNamespace(hex=lambda: f"{id(self):x}")
+        self.__ray_call__ = SimpleNamespace(remote=lambda fn, *a: _Ref(self))
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
     ray = pytest.importorskip("ray")
-    for attempt in range(3):  # Ray gives its raylet a fixed 30 s to register: too short on a loaded machine
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+
+    def wait(refs, num_returns=1, timeout=None):
+        ready = [r for r in refs if r.ready]
+        if len(ready) < num_returns and timeout:
+            time.sleep(min(timeout, 0.05))
+        return ready, [r for r in refs if not r.ready]
+
+    def kill(engine, no_restart=True):
+        engine.killed += 1
+        engine.dead = True
+
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", lambda ref: ref.get())
+    monkeypatch.setattr(ray, "kill", kill)
+    return ray
 
 
-def _engine_class(ray):
-    """An engine stand-in: a sync actor with one child process; ``errored`` fakes vLLM's ``AsyncLLM.errored``
-    (None: no vLLM engine at all, like the transformers stand-in)."""
-    from types import SimpleNamespace
+def test_the_watch_finds_a_dead_a_hung_and_an_engine_less_engine(fake_ray):
+    healthy, hung = _Engine(), _Engine()
+    watch = engine_faults.EngineWatch([healthy, hung], "vllm", hang_timeout_s=0.3)
+    assert watch.poll(1.0) is None  # both answered: pids and children recorded
+    assert watch.pids == [os.getpid(), os.getpid()]
 
-    class Engine:
-        def __init__(self, errored=None, fail=False):
-            if fail:
-                raise RuntimeError("this engine cannot start")
-            self.llm = None if errored is None else SimpleNamespace(errored=errored)
-            self.child = subprocess.Popen(["sleep", "300"])
-
-        def child_pid(self):
-            return self.child.pid
-
-        def block(self, seconds):
-            time.sleep(seconds)
-
-    return ray.remote(num_cpus=0)(Engine)
-
-
-def _poll_until(watch, seconds):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        fault = watch.poll(0.5)
-        if fault is not None:
-            return fault
-    return None
-
-
-def test_the_watch_finds_a_dead_a_hung_and_an_engine_less_engine(local_ray):
-    import psutil
-
-    ray = local_ray
-    Engine = _engine_class(ray)
-    healthy, hung, engine_less = Engine.remote(), Engine.remote(), Engine.remote(errored=True)
-    child = ray.get(healthy.child_pid.remote(), timeout=120)
-
-    watch = engine_faults.EngineWatch([healthy, hung], "vllm", hang_timeout_s=3.0)
-    assert watch.poll(120) is None  # both answered: pids and children recorded
-    assert all(pid is not None for pid in watch.pids)
-    assert child in [pid for pid, _ in watch.children[0]]
-
-    # engine 1 stops answering (busy in a call that never returns): a fault once 3 s have passed
-    hung.block.remote(600)
-    fault = _poll_until(watch, 30)
-    assert (fault.index, fault.num_engines, fault.what) == (1, 2, "did not answer for 3 s (hung)")
-    assert fault.actor_id == hung._actor_id.hex() and fault.pid == watch.pids[1]
+    # engine 1 stops answering: a fault once 0.3 s have passed since the request it left unanswered
+    hung.hung = True
+    assert watch.poll(0.05) is None  # healthy answers; engine 1's request is pending, not yet late
+    time.sleep(0.35)
+    fault = watch.poll(0.05)
+    assert (fault.index, fault.num_engines, fault.engine, fault.what) == (1, 2, "vllm", "did not answer for 0.3 s (hung)")
+    assert (fault.actor_id, fault.pid) == (f"{id(hung):x}", os.getpid())
 
     # vLLM's engine core died under a live actor
-    fault = engine_faults.EngineWatch([engine_less], "vllm").poll(120)
+    fault = engine_faults.EngineWatch([_Engine(errored=True)], "vllm").poll(1.0)
     assert (fault.index, fault.what) == (0, "lost its vLLM engine-core process (vLLM reports the engine dead)")
 
-    # an engine that never started is left to Ray's own error (its start-up failure)
-    never = Engine.remote(fail=True)
-    with pytest.raises(ray.exceptions.ActorDiedError, match="this engine cannot start"):
-        ray.get(never.child_pid.remote(), timeout=120)
-    broken = engine_faults.EngineWatch([never], "transformers")
-    assert broken.poll(30) is None and broken.pids == [None] and broken._pending == {}  # answered: with its death
+    # an engine that never started is left to Ray's own error (its start-up failure); so is a hung start-up
+    never = engine_faults.EngineWatch([_Engine(init_error=True), _Engine(hung=True)], "vllm", hang_timeout_s=0.01)
+    time.sleep(0.02)
+    assert never.poll(0.05) is None and never.pids == [None, None]
 
-    # a dead actor: recording the fault kills its recorded child (orphaned by the actor's SIGKILL)
-    ray.kill(healthy)
-    dead = engine_faults.EngineWatch([healthy], "transformers")
-    dead.pids[0], dead.children[0] = watch.pids[0], list(watch.children[0])  # what the first watch recorded
-    fault = _poll_until(dead, 30)
-    assert (fault.what, fault.pid) == ("died (ActorDiedError: its actor process is gone)", watch.pids[0])
-    assert dead.record(fault) is fault and dead.record(engine_faults.EngineFault(0, 1, "x", "y", 1, "z")) is fault
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "the dead engine's child still runs"
-        time.sleep(0.1)
+    # a dead engine (its process gone) after it answered
+    watch = engine_faults.EngineWatch([_Engine(), healthy], "transformers")
+    assert watch.poll(1.0) is None
+    healthy.dead = True
+    fault = watch.poll(1.0)
+    assert (fault.index, fault.engine, fault.what) == (1, "transformers", "died (ActorDiedError: its actor process is gone)")
 
 
-def test_the_watch_thread_interrupts_the_driver_a_grace_period_after_a_fault(local_ray):
-    ray = local_ray
-    engine = _engine_class(ray).remote()
-    ray.get(engine.child_pid.remote(), timeout=120)
+def test_recording_a_fault_kills_the_engine_and_its_children_once(fake_ray):
+    engine = _Engine()
+    watch = engine_faults.EngineWatch([engine], "vllm")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert watch.poll(1.0) is None  # the child is recorded, with its start time
+        assert child.pid in [pid for pid, _ in watch.children[0]]
+        first = engine_faults.EngineFault(0, 1, "vllm", "a", 1, "died (test)")
+        assert watch.record(first) is first and watch.fault is first
+        assert engine.killed == 1 and not _running(child.pid)
+        assert watch.record(engine_faults.EngineFault(0, 1, "vllm", "a", 1, "again")) is first  # the first stays
+        assert engine.killed == 1
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_the_watch_thread_interrupts_the_driver_a_grace_period_after_a_fault(fake_ray):
+    engine = _Engine()
     interrupts = []
-    watch = engine_faults.EngineWatch([engine], "transformers", interval_s=0.2, grace_s=1.0,
+    watch = engine_faults.EngineWatch([engine], "transformers", interval_s=0.05, grace_s=0.5,
                                       interrupt=lambda: interrupts.append(time.monotonic()))
     watch.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 10
     while watch.pids[0] is None:  # a fault counts once the engine has answered
         assert time.monotonic() < deadline, "no answer"
-        time.sleep(0.1)
-    ray.kill(engine)
-    deadline = time.monotonic() + 30
+        time.sleep(0.01)
+    engine.dead = True
     while not interrupts:
         assert time.monotonic() < deadline, "no interrupt"
-        time.sleep(0.1)
-    assert watch.fault.what == "died (ActorDiedError: its actor process is gone)"
-    assert interrupts[0] - watch.fault_time >= 1.0  # the grace period first
+        time.sleep(0.01)
+    assert watch.fault.what == "died (ActorDiedError: its actor process is gone)" and engine.killed == 1
+    assert interrupts[0] - watch.fault_time >= 0.5  # the grace period first
     watch.stop()
+    time.sleep(0.2)
     assert len(interrupts) == 1
+    assert watch.check_now() is watch.fault  # the driver's exception hook gets the recorded fault
+
+
+def test_a_fault_stopped_on_purpose_interrupts_nothing(fake_ray):
+    engine = _Engine()
+    interrupts = []
+    watch = engine_faults.EngineWatch([engine], "vllm", interval_s=0.05, grace_s=0.05,
+                                      interrupt=lambda: interrupts.append(1)).start()
+    watch.stop()  # shutdown_cpu_rollout_engines stops the watch before it stops the engines
+    engine.dead = True
+    time.sleep(0.3)
+    assert interrupts == [] and watch.fault is None
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # -- end to end -----------------------------------------------------------------------------------------
