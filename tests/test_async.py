@@ -138,6 +138,121 @@ def test_queue_taps_see_batches_and_pass_everything_else():
     assert seen == [{"step": 1}, ("eval", 3, {"x": 1}), "done"]
 
 
+def test_upstream_globals_are_rebound_in_the_function_that_reads_them():
+    from dynamo_openrlhf.ppo_trainer_async import _globals_of
+
+    namespace = {"Thing": "upstream"}
+    exec("def make():\n    return Thing", namespace)
+    make = namespace["make"]
+    with _globals_of(make, Thing="ours"):
+        assert make() == "ours"
+    assert make() == "upstream"
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator and trainer actors' DynaMO parts, offline (test_dynamic_filtering's fake engine, no Ray)
+# ----------------------------------------------------------------------------------------------
+
+from test_dynamic_filtering import GEN_KW, _cfg, _generator, passthrough_ray  # noqa: E402,F401
+
+
+def test_generator_actor_writes_the_pool_once_per_batch_and_sends_its_numbers_with_it(passthrough_ray):  # noqa: F811
+    from dynamo_openrlhf.allocation import RolloutAllocator
+    from dynamo_openrlhf.ppo_trainer_async import BATCH_KEY, DynamoGenerateSamplesActor
+
+    labels = ["mixed", "all", "half", "mixed", "none", "mixed", "mixed", "mixed", "mixed", "mixed"]
+    allocator = RolloutAllocator(_cfg())
+    gen, engine = _generator(labels, rollout_allocator=allocator.allocate, refill_allocator=allocator.allocate_refill)
+    actor = object.__new__(DynamoGenerateSamplesActor.__ray_actor_class__)
+    actor.args = NS(ckpt=NS(save_steps=2), eval=NS(steps=float("inf")))
+    actor.allocator, actor.samples_generator, actor._generate = allocator, gen, gen.generate_samples
+    actor.start_step, actor.batches, actor.trained, actor._pending, actor._counted = 0, 0, 0, None, (0,) * 6
+
+    def trials():
+        st = allocator.pool.stats()
+        return st["successes"] + st["failures"]
+
+    # batch 1: drawn before any step (slot token 0)
+    actor._slot_taken(0)
+    samples, _, _, _ = actor._generate_batch(**GEN_KW)
+    payload = actor._attach_batch((samples, {"episode": 0}, 50.0, 0.1))
+    info = payload[1][BATCH_KEY]
+    m = info["metrics"]
+    assert info["step"] == 1 and allocator.steps == 1  # recorded at once, before the trainer sees the batch
+    assert info["expected_samples"] == len(samples) == allocator.last.budget - gen.last_filtered_rollouts
+    assert m["dynamo/pool_staleness"] == 0.0 and m["dynamo/pool_updates"] == 1.0
+    # every rollout of the batch, dropped groups included, is in the pool once
+    assert m["dynamo/generated_rollouts"] == gen.generated_rollouts == trials() > len(samples)
+    assert m["dynamo/filtered_rollouts"] == gen.filtered_rollouts > 0
+    assert "allocator_state" not in info  # step 1 writes no checkpoint (save_steps 2)
+    assert actor._attach_batch("done") == "done" and actor._pending is None
+    # batch 2: drawn while the trainer trains step 1 (it freed the slot at step 0): staleness 1; step 2 saves
+    actor._slot_taken(0)
+    samples2, _, _, _ = actor._generate_batch(**GEN_KW)
+    info2 = actor._attach_batch((samples2, {}, None, 0.0))[1][BATCH_KEY]
+    assert info2["step"] == 2 and info2["metrics"]["dynamo/pool_staleness"] == 1.0 and allocator.steps == 2
+    assert info2["allocator_state"]["pool"] == allocator.pool.to_bytes() and info2["allocator_state"]["steps"] == 2
+    assert info2["pool_sha256"] == allocator.pool_digest()
+    assert info["metrics"]["dynamo/generated_rollouts"] + info2["metrics"]["dynamo/generated_rollouts"] == trials()
+    # a resumed segment counts from its step: the first token (0) is before any step of the segment
+    actor.start_step, actor.batches = 7, 0
+    actor._slot_taken(0)
+    assert actor.trained == 0
+    actor._slot_taken(9)
+    assert actor.trained == 2
+
+
+def test_trainer_actor_checks_each_batch_logs_its_numbers_and_checkpoints_its_pool(monkeypatch, tmp_path):
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    from dynamo_openrlhf.allocation import RolloutAllocator
+    from dynamo_openrlhf.ppo_trainer import pool_from_checkpoint
+    from dynamo_openrlhf.ppo_trainer_async import BATCH_KEY, DynamoTrainingActor
+
+    saved = []
+    monkeypatch.setattr(BasePPOTrainer, "train_step", lambda self, samples, step: ({"x": 1.0}, step + 1))
+    monkeypatch.setattr(BasePPOTrainer, "save_logs_and_checkpoints",
+                        lambda self, step, logs=None, cs=None: saved.append((step, dict(cs or {}))))
+    t = object.__new__(DynamoTrainingActor.__ray_actor_class__)
+    t.args = NS(ckpt=NS(save_steps=2), eval=NS(steps=float("inf")))
+    t.history, t._metrics_path = [], str(tmp_path / "metrics.jsonl")
+    t.allocation, t.balancing, t.experience_maker = True, None, NS(nonfinite_dropped=0)
+    t._batch, t._maker_dropped = {}, 0
+
+    def batch(**info):
+        return t._take_batch((["s"] * 3, {"episode": 0, BATCH_KEY: info}, None, 0.0))
+
+    payload = batch(step=1, expected_samples=3, metrics={"dynamo/pool_staleness": 0.0})
+    assert BATCH_KEY not in payload[1]  # OpenRLHF never sees it (nor saves it)
+    status, step = t.train_step(payload[0], 0)
+    assert step == 1 and status["x"] == 1.0 and status["dynamo/pool_staleness"] == 0.0
+    t.save_logs_and_checkpoints(step, status, payload[1])
+    assert saved[-1] == (1, {"episode": 0})  # not a save step: no DynaMO state
+    batch(step=2, expected_samples=4, metrics={})
+    with pytest.raises(RuntimeError, match="step has 3 samples, the allocation's budget is 4"):
+        t.train_step(["s"] * 3, 1)
+    batch(step=3, expected_samples=3, metrics={})
+    with pytest.raises(RuntimeError, match="generated for step 3 but trains at step 2"):
+        t.train_step(["s"] * 3, 1)
+    # step 2 saves the pool that came with its batch (not the generator's newer one)
+    alloc = RolloutAllocator(_cfg())
+    alloc.record([5, 6], [1, 0], [4, 3])
+    state = alloc.state_dict()
+    payload = batch(step=2, expected_samples=3, metrics={}, allocator_state=state, pool_sha256=alloc.pool_digest())
+    status, step = t.train_step(payload[0], 1)
+    t.save_logs_and_checkpoints(step, status, payload[1])
+    dyn = saved[-1][1]["dynamo"]
+    assert pool_from_checkpoint(dyn["allocator"]["pool"]) == state["pool"] and dyn["allocator"]["steps"] == 1
+    assert [r["step"] for r in dyn["history"]] == [1, 2]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    # a save step whose batch brought no pool state is an error, not a checkpoint without the pool
+    payload = batch(step=4, expected_samples=3, metrics={})
+    status, step = t.train_step(payload[0], 3)
+    with pytest.raises(RuntimeError, match="step 4 may write a checkpoint but its batch brought no pool state"):
+        t.save_logs_and_checkpoints(step, status, payload[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end (tiny preset, CPU backend)
 # ----------------------------------------------------------------------------------------------
