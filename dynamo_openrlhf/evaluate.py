@@ -21,15 +21,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from dynamo_openrlhf.metrics import (  # noqa: F401  (re-exported: the glue still imports them from here)
-    bootstrap_ci,
-    default_ks,
-    is_success,
-    pass_at_k,
-    pass_at_k_array,
-    summarize,
-    train_eval_logs,
-)
+from dynamo_openrlhf.metrics import is_success, summarize
 from dynamo_openrlhf.sampling import sample_batch
 
 __all__ = ["main", "build_parser"]

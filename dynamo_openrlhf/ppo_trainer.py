@@ -57,7 +57,7 @@ from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf._core import PassRatePool  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.checkpoint import MODEL_STATES, latest_tag  # noqa: E402
-from dynamo_openrlhf.evaluate import default_ks, is_success, train_eval_logs  # noqa: E402
+from dynamo_openrlhf.metrics import default_ks, is_success, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
@@ -114,7 +114,7 @@ _scalars = scalars
 
 def eval_extras_and_row(global_step: int, logs: Optional[Dict[str, Any]], samples, n: int, args):
     """DynaMO's part of one in-training evaluation: ``(extra, row)``. ``extra``: unbiased pass@k
-    (``--dynamo.eval_pass_k``, default :func:`~dynamo_openrlhf.evaluate.default_ks`) and the solved/unsolved
+    (``--dynamo.eval_pass_k``, default :func:`~dynamo_openrlhf.metrics.default_ks`) and the solved/unsolved
     fractions of the eval samples (the pool's success rule: score, else reward, > ``--dynamo.pool.success_threshold``),
     for OpenRLHF's loggers; ``row``: the history row (``type`` eval, ``step``, OpenRLHF's ``logs`` and ``extra``, and
     the successes and samples per distinct prompt text for the run summary's paired start -> end difference).

@@ -59,7 +59,7 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
 from openrlhf.trainer.ray.vllm_engine import batch_vllm_engine_call
 
-from .evaluate import is_success
+from .metrics import is_success
 from .noise_proxy import noise_proxy as _noise_proxy
 from .nonfinite import STEP_INDEX_KEY, NonfiniteError, find_nonfinite, keep_whole_groups, nonfinite_mode
 from .prompt_ids import prompt_ids

@@ -978,7 +978,7 @@ def paired_pass1_difference(before: Sequence[float], after: Sequence[float], res
     """
     import numpy as np
 
-    from dynamo_openrlhf.evaluate import bootstrap_ci
+    from dynamo_openrlhf.metrics import bootstrap_ci
 
     if len(before) != len(after) or not len(before):
         raise ValueError(f"paired_pass1_difference: needs the same non-empty list of prompts twice, got "

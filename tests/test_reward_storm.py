@@ -53,7 +53,7 @@ def test_the_pool_counts_each_timed_out_sample_as_one_failure(monkeypatch):
     """The storm's scores through the trainer's success rule into the pool: each prompt gains as many
     failures as it had samples, and no success."""
     from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
-    from dynamo_openrlhf.evaluate import is_success
+    from dynamo_openrlhf.metrics import is_success
 
     monkeypatch.setenv("DYNAMO_STORM_SLEEP_S", "3600")
     spec = importlib.util.spec_from_file_location("storm_reward", STORM)
