@@ -1,13 +1,13 @@
 """What is DynaMO worth in rollouts? The pre-registered learning study of issue #24 §4 (docs/learning_study.md):
-each arm's **effective rollout multiplier M**, read off a calibration curve of OpenRLHF's GRPO run with 1x, 1.5x,
-2x and 3x the rollouts per step, through the real trainer (``python -m dynamo_openrlhf.train --dynamo.preset
+each arm's **effective rollout multiplier M**, read off a calibration curve of OpenRLHF's GRPO run with 1x, 1.25x,
+1.5x, 2x and 3x the rollouts per step, through the real trainer (``python -m dynamo_openrlhf.train --dynamo.preset
 tiny-cpu --dynamo.tiny_task carry``).
 
 Arms (``ARMS``; every run: the carry task's 128 train prompts, 16 prompts per step, 2 episodes, the same seeds):
 
-* ``grpo``, ``grpo-1.5x``, ``grpo-2x``, ``grpo-3x``: OpenRLHF's GRPO exactly (group_norm advantages,
-  token-mean loss, DynaMO allocation and modulation off) with n = 8, 12, 16, 24 rollouts per prompt: the
-  calibration. Same prompts and optimizer steps (one optimizer step per rollout step: ``--train.batch_size``
+* ``grpo``, ``grpo-1.25x``, ``grpo-1.5x``, ``grpo-2x``, ``grpo-3x``: OpenRLHF's GRPO exactly (group_norm advantages,
+  token-mean loss, DynaMO allocation and modulation off) with n = 8, 10, 12, 16, 24 rollouts per prompt: the
+  calibration (1.25x: amendment 3 of docs/learning_study.md, a secondary fifth point). Same prompts and optimizer steps (one optimizer step per rollout step: ``--train.batch_size``
   = prompts x n), 16 steps;
 * ``grpo+loss``: uniform n = 8 through DynaMO's sampler with DynaMO's default loss (rloo, prompt-balanced);
 * ``dynamo-wide``: the allocation with its full lever: 2x candidate prompts per step, bounds 0..4n, a prompt
@@ -101,6 +101,7 @@ class Arm:
 
 ARMS: Dict[str, Arm] = {
     "grpo": Arm(lambda n: GRPO),
+    "grpo-1.25x": Arm(lambda n: GRPO, budget=1.25),  # amendment 3 (b): a fifth calibration point
     "grpo-1.5x": Arm(lambda n: GRPO, budget=1.5),
     "grpo-2x": Arm(lambda n: GRPO, budget=2.0),
     "grpo-3x": Arm(lambda n: GRPO, budget=3.0),
@@ -116,7 +117,7 @@ ARMS: Dict[str, Arm] = {
 BASELINE = "grpo"
 DYNFILTER = "openrlhf-dynfilter"  # the peer an OpenRLHF user has: every arm's AUC is also compared with it
 CALIBRATION = [a for a, arm in ARMS.items() if a.startswith("grpo") and a != "grpo+loss"]  # budgets 1, 1.5, 2, 3
-COLORS = {"grpo": "black", "grpo-1.5x": "0.35", "grpo-2x": "0.55", "grpo-3x": "0.75", "grpo+loss": "tab:brown",
+COLORS = {"grpo": "black", "grpo-1.25x": "0.2", "grpo-1.5x": "0.35", "grpo-2x": "0.55", "grpo-3x": "0.75", "grpo+loss": "tab:brown",
           "dynamo-wide": "tab:red", "dynamo-wide+mod": "tab:orange", "filter": "tab:green",
           "proportional": "tab:purple", "openrlhf-dynfilter": "tab:blue"}
 SOURCES = ("heldout", "train")
