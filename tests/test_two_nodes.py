@@ -72,8 +72,9 @@ if _DIR:
 
 
 # Ray's start-up and liveness limits are sized for an idle machine; this test shares 2 cores with other work, where
-# a raylet's agents can take minutes to come up (the raylet aborts after agent_register_timeout_ms) and a busy raylet
-# can miss heartbeats. No idle workers are pre-started (as the CPU backend's local cluster).
+# agents and workers register slowly and a busy raylet can miss health checks. (One wait is fixed inside Ray: a
+# raylet aborts if its agents have not written their ports within ~40 s, so the nodes cannot start while the
+# machine is saturated.) No idle workers are pre-started (as the CPU backend's local cluster).
 SYSTEM_CONFIG = {
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,
@@ -93,8 +94,8 @@ def _free_port() -> int:
 
 
 def _agent_ports() -> dict:
-    """Fixed ports for a node's agents: with port 0 the raylet waits for the agents to write the ports they
-    chose, and aborts when a slow start exceeds its wait."""
+    """Distinct free ports for a node's agents (both raylets share this machine's ports; Ray's fixed defaults,
+    e.g. the dashboard agent's 52365, would collide)."""
     return dict(metrics_agent_port=_free_port(), metrics_export_port=_free_port(),
                 dashboard_agent_listen_port=_free_port(), runtime_env_agent_port=_free_port())
 
@@ -123,13 +124,13 @@ def two_nodes():
     os.environ["DYNAMO_POOL_PROBE_DIR"] = str(probe_dir)
     cluster = None
     # Ray's Node waits a fixed 30 s for its raylet to register with the GCS; on a loaded machine that can take
-    # longer: retry the lookup (up to 10 min) while the two nodes start
+    # longer: retry the lookup (up to 4 min) while the two nodes start
     import ray._private.services as services
 
     get_node = services.get_node
 
     def patient_get_node(*args, **kwargs):
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 240
         while True:
             try:
                 return get_node(*args, **kwargs)
@@ -212,7 +213,9 @@ def run(two_nodes, tmp_path_factory):
     stdout, stderr = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 0, (stdout[-3000:], stderr[-5000:])
     actors = [a for a in two_nodes["cluster"].global_state.actor_table(None).values()]
-    print(f"two-node run: {wall:.0f} s wall")
+    role = {two_nodes["head_id"]: "head", two_nodes["worker_id"]: "second"}
+    print(f"two-node run: {wall:.0f} s wall; placement: " + ", ".join(
+        sorted(f"{a['ActorClassName']} pid {a['Pid']} on {role.get(a['Address']['NodeID'], '?')}" for a in actors)))
     return dict(base=base, run_dir=run_dir, stdout=stdout, stderr=stderr, actors=actors, wall=wall,
                 triggered=triggered, **two_nodes)
 
@@ -310,5 +313,6 @@ def test_the_pool_lives_in_exactly_one_process(run):
     holders = {pid: r["pools"] for pid, r in reports.items() if r["pools"]}
     assert holders == {trainer["Pid"]: 1}, (holders, trainer["Pid"])
     # the pool's console lines come from that process
-    saved = re.findall(r"\((\w+) pid=(\d+)(?:, ip=[^)]*)?\) \[dynamo\] saved pass-rate pool", run["stdout"])
+    saved = re.findall(r"\((\w+) pid=(\d+)(?:, ip=[^)]*)?\)(?:\x1b\[0m)? \[dynamo\] saved pass-rate pool",
+                       run["stdout"])  # Ray's prefix, maybe coloured
     assert saved == [("DynamoPPOTrainer", str(trainer["Pid"]))]
