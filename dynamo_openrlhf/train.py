@@ -721,6 +721,12 @@ def _preflight(args) -> List[str]:
     if args.dynamo.backend == "cpu":
         if args.ds.packing_samples:
             problems.append("--ds.packing_samples needs flash-attn kernels: not available on the CPU backend")
+        else:  # OpenRLHF's own validation (after this check) turns packing on for these
+            for flag, on in (("--train.dynamic_batch_enable", args.train.dynamic_batch_enable),
+                             (f"--ds.ring_attn_size {args.ds.ring_attn_size}", args.ds.ring_attn_size > 1)):
+                if on:
+                    problems.append(f"{flag} turns on --ds.packing_samples (OpenRLHF), which needs flash-attn "
+                                    "kernels: not available on the CPU backend")
         if "flash" in str(args.ds.attn_implementation):
             problems.append(f"--ds.attn_implementation {args.ds.attn_implementation} needs CUDA: use sdpa or eager "
                             "on the CPU backend")
