@@ -618,11 +618,14 @@ impl PyPassRatePool {
         Ok(PyPassRatePool { inner })
     }
 
-    /// The file format of `save` as bytes.
-    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+    /// The file format of `save` as bytes, written straight into the `bytes` object (no
+    /// intermediate buffer, so a save holds the pool's bytes once).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let pool = &self.inner;
-        let bytes = maybe_detach(py, pool.len(), || storage::to_bytes(pool));
-        PyBytes::new(py, &bytes)
+        let len = storage::file_len(pool.len() as u64) as usize;
+        PyBytes::new_with(py, len, |buf: &mut [u8]| {
+            maybe_detach(py, pool.len(), || storage::write_into(pool, buf)).map_err(to_py_err)
+        })
     }
 
     /// Inverse of `to_bytes`.
@@ -641,7 +644,7 @@ impl PyPassRatePool {
         py: Python<'py>,
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
         let from_bytes = py.get_type::<PyPassRatePool>().getattr("from_bytes")?;
-        let args = PyTuple::new(py, [self.to_bytes(py)])?;
+        let args = PyTuple::new(py, [self.to_bytes(py)?])?;
         Ok((from_bytes, args))
     }
 

@@ -176,6 +176,31 @@ pub fn write_pool<W: Write>(pool: &PassRatePool, w: &mut W) -> io::Result<()> {
     w.write_all(&noise_block(pool.noise_totals()))
 }
 
+/// Writes the file format into `buf`, which must be exactly `file_len(pool.len())` bytes
+/// long. The caller owns the memory (e.g. a Python `bytes` object), so the pool's bytes exist
+/// once; the result equals `to_bytes(pool)`. A buffer of another length is refused.
+pub fn write_into(pool: &PassRatePool, buf: &mut [u8]) -> Result<()> {
+    let want = file_len(pool.len() as u64);
+    if buf.len() as u64 != want {
+        return Err(Error::invalid(format!(
+            "buffer is {} bytes, but the file format of a pool of {} prompts is {want} bytes",
+            buf.len(),
+            pool.len()
+        )));
+    }
+    let mut w: &mut [u8] = buf;
+    // A slice writer fails only when the pool writes more than `file_len` says.
+    write_pool(pool, &mut w)
+        .map_err(|e| Error::invalid(format!("pool wrote more than its file length: {e}")))?;
+    if !w.is_empty() {
+        return Err(Error::invalid(format!(
+            "pool wrote {} bytes less than its file length {want}",
+            w.len()
+        )));
+    }
+    Ok(())
+}
+
 pub fn to_bytes(pool: &PassRatePool) -> Vec<u8> {
     let mut out = Vec::with_capacity(file_len(pool.len() as u64) as usize);
     write_pool(pool, &mut out).expect("writing to memory cannot fail");
@@ -482,6 +507,29 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
         let empty = PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap();
         same(&empty, &from_bytes(&to_bytes(&empty)).unwrap());
+    }
+
+    #[test]
+    fn write_into_gives_the_bytes_of_to_bytes_and_refuses_other_lengths() {
+        for p in [sample(), PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap()] {
+            let want = to_bytes(&p);
+            let mut buf = vec![0xAAu8; file_len(p.len() as u64) as usize];
+            write_into(&p, &mut buf).unwrap();
+            assert_eq!(buf, want);
+            for len in [want.len() - 1, want.len() + 1, 0] {
+                let mut other = vec![0u8; len];
+                let err = write_into(&p, &mut other).unwrap_err();
+                assert!(matches!(err, Error::InvalidArgument(_)));
+                assert_eq!(
+                    err.to_string(),
+                    format!(
+                        "buffer is {len} bytes, but the file format of a pool of {} prompts is {} bytes",
+                        p.len(),
+                        want.len()
+                    )
+                );
+            }
+        }
     }
 
     fn problem(bytes: &[u8]) -> String {
