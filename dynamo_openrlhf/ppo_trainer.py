@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -54,7 +55,7 @@ import torch  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
-from dynamo_openrlhf._core import PassRatePool  # noqa: E402
+from dynamo_openrlhf._core import FORMAT_VERSION, PassRatePool  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.checkpoint import MODEL_STATES, latest_tag  # noqa: E402
 from dynamo_openrlhf.metrics import default_ks, is_success, train_eval_logs  # noqa: E402
@@ -68,7 +69,7 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
 )
 
 __all__ = ["DynamoPPOTrainer", "STATE_VERSION", "eval_extras_and_row", "pool_from_checkpoint", "pool_to_checkpoint",
-           "scalars"]
+           "restored_pool_digest", "scalars"]
 
 STATE_VERSION = 3  # of client_states["dynamo"]; 1 = history only; 2 = + pool; 3 = + running token normaliser
 
@@ -95,6 +96,24 @@ def pool_from_checkpoint(value: Any) -> bytes:
         return value.numpy().tobytes()
     raise ValueError(f"the pool state is neither bytes nor a 1-D uint8 tensor: {type(value).__name__} "
                      f"{getattr(value, 'dtype', '')} {tuple(getattr(value, 'shape', ()))}")
+
+
+def restored_pool_digest(data: bytes, pool: PassRatePool) -> str:
+    """sha256 (hex) of ``pool.to_bytes()``, for a ``pool`` just restored from the checkpoint bytes ``data``
+    (``PassRatePool.from_bytes``, then possibly given this run's forget factor).
+
+    The file format is canonical: a loaded pool writes the bytes it was loaded from whenever ``data`` is the current
+    format version, the pool keeps the file's forget factor (header bytes 32..40, f64) and its table size (bytes
+    64..72, u64; a load keeps it unless the table was far larger than the prompts need). Records are written in table
+    order from just after an empty slot, which a load re-inserts into the same layout, and every other field round-trips
+    bit for bit. Then the digest is that of ``data``, which saves re-serialising the pool (0.5-0.7 s CPU and a second
+    copy of its bytes at 10M prompts, docs/bench_pool_in_run.md); otherwise it is that of ``pool.to_bytes()``."""
+    version, = struct.unpack_from("<I", data, 8)
+    forget, = struct.unpack_from("<d", data, 32)
+    slots, = struct.unpack_from("<Q", data, 64)
+    same = (version == FORMAT_VERSION and struct.pack("<d", forget) == struct.pack("<d", pool.forget)
+            and slots == pool.stats()["slots"])
+    return hashlib.sha256(data if same else pool.to_bytes()).hexdigest()
 
 
 def scalars(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -304,14 +323,15 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
                                  "off or by an older version); cannot resume the allocation exactly")
             try:
                 alloc = dict(state["allocator"])
-                alloc["pool"] = pool_from_checkpoint(alloc.get("pool"))
+                data = alloc["pool"] = pool_from_checkpoint(alloc.get("pool"))
                 self.allocator.load_state_dict(alloc)
             except ValueError as e:  # its length or a checksum does not hold: never resume from it
                 raise ValueError(f"{self._checkpoint_file()}: the DynaMO pass-rate pool in this checkpoint is not "
                                  f"valid ({str(e).replace('<bytes> ', '')}); resume from an earlier checkpoint "
                                  "(write its tag into the 'latest' file next to it)") from None
             print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
-                  f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()}", flush=True)
+                  f"{self.allocator.steps} updates, sha256 {restored_pool_digest(data, self.allocator.pool)}",
+                  flush=True)
         if running is not None:
             print(f"[dynamo] restored token normaliser: L = {running.value!r} (running mean response length of "
                   f"{running.steps} steps)", flush=True)

@@ -152,3 +152,68 @@ def test_pool_checkpoint_form_round_trips_through_torch_save(tmp_path):
     trainer.load_dynamo_state_dict({"version": pt.STATE_VERSION, "history": [],
                                     "allocator": {"version": ALLOC_VERSION, "pool": back, "steps": 1}})
     assert trainer.allocator.pool_digest() == hashlib.sha256(data).hexdigest()
+
+
+class _CountingPool:
+    """A PassRatePool that counts its ``to_bytes`` calls (the Rust class's methods cannot be patched)."""
+
+    def __init__(self, pool):
+        self.pool, self.to_bytes_calls = pool, 0
+        self.forget = pool.forget
+
+    def stats(self):
+        return self.pool.stats()
+
+    def to_bytes(self):
+        self.to_bytes_calls += 1
+        return self.pool.to_bytes()
+
+
+def test_restored_pool_digest_is_the_checkpoint_digest_only_when_the_bytes_are_the_same():
+    pt = _trainer_module()
+    fixture_v2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pool_v2.bin")
+
+    def case(data, forget=None):
+        pool = PassRatePool.from_bytes(data)
+        if forget is not None:
+            pool.forget = forget  # what load_state_dict does when this run's --dynamo.pool.forget differs
+        counting = _CountingPool(pool)
+        digest = pt.restored_pool_digest(data, counting)
+        assert digest == hashlib.sha256(pool.to_bytes()).hexdigest()  # always the restored pool's digest
+        return digest == hashlib.sha256(data).hexdigest(), counting.to_bytes_calls
+
+    grown = PassRatePool(forget=0.9)
+    for k in range(5):  # grown by updates, not pre-sized
+        grown.update(b.synthetic_ids(3000)[k::5], np.ones(600, dtype=np.int64), np.full(600, 3))
+    assert case(grown.to_bytes()) == (True, 0)
+    assert case(b.build_pool(20_000, seed=2).to_bytes()) == (True, 0)  # pre-sized, as the benchmark's
+    assert case(grown.to_bytes(), forget=0.5) == (False, 1)  # the header's forget changes
+    assert case(grown.to_bytes(), forget=0.9) == (True, 0)
+    roomy = PassRatePool(capacity=100_000)  # a table far larger than 100 prompts need: a load shrinks it
+    roomy.update(b.synthetic_ids(100), np.zeros(100, dtype=np.int64), np.ones(100, dtype=np.int64))
+    assert case(roomy.to_bytes()) == (False, 1)
+    with open(fixture_v2, "rb") as f:  # an older format version: saved again as the current one
+        assert case(f.read()) == (False, 1)
+
+
+def test_the_restore_log_line_digest_is_the_restored_pools(tmp_path, capsys):
+    import re
+    from types import SimpleNamespace
+
+    pt = _trainer_module()
+    from dynamo_openrlhf.allocation import STATE_VERSION as ALLOC_VERSION
+    from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    data = b.build_pool(30_000, seed=4).to_bytes()
+    for forget in (1.0, 0.75):  # the file's forget, and another one (the flag of this run wins)
+        trainer = object.__new__(pt.DynamoPPOTrainer.__ray_actor_class__)
+        trainer.history, trainer.experience_maker = [], None
+        trainer.allocator = RolloutAllocator(AllocationConfig(forget=forget))
+        trainer.args = SimpleNamespace(ckpt=SimpleNamespace(path=str(tmp_path)))
+        trainer.load_dynamo_state_dict({"version": pt.STATE_VERSION, "history": [],
+                                        "allocator": {"version": ALLOC_VERSION, "steps": 1,
+                                                      "pool": pt.pool_to_checkpoint(data)}})
+        line = re.findall(r"\[dynamo\] restored pass-rate pool: 30000 prompts, 1 updates, sha256 ([0-9a-f]{64})",
+                          capsys.readouterr().out)
+        assert line == [trainer.allocator.pool_digest()]
+        assert (line[0] == hashlib.sha256(data).hexdigest()) == (forget == 1.0)

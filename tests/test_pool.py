@@ -404,6 +404,24 @@ def test_save_load_round_trip_is_bit_for_bit(tmp_path):
     same_pool(empty, PassRatePool.load(tmp_path / "empty.bin"))
 
 
+def test_to_bytes_of_a_large_pool_is_the_saved_file(tmp_path):
+    """to_bytes writes the format into the bytes object itself (GIL released from 16,384 prompts on, records in
+    batches of 65,536); save() streams it through a file writer: the same bytes."""
+    pool = PassRatePool(prior=(0.7, 1.3), forget=0.99)
+    rng = np.random.default_rng(7)
+    ids = rng.permutation(np.arange(200_000, dtype=np.int64) * 31 - 3_000_000)
+    for chunk in np.array_split(ids, 4):
+        trials = rng.integers(1, 9, len(chunk))
+        successes = rng.binomial(trials, 0.3)
+        pool.update(chunk, successes, trials, noise_success=successes * 0.5, noise_failure=(trials - successes) * 2.0)
+    data = pool.to_bytes()
+    assert type(data) is bytes and len(data) == 80 + RECORD * 200_000 + CALIBRATION + NOISE
+    pool.save(tmp_path / "pool.bin")
+    assert (tmp_path / "pool.bin").read_bytes() == data
+    assert PassRatePool.from_bytes(data).to_bytes() == data
+    assert pickle.loads(pickle.dumps(pool)).to_bytes() == data
+
+
 def test_file_header_layout(tmp_path):
     pool = sample_pool()
     data = pool.to_bytes()
