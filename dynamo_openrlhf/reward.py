@@ -46,6 +46,7 @@ import os
 import queue
 import re
 import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -104,20 +105,50 @@ def _response_of(query: str, prompt: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Helper process (runs _serve(); imports math_verify only)
+# Helper processes: a warm zygote forks them (this side and the zygote use the stdlib only)
 # ----------------------------------------------------------------------------------------------
+#
+# Importing math-verify (sympy, the LaTeX parser) takes about a second of CPU. A helper that ran past its
+# budget is killed (it may be stuck in sympy's C code), so a storm of timeouts would import math-verify
+# once per sample. Instead one long-lived *zygote* process imports the helper file once (and runs its
+# ``_preload()``) and forks every helper on request: a replacement costs a fork (milliseconds), not an
+# import. The trainer never forks itself (it is multi-threaded); the zygote is single-threaded and only
+# forks, kills and reaps.
+#
+# Wiring: the trainer starts the zygote with one end of an AF_UNIX SOCK_SEQPACKET socket pair (one
+# JSON message per packet). For a helper, the trainer makes a stream socket pair and passes one end
+# with the "fork" request (SCM_RIGHTS); the forked child puts it on its fd 0 and 1 and runs the helper
+# file's ``_serve()``: one JSON request per line in, one JSON reply per line out, as before.
+# No orphans: the zygote exits (killing and reaping its helpers) when the trainer closes the control
+# socket or when its parent pid changes (the trainer died, even by SIGKILL); each helper gets
+# PR_SET_PDEATHSIG=SIGKILL towards the zygote. (PDEATHSIG is not used for the zygote itself: it fires
+# when the *thread* that started the zygote ends, and OpenRLHF calls the reward from worker threads.)
 
-_SERVE_CMD = (
+_ZYGOTE_CMD = (
     "import importlib.util,sys;"
-    "s=importlib.util.spec_from_file_location('_dynamo_reward_helper',sys.argv[1]);"
-    "m=importlib.util.module_from_spec(s);s.loader.exec_module(m);m._serve()"
+    "s=importlib.util.spec_from_file_location('_dynamo_reward_zygote',sys.argv[1]);"
+    "m=importlib.util.module_from_spec(s);s.loader.exec_module(m);"
+    "m._zygote_main(sys.argv[2],int(sys.argv[3]),int(sys.argv[4]))"
 )
+_HELPER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+_CTL_BYTES = 1 << 16  # largest control message (a fork request carries the environment's changes)
+_PARENT_POLL_S = 0.25  # how often the zygote checks that the trainer is still its parent
 
 
 def _wrap_gold(label: str) -> str:
     if "$" in label or "\\boxed" in label or "\\(" in label or "\\[" in label:
         return label
     return f"${label}$"
+
+
+def _preload() -> None:  # pragma: no cover - runs in the zygote
+    """Imports math-verify and checks one answer, so that helpers forked from the zygote start warm."""
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from math_verify import parse, verify
+
+    verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
 
 
 def _serve() -> None:  # pragma: no cover - runs in the helper process
@@ -160,54 +191,263 @@ def _serve() -> None:  # pragma: no cover - runs in the helper process
         out.write(json.dumps(reply) + "\n")
 
 
+def _pdeathsig_setter():  # pragma: no cover - runs in the zygote
+    """A function that makes the calling process get SIGKILL when its parent dies (Linux), or None."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return lambda: libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except Exception:
+        return None
+
+
+def _helper_child(ctl, conn_fd: int, env: dict, serve, zygote_pid: int, pdeathsig) -> None:  # pragma: no cover
+    """Runs in a child just forked by the zygote: become a helper on ``conn_fd``; never returns."""
+    code = 1
+    try:
+        ctl.close()
+        if pdeathsig is not None:
+            pdeathsig()
+        if os.getppid() != zygote_pid:  # the zygote died between fork and prctl
+            os._exit(1)
+        os.dup2(conn_fd, 0)
+        os.dup2(conn_fd, 1)
+        os.close(conn_fd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.stdin = open(0, "r", encoding="utf-8", closefd=False)
+        sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+        serve()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _zygote_main(helper_file: str, parent_pid: int, ctl_fd: int) -> None:  # pragma: no cover - the zygote
+    """The zygote: load ``helper_file`` (and run its ``_preload()``), then fork helpers until told to stop.
+
+    Requests (one JSON packet each, answered by one packet): ``{"op": "fork", "set": {..}, "unset": [..]}``
+    with the helper's socket attached (the environment changes are relative to the zygote's own
+    environment; reply ``{"pid": pid}``), ``{"op": "kill", "pid": pid}`` (SIGKILL and reap, if it is a
+    helper of this zygote; reply ``{"killed": bool}``). End of file on the control socket, or a new parent
+    pid, ends the zygote after killing every helper."""
+    import gc
+    import importlib.util
+    import select
+    import signal
+    import socket
+
+    ctl = socket.socket(fileno=ctl_fd)
+    if os.path.abspath(helper_file) == os.path.abspath(__file__):
+        serve, preload = _serve, _preload
+    else:
+        spec = importlib.util.spec_from_file_location("_dynamo_reward_helper", helper_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        serve, preload = module._serve, getattr(module, "_preload", None)
+    if preload is not None:
+        preload()
+    pdeathsig = _pdeathsig_setter()
+    base_env = dict(os.environ)
+    gc.collect()
+    gc.freeze()  # keep the imported objects out of the helpers' collections (fewer copied pages)
+    me = os.getpid()
+    ctl.send(json.dumps({"ready": True, "pid": me}).encode())
+    helpers = set()
+    try:
+        while os.getppid() == parent_pid:
+            for pid in list(helpers):  # reap helpers that ended by themselves
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    helpers.discard(pid)
+            if not select.select([ctl], [], [], _PARENT_POLL_S)[0]:
+                continue
+            msg, fds, _, _ = socket.recv_fds(ctl, _CTL_BYTES, 1)
+            if not msg:
+                break  # the trainer closed the control socket
+            req = json.loads(msg)
+            if req.get("op") == "fork" and len(fds) == 1:
+                env = dict(base_env)
+                env.update(req.get("set", {}))
+                for k in req.get("unset", []):
+                    env.pop(k, None)
+                pid = os.fork()
+                if pid == 0:
+                    _helper_child(ctl, fds[0], env, serve, me, pdeathsig)
+                os.close(fds[0])
+                helpers.add(pid)
+                ctl.send(json.dumps({"pid": pid}).encode())
+            elif req.get("op") == "kill":
+                pid = int(req.get("pid", -1))
+                killed = pid in helpers  # only an unreaped child of ours: its pid cannot have been reused
+                if killed:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    helpers.discard(pid)
+                ctl.send(json.dumps({"killed": killed}).encode())
+            else:
+                for fd in fds:
+                    os.close(fd)
+                ctl.send(json.dumps({"error": f"bad request {str(req)[:100]}"}).encode())
+    finally:
+        for pid in helpers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in helpers:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        os._exit(0)
+
+
+def _helper_env() -> dict:
+    env = dict(os.environ)
+    env.update(_HELPER_ENV)
+    return env
+
+
+class _Zygote:
+    """The trainer's handle on a zygote process (thread-safe: one request at a time)."""
+
+    def __init__(self, helper_file: str, startup_timeout: float):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.env = _helper_env()  # the zygote's environment: fork requests send the changes to it
+        self.lock = threading.Lock()
+        self.sock = ours
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _ZYGOTE_CMD, os.path.abspath(__file__), helper_file, str(os.getpid()),
+                 str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=self.env, pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        reply = self._recv(startup_timeout)
+        if not reply or not reply.get("ready"):
+            self.close()
+            raise RuntimeError(f"math-verify helper zygote ({helper_file}) did not start within "
+                               f"{startup_timeout:g}s (is math-verify installed? does the file define _serve?)")
+        self.pid = self.proc.pid
+
+    def _recv(self, timeout: float) -> Optional[dict]:
+        if not _readable(self.sock, timeout):
+            return None
+        data = self.sock.recv(_CTL_BYTES)
+        return json.loads(data) if data else None
+
+    def _request(self, msg: dict, timeout: float, fds=()) -> dict:
+        with self.lock:
+            try:
+                socket.send_fds(self.sock, [json.dumps(msg).encode()], list(fds))
+                reply = self._recv(timeout)
+            except OSError:
+                reply = None
+            if reply is None:  # dead or hung: this zygote is not used again
+                self.close()
+                raise RuntimeError(f"the helper zygote (pid {self.proc.pid}) did not answer {msg['op']!r}")
+            return reply
+
+    def fork(self, conn: socket.socket, timeout: float) -> int:
+        """Pid of a new helper serving on ``conn`` (forked by the zygote)."""
+        env = _helper_env()
+        changed = {k: v for k, v in env.items() if self.env.get(k) != v}
+        unset = [k for k in self.env if k not in env]
+        reply = self._request({"op": "fork", "set": changed, "unset": unset}, timeout, [conn.fileno()])
+        if "pid" not in reply:
+            raise RuntimeError(f"the helper zygote could not fork a helper: {reply}")
+        return int(reply["pid"])
+
+    def kill(self, pid: int, timeout: float = 10.0) -> None:
+        """SIGKILL the helper ``pid`` and wait until it is gone."""
+        self._request({"op": "kill", "pid": pid}, timeout)
+
+    def alive(self) -> bool:
+        return self.sock.fileno() >= 0 and self.proc.poll() is None
+
+    def close(self) -> None:
+        """End the zygote; it kills and reaps every helper first."""
+        try:
+            self.sock.close()  # end of file for the zygote
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # its helpers get SIGKILL from PR_SET_PDEATHSIG
+            self.proc.wait()
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether ``sock`` is readable within ``timeout`` seconds."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(max(0.0, timeout)))
+
+
 class _Helper:
-    def __init__(self, startup_timeout: float, helper_file: str):
-        env = dict(os.environ)
-        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVE_CMD, helper_file],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            text=True,
-            bufsize=1,
-        )
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+    """One helper process (forked by the zygote) and the trainer's end of its socket."""
+
+    def __init__(self, zygote: _Zygote, startup_timeout: float, helper_file: str):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.pid = zygote.fork(theirs, startup_timeout)
+        except Exception:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.zygote, self.sock, self.buf = zygote, ours, b""
         reply = self._read(startup_timeout)
         if not reply or not reply.get("ready"):
             self.kill()
             raise RuntimeError(f"math-verify helper process ({helper_file}) did not start within "
-                               f"{startup_timeout:g}s (is math-verify installed?)")
+                               f"{startup_timeout:g}s")
 
     def _read(self, timeout: float) -> Optional[dict]:
-        if not self.sel.select(timeout):
-            return None
-        line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _readable(self.sock, left):
+                return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None  # the helper died
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
 
     def ask(self, pred: str, gold: str, timeout: float) -> Optional[dict]:
         """The helper's reply, or None when it exceeded ``timeout`` (the helper is then dead)."""
-        self.proc.stdin.write(json.dumps({"pred": pred, "gold": gold}) + "\n")
-        self.proc.stdin.flush()
+        self.sock.sendall((json.dumps({"pred": pred, "gold": gold}) + "\n").encode(), socket.MSG_NOSIGNAL)
         reply = self._read(timeout)
         if reply is None:
             self.kill()
         return reply
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """False once the helper or its zygote is gone (its socket is at end of file)."""
+        if self.sock.fileno() < 0 or not self.zygote.alive():
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: idle and alive
+        except OSError:
+            return False
 
     def kill(self) -> None:
         try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+            self.zygote.kill(self.pid)
         except Exception:
-            pass
+            pass  # the zygote is gone, and its helpers with it
         try:
-            self.sel.close()
-        except Exception:
+            self.sock.close()
+        except OSError:
             pass
 
 
@@ -223,11 +463,18 @@ class MathReward:
 
     ``timeout_s``: wall-clock budget per sample in seconds (default ``$DYNAMO_REWARD_TIMEOUT_S`` or 5);
     ``workers``: helper processes, i.e. samples checked at once (default ``$DYNAMO_REWARD_WORKERS`` or 2);
-    ``startup_timeout_s``: how long a helper may take to start; ``helper_file``: the Python file whose
-    ``_serve()`` the helpers run (default: this file's math-verify loop; another checker speaking the same
-    one-JSON-line protocol gets the same time and memory budget). A sample past its budget costs its slot
-    ``timeout_s`` plus a helper restart, so a step whose every sample times out takes about
-    ``ceil(samples / workers) x (timeout_s + helper start)`` (measured: docs/faults.md)."""
+    ``startup_timeout_s``: how long the zygote or a helper may take to start; ``helper_file``: the Python file
+    whose ``_serve()`` the helpers run (default: this file's math-verify loop; another checker speaking the same
+    one-JSON-line protocol gets the same time and memory budget, and may define ``_preload()``, run once in
+    the zygote before any helper is forked, to do its slow imports there).
+
+    Processes: on first use one zygote starts (imports the helper file and runs its ``_preload``: about a
+    second for math-verify), then forks the helpers (milliseconds each; lazily, or all at once with
+    ``start()``). A sample past its budget has its helper killed, and the next sample of that slot gets a
+    fresh fork. So a step whose every sample times out costs about ``ceil(samples / workers) x timeout_s``
+    plus a few milliseconds per sample, once the zygote is up (measured: docs/faults.md, "Reward storm").
+    ``close()`` ends the zygote and every helper; they also end when the trainer process dies.
+    Thread-safe: OpenRLHF calls the reward from a pool of threads."""
 
     def __init__(self, timeout_s: Optional[float] = None, workers: Optional[int] = None,
                  max_answer_chars: int = MAX_ANSWER_CHARS, startup_timeout_s: float = 120.0,
@@ -244,7 +491,47 @@ class MathReward:
         self._slots = queue.Queue()  # of Optional[_Helper]
         for _ in range(max(1, n)):
             self._slots.put(None)  # helpers start lazily
+        self._n = max(1, n)
         self._closed = False
+        self._zygote: Optional[_Zygote] = None
+        self._zygote_lock = threading.Lock()
+        self.zygote_starts = 0  # zygote processes started so far (1 unless one died)
+        self.helper_starts = 0  # helpers forked so far
+
+    def _fork_helper(self) -> "_Helper":
+        with self._zygote_lock:
+            if self._closed:
+                raise RuntimeError("the scorer is closed")
+            if self._zygote is None or not self._zygote.alive():
+                if self._zygote is not None:
+                    self._zygote.close()
+                self._zygote = None
+                self._zygote = _Zygote(self.helper_file, self.startup_timeout_s)
+                self.zygote_starts += 1
+            zygote = self._zygote
+        helper = _Helper(zygote, self.startup_timeout_s, self.helper_file)
+        with self._zygote_lock:
+            self.helper_starts += 1
+        return helper
+
+    def start(self) -> "MathReward":
+        """Start the zygote and every helper now instead of at first use (e.g. before timing a step)."""
+        helpers = [self._slots.get() for _ in range(self._n)]
+        try:
+            for i, helper in enumerate(helpers):
+                if helper is None or not helper.alive():
+                    helpers[i] = self._fork_helper()
+        finally:
+            for helper in helpers:
+                self._slots.put(helper)
+        return self
+
+    def pids(self) -> dict:
+        """``{"zygote": pid or None, "helpers": [pids of the idle helpers]}`` (for tests and debugging)."""
+        with self._slots.mutex:
+            idle = [h.pid for h in self._slots.queue if h is not None]
+        z = self._zygote
+        return {"zygote": z.pid if z is not None and z.alive() else None, "helpers": idle}
 
     def score(self, response: str, label) -> Score:
         answer = extract_answer(response)
@@ -254,8 +541,11 @@ class MathReward:
             return Score(0.0, "malformed", answer[:64] + "...", "answer too long")
         helper = self._slots.get()
         try:
-            if helper is None or not helper.alive():
-                helper = _Helper(self.startup_timeout_s, self.helper_file)
+            if helper is not None and not helper.alive():
+                helper.kill()  # gone (e.g. its zygote died): close our end
+                helper = None
+            if helper is None:
+                helper = self._fork_helper()
             reply = helper.ask(answer, str(label), self.timeout_s)
             if reply is None:
                 helper = None
@@ -266,6 +556,9 @@ class MathReward:
             helper = None
             return Score(0.0, "error", answer, f"{type(e).__name__}: {e}")
         finally:
+            if helper is not None and self._closed:
+                helper.kill()
+                helper = None
             self._slots.put(helper)
         status = reply.get("status", "error")
         if status not in STATUSES:
@@ -273,14 +566,23 @@ class MathReward:
         return Score(1.0 if status == "correct" else 0.0, status, answer, reply.get("detail", ""))
 
     def close(self) -> None:
-        self._closed = True
+        """Kill the zygote and every helper (also helpers busy in other threads: their samples are timeouts).
+        Later calls score nothing: each sample is an ``error`` ("the scorer is closed")."""
+        with self._zygote_lock:
+            self._closed = True
+            zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            zygote.close()  # the zygote kills and reaps its helpers before it exits
+        helpers = []
         while True:
             try:
-                helper = self._slots.get_nowait()
+                helpers.append(self._slots.get_nowait())
             except queue.Empty:
                 break
+        for helper in helpers:
             if helper is not None:
                 helper.kill()
+            self._slots.put(None)  # a thread waiting for a slot wakes up and sees the scorer closed
 
     def __call__(self, queries: Sequence[str], prompts: Sequence[str], labels: Sequence, **kwargs) -> dict:
         counts = {f"math_{s}": 0.0 for s in STATUSES}

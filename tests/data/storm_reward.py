@@ -3,7 +3,9 @@ in its helper processes sleeping ``$DYNAMO_STORM_SLEEP_S`` seconds (default 3600
 reaches math-verify runs past ``--dynamo.reward_timeout``. Use it as ``--reward.remote_url <this file>``.
 
 The helpers run this file's ``_serve()`` (``MathReward(helper_file=__file__)``): math-verify's own loop with
-the slow ``parse``, under the same per-sample time budget as the built-in reward.
+the slow ``parse``, under the same per-sample time budget as the built-in reward. ``_preload()`` runs once in
+the zygote that forks the helpers (math-verify imported and warmed there). With ``$DYNAMO_STORM_MARKS`` set
+to a file, the zygote appends ``preload <pid>`` to it and each helper ``serve <pid> <parent pid>`` (tests).
 """
 
 import os
@@ -13,9 +15,22 @@ import time
 from dynamo_openrlhf import reward as _reward
 
 
-def _serve():  # the helper process
+def _mark(text):
+    path = os.environ.get("DYNAMO_STORM_MARKS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+def _preload():  # the zygote, once
+    _mark(f"preload {os.getpid()}")
+    _reward._preload()
+
+
+def _serve():  # a helper process (forked by the zygote)
     import math_verify
 
+    _mark(f"serve {os.getpid()} {os.getppid()}")
     real_parse = math_verify.parse
     delay = float(os.environ.get("DYNAMO_STORM_SLEEP_S", "3600"))
 
