@@ -400,13 +400,16 @@ def offline(pool_file: str, steps: int = 25, repeats: int = 3, small: int = 10_0
       forget 0.999 and the other ``AllocationConfig`` defaults; medians and maxima in ms;
     * a save's ``to_bytes`` (CPU s, and the process's VmHWM over VmRSS before it, MiB: the transient copies);
     * a restore as the trainer does it: the checkpoint tensor to bytes (``pool_from_checkpoint``'s copy),
-      ``from_bytes``, the digest of its log line (``pool_digest``: ``to_bytes`` + sha256) against sha256 of the
-      checkpoint bytes (equal digests asserted).
+      ``from_bytes``, the digest of its log line (``restored_pool_digest``: sha256 of the checkpoint bytes), and
+      the digest it used to take (``pool_digest``: ``to_bytes`` + sha256; equal digests asserted).
     ``repeats`` repeats of the save and restore."""
     import torch
 
-    from dynamo_openrlhf import PassRatePool
+    from dynamo_openrlhf import PassRatePool, cpu_backend
     from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator
+
+    cpu_backend.install_import_stand_ins()  # ppo_trainer imports openrlhf
+    from dynamo_openrlhf.ppo_trainer import restored_pool_digest
 
     def clock(f):
         c = time.process_time()
@@ -450,12 +453,12 @@ def offline(pool_file: str, steps: int = 25, repeats: int = 3, small: int = 10_0
         raw, t_copy = clock(lambda: tensor.numpy().tobytes())
         restored, t_parse = clock(lambda: PassRatePool.from_bytes(raw))
         old, t_digest = clock(lambda: hashlib.sha256(restored.to_bytes()).hexdigest())
-        new, t_sha = clock(lambda: hashlib.sha256(raw).hexdigest())
+        new, t_sha = clock(lambda: restored_pool_digest(raw, restored))
         if old != new:
             raise RuntimeError("the checkpoint bytes and the restored pool's to_bytes differ")
         out["restore"].append({"copy_s": t_copy, "from_bytes_s": t_parse, "digest_to_bytes_sha_s": t_digest,
-                               "sha_of_checkpoint_bytes_s": t_sha, "now_s": t_copy + t_parse + t_digest,
-                               "digest_of_checkpoint_s": t_copy + t_parse + t_sha})
+                               "restored_pool_digest_s": t_sha, "before_s": t_copy + t_parse + t_digest,
+                               "now_s": t_copy + t_parse + t_sha})
         del data, tensor, raw, restored
     out["loadavg_1min"] = os.getloadavg()[0]
     return out
@@ -470,11 +473,11 @@ def offline_table(o: Dict[str, Any]) -> str:
             f"{r[k + '_ms_median']:.3f} / {r[k + '_ms_max']:.1f}" for k in ("allocate", "record", "metrics")) + " |")
     lines += ["", "| save | to_bytes CPU (s) | transient (MiB over RSS before) |", "|---|---:|---:|"]
     lines += [f"| {i + 1} | {r['to_bytes_s']:.3f} | {r['transient_mib']:.0f} |" for i, r in enumerate(o["save"])]
-    lines += ["", "| restore | tensor -> bytes (s) | from_bytes (s) | digest: to_bytes + sha256 (s) | sha256 of the "
-              "checkpoint bytes (s) | total as now (s) | total, digest of the checkpoint bytes (s) |",
+    lines += ["", "| restore | tensor -> bytes (s) | from_bytes (s) | digest now: restored_pool_digest (s) | digest "
+              "before: to_bytes + sha256 (s) | total now (s) | total before (s) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {i + 1} | {r['copy_s']:.3f} | {r['from_bytes_s']:.3f} | {r['digest_to_bytes_sha_s']:.3f} | "
-              f"{r['sha_of_checkpoint_bytes_s']:.3f} | {r['now_s']:.3f} | {r['digest_of_checkpoint_s']:.3f} |"
+    lines += [f"| {i + 1} | {r['copy_s']:.3f} | {r['from_bytes_s']:.3f} | {r['restored_pool_digest_s']:.3f} | "
+              f"{r['digest_to_bytes_sha_s']:.3f} | {r['now_s']:.3f} | {r['before_s']:.3f} |"
               for i, r in enumerate(o["restore"])]
     return "\n".join(lines)
 

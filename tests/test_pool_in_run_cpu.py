@@ -60,7 +60,8 @@ def test_offline_measures_a_small_pool_file(tmp_path):
     assert set(o["per_step"]["pool"]) == {"prompts"} | {f"{k}_ms_{m}" for k in ("allocate", "record", "metrics")
                                                          for m in ("median", "max")}
     (r,) = o["restore"]  # offline() raises if the two digests differ
-    assert r["now_s"] == r["copy_s"] + r["from_bytes_s"] + r["digest_to_bytes_sha_s"]
+    assert r["before_s"] == r["copy_s"] + r["from_bytes_s"] + r["digest_to_bytes_sha_s"]
+    assert r["now_s"] == r["copy_s"] + r["from_bytes_s"] + r["restored_pool_digest_s"]
     assert len(o["save"]) == 1 and o["save"][0]["to_bytes_s"] >= 0
     text = b.offline_table(o)
     assert "| pool | 3,000 |" in text and "| small | 500 |" in text and text.count("\n| 1 |") == 2
