@@ -34,11 +34,14 @@ ESTIMATORS: tuple[str, str, str, str]
 #: Version of the pool file format written by :meth:`PassRatePool.save`.
 FORMAT_VERSION: int
 #: What a problem of :func:`allocation_problems` is about, in the order problems are listed.
-PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str]
+PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str, str, str, str, str]
 
 _Rule = Literal["neyman", "proportional", "uniform"]
 _Estimator = Literal["rloo", "dr_grpo", "reinforce_baseline", "group_norm"]
-_Subject = Literal["bounds", "budget", "skip_factor", "min_rollouts", "estimator", "prior", "forget"]
+_Subject = Literal[
+    "bounds", "budget", "reference_options", "calibrated", "skip_factor", "min_rollouts", "estimator",
+    "skip_price", "explore_seed", "prior", "forget",
+]
 _FloatArrayLike = npt.ArrayLike
 _IntArrayLike = npt.ArrayLike
 
@@ -233,23 +236,38 @@ def allocation_problems(
     estimator: _Estimator | None = None,
     skip_factor: float | None = None,
     min_rollouts: int | None = None,
+    exploration: bool | None = None,
+    mastery: bool | None = None,
+    exploration_rollouts: int | None = None,
+    mastery_threshold: float | None = None,
+    priority_floor: float | None = None,
+    calibrated: bool | None = None,
+    explore_seed: int | None = None,
+    skip_price: float | None = None,
     prior: tuple[float, float] | None = None,
     forget: float | None = None,
 ) -> list[tuple[_Subject, str]]:
     """Every problem of one allocation call's settings, found at once, without data: ``budget``
     rollouts over ``prompts`` prompts within [``lo``, ``hi``] each, by ``rule`` (None: only the
     bounds, the budget and the pool settings are checked), with the switches as
-    :func:`allocate_rollouts` / :meth:`PassRatePool.allocate` would get them (None = not given),
-    and the pool's ``prior`` (alpha0, beta0) and ``forget``.
+    :func:`allocate_rollouts` / :meth:`PassRatePool.allocate` would get them (None = not given;
+    ``exploration`` ... ``skip_price`` as :meth:`PassRatePool.allocate` takes them), and the
+    pool's ``prior`` (alpha0, beta0) and ``forget``.
 
     Returns ``(subject, message)`` pairs, at most one per subject, in the order of
     :data:`PROBLEM_SUBJECTS` ("bounds": a negative bound or lo > hi; "budget": the budget outside
-    [prompts*lo, prompts*hi] or negative; then "skip_factor", "min_rollouts", "estimator",
-    "prior", "forget"); empty when an allocation call with these settings passes its argument
-    checks for any valid data. Each message is exactly the ``ValueError`` message the allocation
-    call raises for that setting (the same checks run). The rule-dependent subjects are judged
-    only when the bounds and the budget hold. An unknown ``rule`` or ``estimator`` name raises
-    ``ValueError`` (as in the allocation calls); ``prompts`` must be >= 0."""
+    [prompts*lo, prompts*hi] or negative; "reference_options": the reference's exploration and
+    mastery switches and their numbers against the rule and each other; "calibrated": with rule
+    "uniform"; then "skip_factor", "min_rollouts", "estimator" (also: not with exploration or
+    mastery); "skip_price": finite > 0, and priced skipping's preconditions (rule "neyman", an
+    rloo-family estimator, lo = 0, min_rollouts >= 2, no skip_factor); "explore_seed": only with
+    a skipping rule; "prior", "forget"); empty when an allocation call with these settings passes
+    its argument checks for any valid data. Each message is exactly the ``ValueError`` message the
+    allocation call raises for that setting (the same checks run). With a rule,
+    "reference_options", "calibrated" and "explore_seed" are always judged; "skip_factor",
+    "min_rollouts", "estimator" and "skip_price" only when the bounds and the budget hold. An
+    unknown ``rule`` or ``estimator`` name raises ``ValueError`` (as in the allocation calls);
+    ``prompts`` must be >= 0, ``explore_seed`` an integer >= 0."""
     ...
 
 @final

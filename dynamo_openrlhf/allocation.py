@@ -340,36 +340,24 @@ class AllocationConfig:
         if not (math.isfinite(self.oversample) and self.oversample >= 1.0):
             p.append(f"--dynamo.allocation.oversample must be a finite number >= 1, got {self.oversample}")
             return p
+        seed = self.explore_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            # the flag's -1 (no exploration) is None here; the core takes a seed as an unsigned integer
+            p.append(f"--dynamo.allocation.explore_seed must be an integer >= 0 here (None: no exploration), got {seed!r}")
+            return p
         core = self._core_problems()
         p.extend(core.values())
         if (self.skip_factor and self.lo == 0 and self.rule == "neyman" and self.budget < 3 * self.candidates_per_step
                 and not core.keys() & {"bounds", "budget", "skip_factor"}):
-            # The trainer's own policy, not an argument check: with n0 = B/M rollouts each, prompts of EQUAL
-            # variance (e.g. all unseen) fall below 4 x the shadow price v/((n0-1) n0) once n0 < 2.56, so the
-            # rule would skip at random.
+            # The trainer's own policy, not a core rule: the core's skip rule is well defined at any budget
+            # (allocate_rollouts / PassRatePool.allocate take it), but with n0 = B/M rollouts each, prompts of
+            # EQUAL variance (e.g. all unseen) fall below 4 x the shadow price v/((n0-1) n0) once n0 < 2.56, so
+            # the rule would skip at random: a run is refused, a standalone call is not.
             p.append(f"--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got "
                      f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
                      f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
                      "--dynamo.allocation.skip_factor 0")
-        if self.explore_seed is not None and not (self.skip_factor or self.skip_price):
-            p.append("--dynamo.allocation.explore_seed applies to the skip rules only (--dynamo.allocation.skip_factor > 0 "
-                     "or --dynamo.allocation.skip_price)")
-        if self.skip_price is not None:
-            if not (math.isfinite(self.skip_price) and self.skip_price > 0):
-                p.append(f"--dynamo.allocation.skip_price must be a finite number > 0 (0 = off), got {self.skip_price}")
-            elif not (self.rule == "neyman" and self.lo == 0 and self.estimator in SHIFTED_ESTIMATORS
-                      and (self.min_rollouts or 0) >= 2):
-                p.append("--dynamo.allocation.skip_price needs rule neyman, --dynamo.allocation.lo 0, "
-                         "--dynamo.allocation.min_rollouts >= 2 and --algo.advantage.estimator rloo, dr_grpo or "
-                         f"reinforce_baseline; got rule {self.rule}, lo {self.lo}, min_rollouts {self.min_rollouts}, "
-                         f"estimator {self.estimator}")
         p.extend(self._estimator_problems())
-        if self.calibrated and self.rule in ("uniform", "filter"):
-            p.append(f"--dynamo.pool.calibrated does not apply to --dynamo.allocation.rule {self.rule}")
-        if self.rule in ("uniform", "filter") and any(
-            x is not None for x in (self.exploration, self.mastery, self.exploration_rollouts,
-                                    self.mastery_threshold, self.priority_floor)):
-            p.append(f"--dynamo.allocation.rule {self.rule} takes no exploration/mastery options")
         if self.fit_prior_every < 0:
             p.append(f"--dynamo.pool.fit_prior_every must be >= 0, got {self.fit_prior_every}")
         return p
@@ -377,26 +365,36 @@ class AllocationConfig:
     def _core_problems(self) -> Dict[str, str]:
         """The core's own checks (:func:`~dynamo_openrlhf._core.allocation_problems`) of the allocations this
         config makes, each message prefixed with the flags it is about: a full step (``budget`` over
-        ``candidates_per_step`` prompts) with the switches as :meth:`RolloutAllocator._options` passes them,
-        the pool's prior and forgetting, and a step of one prompt (``n_samples_per_prompt`` rollouts: a step
+        ``candidates_per_step`` prompts) with the switches as :meth:`RolloutAllocator._options` passes them
+        (``explore_seed`` even without a skip rule, where the allocator would drop it: the core refuses that), the
+        pool's prior and forgetting, and a step of one prompt (``n_samples_per_prompt`` rollouts: a step
         at the end of the data has fewer prompts than ``prompts_per_step``, each spending n). Keyed by the
         core's subject (:data:`~dynamo_openrlhf._core.PROBLEM_SUBJECTS`), in its order."""
         n, m, b = self.n_samples_per_prompt, self.candidates_per_step, self.budget
         rule = self.rule if self.rule in RULES else "uniform" if self.rule == "filter" else None
         neyman = self.rule == "neyman"
+        reference = {k: getattr(self, k) for k in ("exploration", "mastery", "exploration_rollouts",
+                                                    "mastery_threshold", "priority_floor")}
         step = allocation_problems(
             m, b, self.lo, self.hi, rule,
             estimator=self.estimator if neyman and self.estimator in CORE_ESTIMATORS else None,
             skip_factor=self.skip_factor or None,
             min_rollouts=self.min_rollouts if self.min_rollouts is not None and self.min_rollouts > 1 else None,
-            prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget))
+            calibrated=True if self.calibrated else None, explore_seed=self.explore_seed,
+            skip_price=None if self.skip_price is None else float(self.skip_price),
+            prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget), **reference)
         last = dict(allocation_problems(1, n, self.lo, self.hi)).get("budget")
         if last is not None:  # n outside [lo, hi]: the cause of any full step's infeasibility too
             last = (f"--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt {n} (a step at the end of "
                     f"the data has fewer prompts, {n} rollouts each): {last}")
         rule_note = " (rule filter allocates with the core's rule uniform)" if self.rule == "filter" else ""
         flags = {"bounds": "--dynamo.allocation.lo/hi", "prior": "--dynamo.pool.prior", "forget": "--dynamo.pool.forget",
-                 "estimator": f"--algo.advantage.estimator {self.estimator} with --dynamo.allocation.rule neyman"}
+                 "estimator": f"--algo.advantage.estimator {self.estimator} with --dynamo.allocation.rule neyman",
+                 "reference_options": f"--dynamo.allocation.exploration/mastery options{rule_note}",
+                 "calibrated": f"--dynamo.pool.calibrated{rule_note}",
+                 "skip_price": (f"--dynamo.allocation.skip_price {self.skip_price} (0 = off) with "
+                                f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator{rule_note}"),
+                 "explore_seed": f"--dynamo.allocation.explore_seed {self.explore_seed} (-1 = off)"}
         p = {"budget": last} if last is not None else {}
         for subject, message in step:
             if subject == "budget":
@@ -409,17 +407,12 @@ class AllocationConfig:
         return p
 
     def _estimator_problems(self) -> list:
-        """What the core's checks cannot see: an estimator name without a variance model, and the reference's
-        exploration/mastery switches (the pool's options) with an estimator."""
+        """What the core's checks cannot see: an estimator name without a variance model (the core would raise
+        on the name instead of listing a problem)."""
         e = self.estimator
-        if e is None:
-            return []
-        if e not in CORE_ESTIMATORS:
+        if e is not None and e not in CORE_ESTIMATORS:
             return [f"--algo.advantage.estimator {e}: no allocation variance model; expected one of "
                     f"{list(CORE_ESTIMATORS)} (or none)"]
-        if self.rule == "neyman" and (self.exploration or self.mastery):
-            return [f"--dynamo.allocation.exploration/mastery do not apply with --algo.advantage.estimator {e} "
-                    "with --dynamo.allocation.rule neyman"]
         return []
 
 

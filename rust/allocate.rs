@@ -227,40 +227,25 @@ fn allocate_priced(
     rule: Rule,
     options: &Options,
 ) -> Result<Vec<i64>> {
-    let shifted = options
-        .estimator
-        .is_some_and(|e| e.objective() == Objective::Shifted);
-    if rule != Rule::Neyman || !shifted {
-        return Err(Error::invalid(format!(
-            "skip_costs apply to rule 'neyman' with estimator 'rloo', 'dr_grpo' or \
-             'reinforce_baseline' only, got rule '{}' with estimator {:?}",
-            rule.name(),
-            options.estimator.map(|e| e.name())
-        )));
-    }
-    let given = [
+    crate::priced::check_settings(
+        "skip_costs",
+        rule,
+        options.estimator,
+        lo as i64,
+        options.min_rollouts,
+        options.skip_factor,
+    )?;
+    for (name, given) in [
         ("unseen", options.unseen.is_some()),
         ("pass_rates", options.pass_rates.is_some()),
-        ("skip_factor", options.skip_factor.is_some_and(|f| f > 0.0)),
-    ];
-    if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
-        return Err(Error::invalid(format!(
-            "skip_costs cannot be combined with {name}"
-        )));
+    ] {
+        if given {
+            return Err(Error::invalid(format!(
+                "skip_costs cannot be combined with {name}"
+            )));
+        }
     }
-    if lo != 0 {
-        return Err(Error::invalid(format!(
-            "skip_costs need lo = 0 (a skipped prompt gets 0 rollouts), got lo = {lo}"
-        )));
-    }
-    let m = options.min_rollouts.unwrap_or(0);
-    if m < 2 {
-        return Err(Error::invalid(format!(
-            "skip_costs need min_rollouts >= 2 (a group of one has no baseline), got {:?}",
-            options.min_rollouts
-        )));
-    }
-    let m = m as u64;
+    let m = options.min_rollouts.unwrap_or(0) as u64; // >= 2: check_settings
     crate::priced::check(variances, costs, budget, m, hi)?;
     let Some(s) = options.scale else {
         return Ok(crate::priced::solve(variances, costs, budget, m, hi));
@@ -499,7 +484,7 @@ pub(crate) fn check_selection(
     Ok(())
 }
 
-fn check_options(n: usize, rule: Rule, o: &Options) -> Result<()> {
+pub(crate) fn check_options(n: usize, rule: Rule, o: &Options) -> Result<()> {
     let given = [
         ("unseen", o.unseen.is_some()),
         ("exploration_rollouts", o.exploration_rollouts.is_some()),

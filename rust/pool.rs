@@ -266,7 +266,10 @@ impl ExactSum {
     /// (integer mantissa, bit position) with x = mantissa · 2^(position − 149).
     #[inline]
     fn parts(x: f32) -> (u128, u32) {
-        debug_assert!(x.is_finite() && x >= 0.0, "ExactSum takes finite values >= 0, got {x}");
+        debug_assert!(
+            x.is_finite() && x >= 0.0,
+            "ExactSum takes finite values >= 0, got {x}"
+        );
         let bits = x.to_bits() & 0x7fff_ffff; // -0.0 adds like +0.0
         let (e, m) = (bits >> 23, bits & 0x7f_ffff);
         if e == 0 {
@@ -329,7 +332,11 @@ impl ExactSum {
             (self.0[0] as u128, 0i32, false)
         } else {
             let w = (self.0[top] as u128) << 64 | self.0[top - 1] as u128;
-            (w, 64 * (top as i32 - 1), self.0[..top - 1].iter().any(|&l| l != 0))
+            (
+                w,
+                64 * (top as i32 - 1),
+                self.0[..top - 1].iter().any(|&l| l != 0),
+            )
         };
         let lz = window.leading_zeros();
         let shifted = window << lz;
@@ -541,6 +548,124 @@ fn check_noise_rows(successes: &[i64], trials: &[i64], noise: &NoiseRows) -> Res
         }
     }
     Ok(())
+}
+
+/// Refuses the switches in `given` that are on when the rule is "uniform" (it takes none), the
+/// first in the order given.
+fn check_uniform_switches(rule: Rule, given: &[(&str, bool)]) -> Result<()> {
+    if rule != Rule::Uniform {
+        return Ok(());
+    }
+    match given.iter().find(|(_, on)| *on) {
+        Some((name, _)) => Err(Error::invalid(format!(
+            "{name} does not apply to rule 'uniform' (it takes no options)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// One on/off switch of [`PassRatePool::allocate`] against the rule: `Some(true)` is refused
+/// with rule "uniform".
+pub fn check_uniform_switch(rule: Rule, name: &str, switch: Option<bool>) -> Result<()> {
+    check_uniform_switches(rule, &[(name, switch == Some(true))])
+}
+
+/// The reference's exploration and mastery switches as they apply: given, or the rule's
+/// default (on for "proportional", off otherwise).
+pub fn reference_switches(rule: Rule, o: &PoolAllocateOptions) -> (bool, bool) {
+    let reference = rule == Rule::Proportional;
+    (
+        o.exploration.unwrap_or(reference),
+        o.mastery.unwrap_or(reference),
+    )
+}
+
+/// The reference's options of [`PassRatePool::allocate`] (exploration, mastery and their
+/// numbers): none with rule "uniform"; `exploration_rollouts` only with exploration,
+/// `mastery_threshold` only with mastery, and with rule "neyman" `priority_floor` only with
+/// mastery (its only use there).
+pub fn check_reference_options(rule: Rule, o: &PoolAllocateOptions) -> Result<()> {
+    check_uniform_switches(
+        rule,
+        &[
+            ("exploration", o.exploration == Some(true)),
+            ("mastery", o.mastery == Some(true)),
+            ("exploration_rollouts", o.exploration_rollouts.is_some()),
+            ("mastery_threshold", o.mastery_threshold.is_some()),
+            ("priority_floor", o.priority_floor.is_some()),
+        ],
+    )?;
+    let (exploration, mastery) = reference_switches(rule, o);
+    if o.exploration_rollouts.is_some() && !exploration {
+        return Err(Error::invalid(
+            "exploration_rollouts has no effect without exploration",
+        ));
+    }
+    if o.mastery_threshold.is_some() && !mastery {
+        return Err(Error::invalid(
+            "mastery_threshold has no effect without mastery",
+        ));
+    }
+    if rule == Rule::Neyman && o.priority_floor.is_some() && !mastery {
+        return Err(Error::invalid(
+            "priority_floor has no effect for rule 'neyman' without mastery",
+        ));
+    }
+    Ok(())
+}
+
+/// The pool's estimator rule: "neyman" only, and not with the reference's exploration or
+/// mastery (as they apply: [`reference_switches`]).
+pub fn check_pool_estimator(e: Estimator, rule: Rule, o: &PoolAllocateOptions) -> Result<()> {
+    if rule != Rule::Neyman {
+        return Err(Error::invalid(format!(
+            "estimator applies to rule 'neyman' only, got rule '{}' with estimator '{}'",
+            rule.name(),
+            e.name()
+        )));
+    }
+    let (exploration, mastery) = reference_switches(rule, o);
+    for (name, on) in [("exploration", exploration), ("mastery", mastery)] {
+        if on {
+            return Err(Error::invalid(format!(
+                "estimator '{}' cannot be combined with {name} (the reference's exploration \
+                 and mastery options)",
+                e.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `explore_seed` needs a skipping rule (`skip_factor > 0` or `skip_price`): without one no
+/// prompt is skipped, so there is nothing to re-probe.
+pub fn check_explore_seed(o: &PoolAllocateOptions) -> Result<()> {
+    let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
+    if o.explore_seed.is_some() && !skipping && o.skip_price.is_none() {
+        return Err(Error::invalid(format!(
+            "explore_seed applies to the skipping rules only (skip_factor > 0 or skip_price), \
+             got skip_factor = {:?}",
+            o.skip_factor
+        )));
+    }
+    Ok(())
+}
+
+/// `skip_price` when given: finite and > 0, then priced skipping's preconditions on the rule,
+/// estimator, `lo`, `min_rollouts` and `skip_factor` (`priced::check_settings`).
+pub fn check_skip_price_settings(rule: Rule, o: &PoolAllocateOptions, lo: i64) -> Result<()> {
+    let Some(price) = o.skip_price else {
+        return Ok(());
+    };
+    check_skip_price(price)?;
+    crate::priced::check_settings(
+        "skip_price",
+        rule,
+        o.estimator,
+        lo,
+        o.min_rollouts,
+        o.skip_factor,
+    )
 }
 
 /// The priced-skip price κ must be finite and > 0.
@@ -1031,61 +1156,14 @@ impl PassRatePool {
         rule: Rule,
         o: &PoolAllocateOptions,
     ) -> Result<Vec<i64>> {
-        let reference = rule == Rule::Proportional;
-        let exploration = o.exploration.unwrap_or(reference);
-        let mastery = o.mastery.unwrap_or(reference);
-        if rule == Rule::Uniform {
-            let given = [
-                ("exploration", o.exploration == Some(true)),
-                ("mastery", o.mastery == Some(true)),
-                ("exploration_rollouts", o.exploration_rollouts.is_some()),
-                ("mastery_threshold", o.mastery_threshold.is_some()),
-                ("priority_floor", o.priority_floor.is_some()),
-                ("calibrated", o.calibrated == Some(true)),
-                ("noise_scale", o.noise_scale == Some(true)),
-            ];
-            if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
-                return Err(Error::invalid(format!(
-                    "{name} does not apply to rule 'uniform' (it takes no options)"
-                )));
-            }
-        }
-        if o.exploration_rollouts.is_some() && !exploration {
-            return Err(Error::invalid(
-                "exploration_rollouts has no effect without exploration",
-            ));
-        }
-        if o.mastery_threshold.is_some() && !mastery {
-            return Err(Error::invalid(
-                "mastery_threshold has no effect without mastery",
-            ));
-        }
-        if rule == Rule::Neyman && o.priority_floor.is_some() && !mastery {
-            return Err(Error::invalid(
-                "priority_floor has no effect for rule 'neyman' without mastery",
-            ));
-        }
+        let (exploration, mastery) = reference_switches(rule, o);
+        check_reference_options(rule, o)?;
+        check_uniform_switch(rule, "calibrated", o.calibrated)?;
+        check_uniform_switch(rule, "noise_scale", o.noise_scale)?;
         if let Some(e) = o.estimator {
-            if rule != Rule::Neyman {
-                return Err(Error::invalid(format!(
-                    "estimator applies to rule 'neyman' only, got rule '{}' with estimator '{}'",
-                    rule.name(),
-                    e.name()
-                )));
-            }
-            for (name, on) in [("exploration", exploration), ("mastery", mastery)] {
-                if on {
-                    return Err(Error::invalid(format!(
-                        "estimator '{}' cannot be combined with {name} (the reference's \
-                         exploration and mastery options)",
-                        e.name()
-                    )));
-                }
-            }
+            check_pool_estimator(e, rule, o)?;
         }
         allocate::check_bounds(ids.len(), budget, lo, hi)?;
-        // The scale: explicit, the pool's own noise scale, or none (also when the pool has no
-        // noise observation: every ŝ would be 1, and w = v·1 = v anyway).
         // The scale: explicit, the pool's own noise scale (computed in the lookups below), or
         // none (also when the pool has no noise observation: every ŝ would be 1, and
         // w = v·1 = v anyway).
@@ -1115,26 +1193,12 @@ impl PassRatePool {
         };
         let calibrated = o.calibrated == Some(true);
         let skipping = o.skip_factor.is_some_and(|f| f > 0.0);
-        if let Some(k) = o.skip_price {
-            check_skip_price(k)?;
-        }
-        if o.explore_seed.is_some() && !skipping && o.skip_price.is_none() {
-            return Err(Error::invalid(format!(
-                "explore_seed applies to the skipping rules only (skip_factor > 0 or \
-                 skip_price), got skip_factor = {:?}",
-                o.skip_factor
-            )));
-        }
+        check_skip_price_settings(rule, o, lo)?;
+        check_explore_seed(o)?;
         if let Some(e) = o
             .estimator
             .filter(|e| e.objective() == Objective::GroupNorm)
         {
-            if o.skip_price.is_some() {
-                return Err(Error::invalid(
-                    "skip_price is not supported with estimator 'group_norm' (its skip price is \
-                     derived for the rloo family's sum v/(n-1)); use estimator 'rloo'",
-                ));
-            }
             e.check(lo, o.skip_factor, o.min_rollouts)?;
             // lo ≥ 2 here, so skip_factor/min_rollouts (lo = 0 options) cannot apply.
             allocate::Options {
@@ -1755,7 +1819,7 @@ mod tests {
             estimator: None,
             ..o
         })
-        .contains("rule 'neyman' with estimator"));
+        .ends_with("got rule 'neyman', estimator none, lo = 0, min_rollouts 2"));
         let gn = PoolAllocateOptions {
             estimator: Some(Estimator::GroupNorm),
             ..o
@@ -2276,7 +2340,10 @@ mod tests {
         // beyond it, however far below (2^-149), rounds up; 1 + 3·2^-53 ties up to even.
         assert_eq!(sum(&[1.0, two(-53)]).to_f64(), 1.0);
         assert_eq!(sum(&[1.0, two(-53), tiny]).to_f64(), 1.0 + 2f64.powi(-52));
-        assert_eq!(sum(&[1.0, two(-52), two(-53)]).to_f64(), 1.0 + 2f64.powi(-51));
+        assert_eq!(
+            sum(&[1.0, two(-52), two(-53)]).to_f64(),
+            1.0 + 2f64.powi(-51)
+        );
         assert_eq!(sum(&[1.0, two(-60)]).to_f64(), 1.0);
         // A carry across a 64-bit limb: 2^63-weighted parts (limb boundary at 2^-85, 2^-21, ...).
         let mut e = sum(&[two(-86); 2]);

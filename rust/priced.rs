@@ -24,7 +24,9 @@
 //! Ties: options are tried skip first, then n = m, m + 1, …, hi, and a later option replaces the
 //! kept one only if strictly cheaper, so the result is a deterministic function of the inputs.
 
+use crate::allocate::Rule;
 use crate::error::{Error, Result};
+use crate::estimator::{Estimator, Objective};
 
 /// Most DP cells (prompts × (budget + 1)) the solver accepts (256 Mi cells of 2 bytes: 512 MiB).
 pub const MAX_CELLS: u64 = 1 << 28;
@@ -37,6 +39,47 @@ pub const MAX_WORK: u64 = 1 << 34;
 pub fn squared_variance_moment(alpha: f64, beta: f64) -> f64 {
     let t = alpha + beta;
     (alpha / t) * (beta / (t + 1.0)) * ((alpha + 1.0) / (t + 2.0)) * ((beta + 1.0) / (t + 3.0))
+}
+
+/// Priced skipping's preconditions on the settings (no data), one rule for every caller:
+/// `name` is the argument that turns it on ("skip_costs" for `allocate`, "skip_price" for
+/// `PassRatePool::allocate` and the settings check `rules::problems`). Estimator "group_norm"
+/// is refused first (its own message); then rule "neyman" with an rloo-family estimator,
+/// `lo = 0` and `min_rollouts ≥ 2` are required together (one message listing them all with
+/// the values given); then `skip_factor > 0` (the other skipping rule) is refused.
+pub fn check_settings(
+    name: &str,
+    rule: Rule,
+    estimator: Option<Estimator>,
+    lo: i64,
+    min_rollouts: Option<i64>,
+    skip_factor: Option<f64>,
+) -> Result<()> {
+    if estimator.is_some_and(|e| e.objective() == Objective::GroupNorm) {
+        return Err(Error::invalid(format!(
+            "{name} is not supported with estimator 'group_norm' (its skip price is derived \
+             for the rloo family's sum v/(n-1)); use estimator 'rloo'"
+        )));
+    }
+    let shifted = estimator.is_some_and(|e| e.objective() == Objective::Shifted);
+    if rule != Rule::Neyman || !shifted || lo != 0 || min_rollouts.unwrap_or(0) < 2 {
+        let given = |x: Option<String>| x.unwrap_or_else(|| "none".to_string());
+        return Err(Error::invalid(format!(
+            "{name} (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' or \
+             'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 \
+             rollouts, a served one a baseline); got rule '{}', estimator {}, lo = {lo}, \
+             min_rollouts {}",
+            rule.name(),
+            given(estimator.map(|e| format!("'{}'", e.name()))),
+            given(min_rollouts.map(|m| m.to_string())),
+        )));
+    }
+    if skip_factor.is_some_and(|f| f > 0.0) {
+        return Err(Error::invalid(format!(
+            "{name} cannot be combined with skip_factor (two skipping rules)"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the priced-skip inputs: lengths, finite non-negative values, m ≥ 2, m ≤ hi, the size

@@ -256,7 +256,9 @@ fn allocate_rollouts<'py>(
 #[pyfunction]
 #[pyo3(signature = (
     prompts, budget, lo, hi, rule = None, *,
-    estimator = None, skip_factor = None, min_rollouts = None, prior = None, forget = None
+    estimator = None, skip_factor = None, min_rollouts = None, exploration = None,
+    mastery = None, exploration_rollouts = None, mastery_threshold = None, priority_floor = None,
+    calibrated = None, explore_seed = None, skip_price = None, prior = None, forget = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocation_problems(
@@ -268,6 +270,14 @@ fn allocation_problems(
     estimator: Option<&str>,
     skip_factor: Option<f64>,
     min_rollouts: Option<i64>,
+    exploration: Option<bool>,
+    mastery: Option<bool>,
+    exploration_rollouts: Option<i64>,
+    mastery_threshold: Option<f64>,
+    priority_floor: Option<f64>,
+    calibrated: Option<bool>,
+    explore_seed: Option<u64>,
+    skip_price: Option<f64>,
     prior: Option<(f64, f64)>,
     forget: Option<f64>,
 ) -> PyResult<Vec<(&'static str, String)>> {
@@ -280,6 +290,14 @@ fn allocation_problems(
         estimator: Estimator::parse_optional(estimator).map_err(to_py_err)?,
         skip_factor,
         min_rollouts,
+        exploration,
+        mastery,
+        exploration_rollouts,
+        mastery_threshold,
+        priority_floor,
+        calibrated,
+        explore_seed,
+        skip_price,
         prior,
         forget,
     };

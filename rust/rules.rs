@@ -3,14 +3,22 @@
 //! `allocate` and `PassRatePool::allocate` stop at their first bad argument; a launcher wants
 //! the whole list before a run starts, in the same words. [`problems`] runs the very checks
 //! those calls run (`allocate::check_bounds`, `allocate::check_selection`,
-//! `allocate::check_estimator` with `Estimator::check`, the pool's `check_prior` and
-//! `check_forget`) on settings instead of data, one check family at a time, and tags each
-//! message with the [`Subject`] it is about, so that a caller can name its own flag for it.
-//! No rule is restated here: a message is exactly what the allocation call would raise.
+//! `allocate::check_estimator` with `Estimator::check`, `allocate::check_options`, the pool's
+//! `check_reference_options`, `check_uniform_switch`, `check_pool_estimator`,
+//! `check_skip_price_settings` (with `priced::check_settings`), `check_explore_seed`,
+//! `check_prior` and `check_forget`) on settings instead of data, one check family at a time,
+//! and tags each message with the [`Subject`] it is about, so that a caller can name its own
+//! flag for it. No rule is restated here: a message is exactly what the allocation call would
+//! raise.
 
-use crate::allocate::{check_bounds, check_estimator, check_selection, Options, Rule};
+use crate::allocate::{
+    check_bounds, check_estimator, check_options, check_selection, Options, Rule,
+};
 use crate::estimator::Estimator;
-use crate::pool::{check_forget, check_prior};
+use crate::pool::{
+    check_explore_seed, check_forget, check_pool_estimator, check_prior, check_reference_options,
+    check_skip_price_settings, check_uniform_switch, reference_switches, PoolAllocateOptions,
+};
 use crate::skip::Selection;
 
 /// What a [`Problem`] is about.
@@ -20,20 +28,31 @@ pub enum Subject {
     Bounds,
     /// The budget against `prompts × [lo, hi]` (or a negative budget).
     Budget,
+    /// The reference's exploration and mastery switches and their numbers.
+    ReferenceOptions,
+    /// Allocating on the revisit-calibrated variances.
+    Calibrated,
     SkipFactor,
     MinRollouts,
     Estimator,
+    /// Priced skipping's price and preconditions.
+    SkipPrice,
+    ExploreSeed,
     Prior,
     Forget,
 }
 
 impl Subject {
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 11] = [
         "bounds",
         "budget",
+        "reference_options",
+        "calibrated",
         "skip_factor",
         "min_rollouts",
         "estimator",
+        "skip_price",
+        "explore_seed",
         "prior",
         "forget",
     ];
@@ -42,9 +61,13 @@ impl Subject {
         match self {
             Subject::Bounds => "bounds",
             Subject::Budget => "budget",
+            Subject::ReferenceOptions => "reference_options",
+            Subject::Calibrated => "calibrated",
             Subject::SkipFactor => "skip_factor",
             Subject::MinRollouts => "min_rollouts",
             Subject::Estimator => "estimator",
+            Subject::SkipPrice => "skip_price",
+            Subject::ExploreSeed => "explore_seed",
             Subject::Prior => "prior",
             Subject::Forget => "forget",
         }
@@ -60,8 +83,9 @@ pub struct Problem {
 
 /// One allocation call's settings: `budget` rollouts over `prompts` prompts within
 /// `[lo, hi]` each, by `rule` (`None`: only the bounds, budget and pool are checked) with the
-/// switches as the call would get them (`None` = not given). `prior` = (α₀, β₀) and `forget`
-/// of the pool the allocation reads, when there is one.
+/// switches as the call would get them (`None` = not given; the reference's switches and
+/// `calibrated`, `explore_seed`, `skip_price` as `PassRatePool::allocate` takes them).
+/// `prior` = (α₀, β₀) and `forget` of the pool the allocation reads, when there is one.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Settings {
     pub prompts: usize,
@@ -72,14 +96,63 @@ pub struct Settings {
     pub estimator: Option<Estimator>,
     pub skip_factor: Option<f64>,
     pub min_rollouts: Option<i64>,
+    pub exploration: Option<bool>,
+    pub mastery: Option<bool>,
+    pub exploration_rollouts: Option<i64>,
+    pub mastery_threshold: Option<f64>,
+    pub priority_floor: Option<f64>,
+    pub calibrated: Option<bool>,
+    pub explore_seed: Option<u64>,
+    pub skip_price: Option<f64>,
     pub prior: Option<(f64, f64)>,
     pub forget: Option<f64>,
 }
 
+impl Settings {
+    /// The switches as `PassRatePool::allocate` gets them.
+    fn pool_options(&self) -> PoolAllocateOptions<'static> {
+        PoolAllocateOptions {
+            exploration: self.exploration,
+            mastery: self.mastery,
+            exploration_rollouts: self.exploration_rollouts,
+            mastery_threshold: self.mastery_threshold,
+            priority_floor: self.priority_floor,
+            skip_factor: self.skip_factor,
+            min_rollouts: self.min_rollouts,
+            calibrated: self.calibrated,
+            estimator: self.estimator,
+            explore_seed: self.explore_seed,
+            skip_price: self.skip_price,
+            ..PoolAllocateOptions::default()
+        }
+    }
+}
+
+/// The reference options' own values (`exploration_rollouts` >= 0, a finite
+/// `mastery_threshold`, `priority_floor` finite >= 0), as `allocate` checks them once the pool
+/// has turned exploration/mastery into (here empty) `unseen`/`pass_rates`.
+fn check_reference_values(rule: Rule, o: &PoolAllocateOptions) -> crate::Result<()> {
+    check_reference_options(rule, o)?;
+    let (exploration, mastery) = reference_switches(rule, o);
+    let none: &[bool] = &[];
+    let rates: &[f64] = &[];
+    let options = Options {
+        unseen: exploration.then_some(none),
+        exploration_rollouts: o.exploration_rollouts,
+        pass_rates: mastery.then_some(rates),
+        mastery_threshold: o.mastery_threshold,
+        priority_floor: o.priority_floor,
+        ..Options::default()
+    };
+    check_options(0, rule, &options)
+}
+
 /// Every problem of `s`, at most one per [`Subject`], in the order of the subjects (empty:
 /// an allocation call with these settings passes its argument checks for any valid data).
-/// The rule-dependent checks (skip switches, estimator) run only when the bounds and budget
-/// hold, as in the allocation call, whose later checks assume them.
+/// With a rule, the reference options, `calibrated` and `explore_seed` are judged always (the
+/// pool checks them before the bounds); the other rule-dependent checks (skip switches,
+/// estimator, skip price) only when the bounds and budget hold, as in the allocation call,
+/// whose later checks assume them.
 pub fn problems(s: &Settings) -> Vec<Problem> {
     let mut out = Vec::new();
     let mut push = |subject: Subject, r: crate::Result<()>| {
@@ -99,6 +172,17 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
         push(
             Subject::Budget,
             check_bounds(s.prompts, s.budget, s.lo, s.hi).map(|_| ()),
+        );
+    }
+    let pool = s.pool_options();
+    if let Some(rule) = s.rule {
+        push(
+            Subject::ReferenceOptions,
+            check_reference_values(rule, &pool),
+        );
+        push(
+            Subject::Calibrated,
+            check_uniform_switch(rule, "calibrated", s.calibrated),
         );
     }
     if let (Some(rule), true) = (s.rule, budget_ok) {
@@ -134,8 +218,19 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
                 min_rollouts: s.min_rollouts,
                 ..Options::default()
             };
-            push(Subject::Estimator, check_estimator(e, rule, &options, s.lo));
+            push(
+                Subject::Estimator,
+                check_pool_estimator(e, rule, &pool)
+                    .and_then(|_| check_estimator(e, rule, &options, s.lo)),
+            );
         }
+        push(
+            Subject::SkipPrice,
+            check_skip_price_settings(rule, &pool, s.lo),
+        );
+    }
+    if s.rule.is_some() {
+        push(Subject::ExploreSeed, check_explore_seed(&pool));
     }
     if let Some((a, b)) = s.prior {
         push(Subject::Prior, check_prior(a, b));
@@ -344,6 +439,195 @@ mod tests {
         };
         let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
         assert_eq!(subjects, ["budget"]);
+    }
+
+    /// The message `PassRatePool::allocate` raises for the same settings (an empty pool).
+    fn pool_error(s: &Settings) -> String {
+        let pool = PassRatePool::new(1.0, 1.0, 1.0, 0).unwrap();
+        let ids: Vec<i64> = (0..s.prompts as i64).collect();
+        pool.allocate(
+            &ids,
+            s.budget,
+            s.lo,
+            s.hi,
+            s.rule.unwrap(),
+            &s.pool_options(),
+        )
+        .unwrap_err()
+        .to_string()
+    }
+
+    #[test]
+    fn the_pools_switches_are_judged_with_the_pools_messages() {
+        let rloo = Some(Estimator::Rloo);
+        let cases = [
+            (
+                Settings {
+                    rule: Some(Rule::Uniform),
+                    mastery: Some(true),
+                    ..settings(8, 32, 2, 8)
+                },
+                "reference_options",
+                "mastery does not apply to rule 'uniform' (it takes no options)",
+            ),
+            (
+                Settings {
+                    exploration_rollouts: Some(4),
+                    ..settings(8, 32, 2, 8)
+                },
+                "reference_options",
+                "exploration_rollouts has no effect without exploration",
+            ),
+            (
+                Settings {
+                    rule: Some(Rule::Proportional),
+                    exploration_rollouts: Some(-1),
+                    ..settings(8, 32, 2, 8)
+                },
+                "reference_options",
+                "exploration_rollouts must be non-negative, got -1",
+            ),
+            (
+                Settings {
+                    rule: Some(Rule::Proportional),
+                    priority_floor: Some(f64::NAN),
+                    ..settings(8, 32, 2, 8)
+                },
+                "reference_options",
+                "priority_floor must be a finite non-negative number, got NaN",
+            ),
+            (
+                Settings {
+                    rule: Some(Rule::Uniform),
+                    calibrated: Some(true),
+                    ..settings(8, 32, 2, 8)
+                },
+                "calibrated",
+                "calibrated does not apply to rule 'uniform' (it takes no options)",
+            ),
+            (
+                Settings {
+                    estimator: rloo,
+                    mastery: Some(true),
+                    ..settings(8, 32, 2, 8)
+                },
+                "estimator",
+                "estimator 'rloo' cannot be combined with mastery (the reference's exploration \
+                 and mastery options)",
+            ),
+            (
+                Settings {
+                    estimator: rloo,
+                    min_rollouts: Some(2),
+                    skip_price: Some(f64::NAN),
+                    ..settings(8, 32, 0, 8)
+                },
+                "skip_price",
+                "skip_price must be finite and > 0, got NaN",
+            ),
+            (
+                Settings {
+                    skip_price: Some(4.0),
+                    ..settings(8, 32, 2, 8)
+                },
+                "skip_price",
+                "skip_price (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' \
+                 or 'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 \
+                 rollouts, a served one a baseline); got rule 'neyman', estimator none, lo = 2, \
+                 min_rollouts none",
+            ),
+            (
+                Settings {
+                    estimator: rloo,
+                    skip_price: Some(4.0),
+                    ..settings(8, 32, 2, 8)
+                },
+                "skip_price",
+                "skip_price (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' \
+                 or 'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 \
+                 rollouts, a served one a baseline); got rule 'neyman', estimator 'rloo', lo = 2, \
+                 min_rollouts none",
+            ),
+            (
+                Settings {
+                    estimator: Some(Estimator::GroupNorm),
+                    skip_price: Some(4.0),
+                    ..settings(8, 32, 2, 8)
+                },
+                "skip_price",
+                "skip_price is not supported with estimator 'group_norm' (its skip price is \
+                 derived for the rloo family's sum v/(n-1)); use estimator 'rloo'",
+            ),
+            (
+                Settings {
+                    explore_seed: Some(3),
+                    ..settings(8, 32, 2, 8)
+                },
+                "explore_seed",
+                "explore_seed applies to the skipping rules only (skip_factor > 0 or \
+                 skip_price), got skip_factor = None",
+            ),
+        ];
+        for (s, subject, message) in cases {
+            assert_eq!(found(&s), vec![(subject, message.to_string())], "{s:?}");
+            assert_eq!(pool_error(&s), message, "{s:?}");
+        }
+        // the same priced-skipping preconditions for allocate's skip_costs, under that name
+        let o = Options {
+            estimator: rloo,
+            skip_costs: Some(&[0.1; 4]),
+            ..Options::default()
+        };
+        let e = allocate(&[0.25; 4], 16, 2, 8, Rule::Neyman, &o).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "skip_costs (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' or \
+             'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 \
+             rollouts, a served one a baseline); got rule 'neyman', estimator 'rloo', lo = 2, \
+             min_rollouts none"
+        );
+        // accepted: priced skipping with its preconditions, exploring; the reference options
+        // with rule proportional
+        let s = Settings {
+            estimator: rloo,
+            min_rollouts: Some(2),
+            skip_price: Some(4.0),
+            explore_seed: Some(7),
+            calibrated: Some(true),
+            ..settings(16, 64, 0, 16)
+        };
+        assert!(problems(&s).is_empty());
+        let s = Settings {
+            rule: Some(Rule::Proportional),
+            exploration_rollouts: Some(3),
+            mastery_threshold: Some(0.9),
+            priority_floor: Some(0.02),
+            ..settings(16, 64, 2, 8)
+        };
+        assert!(problems(&s).is_empty());
+    }
+
+    #[test]
+    fn the_pools_switches_are_judged_whatever_the_bounds() {
+        let s = Settings {
+            rule: Some(Rule::Uniform),
+            mastery: Some(true),
+            calibrated: Some(true),
+            explore_seed: Some(1),
+            ..settings(8, 32, 9, 8)
+        };
+        let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            subjects,
+            ["bounds", "reference_options", "calibrated", "explore_seed"]
+        );
+        // skip_price's preconditions involve lo: judged only with valid bounds and budget
+        let s = Settings {
+            skip_price: Some(-1.0),
+            ..settings(8, 32, 9, 8)
+        };
+        let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(subjects, ["bounds"]);
     }
 
     #[test]

@@ -64,8 +64,18 @@ def test_budget_and_candidates():
         (dict(min_rollouts=2, lo=0, rule="proportional"),
          "--dynamo.allocation.min_rollouts: min_rollouts applies to rule 'neyman' only, got rule 'proportional'"),
         (dict(min_rollouts=9, lo=0), "--dynamo.allocation.min_rollouts: min_rollouts (9) must not exceed hi (6)"),
-        (dict(rule="uniform", calibrated=True), "--dynamo.pool.calibrated does not apply"),
-        (dict(rule="uniform", mastery=True), "uniform takes no exploration/mastery options"),
+        (dict(rule="uniform", calibrated=True),
+         "--dynamo.pool.calibrated: calibrated does not apply to rule 'uniform' (it takes no options)"),
+        (dict(rule="uniform", mastery=True), "--dynamo.allocation.exploration/mastery options: mastery does not apply "
+                                             "to rule 'uniform' (it takes no options)"),
+        (dict(exploration_rollouts=3),
+         "--dynamo.allocation.exploration/mastery options: exploration_rollouts has no effect without exploration"),
+        (dict(rule="proportional", priority_floor=-0.5), "--dynamo.allocation.exploration/mastery options: "
+                                                         "priority_floor must be a finite non-negative number, got -0.5"),
+        (dict(estimator="rloo", exploration=True), "--algo.advantage.estimator rloo with --dynamo.allocation.rule "
+                                                   "neyman: estimator 'rloo' cannot be combined with exploration"),
+        (dict(explore_seed=-2), "--dynamo.allocation.explore_seed must be an integer >= 0 here (None: no "
+                                "exploration), got -2"),
         (dict(prior=(0.0, 1.0)), "--dynamo.pool.prior: prior alpha0 must be a finite positive number, got 0"),
         (dict(forget=1.5), "--dynamo.pool.forget: forget must lie in (0, 1], got 1.5"),
     ],
@@ -369,8 +379,14 @@ def test_skip_decisions_explore_by_default_seeded_by_the_run():
     assert (r.skip_factor, r.skip_price, r.explore_seed) == (None, 4.0, 7)
     r = AllocationConfig.from_args(args(estimator="rloo", skip_price=0.0))  # 0 = off: the ranking rule, no draws
     assert (r.skip_price, r.explore_seed, r.min_rollouts) == (None, None, 2)
-    with pytest.raises(ValueError, match=r"explore_seed applies to the skip rules only"):
+    # a seed without a skip rule: the launcher's config reports the pool's own message after the flag
+    with pytest.raises(ValueError) as pool_error:
+        PassRatePool().allocate(np.arange(32), 512, 8, 24, explore_seed=3)
+    assert str(pool_error.value) == ("explore_seed applies to the skipping rules only (skip_factor > 0 or "
+                                     "skip_price), got skip_factor = None")
+    with pytest.raises(ValueError) as info:
         AllocationConfig(rule="neyman", n_samples_per_prompt=16, prompts_per_step=32, lo=8, hi=24, explore_seed=3)
+    assert str(info.value) == f"--dynamo.allocation.explore_seed 3 (-1 = off): {pool_error.value}"
     # the allocator hands the seed to the pool: same counts as the pool's own call with it
     ra = RolloutAllocator(c)
     ids = np.arange(64, dtype=np.int64)
@@ -424,5 +440,11 @@ def test_filter_rule_through_the_allocator_uses_the_pool_posterior_means():
     assert ra.metrics()["dynamo/alloc_skipped"] == 2.0
     with pytest.raises(ValueError, match="filter_band: needs rule filter"):
         _cfg(rule="neyman", filter_band=0.1)
-    with pytest.raises(ValueError, match="calibrated does not apply to --dynamo.allocation.rule filter"):
+    # rule filter allocates with the core's uniform rule, which refuses calibration (as the pool does for it)
+    with pytest.raises(ValueError) as pool_error:
+        PassRatePool().allocate(ids, 32, 2, 6, "uniform", calibrated=True)
+    with pytest.raises(ValueError) as info:
         _cfg(rule="filter", filter_band=0.1, calibrated=True)
+    assert str(pool_error.value) == "calibrated does not apply to rule 'uniform' (it takes no options)"
+    assert str(info.value) == ("--dynamo.pool.calibrated (rule filter allocates with the core's rule uniform): "
+                               f"{pool_error.value}")

@@ -765,7 +765,8 @@ def test_large_scale_reports_the_first_bad_index():
 def test_allocation_problems_are_the_allocation_calls_messages():
     from dynamo_openrlhf import PROBLEM_SUBJECTS, allocation_problems
 
-    assert PROBLEM_SUBJECTS == ("bounds", "budget", "skip_factor", "min_rollouts", "estimator", "prior", "forget")
+    assert PROBLEM_SUBJECTS == ("bounds", "budget", "reference_options", "calibrated", "skip_factor", "min_rollouts",
+                                "estimator", "skip_price", "explore_seed", "prior", "forget")
     assert allocation_problems(16, 64, 2, 6, "neyman", estimator="rloo", prior=(1.0, 1.0), forget=0.9) == []
     cases = [  # settings, the call that raises for them
         (dict(prompts=2, budget=4, lo=3, hi=1), lambda: allocate_rollouts([0.1, 0.2], 4, 3, 1)),
@@ -779,12 +780,38 @@ def test_allocation_problems_are_the_allocation_calls_messages():
         (dict(prompts=0, budget=0, lo=0, hi=0, forget=0.0), lambda: PassRatePool(forget=0.0)),
         (dict(prompts=0, budget=0, lo=0, hi=0, prior=(1.0, float("nan"))),
          lambda: PassRatePool(prior=(1.0, float("nan")))),
+        # the pool's switches: PassRatePool.allocate's own checks
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="uniform", exploration=True),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, "uniform", exploration=True)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="proportional", mastery=False, mastery_threshold=0.9),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, "proportional", mastery=False,
+                                         mastery_threshold=0.9)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", priority_floor=0.1),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, priority_floor=0.1)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="uniform", calibrated=True),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, "uniform", calibrated=True)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", estimator="dr_grpo", exploration=True),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, estimator="dr_grpo", exploration=True)),
+        (dict(prompts=4, budget=8, lo=0, hi=4, rule="neyman", estimator="rloo", min_rollouts=2, skip_price=-1.0),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 0, 4, estimator="rloo", min_rollouts=2, skip_price=-1.0)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", estimator="rloo", skip_price=4.0),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, estimator="rloo", skip_price=4.0)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", estimator="group_norm", skip_price=4.0),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, estimator="group_norm", skip_price=4.0)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", explore_seed=3),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, explore_seed=3)),
     ]
     for kw, call in cases:
         with pytest.raises(ValueError) as info:
             call()
         (problem,) = allocation_problems(**kw)
         assert problem[1] == str(info.value), kw
+    # two problems, the pool raises the skip price's first (then it would refuse skip_factor with rloo)
+    with pytest.raises(ValueError) as info:
+        PassRatePool().allocate(np.arange(4), 8, 0, 4, estimator="rloo", min_rollouts=2, skip_price=4.0, skip_factor=4.0)
+    found = allocation_problems(4, 8, 0, 4, "neyman", estimator="rloo", min_rollouts=2, skip_price=4.0, skip_factor=4.0)
+    assert [s for s, _ in found] == ["estimator", "skip_price"]
+    assert found[1][1] == str(info.value) == "skip_price cannot be combined with skip_factor (two skipping rules)"
     # every problem at once, in the subjects' order; unknown names raise as in the allocation calls
     found = allocation_problems(8, 32, 0, 8, "neyman", skip_factor=-1.0, min_rollouts=9, forget=2.0)
     assert [s for s, _ in found] == ["skip_factor", "min_rollouts", "forget"]

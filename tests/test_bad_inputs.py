@@ -167,3 +167,39 @@ def test_cli_and_standalone_api_give_the_same_message(tmp_path):
     line = _cli_error(tmp_path, "--algo.advantage.estimator", "rloo", "--dynamo.allocation.lo", "1")
     assert line == ("python -m dynamo_openrlhf.train: error: --algo.advantage.estimator rloo with "
                     f"--dynamo.allocation.rule neyman: {rloo}")
+
+
+def test_cli_and_standalone_api_give_the_same_message_for_the_pools_switches(tmp_path):
+    """The pool's switches are judged by the core too (issue #22 item 3): the reference's exploration/mastery
+    options, the estimator with them, and priced skipping's price and preconditions. For the same bad input
+    the launcher reports the very message ``PassRatePool.allocate`` raises, after the flags it is about."""
+    from dynamo_openrlhf import PassRatePool
+
+    # the tiny preset: 16 prompts x 8 rollouts per step; with rloo the bounds default to 6..10
+    ids = np.arange(16, dtype=np.int64)
+    pool = PassRatePool()
+    mastery = _message(lambda: pool.allocate(ids, 128, 6, 10, estimator="rloo", mastery=True))
+    rollouts = _message(lambda: pool.allocate(ids, 128, 6, 10, exploration_rollouts=3))
+    priced = _message(lambda: pool.allocate(ids, 128, 6, 10, estimator="rloo", skip_price=4.0))
+    assert mastery == ("estimator 'rloo' cannot be combined with mastery (the reference's exploration and mastery "
+                       "options)")
+    assert rollouts == "exploration_rollouts has no effect without exploration"
+    assert priced == ("skip_price (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' or "
+                      "'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 rollouts, a "
+                      "served one a baseline); got rule 'neyman', estimator 'rloo', lo = 6, min_rollouts none")
+    line = _cli_error(tmp_path, "--algo.advantage.estimator", "rloo", "--dynamo.allocation.mastery",
+                      "--dynamo.allocation.exploration_rollouts", "3", "--dynamo.allocation.skip_price", "4")
+    assert line == ("python -m dynamo_openrlhf.train: error: --dynamo.allocation.exploration/mastery options: "
+                    f"{rollouts}; --algo.advantage.estimator rloo with --dynamo.allocation.rule neyman: {mastery}; "
+                    "--dynamo.allocation.skip_price 4.0 (0 = off) with --dynamo.allocation.rule/lo/min_rollouts and "
+                    f"--algo.advantage.estimator: {priced}")
+    # rule uniform takes no switch; a price must be finite and > 0 whatever the rule
+    uniform = _message(lambda: pool.allocate(ids, 128, 6, 10, "uniform", mastery=True))
+    price = _message(lambda: pool.allocate(ids, 128, 6, 10, "uniform", skip_price=float("nan")))
+    assert uniform == "mastery does not apply to rule 'uniform' (it takes no options)"
+    assert price == "skip_price must be finite and > 0, got NaN"
+    line = _cli_error(tmp_path, "--dynamo.allocation.rule", "uniform", "--dynamo.allocation.mastery",
+                      "--dynamo.allocation.skip_price", "nan")
+    assert line == ("python -m dynamo_openrlhf.train: error: --dynamo.allocation.exploration/mastery options: "
+                    f"{uniform}; --dynamo.allocation.skip_price nan (0 = off) with "
+                    f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator: {price}")

@@ -71,11 +71,13 @@ def test_scale_multiplies_variances_and_skip_costs():
 @pytest.mark.parametrize("kw, message", [
     (dict(skip_costs=[0.1, 0.1]), "skip_costs has length 2, variances 3"),
     (dict(skip_costs=[0.1, np.nan, 0.1]), "skip_costs[1] must be finite and >= 0, got NaN"),
-    (dict(estimator=None), "skip_costs apply to rule 'neyman' with estimator 'rloo'"),
-    (dict(estimator="group_norm", lo=2), "skip_costs apply to rule 'neyman' with estimator 'rloo'"),
-    (dict(rule="uniform"), "skip_costs apply to rule 'neyman'"),
-    (dict(lo=2), "skip_costs need lo = 0"),
-    (dict(min_rollouts=None), "skip_costs need min_rollouts >= 2"),
+    (dict(estimator=None), "skip_costs (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' or "
+                           "'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 rollouts, a "
+                           "served one a baseline); got rule 'neyman', estimator none, lo = 0, min_rollouts 2"),
+    (dict(estimator="group_norm", lo=2), "skip_costs is not supported with estimator 'group_norm'"),
+    (dict(rule="uniform"), "got rule 'uniform', estimator 'rloo', lo = 0, min_rollouts 2"),
+    (dict(lo=2), "got rule 'neyman', estimator 'rloo', lo = 2, min_rollouts 2"),
+    (dict(min_rollouts=None), "got rule 'neyman', estimator 'rloo', lo = 0, min_rollouts none"),
     (dict(skip_factor=4.0), "skip_costs cannot be combined with skip_factor"),
 ])
 def test_bad_priced_skip_arguments_are_named(kw, message):
@@ -125,10 +127,16 @@ def test_config_turns_priced_skipping_on_with_lo_0_and_rloo():
     assert AllocationConfig.from_args(_args(skip_price=2.5)).skip_price == 2.5
     assert AllocationConfig.from_args(_args(lo=6, hi=10, oversample=1.0)).skip_price is None  # no lo 0: off
     assert AllocationConfig.from_args(_args(estimator="group_norm", lo=2, hi=10, oversample=1.0)).skip_price is None
-    with pytest.raises(ValueError, match=re.escape("--dynamo.allocation.skip_price needs rule neyman, "
-                                                   "--dynamo.allocation.lo 0")):
+    with pytest.raises(ValueError) as info:
         AllocationConfig.from_args(_args(lo=6, hi=10, oversample=1.0, skip_price=4.0))
-    with pytest.raises(ValueError, match=re.escape("--dynamo.allocation.skip_price must be a finite number > 0")):
+    assert str(info.value) == (
+        "--dynamo.allocation.skip_price 4.0 (0 = off) with --dynamo.allocation.rule/lo/min_rollouts and "
+        "--algo.advantage.estimator: skip_price (priced skipping) needs rule 'neyman', estimator 'rloo', 'dr_grpo' or "
+        "'reinforce_baseline', lo = 0 and min_rollouts >= 2 (a skipped prompt gets 0 rollouts, a served one a "
+        "baseline); got rule 'neyman', estimator 'rloo', lo = 6, min_rollouts none")
+    with pytest.raises(ValueError, match=re.escape("--dynamo.allocation.skip_price nan (0 = off) with --dynamo."
+                                                   "allocation.rule/lo/min_rollouts and --algo.advantage.estimator: "
+                                                   "skip_price must be finite and > 0, got NaN")):
         AllocationConfig.from_args(_args(skip_price=float("nan")))
 
 
