@@ -331,6 +331,8 @@ class AllocationConfig:
                 p.append(f"--dynamo.allocation.noise_scale: unknown proxy {self.noise_scale!r}; expected one of "
                          f"{list(NOISE_PROXIES)} or off")
             elif self.rule not in NOISE_SCALE_RULES:
+                # Also refused by the core (PassRatePool.allocate(rule="uniform", noise_scale=True)); kept in these
+                # words for now: README's bad-input row quotes them (moving it to the core changes that row).
                 p.append(f"--dynamo.allocation.noise_scale {self.noise_scale} weighs each prompt's variance by its "
                          f"noise scale: only for --dynamo.allocation.rule {' or '.join(NOISE_SCALE_RULES)} (rule "
                          f"{self.rule} does not weigh prompts by variance); use --dynamo.allocation.noise_scale off")
