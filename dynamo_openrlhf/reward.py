@@ -26,11 +26,13 @@ An answer math-verify cannot parse counts as *malformed*.
 Bounded time per sample: math-verify's own timeouts use ``signal.alarm`` and fail in threads,
 and a signal cannot interrupt a long C-level big-integer operation inside sympy anyway. So its
 timeouts are disabled (``parsing_timeout=None``, ``timeout_seconds=None``) and parse+verify run
-in a small pool of persistent helper processes (stdlib only on this side; started lazily, about a
-second each). Every sample gets a wall-clock budget (``DYNAMO_REWARD_TIMEOUT_S``, default 5 s)
-and an address-space cap (``DYNAMO_REWARD_MEMORY_MB``, default 2048): past either, the helper is
-killed (and replaced on next use) and the sample is a *timeout* (reward 0). Nothing here raises
-into the trainer: any failure of the machinery gives reward 0 counted as ``math_error``.
+in a small pool of persistent helper processes (stdlib only on this side), forked on first use from
+one warm "zygote" process that imported math-verify once (about a second, once; a helper then
+costs a fork, milliseconds). Every sample gets a wall-clock budget (``DYNAMO_REWARD_TIMEOUT_S``,
+default 5 s) and an address-space cap (``DYNAMO_REWARD_MEMORY_MB``, default 2048): past either, the
+helper is killed (and a fresh fork replaces it on next use) and the sample is a *timeout* (reward 0),
+so a step whose every sample times out costs about ``ceil(samples / workers) x timeout``. Nothing
+here raises into the trainer: any failure of the machinery gives reward 0 counted as ``math_error``.
 
 ``extra_logs`` holds per-call counts ``math_correct``, ``math_wrong``, ``math_malformed``,
 ``math_timeout``, ``math_error``. OpenRLHF calls once per sample and averages ``extra_logs`` over
@@ -318,6 +320,8 @@ class _Zygote:
         self.env = _helper_env()  # the zygote's environment: fork requests send the changes to it
         self.lock = threading.Lock()
         self.sock = ours
+        self._eof = False
+        self.startup_timeout = startup_timeout
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", _ZYGOTE_CMD, os.path.abspath(__file__), helper_file, str(os.getpid()),
@@ -329,15 +333,23 @@ class _Zygote:
             theirs.close()
         reply = self._recv(startup_timeout)
         if not reply or not reply.get("ready"):
+            try:  # it ended (the socket is at end of file) or is still running past the timeout
+                code = self.proc.wait(timeout=5 if reply is None and self._eof else 0)
+            except subprocess.TimeoutExpired:
+                code = None
             self.close()
-            raise RuntimeError(f"math-verify helper zygote ({helper_file}) did not start within "
-                               f"{startup_timeout:g}s (is math-verify installed? does the file define _serve?)")
+            what = (f"exited with code {code} before it was ready" if code is not None
+                    else f"did not start within {startup_timeout:g}s")
+            raise RuntimeError(f"math-verify helper zygote ({helper_file}) {what} (is math-verify installed? "
+                               "does the file define _serve()? does it import without error?)")
         self.pid = self.proc.pid
 
     def _recv(self, timeout: float) -> Optional[dict]:
+        """The zygote's next message, or None (no message within ``timeout``, or end of file: ``_eof``)."""
         if not _readable(self.sock, timeout):
             return None
         data = self.sock.recv(_CTL_BYTES)
+        self._eof = not data
         return json.loads(data) if data else None
 
     def _request(self, msg: dict, timeout: float, fds=()) -> dict:
@@ -362,9 +374,10 @@ class _Zygote:
             raise RuntimeError(f"the helper zygote could not fork a helper: {reply}")
         return int(reply["pid"])
 
-    def kill(self, pid: int, timeout: float = 10.0) -> None:
-        """SIGKILL the helper ``pid`` and wait until it is gone."""
-        self._request({"op": "kill", "pid": pid}, timeout)
+    def kill(self, pid: int) -> None:
+        """SIGKILL the helper ``pid`` and wait until it is gone (a loaded machine may delay the zygote's
+        answer by seconds: it gets the startup timeout, past which the zygote is given up, helpers and all)."""
+        self._request({"op": "kill", "pid": pid}, self.startup_timeout)
 
     def alive(self) -> bool:
         return self.sock.fileno() >= 0 and self.proc.poll() is None
@@ -471,8 +484,8 @@ class MathReward:
     Processes: on first use one zygote starts (imports the helper file and runs its ``_preload``: about a
     second for math-verify), then forks the helpers (milliseconds each; lazily, or all at once with
     ``start()``). A sample past its budget has its helper killed, and the next sample of that slot gets a
-    fresh fork. So a step whose every sample times out costs about ``ceil(samples / workers) x timeout_s``
-    plus a few milliseconds per sample, once the zygote is up (measured: docs/faults.md, "Reward storm").
+    fresh fork. So a step whose every sample times out costs ``ceil(samples / workers) x timeout_s`` plus the
+    kills and forks, 12-36 ms a round on 2 loaded CPUs (once the zygote is up; docs/faults.md, "Reward storm").
     ``close()`` ends the zygote and every helper; they also end when the trainer process dies.
     Thread-safe: OpenRLHF calls the reward from a pool of threads."""
 

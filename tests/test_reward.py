@@ -3,6 +3,7 @@
 import asyncio
 import importlib.util
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -99,3 +100,38 @@ def test_loaded_like_openrlhf_and_called_from_threads(monkeypatch, tmp_path):
     assert len(rows) == 4
     assert {r["label"] for r in rows} == {"7"} and all(r["prompt"] == PROMPT for r in rows)
     assert sorted(r["reward"] for r in rows) == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_another_checker_file_serves_the_samples(tmp_path):
+    """``helper_file``: the zygote loads that file and its helpers run its ``_serve`` (here a checker that calls
+    every answer containing "x" correct, which math-verify would not); no ``_preload`` is needed. A file
+    without ``_serve`` gives ``error`` samples naming the problem, and nothing is left running."""
+    checker = tmp_path / "checker.py"
+    checker.write_text(textwrap.dedent("""
+        import json, os, sys
+
+        def _serve():
+            out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+            out.write('{"ready": true}\\n')
+            for line in sys.stdin:
+                req = json.loads(line)
+                out.write(json.dumps({"status": "correct" if "x" in req["pred"] else "wrong",
+                                      "detail": f"checker {os.getppid()}"}) + "\\n")
+    """))
+    m = MathReward(timeout_s=10, workers=1, helper_file=str(checker))
+    try:
+        assert [m.score(f"\\boxed{{{a}}}", "7").status for a in ("x+1", "7", "2x")] == ["correct", "wrong", "correct"]
+        assert m.score("\\boxed{x}", "7").detail == f"checker {m.pids()['zygote']}"
+    finally:
+        m.close()
+    broken = tmp_path / "broken.py"
+    broken.write_text("X = 1\n")
+    m = MathReward(timeout_s=10, workers=1, helper_file=str(broken), startup_timeout_s=60)
+    try:
+        s = m.score("\\boxed{7}", "7")
+    finally:
+        m.close()
+    assert s.status == "error" and s.detail == (
+        f"RuntimeError: math-verify helper zygote ({broken}) exited with code 1 before it was ready "
+        "(is math-verify installed? does the file define _serve()? does it import without error?)")
+    assert m.pids() == {"zygote": None, "helpers": []}

@@ -50,6 +50,7 @@ def test_a_storm_gives_one_timeout_per_sample_and_the_scorer_recovers(tmp_path, 
         # The storm ends (helpers started from now on check at once): the killed helpers are replaced and the
         # same samples are scored correct.
         monkeypatch.setenv("DYNAMO_STORM_SLEEP_S", "0")
+        scorer.timeout_s = 60.0  # a real check, on a possibly loaded machine
         after = scorer(*_step())
         assert after["rewards"].tolist() == [1.0] * N
         assert after["extra_logs"]["math_correct"] == float(N)
@@ -115,6 +116,7 @@ def test_replacement_helpers_are_forked_by_one_warm_zygote(tmp_path, monkeypatch
         assert all(_gone(pid) for pid in killed)  # each timed-out helper was killed and reaped
 
         monkeypatch.setenv("DYNAMO_STORM_SLEEP_S", "0")
+        scorer.timeout_s = 60.0  # a real check, on a possibly loaded machine
         assert scorer(*_step())["rewards"].tolist() == [1.0] * N
         lines = marks.read_text().splitlines()
         assert len(lines) == 1 + N + 2 and lines[:1 + N] == storm  # the 2 slots' new helpers, no new zygote
