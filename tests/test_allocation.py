@@ -86,6 +86,16 @@ def test_config_errors_name_the_flag(kw, message):
     assert message in str(info.value)
 
 
+def test_config_accepts_what_the_pool_accepts():
+    # an explicit "off" switch is not an option rule uniform would use: the pool takes it, so does the config
+    ra = RolloutAllocator(_cfg(rule="uniform", exploration=False, mastery=False))
+    assert ra.allocate(np.arange(8)).tolist() == [4] * 8
+    assert ra._options() == {"exploration": False, "mastery": False}
+    # the reference options with rule proportional (exploration and mastery on by default)
+    ra = RolloutAllocator(_cfg(rule="proportional", exploration_rollouts=3, mastery_threshold=0.9))
+    assert ra.allocate(np.arange(8)).tolist() == [4] * 8  # all unseen, one prior: 4 each
+
+
 def test_predicted_variance_ratio_hand_values():
     # uniform: J = sum v * N / B = (0.25 + 0.09) * 2 / 8 = 0.085
     assert predicted_variance_ratio([0.25, 0.09], [4, 4]) == pytest.approx(1.0)
