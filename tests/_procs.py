@@ -10,8 +10,8 @@ the marker in ``/proc/<pid>/environ`` (the environment a process was started wit
 the same user, and for all as root), and a leftover process of *this* test is one that carries it.
 
 Except where a process overwrote that memory: Ray's ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` set
-their title over their whole argument *and* environment area, so their ``/proc/<pid>/environ`` reads as blanks
-(seen with Ray as installed here). Those are children of the raylet, which does carry the marker: so a process
+their title over their argument *and* environment area, and their ``/proc/<pid>/environ`` can then read as
+blanks (seen in some runs with Ray as installed here, not in others). Those are children of the raylet, which does carry the marker: so a process
 counts as the run's when it carries the marker or descends from one that does (at the moment of the scan).
 """
 

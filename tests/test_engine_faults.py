@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from _procs import carries_marker, marked_env, marked_processes, new_marker
 from dynamo_openrlhf import checkpoint, engine_faults
 from dynamo_openrlhf.engine_faults import EngineFault, engine_fault_message
 
@@ -270,8 +271,9 @@ def _running(pid: int) -> bool:
 # -- end to end -----------------------------------------------------------------------------------------
 
 
-def _env(**extra):
-    env = dict(os.environ)
+def _env(marker: str, **extra):
+    """The run's environment, with this test's marker (tests/_procs.py): every process of the run inherits it."""
+    env = marked_env(marker)
     env.update(RAY_ADDRESS="local", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0",
                OMP_NUM_THREADS="1", COLUMNS="100")
     env.update(extra)
@@ -307,26 +309,29 @@ def _descendants(pid: int):
     return out
 
 
-def _still_running(snapshot, sid: int):
-    """Processes of ``snapshot`` ({pid: (create time, cmdline)}) still running, and any process of session
-    ``sid``."""
+def _still_running(snapshot, sid: int, marker: str):
+    """Processes of ``snapshot`` ({pid: (create time, cmdline)}) still running, any process of session
+    ``sid``, and any process carrying the run's ``marker`` (tests/_procs.py: every process the run started,
+    whichever parent or session it ended up with; other runs on the machine are not looked at)."""
     import psutil
 
-    left = []
+    left = {}
     for pid, (created, cmd) in snapshot.items():
         try:
             proc = psutil.Process(pid)
             if abs(proc.create_time() - created) < 1e-3 and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append((pid, cmd))
+                left[pid] = cmd
         except psutil.Error:
             pass
     for proc in psutil.process_iter():
         try:
             if proc.pid not in snapshot and os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append((proc.pid, " ".join(proc.cmdline())[:120]))
+                left[proc.pid] = " ".join(proc.cmdline())[:120]
         except (psutil.Error, OSError):
             pass
-    return left
+    for pid, title in marked_processes(marker, prefixes=None):
+        left.setdefault(pid, title)
+    return sorted(left.items())
 
 
 def _victim(snapshot, engine: str, target: str):
@@ -346,8 +351,9 @@ def _victim(snapshot, engine: str, target: str):
 def _kill_mid_step_2(base: Path, engine: str, target: str, timeout_s: float = 900.0):
     """Starts the run, SIGKILLs the target in step 2; returns (rc, stdout+stderr, seconds from the kill to
     the launcher's exit, what was left running, the pid of the engine actor it belonged to)."""
+    marker = new_marker()
     log = open(base / "killed.log", "w")
-    proc = subprocess.Popen(_args(base, engine), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_args(base, engine), cwd=REPO, env=_env(marker), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     latest = base / "run" / "ckpt" / "_actor" / "latest"
     deadline = time.monotonic() + timeout_s
@@ -361,6 +367,25 @@ def _kill_mid_step_2(base: Path, engine: str, target: str, timeout_s: float = 90
             time.sleep(0.1)
         snapshot = _descendants(proc.pid)
         victim, actor = _victim(snapshot, engine, target)
+        # every process of the run is found by the run's marker (so the leftover check below sees them all):
+        # it carries the marker, or descends from a process that does (tests/_procs.py)
+        marked = dict(marked_processes(marker, prefixes=None, exclude=()))
+        print(f"{engine}/{target}: processes carrying the run's marker at the kill: "
+              f"{sorted((pid, title[:40]) for pid, title in marked.items())}")
+        assert proc.pid in marked and victim in marked and actor in marked, (marked, victim, actor)
+        assert set(snapshot) <= set(marked) | {p for p in snapshot if not _running(p)}, \
+            (sorted(set(snapshot) - set(marked)), marked)
+        # ... in its own environment (not only through its parent): the engine actors and vLLM's processes,
+        # which outlive a killed parent, reparented
+        inherited = {pid: title for pid, title in marked.items() if carries_marker(pid, marker)}
+        print(f"{engine}/{target}: without the marker in their own environment (found as descendants): "
+              f"{sorted((pid, title[:40]) for pid, title in marked.items() if pid not in inherited)}")
+        titles = list(inherited.values())
+        engines = "ray::RolloutRayActor" if engine == "vllm" else "ray::CPURolloutActor"
+        assert sum(t.startswith(engines) for t in titles) == 2, titles
+        if engine == "vllm":
+            assert sum(t.startswith("VLLM::EngineCore") for t in titles) == 2, titles
+            assert sum(t.startswith("VLLM::Worker") for t in titles) == 2, titles
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         rc = proc.wait(timeout=STOP_BOUND_S * 3)
@@ -370,7 +395,7 @@ def _kill_mid_step_2(base: Path, engine: str, target: str, timeout_s: float = 90
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
     time.sleep(2)  # a process told to exit gets a moment
-    return rc, (base / "killed.log").read_text(), stopped, _still_running(snapshot, proc.pid), actor
+    return rc, (base / "killed.log").read_text(), stopped, _still_running(snapshot, proc.pid, marker), actor
 
 
 def _error_lines(out: str):
@@ -399,9 +424,14 @@ def _check_killed_run(base: Path, engine: str, target: str):
 
 
 def _check_resume(base: Path, engine: str):
-    r = subprocess.run(_args(base, engine, "--ckpt.load_enable"), cwd=REPO, env=_env(), capture_output=True,
+    marker = new_marker()
+    started = time.monotonic()
+    r = subprocess.run(_args(base, engine, "--ckpt.load_enable"), cwd=REPO, env=_env(marker), capture_output=True,
                        text=True, timeout=900)
+    print(f"{engine}: the resumed run took {time.monotonic() - started:.1f} s, exit code {r.returncode}")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    time.sleep(2)  # a process told to exit gets a moment
+    assert marked_processes(marker, prefixes=None) == []  # nothing of the resumed run outlives it
     assert "[dynamo] restored pass-rate pool" in r.stdout + r.stderr
     actor = base / "run" / "ckpt" / "_actor"
     assert (actor / "latest").read_text().strip() == "global_step2"
