@@ -14,6 +14,11 @@
   reduction (token-weighted over micro-batches and data-parallel ranks) logs the means; the
   ``*_max`` / ``*_min`` statistics are kept out of it and reduced as a max / min over the step's
   micro-batches and the data-parallel ranks (:meth:`DynamoActorPPOTrainer.ppo_train`).
+  Every step also logs ``dynamo/trained_samples`` (samples that reached the policy loss, per epoch, summed over
+  the data-parallel ranks) and ``dynamo/untrained_samples`` (the step's other samples): OpenRLHF's actor reads
+  its replay buffer with ``drop_last=True``, so each rank's remainder of ``--train.micro_batch_size`` is not
+  trained, and a batch smaller than one micro-batch (e.g. dynamic filtering's or a short data set's last batch)
+  trains nothing: no loss, no modulation statistics in its row.
   With the prompt-balanced loss (``--dynamo.loss.prompt_weighting``), each micro-batch carries the
   per-sample weights in ``info["dynamo_loss_weight"]`` (popped before OpenRLHF logs ``info``); they
   multiply the modulated advantages, and the policy term's normaliser only cancels DeepSpeed's 1/gas
@@ -52,11 +57,14 @@ from dynamo_openrlhf.nonfinite import STEP_INDEX_KEY, NonfiniteError, loss_repor
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
 
 __all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "EXTREME_STATS", "STAT_PREFIX", "TOKEN_ENTROPY_KEY",
-           "reduce_extremes"]
+           "TRAINED_SAMPLES_KEY", "UNTRAINED_SAMPLES_KEY", "reduce_extremes"]
 
 STAT_PREFIX = "dynamo/"
 #: The mean token entropy (over the valid response tokens) that the modulation saw.
 TOKEN_ENTROPY_KEY = STAT_PREFIX + "token_entropy"
+#: Samples of the step that reached the policy loss (per epoch, all ranks) / that did not (drop_last remainders).
+TRAINED_SAMPLES_KEY = STAT_PREFIX + "trained_samples"
+UNTRAINED_SAMPLES_KEY = STAT_PREFIX + "untrained_samples"
 #: Modulation statistics reduced as a max / min over the step (not OpenRLHF's token-weighted mean).
 EXTREME_STATS = tuple(k for k in STAT_KEYS if k.endswith(("_max", "_min")))
 
@@ -118,6 +126,7 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         self._info: Optional[Dict] = None
         self._sample_weight: Optional[torch.Tensor] = None
         self._extremes: Optional[Dict[str, float]] = None
+        self._trained_samples = 0  # samples the step's training_step calls saw (all epochs)
         self._loss_inputs = None  # the micro-batch's (log_probs, old_log_probs, advantages, action_mask)
         if not self.dynamo_loss.modulation.is_identity:
             self.actor.register_forward_hook(self._keep_entropy, with_kwargs=True)
@@ -187,8 +196,18 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
         """OpenRLHF's ``ppo_train``; the modulation's ``*_max`` / ``*_min`` statistics are added as the
         max / min over the step's micro-batches and (torch.distributed initialised) the ranks."""
         self._extremes = {}
+        buffered = len(getattr(self, "replay_buffer", None) or ())
+        self._trained_samples = 0
         try:
             status = super().ppo_train(kl_ctl)
+            # Each epoch trains the same micro-batches; every rank joins the sum (a collective).
+            counts = torch.tensor([self._trained_samples // max(1, int(getattr(self, "max_epochs", 1))), buffered],
+                                  dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                counts = torch.as_tensor(self.strategy.all_reduce(counts, op="sum")).to("cpu", torch.float64)
+            trained, buffered = (int(round(x)) for x in counts.tolist())
+            status[TRAINED_SAMPLES_KEY] = float(trained)
+            status[UNTRAINED_SAMPLES_KEY] = float(buffered - trained)
             if not self.dynamo_loss.modulation.is_identity:
                 reduce = None
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -206,6 +225,9 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             # OpenRLHF's replay buffer collates per-sample 0-d info tensors into a list
             weight = torch.stack([torch.as_tensor(w) for w in weight]) if weight else None
         self._sample_weight = weight
+        mask = getattr(experience, "action_mask", None)
+        if mask is not None:  # (B, A): B samples reach this micro-batch's loss
+            self._trained_samples = getattr(self, "_trained_samples", 0) + int(mask.shape[0])
         step_index = _per_sample(experience.info.pop(STEP_INDEX_KEY, None))
         self._entropy, self._info = None, experience.info
         # OpenRLHF's training_step sums the micro-batch's loss and calls strategy.backward(loss, ...) at once:

@@ -57,6 +57,7 @@ from dynamo_openrlhf._core import PassRatePool  # noqa: E402
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
+from dynamo_openrlhf.ppo_actor import TRAINED_SAMPLES_KEY  # noqa: E402
 from dynamo_openrlhf.ppo_trainer import (  # noqa: E402
     STATE_VERSION,
     eval_extras_and_row,
@@ -72,7 +73,7 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
 )
 
 __all__ = ["BATCH_KEY", "DynamoGenerateSamplesActor", "DynamoPPOTrainerAsync", "DynamoTrainingActor",
-           "pool_staleness"]
+           "pool_staleness", "untrained_note"]
 
 #: Where a batch's DynaMO numbers ride in its ``client_states`` through the async queue (popped by the trainer).
 BATCH_KEY = "dynamo_batch"
@@ -90,6 +91,23 @@ def pool_staleness(generated_batches: int, trained_steps: int) -> int:
         raise ValueError(f"pool_staleness: the trainer finished {trained_steps} steps but only "
                          f"{generated_batches} batches were generated")
     return generated_batches - trained_steps
+
+
+def untrained_note(step: int, samples: int, trained: Optional[float], micro_batch_size: int) -> Optional[str]:
+    """The line printed for a step whose batch OpenRLHF's actor did not train in full, else None.
+    ``trained``: the actor's ``dynamo/trained_samples`` (None when it did not report: nothing to say).
+    OpenRLHF reads each rank's replay buffer in micro-batches of ``micro_batch_size`` with ``drop_last``, so a
+    batch with fewer samples than one micro-batch (dynamic filtering's or a short data set's last batch) trains
+    nothing: its row then has no loss and no modulation statistics."""
+    if trained is None or int(trained) >= samples:
+        return None
+    trained = int(trained)
+    if trained == 0:
+        return (f"[dynamo] step {step}: the batch's {samples} samples are fewer than one micro-batch "
+                f"(--train.micro_batch_size {micro_batch_size} per rank): OpenRLHF's actor trained on none of them "
+                "(no loss or modulation statistics this step)")
+    return (f"[dynamo] step {step}: OpenRLHF's actor trained {trained} of the batch's {samples} samples (each rank "
+            f"drops its remainder of --train.micro_batch_size {micro_batch_size})")
 
 
 class _Tap:
@@ -338,6 +356,10 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
         L = getattr(self.experience_maker, "last_token_normalizer", None)
         if self.balancing is not None and self.balancing.token_level and L is not None:
             status["dynamo/token_normalizer"] = L
+        trained = status.get(TRAINED_SAMPLES_KEY)
+        if trained is not None and int(trained) < len(rollout_samples):
+            print(untrained_note(global_step, len(rollout_samples), trained, self.args.train.micro_batch_size),
+                  flush=True)
         return status, global_step
 
     # -- history -------------------------------------------------------------------------------

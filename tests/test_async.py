@@ -372,10 +372,89 @@ def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_ke
     assert steps == list(range(1, len(rows) + 1)) and 2 <= len(rows) <= 8
     assert f"dynamo_openrlhf run summary: {len(rows)} steps" in r.stdout
     for row in rows:
-        assert "dynamo/token_entropy" in row and "dynamic_filtering_pass_rate" in row
+        assert "dynamic_filtering_pass_rate" in row
+        # OpenRLHF's actor trains micro-batches of --train.micro_batch_size 16 with drop_last: dynamic filtering's
+        # last batch (what the loader had left) can hold fewer than 16 samples and then trains nothing, so it has
+        # no modulation statistics (a CI run's step 3 once had 8 samples). DynaMO logs how many were trained.
+        n = row["rollout/num_samples"]
+        assert row["dynamo/trained_samples"] == n - n % 16 and row["dynamo/untrained_samples"] == n % 16
+        assert ("dynamo/token_entropy" in row) == (row["dynamo/trained_samples"] > 0)
+        if n < 16:
+            assert f"[dynamo] step {row['step']}: the batch's {n} samples are fewer than one micro-batch" in r.stdout
         # OpenRLHF's dynamic filtering fills each batch to 8 groups of 4 (the last one: what the loader had left)
         assert row["rollout/num_samples"] <= 32 and row["rollout/num_samples"] % 4 == 0
         assert row["dynamo/generated_rollouts"] >= 32
         assert 0 <= row["dynamo/pool_staleness"] <= 2
     assert rows[0]["dynamo/pool_staleness"] == 0 and rows[0]["rollout/num_samples"] == 32
+    assert "dynamo/token_entropy" in rows[0]
     assert not (run_dir / "pass_rate_pool.bin").exists()  # no allocation, no pool
+
+
+def test_e2e_async_a_batch_smaller_than_a_micro_batch_is_logged_as_untrained(tmp_path):
+    """The flake's cause, made deterministic: 18 prompts in batches of 8 leave a last batch of 2 prompts x 4 = 8
+    samples, fewer than one micro-batch (16): OpenRLHF's actor (drop_last) trains none of them. The step's row says
+    so (trained 0, untrained 8, no loss, no modulation statistics) and the trainer prints why."""
+    from dynamo_openrlhf import tiny
+
+    tiny.prepare_tiny_assets()
+    run_dir = tmp_path / "run"
+    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
+              "--dynamo.cpu_engine", "transformers",
+              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "32",
+              "--data.max_samples", "18", "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
+              "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
+              "--train.async_enable", "--train.async_queue_size", "2"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    rows = _rows(run_dir)
+    assert [row["rollout/num_samples"] for row in rows] == [32, 32, 8]
+    assert [(row["dynamo/trained_samples"], row["dynamo/untrained_samples"]) for row in rows] == [(32, 0), (32, 0),
+                                                                                                   (0, 8)]
+    assert ["dynamo/token_entropy" in row for row in rows] == [True, True, False]
+    assert ["policy_loss" in row for row in rows] == [True, True, False]
+    assert ("[dynamo] step 3: the batch's 8 samples are fewer than one micro-batch (--train.micro_batch_size 16 "
+            "per rank): OpenRLHF's actor trained on none of them") in r.stdout
+    assert "[dynamo] step 1:" not in r.stdout and "[dynamo] step 2:" not in r.stdout
+    assert "dynamo_openrlhf run summary: 3 steps" in r.stdout
+
+
+def test_untrained_note_names_the_step_and_the_micro_batch():
+    from dynamo_openrlhf.ppo_trainer_async import untrained_note
+
+    assert untrained_note(3, 32, 32.0, 16) is None and untrained_note(3, 32, None, 16) is None
+    assert untrained_note(3, 8, 0.0, 16) == (
+        "[dynamo] step 3: the batch's 8 samples are fewer than one micro-batch (--train.micro_batch_size 16 per "
+        "rank): OpenRLHF's actor trained on none of them (no loss or modulation statistics this step)")
+    assert untrained_note(2, 20, 16.0, 16) == (
+        "[dynamo] step 2: OpenRLHF's actor trained 16 of the batch's 20 samples (each rank drops its remainder of "
+        "--train.micro_batch_size 16)")
+
+
+@pytest.mark.parametrize("buffered,epochs,trained", [(40, 2, 32), (8, 1, 0), (32, 1, 32)])
+def test_actor_counts_the_samples_that_reached_the_loss(monkeypatch, buffered, epochs, trained):
+    """The policy actor's ``dynamo/trained_samples`` / ``untrained_samples`` against OpenRLHF's loop: micro-batches
+    of 16 from the replay buffer with ``drop_last=True`` (the parent's ppo_train stubbed with that loop over a torch
+    DataLoader, its training_step stubbed); each epoch trains the same samples, so they count once."""
+    import torch
+    from openrlhf.trainer.ray import ppo_actor as openrlhf_ppo_actor
+    from torch.utils.data import DataLoader
+
+    from dynamo_openrlhf.ppo_actor import TRAINED_SAMPLES_KEY, UNTRAINED_SAMPLES_KEY, DynamoActorPPOTrainer
+
+    def parent_ppo_train(self, kl_ctl):
+        status = {}
+        for _ in range(self.max_epochs):
+            for idx in DataLoader(list(range(len(self.replay_buffer))), batch_size=16, drop_last=True):
+                exp = NS(action_mask=torch.ones(len(idx), 3), info={})
+                status = self.training_step(exp, kl_ctl, 0)
+        return dict(status)
+
+    monkeypatch.setattr(openrlhf_ppo_actor.ActorPPOTrainer, "ppo_train", parent_ppo_train)
+    monkeypatch.setattr(openrlhf_ppo_actor.ActorPPOTrainer, "training_step",
+                        lambda self, exp, kl, step, info=None: {"policy_loss": 1.0})
+    t = object.__new__(DynamoActorPPOTrainer)
+    t.replay_buffer, t.max_epochs, t.strategy = [None] * buffered, epochs, NS()
+    t.dynamo_loss = NS(modulation=NS(is_identity=True))
+    t._trained_samples = 0
+    status = t.ppo_train(0.0)
+    assert status[TRAINED_SAMPLES_KEY] == trained and status[UNTRAINED_SAMPLES_KEY] == buffered - trained
+    assert ("policy_loss" in status) == (trained > 0)
