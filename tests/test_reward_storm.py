@@ -150,35 +150,46 @@ def test_close_kills_the_zygote_and_every_helper_even_a_busy_one(monkeypatch):
 
 
 _TRAINER = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, os, sys, threading, time
     from dynamo_openrlhf.reward import MathReward
     scorer = MathReward(timeout_s=600, workers=2, helper_file=sys.argv[1]).start()
     pids = scorer.pids()
     threading.Thread(target=scorer.score, args=("\\\\boxed{4}", "4"), daemon=True).start()
     while len(scorer.pids()["helpers"]) != 1:
         time.sleep(0.05)
-    print(json.dumps([pids["zygote"], *pids["helpers"]]), flush=True)
+    fork = os.fork()  # e.g. a data-loader worker: it inherits the zygote's control socket and outlives us
+    if fork == 0:
+        time.sleep(3600)
+        os._exit(0)
+    print(json.dumps([fork, pids["zygote"], *pids["helpers"]]), flush=True)
     time.sleep(3600)
 """)
 
 
 def test_the_zygote_and_its_helpers_end_when_the_trainer_is_killed(tmp_path):
     """SIGKILL of the process holding the scorer (nothing of ours runs in it then): the zygote sees its
-    parent change and kills its helpers, an idle one and one busy in the storm's parse."""
+    parent change and kills its helpers, an idle one and one busy in the storm's parse. A forked child of the
+    trainer still holds the zygote's control socket, so the zygote has no end of file to go by."""
     env = dict(os.environ, DYNAMO_STORM_SLEEP_S="3600", OMP_NUM_THREADS="1")
     trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, STORM], stdout=subprocess.PIPE, text=True,
                                env=env, cwd=tmp_path)
+    fork = None
     try:
-        procs = json.loads(trainer.stdout.readline())
+        fork, *procs = json.loads(trainer.stdout.readline())
         assert len(procs) == 3 and _parent(procs[0]) == trainer.pid
         assert all(_parent(pid) == procs[0] for pid in procs[1:])
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
-    deadline = time.monotonic() + 120  # a liveness bound, not a timing claim (the zygote polls every 0.25 s)
-    while not all(_gone(pid) for pid in procs) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [pid for pid in procs if not _gone(pid)] == []
+    try:
+        deadline = time.monotonic() + 120  # a liveness bound, not a timing claim (the zygote polls every 0.25 s)
+        while not all(_gone(pid) for pid in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in procs if not _gone(pid)] == []
+        assert not _gone(fork)  # the control socket was still open in it
+    finally:
+        if fork is not None:
+            os.kill(fork, signal.SIGKILL)
 
 
 def test_a_killed_zygote_takes_its_helpers_and_a_new_one_takes_over(monkeypatch):
