@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _procs import marked_env, marked_processes, new_marker
 
 from dynamo_openrlhf import cpu_backend
 
@@ -138,7 +139,9 @@ if __name__ == "__main__":
 
 
 ENGINE_SCRIPT = r"""
-import asyncio, json, os, socket, subprocess
+import asyncio, json, os, socket, subprocess, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "tests"))  # run from the checkout: tests/_procs.py
+from _procs import MARKER_ENV, marked_processes
 os.environ["DYNAMO_OPENRLHF_CPU_ENGINE"] = "vllm"
 os.environ["DYNAMO_OPENRLHF_CPU_KV_CACHE_MB"] = "64"
 from dynamo_openrlhf import cpu_backend, reward, tiny
@@ -149,8 +152,9 @@ from vllm import SamplingParams
 
 
 def vllm_processes():
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    return sorted(line for line in out if line.startswith("VLLM::"))
+    # this run's VLLM:: processes only (the test's marker is in their environment): another run's engine
+    # elsewhere on the machine is none of this test's business
+    return sorted(title for _, title in marked_processes(os.environ[MARKER_ENV], prefixes=("VLLM::",)))
 
 
 if __name__ == "__main__":  # the engine spawns its core process: keep the module import-safe
@@ -253,10 +257,13 @@ def engine_run(tmp_path_factory):
         pytest.skip("no vLLM CPU build here")
     script = tmp_path_factory.mktemp("engine") / "engine_script.py"
     script.write_text(ENGINE_SCRIPT)
-    env = dict(os.environ, RAY_ADDRESS="local", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0")
+    marker = new_marker()
+    env = marked_env(marker, dict(os.environ, RAY_ADDRESS="local", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0"))
     r = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout + r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["left_after_exit"] = marked_processes(marker)  # VLLM:: or ray:: of this run, once the script is gone
+    return out, r.stdout + r.stderr
 
 
 def test_vllm_engine_samples_and_per_prompt_sample_counts(engine_run):
@@ -290,8 +297,12 @@ def test_vllm_engine_greedy_is_transformers_greedy_before_and_after_a_weight_syn
 def test_vllm_engine_processes_are_stopped(engine_run):
     out, _ = engine_run
     assert out["shut"] == 1
-    assert any(p.startswith("VLLM::EngineCore") for p in out["running"])  # what the check would catch
+    # what the check would catch: the engine's core and worker carry the test's marker (inherited through
+    # Ray's raylet, the engine actor and vLLM's multiprocessing)
+    assert sum(p.startswith("VLLM::EngineCore") for p in out["running"]) == 1, out["running"]
+    assert sum(p.startswith("VLLM::Worker") for p in out["running"]) == 1, out["running"]
     assert out["left"] == []
+    assert out["left_after_exit"] == []
 
 
 def test_dynamo_off_rollouts_are_openrlhfs_on_the_real_engine(engine_run):
