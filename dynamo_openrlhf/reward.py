@@ -143,14 +143,26 @@ def _wrap_gold(label: str) -> str:
     return f"${label}$"
 
 
+# Answers of the usual kinds, checked once in the zygote: the first check of a kind in a process does lazy
+# work (sympy imports, the LaTeX parser's caches) that would otherwise cost every new helper 15-140 ms.
+_WARM_UP = (("7", "7"), ("\\frac{7}{2}", "3.5"), ("0.5", "\\frac{1}{2}"), ("-3", "-3"), ("\\sqrt{2}", "2^{1/2}"),
+            ("x+1", "1+x"), ("2\\pi", "\\pi \\cdot 2"), ("\\{1, 2\\}", "\\{2, 1\\}"), ("(0, 1]", "(0,1]"),
+            ("10\\%", "0.1"), ("3 \\times 10^{2}", "300"), ("\\dfrac{a}{b}", "a/b"))
+
+
 def _preload() -> None:  # pragma: no cover - runs in the zygote
-    """Imports math-verify and checks one answer, so that helpers forked from the zygote start warm."""
+    """Imports math-verify and checks answers of the usual kinds, so that forked helpers start warm."""
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     from math_verify import parse, verify
 
-    verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
+    for pred, gold in _WARM_UP:
+        try:
+            verify(parse(_wrap_gold(gold), parsing_timeout=None), parse("$" + pred + "$", parsing_timeout=None),
+                   timeout_seconds=None)
+        except Exception:
+            pass  # a warm-up only
 
 
 def _serve() -> None:  # pragma: no cover - runs in the helper process
@@ -193,25 +205,34 @@ def _serve() -> None:  # pragma: no cover - runs in the helper process
         out.write(json.dumps(reply) + "\n")
 
 
-def _pdeathsig_setter():  # pragma: no cover - runs in the zygote
-    """A function that makes the calling process get SIGKILL when its parent dies (Linux), or None."""
+def _prctl():  # pragma: no cover - runs in the zygote
+    """libc's ``prctl`` (Linux), or None."""
     try:
         import ctypes
-        import signal
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        return lambda: libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except Exception:
         return None
 
 
-def _helper_child(ctl, conn_fd: int, env: dict, serve, zygote_pid: int, pdeathsig) -> None:  # pragma: no cover
+def _linux_setup(prctl, name: bytes, pdeathsig: bool) -> None:  # pragma: no cover - zygote and helpers
+    """Name the process (``/proc/<pid>/comm``, what ``ps -o comm`` and ``top`` show) and, if ``pdeathsig``,
+    have it get SIGKILL when its parent dies."""
+    if prctl is None:
+        return
+    import signal
+
+    prctl(15, name, 0, 0, 0)  # PR_SET_NAME (15 bytes at most)
+    if pdeathsig:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _helper_child(ctl, conn_fd: int, env: dict, serve, zygote_pid: int, prctl) -> None:  # pragma: no cover
     """Runs in a child just forked by the zygote: become a helper on ``conn_fd``; never returns."""
     code = 1
     try:
         ctl.close()
-        if pdeathsig is not None:
-            pdeathsig()
+        _linux_setup(prctl, b"reward-helper", pdeathsig=True)
         if os.getppid() != zygote_pid:  # the zygote died between fork and prctl
             os._exit(1)
         os.dup2(conn_fd, 0)
@@ -251,7 +272,8 @@ def _zygote_main(helper_file: str, parent_pid: int, ctl_fd: int) -> None:  # pra
         serve, preload = module._serve, getattr(module, "_preload", None)
     if preload is not None:
         preload()
-    pdeathsig = _pdeathsig_setter()
+    prctl = _prctl()
+    _linux_setup(prctl, b"reward-zygote", pdeathsig=False)  # see the section comment: no PDEATHSIG here
     base_env = dict(os.environ)
     gc.collect()
     gc.freeze()  # keep the imported objects out of the helpers' collections (fewer copied pages)
@@ -276,7 +298,7 @@ def _zygote_main(helper_file: str, parent_pid: int, ctl_fd: int) -> None:  # pra
                     env.pop(k, None)
                 pid = os.fork()
                 if pid == 0:
-                    _helper_child(ctl, fds[0], env, serve, me, pdeathsig)
+                    _helper_child(ctl, fds[0], env, serve, me, prctl)
                 os.close(fds[0])
                 helpers.add(pid)
                 ctl.send(json.dumps({"pid": pid}).encode())

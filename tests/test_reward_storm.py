@@ -90,6 +90,18 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _marks(path, kinds) -> list:
+    """The storm file's marks (``DYNAMO_STORM_MARKS``) of the given kinds, in order."""
+    return [line for line in path.read_text().splitlines() if line.split()[0] in kinds] if path.exists() else []
+
+
+def _wait_for_a_parse(path) -> int:
+    """Pid of the first helper that started a (slow) parse."""
+    while not _marks(path, ("parse",)):
+        time.sleep(0.05)
+    return int(_marks(path, ("parse",))[0].split()[1])
+
+
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -109,7 +121,7 @@ def test_replacement_helpers_are_forked_by_one_warm_zygote(tmp_path, monkeypatch
         out = scorer(*_step())
         assert out["extra_logs"]["math_timeout"] == float(N)
         zygote = scorer.pids()["zygote"]
-        storm = marks.read_text().splitlines()
+        storm = _marks(marks, ("preload", "serve"))
         assert storm[0] == f"preload {zygote}" and len(storm) == 1 + N  # one helper per timed-out sample
         assert all(line.split()[0] == "serve" and int(line.split()[2]) == zygote for line in storm[1:])
         killed = [int(line.split()[1]) for line in storm[1:]]
@@ -118,19 +130,26 @@ def test_replacement_helpers_are_forked_by_one_warm_zygote(tmp_path, monkeypatch
         monkeypatch.setenv("DYNAMO_STORM_SLEEP_S", "0")
         scorer.timeout_s = 60.0  # a real check, on a possibly loaded machine
         assert scorer(*_step())["rewards"].tolist() == [1.0] * N
-        lines = marks.read_text().splitlines()
+        lines = _marks(marks, ("preload", "serve"))
         assert len(lines) == 1 + N + 2 and lines[:1 + N] == storm  # the 2 slots' new helpers, no new zygote
         helpers = scorer.pids()["helpers"]
         assert sorted(helpers) == sorted(int(line.split()[1]) for line in lines[1 + N:])
         assert all(_parent(pid) == zygote for pid in helpers)
+        with open(f"/proc/{zygote}/comm") as f:
+            assert f.read() == "reward-zygote\n"  # what ps and top show for them
+        for pid in helpers:
+            with open(f"/proc/{pid}/comm") as f:
+                assert f.read() == "reward-helper\n"
         assert (scorer.zygote_starts, scorer.helper_starts) == (1, N + 2)
     finally:
         scorer.close()
 
 
-def test_close_kills_the_zygote_and_every_helper_even_a_busy_one(monkeypatch):
+def test_close_kills_the_zygote_and_every_helper_even_a_busy_one(tmp_path, monkeypatch):
     from dynamo_openrlhf.reward import MathReward
 
+    marks = tmp_path / "marks.txt"
+    monkeypatch.setenv("DYNAMO_STORM_MARKS", str(marks))
     monkeypatch.setenv("DYNAMO_STORM_SLEEP_S", "3600")
     scorer = MathReward(timeout_s=600, workers=2, helper_file=STORM).start()
     pids = scorer.pids()
@@ -139,8 +158,7 @@ def test_close_kills_the_zygote_and_every_helper_even_a_busy_one(monkeypatch):
     busy = []
     worker = threading.Thread(target=lambda: busy.append(scorer.score("\\boxed{4}", "4")))
     worker.start()
-    while len(scorer.pids()["helpers"]) != 1:  # the thread has taken a helper, which now sleeps in parse
-        time.sleep(0.05)
+    assert _wait_for_a_parse(marks) in pids["helpers"]  # the thread's helper now sleeps in parse
     scorer.close()
     assert all(_gone(pid) for pid in procs)
     worker.join(60)
@@ -155,7 +173,7 @@ _TRAINER = textwrap.dedent("""
     scorer = MathReward(timeout_s=600, workers=2, helper_file=sys.argv[1]).start()
     pids = scorer.pids()
     threading.Thread(target=scorer.score, args=("\\\\boxed{4}", "4"), daemon=True).start()
-    while len(scorer.pids()["helpers"]) != 1:
+    while "parse" not in open(os.environ["DYNAMO_STORM_MARKS"]).read():  # a helper sleeps in parse
         time.sleep(0.05)
     fork = os.fork()  # e.g. a data-loader worker: it inherits the zygote's control socket and outlives us
     if fork == 0:
@@ -170,7 +188,8 @@ def test_the_zygote_and_its_helpers_end_when_the_trainer_is_killed(tmp_path):
     """SIGKILL of the process holding the scorer (nothing of ours runs in it then): the zygote sees its
     parent change and kills its helpers, an idle one and one busy in the storm's parse. A forked child of the
     trainer still holds the zygote's control socket, so the zygote has no end of file to go by."""
-    env = dict(os.environ, DYNAMO_STORM_SLEEP_S="3600", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DYNAMO_STORM_SLEEP_S="3600", OMP_NUM_THREADS="1",
+               DYNAMO_STORM_MARKS=str(tmp_path / "marks.txt"))
     trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, STORM], stdout=subprocess.PIPE, text=True,
                                env=env, cwd=tmp_path)
     fork = None

@@ -5,7 +5,8 @@ reaches math-verify runs past ``--dynamo.reward_timeout``. Use it as ``--reward.
 The helpers run this file's ``_serve()`` (``MathReward(helper_file=__file__)``): math-verify's own loop with
 the slow ``parse``, under the same per-sample time budget as the built-in reward. ``_preload()`` runs once in
 the zygote that forks the helpers (math-verify imported and warmed there). With ``$DYNAMO_STORM_MARKS`` set
-to a file, the zygote appends ``preload <pid>`` to it and each helper ``serve <pid> <parent pid>`` (tests).
+to a file, the zygote appends ``preload <pid>`` to it, each helper ``serve <pid> <parent pid>`` when it starts
+and ``parse <pid>`` before each slow parse (tests).
 """
 
 import os
@@ -35,6 +36,7 @@ def _serve():  # a helper process (forked by the zygote)
     delay = float(os.environ.get("DYNAMO_STORM_SLEEP_S", "3600"))
 
     def slow_parse(*args, **kwargs):
+        _mark(f"parse {os.getpid()}")
         time.sleep(delay)
         return real_parse(*args, **kwargs)
 
