@@ -507,7 +507,7 @@ class MathReward:
     second for math-verify), then forks the helpers (milliseconds each; lazily, or all at once with
     ``start()``). A sample past its budget has its helper killed, and the next sample of that slot gets a
     fresh fork. So a step whose every sample times out costs ``ceil(samples / workers) x timeout_s`` plus the
-    kills and forks, 12-36 ms a round on 2 loaded CPUs (once the zygote is up; docs/faults.md, "Reward storm").
+    kills and forks, 14-27 ms a round on 2 loaded CPUs (once the zygote is up; docs/faults.md, "Reward storm").
     ``close()`` ends the zygote and every helper; they also end when the trainer process dies.
     Thread-safe: OpenRLHF calls the reward from a pool of threads."""
 
