@@ -17,8 +17,9 @@ flags that turn on that part alone. A cell is one of
 The checks run on the launcher's GPU backend (``--dynamo.backend gpu``: what a user with GPUs gets); the tests also
 check that every tested cell is accepted on the CPU backend and every "not run here" cell is refused there.
 
-``python -m dynamo_openrlhf.compatibility`` prints the README section's table (it runs the launcher's checks for
-every cell in this process: the first one imports OpenRLHF, about a minute on a loaded 2-core machine).
+``python scripts/compat_matrix.py`` prints the README section's table (it runs the launcher's checks for every cell
+in its process: the first one imports OpenRLHF, about a minute on a loaded 2-core machine; a script, because no
+package module may import the launcher, tests/test_imports.py).
 ``tests/test_compat_matrix.py`` regenerates it and fails when README.md differs.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = ["Mode", "Column", "MODES", "COLUMNS", "BASE_FLAGS", "E2E_RUNS", "EXERCISED", "run_flags", "cell_argv",
            "launcher_refusal", "Cell", "claims", "refusals", "matrix", "render"]
@@ -189,15 +190,13 @@ class _RayWouldStart(Exception):
     """Raised in place of ``ray.init``: the launcher accepted the arguments."""
 
 
-def launcher_refusal(argv: Sequence[str]) -> Optional[str]:
-    """Runs the launcher (``dynamo_openrlhf.train.main``) on ``argv`` until Ray would start: None when it gets
-    there (the arguments are accepted), else the error it prints, without ``python -m dynamo_openrlhf.train:
-    error: ``. Raises RuntimeError when the launcher fails in another way. Changes this process as the launcher
-    does (OpenRLHF imported, the CPU backend's environment and patches for ``--dynamo.backend cpu``): run it in a
-    process of its own."""
+def launcher_refusal(argv: Sequence[str], launcher_main: Callable[[List[str]], int]) -> Optional[str]:
+    """Runs the launcher (``launcher_main`` = ``dynamo_openrlhf.train.main``, passed in: no package module imports
+    the launcher) on ``argv`` until Ray would start: None when it gets there (the arguments are accepted), else the
+    error it prints, without ``python -m dynamo_openrlhf.train: error: ``. Raises RuntimeError when the launcher
+    fails in another way. Changes this process as the launcher does (OpenRLHF imported, the CPU backend's
+    environment and patches for ``--dynamo.backend cpu``): run it in a process of its own."""
     import ray
-
-    from dynamo_openrlhf import train
 
     def refuse_to_start(*args, **kwargs):
         raise _RayWouldStart()
@@ -207,7 +206,7 @@ def launcher_refusal(argv: Sequence[str]) -> Optional[str]:
     ray.init = refuse_to_start  # the launcher's hook wraps whatever ray.init is when it starts
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = train.main(list(argv))
+            rc = launcher_main(list(argv))
     except _RayWouldStart:
         return None
     except SystemExit as e:  # argparse's error (the launcher's parser.error): exit code 2
@@ -257,11 +256,11 @@ def claims(exercised: Mapping[str, Tuple[Sequence[str], Sequence[str]]] = EXERCI
 Refusals = Mapping[Tuple[str, str], Optional[str]]
 
 
-def refusals(backend: str) -> Dict[Tuple[str, str], Optional[str]]:
+def refusals(backend: str, launcher_main: Callable[[List[str]], int]) -> Dict[Tuple[str, str], Optional[str]]:
     """(mode, column) -> the launcher's refusal on ``backend`` (gpu or cpu; None: accepted), for every cell. Runs
     :func:`launcher_refusal`, so it changes this process as the launcher does."""
     with tempfile.TemporaryDirectory(prefix="dynamo_compat_") as tmp:
-        return {(m.key, c.key): launcher_refusal(cell_argv(m.key, c.key, f"{tmp}/run", backend))
+        return {(m.key, c.key): launcher_refusal(cell_argv(m.key, c.key, f"{tmp}/run", backend), launcher_main)
                 for m in MODES for c in COLUMNS}
 
 
@@ -313,22 +312,19 @@ def render(cells: Mapping[Tuple[str, str], Cell]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynamo_openrlhf.compatibility",
+def main(argv: Optional[Sequence[str]], launcher_main: Callable[[List[str]], int]) -> int:
+    """``scripts/compat_matrix.py``: print the README's matrix, or with ``--json`` the refusals behind it."""
+    parser = argparse.ArgumentParser(prog="python scripts/compat_matrix.py",
                                      description="Print the README's compatibility matrix: runs the launcher's "
                                                  "checks for every cell on both backends (no Ray).")
     parser.add_argument("--json", action="store_true",
                         help="print the refusals instead: {backend: [[mode, column, message or null], ...]}")
     ns = parser.parse_args(argv)
-    gpu = refusals("gpu")
-    cpu = refusals("cpu")  # after the GPU ones: the CPU backend patches this process
+    gpu = refusals("gpu", launcher_main)
+    cpu = refusals("cpu", launcher_main)  # after the GPU ones: the CPU backend patches this process
     if ns.json:
         print(json.dumps({name: [[m, c, msg] for (m, c), msg in r.items()] for name, r in (("gpu", gpu),
                                                                                            ("cpu", cpu))}))
     else:
         print(render(matrix(gpu, cpu)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,7 +32,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100", TOKENIZERS_PARALLELIS
 @pytest.fixture(scope="module")
 def launcher_refusals():
     """The launcher's verdict for every cell on each backend: {"gpu"|"cpu": {(mode, column): message or None}}."""
-    r = subprocess.run([sys.executable, "-m", "dynamo_openrlhf.compatibility", "--json"], cwd=REPO, env=ENV,
+    r = subprocess.run([sys.executable, "scripts/compat_matrix.py", "--json"], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(r.stdout.strip().splitlines()[-1])

@@ -1,0 +1,16 @@
+"""Print the README's compatibility matrix (section "Compatibility with OpenRLHF's modes") from
+dynamo_openrlhf/compatibility.py and the launcher's own checks, run for every cell up to where Ray would start.
+
+    python scripts/compat_matrix.py          # the README section's table and notes
+    python scripts/compat_matrix.py --json   # the launcher's refusals per backend (tests/test_compat_matrix.py)
+
+A script, not a package module: no module of dynamo_openrlhf may import the launcher (tests/test_imports.py).
+"""
+
+import sys
+
+from dynamo_openrlhf.compatibility import main
+from dynamo_openrlhf.train import main as launcher_main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], launcher_main))
