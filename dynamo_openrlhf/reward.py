@@ -506,8 +506,9 @@ class MathReward:
     Processes: on first use one zygote starts (imports the helper file and runs its ``_preload``: about a
     second for math-verify), then forks the helpers (milliseconds each; lazily, or all at once with
     ``start()``). A sample past its budget has its helper killed, and the next sample of that slot gets a
-    fresh fork. So a step whose every sample times out costs ``ceil(samples / workers) x timeout_s`` plus the
-    kills and forks, 14-27 ms a round on 2 loaded CPUs (once the zygote is up; docs/faults.md, "Reward storm").
+    fresh fork. So a step whose every sample times out costs ``ceil(samples / P) x timeout_s`` plus the kills
+    and forks, 14-27 ms a round on 2 loaded CPUs (once the zygote is up; docs/faults.md, "Reward storm"), where
+    the parallelism P is ``min(workers, threads calling the scorer)`` (OpenRLHF: ``min(32, cpus + 4)``).
     ``close()`` ends the zygote and every helper; they also end when the trainer process dies.
     Thread-safe: OpenRLHF calls the reward from a pool of threads."""
 
