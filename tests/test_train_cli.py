@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _procs import MARKER_ENV, marked_processes, new_marker
 
 pytest.importorskip("torch")
 pytest.importorskip("openrlhf")
@@ -16,10 +17,13 @@ pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = [sys.executable, "-m", "dynamo_openrlhf.train"]
+#: every process this module's runs start carries it (tests/_procs.py): the leftover check looks at those only
+RUN_MARKER = new_marker()
 
 
 def _env(**extra):
     env = dict(os.environ)
+    env[MARKER_ENV] = RUN_MARKER
     env.update(
         RAY_ADDRESS="local",  # never join a cluster that happens to run on this machine
         COLUMNS="100",
@@ -291,9 +295,9 @@ def test_e2e_runs_on_the_expected_rollout_engine_and_stops_it(e2e):
         assert "rollout engine: vLLM 0.29.0 CPU build (OpenRLHF's RolloutRayActor, gloo weight sync)" in out
     else:
         assert "rollout engine: transformers stand-in (dynamo_openrlhf.cpu_backend.CPURolloutActor)" in out
-    # nothing of the engines outlives the runs
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    assert [line for line in ps if line.startswith("VLLM::")] == []
+    # nothing of the engines outlives the runs: no VLLM:: or ray:: process of this module's runs (other
+    # runs on the machine may have theirs)
+    assert marked_processes(RUN_MARKER) == []
 
 
 def test_e2e_rollout_engine_gets_the_actors_weights_every_step(e2e):
