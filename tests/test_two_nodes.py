@@ -316,3 +316,38 @@ def test_the_pool_lives_in_exactly_one_process(run):
     saved = re.findall(r"\((\w+) pid=(\d+)(?:, ip=[^)]*)?\)(?:\x1b\[0m)? \[dynamo\] saved pass-rate pool",
                        run["stdout"])  # Ray's prefix, maybe coloured
     assert saved == [("DynamoPPOTrainer", str(trainer["Pid"]))]
+
+
+def test_dynamo_off_on_two_nodes_trains_as_openrlhf(two_nodes, tmp_path):
+    """DynaMO off (allocation rule off, modulation off, token-mean loss) on the same two nodes, 2 steps: the run
+    trains with one actor rank and one engine per node, and no DynaMO part ran (the compatibility matrix's
+    "two nodes / DynaMO off" cell, dynamo_openrlhf/compatibility.py)."""
+    run_dir = tmp_path / "run"
+    args = ["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
+            "--dynamo.cpu_engine", "transformers",
+            "--actor.num_nodes", "2", "--actor.num_gpus_per_node", "1", "--vllm.num_engines", "2",
+            "--train.colocate_all",
+            "--rollout.batch_size", str(PROMPTS_PER_STEP), "--rollout.n_samples_per_prompt", str(N),
+            "--train.batch_size", "32", "--data.max_samples", str(2 * PROMPTS_PER_STEP), "--train.num_episodes", "1",
+            "--no-dynamo.eval_at_start", "--no-dynamo.eval_at_end", "--ckpt.save_steps", "100",
+            "--dynamo.allocation.rule", "off", "--dynamo.modulation.preset", "off",
+            "--dynamo.loss.prompt_weighting", "tokens"]
+    env = dict(os.environ)
+    env.update(RAY_ADDRESS=two_nodes["cluster"].address, RAY_TMPDIR=str(two_nodes["root"]), COLUMNS="100",
+               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0")
+    state = two_nodes["cluster"].global_state
+    before = set(state.actor_table(None))
+    r = subprocess.run(PROG + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    new = [a for k, a in state.actor_table(None).items() if k not in before]
+    nodes = {two_nodes["head_id"], two_nodes["worker_id"]}
+    ranks = _by_class(new, "DynamoPolicyModelActor")
+    engines = _by_class(new, "CPURolloutActor")
+    assert {a["Address"]["NodeID"] for a in ranks} == nodes and len(ranks) == 2
+    assert {a["Address"]["NodeID"] for a in engines} == nodes and len(engines) == 2
+    rows = [x for x in _metrics(run_dir) if x["type"] == "train"]
+    assert [x["step"] for x in rows] == [1, 2]
+    for x in rows:
+        assert x["rollout/num_samples"] == PROMPTS_PER_STEP * N
+        assert not {"dynamo/alloc_budget", "dynamo/token_entropy", "dynamo/token_normalizer"} & set(x)
+    assert not (run_dir / "pass_rate_pool.bin").exists()
