@@ -127,6 +127,8 @@ EXERCISED: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
     # 2 nodes, --actor.num_nodes 2, 2 engines, --train.colocate_all, defaults (neyman, decay6, balanced via auto)
     "tests/test_two_nodes.py::test_actor_ranks_and_engines_are_on_both_nodes": (("two_nodes", "colocated"),
                                                                                  DYNAMO_PARTS),
+    # the same two nodes and flags, DynaMO off
+    "tests/test_two_nodes.py::test_dynamo_off_on_two_nodes_trains_as_openrlhf": (("two_nodes", "colocated"), ("off",)),
     **{f"tests/test_compat_matrix.py::test_e2e_compat_run[{name}]": claim for name, claim in E2E_RUNS.items()},
 }
 

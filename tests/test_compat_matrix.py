@@ -68,7 +68,7 @@ def test_tested_cells_run_on_the_cpu_backend_and_not_run_here_cells_are_refused_
     # what the matrix says today (a change in the launcher or the claims shows up here and in the README)
     assert {k for k, c in cells.items() if c.status == "not run here"} == {
         (m, c.key) for m in ("dynamic_batch", "packing", "ring_attention") for c in compat.COLUMNS}
-    assert [k for k, c in cells.items() if c.status == "untested"] == [("two_nodes", "off")]
+    assert [k for k, c in cells.items() if c.status == "untested"] == []
     assert [k for k, c in cells.items() if c.status == "refused"] == []
 
 
