@@ -351,6 +351,17 @@ def test_e2e_async_checkpoint_holds_the_pool_of_its_step_not_the_queued_batch(as
     assert st["successes"] + st["failures"] == 96 and st["prompts"] == 24
 
 
+
+def _tiny_async_off_args(run_dir, max_samples: int, *extra: str) -> list:
+    """The tiny preset, async with queue size 2, DynaMO's allocation off: 8 prompts x 4 per step,
+    ``max_samples`` prompts, one episode, no eval, no checkpoint; ``extra`` flags appended."""
+    return ["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
+            "--dynamo.cpu_engine", "transformers",
+            "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "32",
+            "--data.max_samples", str(max_samples), "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
+            "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
+            "--train.async_enable", "--train.async_queue_size", "2", *extra]
+
 def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_keeps_metrics_and_summary(tmp_path):
     """The issue's new-user run, DynaMO's allocation off: ``--train.async_enable --algo.dynamic_filtering_enable``
     (here also ``--train.partial_rollout_enable`` and queue size 2) on the tiny preset trains 3 steps, and the
@@ -359,13 +370,7 @@ def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_ke
 
     tiny.prepare_tiny_assets()
     run_dir = tmp_path / "run"
-    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
-              "--dynamo.cpu_engine", "transformers",
-              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "32",
-              "--data.max_samples", "64", "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
-              "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
-              "--train.async_enable", "--train.async_queue_size", "2", "--train.partial_rollout_enable",
-              "--algo.dynamic_filtering_enable"])
+    r = _run(_tiny_async_off_args(run_dir, 64, "--train.partial_rollout_enable", "--algo.dynamic_filtering_enable"))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
     rows = _rows(run_dir)
     steps = [row["step"] for row in rows]
@@ -398,12 +403,7 @@ def test_e2e_async_a_batch_smaller_than_a_micro_batch_is_logged_as_untrained(tmp
 
     tiny.prepare_tiny_assets()
     run_dir = tmp_path / "run"
-    r = _run(["--dynamo.preset", "tiny-cpu", "--dynamo.tiny_task", "arith", "--dynamo.run_dir", str(run_dir),
-              "--dynamo.cpu_engine", "transformers",
-              "--rollout.batch_size", "8", "--rollout.n_samples_per_prompt", "4", "--train.batch_size", "32",
-              "--data.max_samples", "18", "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
-              "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
-              "--train.async_enable", "--train.async_queue_size", "2"])
+    r = _run(_tiny_async_off_args(run_dir, 18))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
     rows = _rows(run_dir)
     assert [row["rollout/num_samples"] for row in rows] == [32, 32, 8]
