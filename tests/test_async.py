@@ -351,7 +351,6 @@ def test_e2e_async_checkpoint_holds_the_pool_of_its_step_not_the_queued_batch(as
     assert st["successes"] + st["failures"] == 96 and st["prompts"] == 24
 
 
-
 def _tiny_async_off_args(run_dir, max_samples: int, *extra: str) -> list:
     """The tiny preset, async with queue size 2, DynaMO's allocation off: 8 prompts x 4 per step,
     ``max_samples`` prompts, one episode, no eval, no checkpoint; ``extra`` flags appended."""
@@ -361,6 +360,7 @@ def _tiny_async_off_args(run_dir, max_samples: int, *extra: str) -> list:
             "--data.max_samples", str(max_samples), "--train.num_episodes", "1", "--no-dynamo.eval_at_start",
             "--no-dynamo.eval_at_end", "--ckpt.save_steps", "1000", "--dynamo.allocation.rule", "off",
             "--train.async_enable", "--train.async_queue_size", "2", *extra]
+
 
 def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_keeps_metrics_and_summary(tmp_path):
     """The issue's new-user run, DynaMO's allocation off: ``--train.async_enable --algo.dynamic_filtering_enable``
