@@ -381,7 +381,7 @@ def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_ke
         # OpenRLHF's actor trains micro-batches of --train.micro_batch_size 16 with drop_last: dynamic filtering's
         # last batch (what the loader had left) can hold fewer than 16 samples and then trains nothing, so it has
         # no modulation statistics (a CI run's step 3 once had 8 samples). DynaMO logs how many were trained.
-        n = row["rollout/num_samples"]
+        n = int(row["rollout/num_samples"])  # metrics.jsonl stores OpenRLHF's counts as floats
         assert row["dynamo/trained_samples"] == n - n % 16 and row["dynamo/untrained_samples"] == n % 16
         assert ("dynamo/token_entropy" in row) == (row["dynamo/trained_samples"] > 0)
         if n < 16:
