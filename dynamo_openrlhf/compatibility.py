@@ -1,4 +1,5 @@
-"""Which of OpenRLHF 0.11.2's modes DynaMO works with: the README's compatibility matrix, declared once.
+"""Which of OpenRLHF 0.11.2's modes DynaMO works with: the compatibility matrix (README) and its notes
+(docs/compatibility.md), declared once.
 
 Rows (:data:`MODES`) are OpenRLHF modes, each with the OpenRLHF flags that turn it on; columns (:data:`COLUMNS`)
 are DynaMO off and DynaMO's three parts (allocation, modulation, prompt-balanced loss), each with the ``--dynamo.*``
@@ -17,10 +18,10 @@ flags that turn on that part alone. A cell is one of
 The checks run on the launcher's GPU backend (``--dynamo.backend gpu``: what a user with GPUs gets); the tests also
 check that every tested cell is accepted on the CPU backend and every "not run here" cell is refused there.
 
-``python scripts/compat_matrix.py`` prints the README section's table (it runs the launcher's checks for every cell
-in its process: the first one imports OpenRLHF, about a minute on a loaded 2-core machine; a script, because no
-package module may import the launcher, tests/test_imports.py).
-``tests/test_compat_matrix.py`` regenerates it and fails when README.md differs.
+``python scripts/compat_matrix.py`` prints the README section's table, then the notes of docs/compatibility.md
+(it runs the launcher's checks for every cell in its process: the first one imports OpenRLHF, about a minute on a
+loaded 2-core machine; a script, because no package module may import the launcher, tests/test_imports.py).
+``tests/test_compat_matrix.py`` regenerates both and fails when README.md or docs/compatibility.md differs.
 """
 from __future__ import annotations
 
@@ -279,16 +280,32 @@ def _flag_text(flags: Flags) -> str:
     return " ".join(_argv(flags))
 
 
-def render(cells: Mapping[Tuple[str, str], Cell]) -> str:
-    """The README's table and its notes (markdown): ✅ with the numbers of the tests that run the cell (listed
-    under the table), ``refused: `<message>` `` (the GPU launcher's), "not run here: <why>" (with the CPU
-    launcher's refusal under the table) or "untested (accepted)"."""
+def _test_numbers(cells: Mapping[Tuple[str, str], Cell]) -> Dict[str, int]:
+    """test id -> its number in the matrix (1, 2, ... in :data:`EXERCISED`'s order, for the tests that run a cell)."""
     numbers: Dict[str, int] = {}
     for test in EXERCISED:
         if any(test in cell.tests for cell in cells.values()):
             numbers[test] = len(numbers) + 1
+    return numbers
+
+
+def _cpu_notes(cells: Mapping[Tuple[str, str], Cell]) -> Dict[str, str]:
+    """mode label -> the CPU launcher's refusal, for the modes with a "not run here" cell (first refusal each)."""
+    notes: Dict[str, str] = {}
+    for m in MODES:
+        for c in COLUMNS:
+            cell = cells[(m.key, c.key)]
+            if cell.status == "not run here" and cell.cpu_refusal is not None:
+                notes.setdefault(m.label, cell.cpu_refusal)
+    return notes
+
+
+def render_table(cells: Mapping[Tuple[str, str], Cell]) -> str:
+    """The README's table (markdown): ✅ with the numbers of the tests that run the cell (listed by
+    :func:`render_notes`), ``refused: `<message>` `` (the GPU launcher's), "not run here: <why>" (the CPU launcher's
+    refusal is in the notes) or "untested (accepted)"."""
+    numbers = _test_numbers(cells)
     lines = ["| OpenRLHF mode | " + " | ".join(c.label for c in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
-    cpu_notes: Dict[str, str] = {}
     for m in MODES:
         flags = _flag_text(m.flags)
         row = [m.label + (f" (`{flags}`)" if flags else "")]
@@ -300,25 +317,35 @@ def render(cells: Mapping[Tuple[str, str], Cell]) -> str:
                 row.append("✅ " + ", ".join(str(n) for n in sorted(numbers[t] for t in cell.tests)))
             elif cell.status == "not run here":
                 row.append(f"not run here: {cell.needs}")
-                if cell.cpu_refusal is not None:
-                    cpu_notes.setdefault(m.label, cell.cpu_refusal)
             else:
                 row.append("untested (accepted)")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
-    lines.append("Tests: " + "; ".join(f"{n} `{t}`" for t, n in numbers.items()) + ".")
-    if cpu_notes:
-        lines.append("")
-        lines.append("Refused by the CPU backend, so never run here (untested): " + "; ".join(
-            f"{label}: `{msg}`" for label, msg in cpu_notes.items()) + ".")
     return "\n".join(lines)
 
 
+def render_notes(cells: Mapping[Tuple[str, str], Cell]) -> str:
+    """docs/compatibility.md's notes to the table (markdown): the numbered tests, then the CPU launcher's refusal
+    for each mode with a "not run here" cell."""
+    lines = ["Tests:", ""] + [f"{n}. `{t}`" for t, n in _test_numbers(cells).items()]
+    cpu_notes = _cpu_notes(cells)
+    if cpu_notes:
+        lines += ["", "Refused by the CPU backend, so never run here (untested):", ""]
+        lines += [f"- {label}: `{msg}`" for label, msg in cpu_notes.items()]
+    return "\n".join(lines)
+
+
+def render(cells: Mapping[Tuple[str, str], Cell]) -> str:
+    """What ``scripts/compat_matrix.py`` prints: :func:`render_table`, a blank line, :func:`render_notes`."""
+    return render_table(cells) + "\n\n" + render_notes(cells)
+
+
 def main(argv: Optional[Sequence[str]], launcher_main: Callable[[List[str]], int]) -> int:
-    """``scripts/compat_matrix.py``: print the README's matrix, or with ``--json`` the refusals behind it."""
+    """``scripts/compat_matrix.py``: print the README's matrix and docs/compatibility.md's notes, or with ``--json``
+    the refusals behind them."""
     parser = argparse.ArgumentParser(prog="python scripts/compat_matrix.py",
-                                     description="Print the README's compatibility matrix: runs the launcher's "
-                                                 "checks for every cell on both backends (no Ray).")
+                                     description="Print the README's compatibility matrix and its notes "
+                                                 "(docs/compatibility.md): runs the launcher's checks for every "
+                                                 "cell on both backends (no Ray).")
     parser.add_argument("--json", action="store_true",
                         help="print the refusals instead: {backend: [[mode, column, message or null], ...]}")
     ns = parser.parse_args(argv)

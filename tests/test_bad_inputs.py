@@ -1,9 +1,9 @@
-"""The README's table of bad inputs is kept current: every row's message is what the code says today.
+"""The table of bad inputs (docs/bad_inputs.md) is kept current: every row's message is what the code says today.
 
 Each case below triggers one bad input through the public function the launcher or the library uses and
-returns the error message; the test checks that the README's "Bad inputs" table has a row for the case
-whose message cell is exactly that message (paths are made stable with a fixed file name in a temporary
-directory and shown as ``FILE`` in the README)."""
+returns the error message; the test checks that the table has a row for the case whose message cell is exactly
+that message (paths are made stable with a fixed file name in a temporary directory and shown as ``FILE`` in
+the table)."""
 import os
 import re
 import subprocess
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+TABLE = REPO / "docs" / "bad_inputs.md"
+HEADER = "| bad input | message |"
 
 
 def _message(fn) -> str:
@@ -110,12 +111,13 @@ def _reward_check():
     check_reward({"prompt": "What is 5+1?", "label": "6", "reward": None}, "/data/my_reward.py")
 
 
-def _readme_rows():
-    text = README.read_text()
-    start = text.index("### Bad inputs")
+def _table_rows():
+    """{bad input: message} of the table in docs/bad_inputs.md (its lines from the header to the first non-row)."""
+    text = TABLE.read_text(encoding="utf-8")
+    start = text.index(HEADER)
     rows = {}
     for line in text[start:].splitlines()[1:]:
-        if line.startswith("### ") or line.startswith("## "):
+        if not line.startswith("|"):
             break
         m = re.match(r"^\| (.+?) \| `(.+)` \|$", line)
         if m:
@@ -123,8 +125,8 @@ def _readme_rows():
     return rows
 
 
-def test_readme_bad_inputs_table_matches_the_code(tmp_path):
-    rows = _readme_rows()
+def test_bad_inputs_table_matches_the_code(tmp_path):
+    rows = _table_rows()
     cases = _cases(tmp_path)
     assert set(rows) == set(cases), (sorted(rows), sorted(cases))
     for name, fn in cases.items():
@@ -161,9 +163,9 @@ def test_cli_and_standalone_api_give_the_same_message(tmp_path):
                     f"--rollout.n_samples_per_prompt 8 = 128 rollouts over 32 candidate prompts: {budget}; change "
                     "--dynamo.allocation.lo/hi or lower --dynamo.allocation.oversample; "
                     f"--dynamo.pool.forget: {forget}")
-    # the README's "rloo allocation with lo = 1" row: the launcher says it after the flags
+    # the table's "rloo allocation with lo = 1" row: the launcher says it after the flags
     rloo = _message(lambda: allocate_rollouts(np.array([0.1, 0.2]), 8, 1, 6, estimator="rloo"))
-    assert rloo == _readme_rows()["rloo allocation with lo = 1"]
+    assert rloo == _table_rows()["rloo allocation with lo = 1"]
     line = _cli_error(tmp_path, "--algo.advantage.estimator", "rloo", "--dynamo.allocation.lo", "1")
     assert line == ("python -m dynamo_openrlhf.train: error: --algo.advantage.estimator rloo with "
                     f"--dynamo.allocation.rule neyman: {rloo}")

@@ -1,10 +1,12 @@
-"""The README's compatibility matrix (issue #25 §5) is kept current, and every ✅ cell is run.
+"""The compatibility matrix (README, and with its notes docs/compatibility.md; issue #25 §5) is kept current, and
+every ✅ cell is run.
 
 The matrix is declared in ``dynamo_openrlhf/compatibility.py`` (rows: OpenRLHF modes and their flags; columns: DynaMO
 off and its three parts; ``EXERCISED``: which e2e test runs which cells). Here:
 
-* the README section is regenerated from it and the launcher's own checks (run for every cell, on the GPU and the
-  CPU backend, in a process of their own, up to where Ray would start) and must be identical;
+* the README's table, and docs/compatibility.md's table and notes (the numbered tests, the CPU refusals), are
+  regenerated from it and the launcher's own checks (run for every cell, on the GPU and the CPU backend, in a process
+  of their own, up to where Ray would start) and must be identical;
 * every test a ✅ cell names is collected by its node id (it exists), every ✅ cell is accepted by the CPU
   launcher (it can run here), every "not run here" cell is refused by it;
 * a refusal shown in the matrix is the very line the launcher prints (checked against the CLI);
@@ -25,6 +27,7 @@ from dynamo_openrlhf import compatibility as compat
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOC = REPO / "docs" / "compatibility.md"
 SECTION = "### Compatibility with OpenRLHF's modes"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="100", TOKENIZERS_PARALLELISM="false")
 
@@ -39,20 +42,29 @@ def launcher_refusals():
     return {backend: {(m, c): msg for m, c, msg in rows} for backend, rows in data.items()}
 
 
-def _readme_table(length: int) -> str:
-    """The README section's text from its table's first line on, ``length`` characters of it, and the next one."""
-    text = README.read_text()
-    start = text.index(SECTION)
-    begin = text.index("| OpenRLHF mode |", start)
+def _table_on(path: Path, after: str, length: int) -> str:
+    """The text of ``path`` from the first table line after ``after`` on: ``length`` characters, and the next one."""
+    text = path.read_text(encoding="utf-8")
+    begin = text.index("| OpenRLHF mode |", text.index(after))
     return text[begin:begin + length + 1]
 
 
 def test_readme_matrix_is_what_the_code_and_the_launcher_say(launcher_refusals):
     cells = compat.matrix(launcher_refusals["gpu"], launcher_refusals["cpu"])
-    expected = compat.render(cells)
-    found = _readme_table(len(expected))
+    expected = compat.render_table(cells)
+    found = _table_on(README, SECTION, len(expected))
     if found != expected + "\n":
         print(expected)  # what README.md's section should say (pytest shows it with the failure)
+    assert found == expected + "\n"
+
+
+def test_docs_matrix_and_notes_are_what_the_code_and_the_launcher_say(launcher_refusals):
+    cells = compat.matrix(launcher_refusals["gpu"], launcher_refusals["cpu"])
+    expected = compat.render(cells)  # the table, then the numbered tests and the CPU refusals
+    assert expected.startswith(compat.render_table(cells) + "\n\nTests:")
+    found = _table_on(DOC, "# ", len(expected))
+    if found != expected + "\n":
+        print(expected)  # what docs/compatibility.md should say from its table on
     assert found == expected + "\n"
 
 
@@ -65,7 +77,7 @@ def test_tested_cells_run_on_the_cpu_backend_and_not_run_here_cells_are_refused_
             assert cell.cpu_refusal is None, (key, cell.cpu_refusal)
         if cell.status == "not run here":
             assert cell.cpu_refusal is not None and cell.cpu_refusal.endswith("not available on the CPU backend"), key
-    # what the matrix says today (a change in the launcher or the claims shows up here and in the README)
+    # what the matrix says today (a change in the launcher or the claims shows up here, in the README and the docs)
     assert {k for k, c in cells.items() if c.status == "not run here"} == {
         (m, c.key) for m in ("dynamic_batch", "packing", "ring_attention") for c in compat.COLUMNS}
     assert [k for k, c in cells.items() if c.status == "untested"] == []

@@ -1,15 +1,16 @@
-"""The README's "Faults" table is kept current: every message in it is what the code says today.
+"""The short "Faults" table (docs/faults.md, "In short") is kept current: every message in it is what the code
+says today.
 
 Each fault whose "what the user sees" cell is one message is triggered here, cheaply and in-process, through
 the function the trainer or the launcher runs when it happens (the trainer's ``load_dynamo_state_dict`` for a
 damaged pool in a checkpoint, the launcher's ``_preflight`` for an interrupted ``latest``, ``load_pool`` for
 ``--dynamo.pool.load``, the samples generator's and the experience maker's non-finite checks, the launcher's
 ``engine_fault_message`` for a dying rollout engine), and the test
-checks that the README row's cell is exactly that message (paths are made stable with fixed names in a
+checks that the table row's cell is exactly that message (paths are made stable with fixed names in a
 temporary directory: ``ckpt`` is ``--ckpt.path``, ``FILE`` a pool file). A fault with no single message (a kill,
 a reward storm) names in its row the tests that exercise it (``tests/<file>.py::<test>``); the test checks that
 the row names them and that each is a test function in that file. The long version of the table, with what
-each row rests on: docs/faults.md.
+each row rests on, follows it in docs/faults.md ("In full").
 """
 import os
 import re
@@ -21,10 +22,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+TABLE = ROOT / "docs" / "faults.md"
+HEADER = "| fault | what the user sees | what is kept |"
 NAN = float("nan")
 
-# Faults with no single message: the tests that exercise each one (the README row must name exactly these).
+# Faults with no single message: the tests that exercise each one (the table row must name exactly these).
 TESTED = {
     "kill during a checkpoint save": [
         "tests/test_checkpoint_faults.py::test_a_kill_at_any_save_point_resumes_the_last_complete_checkpoint_exactly",
@@ -178,13 +180,14 @@ def _cases(tmp: Path):
     }
 
 
-def _readme_rows():
-    """{fault: (what the user sees, what is kept)} of README's "### Faults" table."""
-    text = README.read_text()
-    start = text.index("### Faults")
+def _table_rows():
+    """{fault: (what the user sees, what is kept)} of the short table in docs/faults.md (its lines from the header
+    to the first non-row: the long table below it has other columns and is not read)."""
+    text = TABLE.read_text(encoding="utf-8")
+    start = text.index(HEADER)
     rows = {}
     for line in text[start:].splitlines()[1:]:
-        if line.startswith("### ") or line.startswith("## "):
+        if not line.startswith("|"):
             break
         m = re.match(r"^\| (.+?) \| (.+?) \| (.+) \|$", line)
         if m and m.group(1) != "fault":  # not the header
@@ -198,8 +201,8 @@ def _single_message(cell: str):
     return m.group(1) if m else None
 
 
-def test_readme_faults_table_matches_the_code(tmp_path):
-    rows = _readme_rows()
+def test_faults_table_matches_the_code(tmp_path):
+    rows = _table_rows()
     cases = _cases(tmp_path)
     assert set(rows) == set(cases) | set(TESTED), (sorted(rows), sorted(set(cases) | set(TESTED)))
     for name, fn in cases.items():
@@ -208,7 +211,7 @@ def test_readme_faults_table_matches_the_code(tmp_path):
 
 
 def test_rows_without_a_message_name_the_tests_that_exercise_them():
-    rows = _readme_rows()
+    rows = _table_rows()
     for name, tests in TESTED.items():
         seen, _kept = rows[name]
         assert _single_message(seen) is None, name
@@ -217,7 +220,7 @@ def test_rows_without_a_message_name_the_tests_that_exercise_them():
 
 
 def test_every_test_the_table_names_exists():
-    refs = [m for seen, kept in _readme_rows().values() for m in TEST_REF.findall(seen + " " + kept)]
+    refs = [m for seen, kept in _table_rows().values() for m in TEST_REF.findall(seen + " " + kept)]
     assert refs
     for path, name in refs:
         file = ROOT / path
