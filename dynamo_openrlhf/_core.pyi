@@ -34,13 +34,13 @@ ESTIMATORS: tuple[str, str, str, str]
 #: Version of the pool file format written by :meth:`PassRatePool.save`.
 FORMAT_VERSION: int
 #: What a problem of :func:`allocation_problems` is about, in the order problems are listed.
-PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str, str, str, str, str]
+PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str, str, str, str, str, str, str]
 
 _Rule = Literal["neyman", "proportional", "uniform"]
 _Estimator = Literal["rloo", "dr_grpo", "reinforce_baseline", "group_norm"]
 _Subject = Literal[
-    "bounds", "budget", "reference_options", "calibrated", "skip_factor", "min_rollouts", "estimator",
-    "skip_price", "explore_seed", "prior", "forget",
+    "bounds", "budget", "reference_options", "calibrated", "noise_scale", "skip_factor", "skip_budget",
+    "min_rollouts", "estimator", "skip_price", "explore_seed", "prior", "forget",
 ]
 _FloatArrayLike = npt.ArrayLike
 _IntArrayLike = npt.ArrayLike
@@ -140,7 +140,8 @@ def allocate_rollouts(
             new allocation either. Deterministic (no randomness; ties as stated).
             Caution: with budget/N below ~2.56 rollouts per prompt, prompts of EQUAL variance
             (e.g. a batch of unseen prompts) all fall below 4 lambda and the cap decides by index;
-            use the rule with >= 3 rollouts per candidate on average (the trainer enforces it).
+            use the rule with >= 3 rollouts per candidate on average (the trainer enforces it:
+            :func:`allocation_problems` with ``run_policies=True``, subject "skip_budget").
         min_rollouts: ``None``, 0 or 1: off. m >= 2: every prompt gets 0 or between m and ``hi``
             rollouts (a GRPO group of one has advantage 0: no gradient). After skipping, the
             not-skipped prompts are ranked by variance (descending; ties: lower index first) and
@@ -242,30 +243,38 @@ def allocation_problems(
     mastery_threshold: float | None = None,
     priority_floor: float | None = None,
     calibrated: bool | None = None,
+    noise_scale: bool | None = None,
     explore_seed: int | None = None,
     skip_price: float | None = None,
     prior: tuple[float, float] | None = None,
     forget: float | None = None,
+    run_policies: bool = False,
 ) -> list[tuple[_Subject, str]]:
     """Every problem of one allocation call's settings, found at once, without data: ``budget``
     rollouts over ``prompts`` prompts within [``lo``, ``hi``] each, by ``rule`` (None: only the
     bounds, the budget and the pool settings are checked), with the switches as
     :func:`allocate_rollouts` / :meth:`PassRatePool.allocate` would get them (None = not given;
     ``exploration`` ... ``skip_price`` as :meth:`PassRatePool.allocate` takes them), and the
-    pool's ``prior`` (alpha0, beta0) and ``forget``.
+    pool's ``prior`` (alpha0, beta0) and ``forget``. ``run_policies``: also the trainer's run
+    policies, which no allocation call enforces ("skip_budget" below).
 
     Returns ``(subject, message)`` pairs, at most one per subject, in the order of
     :data:`PROBLEM_SUBJECTS` ("bounds": a negative bound or lo > hi; "budget": the budget outside
     [prompts*lo, prompts*hi] or negative; "reference_options": the reference's exploration and
-    mastery switches and their numbers against the rule and each other; "calibrated": with rule
-    "uniform"; then "skip_factor", "min_rollouts", "estimator" (also: not with exploration or
-    mastery); "skip_price": finite > 0, and priced skipping's preconditions (rule "neyman", an
-    rloo-family estimator, lo = 0, min_rollouts >= 2, no skip_factor); "explore_seed": only with
-    a skipping rule; "prior", "forget"); empty when an allocation call with these settings passes
-    its argument checks for any valid data. Each message is exactly the ``ValueError`` message the
-    allocation call raises for that setting (the same checks run). With a rule,
-    "reference_options", "calibrated" and "explore_seed" are always judged; "skip_factor",
-    "min_rollouts", "estimator" and "skip_price" only when the bounds and the budget hold. An
+    mastery switches and their numbers against the rule and each other; "calibrated" and
+    "noise_scale": with rule "uniform"; then "skip_factor"; "skip_budget" (only with
+    ``run_policies``, after a valid ``skip_factor``): rule "neyman", lo = 0 and skip_factor > 0
+    with fewer than 3 rollouts per prompt on average (budget < 3 * prompts), where prompts of
+    equal variance fall below the skip cut, so the rule would skip at random; then
+    "min_rollouts", "estimator" (also: not with exploration or mastery); "skip_price": finite >
+    0, and priced skipping's preconditions (rule "neyman", an rloo-family estimator, lo = 0,
+    min_rollouts >= 2, no skip_factor); "explore_seed": only with a skipping rule; "prior",
+    "forget"); empty when an allocation call with these settings passes its argument checks for
+    any valid data. Each message is exactly the ``ValueError`` message the allocation call raises
+    for that setting (the same checks run), "skip_budget" aside. With a rule,
+    "reference_options", "calibrated", "noise_scale" and "explore_seed" are always judged;
+    "skip_factor", "skip_budget", "min_rollouts", "estimator" and "skip_price" only when the
+    bounds and the budget hold. An
     unknown ``rule`` or ``estimator`` name raises ``ValueError`` (as in the allocation calls);
     ``prompts`` must be >= 0, ``explore_seed`` an integer >= 0."""
     ...

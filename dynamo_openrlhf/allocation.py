@@ -326,16 +326,10 @@ class AllocationConfig:
                      f"{self.filter_band} with rule {self.rule}")
         if self.rule == "filter" and self.filter_band is None:
             p.append("rule filter needs filter_band")
-        if self.noise_scale is not None:
-            if self.noise_scale not in NOISE_PROXIES:
-                p.append(f"--dynamo.allocation.noise_scale: unknown proxy {self.noise_scale!r}; expected one of "
-                         f"{list(NOISE_PROXIES)} or off")
-            elif self.rule not in NOISE_SCALE_RULES:
-                # Also refused by the core (PassRatePool.allocate(rule="uniform", noise_scale=True)); kept in these
-                # words for now: README's bad-input row quotes them (moving it to the core changes that row).
-                p.append(f"--dynamo.allocation.noise_scale {self.noise_scale} weighs each prompt's variance by its "
-                         f"noise scale: only for --dynamo.allocation.rule {' or '.join(NOISE_SCALE_RULES)} (rule "
-                         f"{self.rule} does not weigh prompts by variance); use --dynamo.allocation.noise_scale off")
+        if self.noise_scale is not None and self.noise_scale not in NOISE_PROXIES:
+            # the proxies are computed here (noise_proxy.py); the core only takes the switch (_core_problems)
+            p.append(f"--dynamo.allocation.noise_scale: unknown proxy {self.noise_scale!r}; expected one of "
+                     f"{list(NOISE_PROXIES)} or off")
         if self.n_samples_per_prompt < 1 or self.prompts_per_step < 1:
             p.append("--rollout.n_samples_per_prompt and --rollout.batch_size must be >= 1")
             return p
@@ -347,18 +341,7 @@ class AllocationConfig:
             # the flag's -1 (no exploration) is None here; the core takes a seed as an unsigned integer
             p.append(f"--dynamo.allocation.explore_seed must be an integer >= 0 here (None: no exploration), got {seed!r}")
             return p
-        core = self._core_problems()
-        p.extend(core.values())
-        if (self.skip_factor and self.lo == 0 and self.rule == "neyman" and self.budget < 3 * self.candidates_per_step
-                and not core.keys() & {"bounds", "budget", "skip_factor"}):
-            # The trainer's own policy, not a core rule: the core's skip rule is well defined at any budget
-            # (allocate_rollouts / PassRatePool.allocate take it), but with n0 = B/M rollouts each, prompts of
-            # EQUAL variance (e.g. all unseen) fall below 4 x the shadow price v/((n0-1) n0) once n0 < 2.56, so
-            # the rule would skip at random: a run is refused, a standalone call is not.
-            p.append(f"--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got "
-                     f"{self.budget / self.candidates_per_step:g} (budget {self.budget} over "
-                     f"{self.candidates_per_step} candidates): lower --dynamo.allocation.oversample or set "
-                     "--dynamo.allocation.skip_factor 0")
+        p.extend(self._core_problems().values())
         p.extend(self._estimator_problems())
         if self.fit_prior_every < 0:
             p.append(f"--dynamo.pool.fit_prior_every must be >= 0, got {self.fit_prior_every}")
@@ -368,10 +351,11 @@ class AllocationConfig:
         """The core's own checks (:func:`~dynamo_openrlhf._core.allocation_problems`) of the allocations this
         config makes, each message prefixed with the flags it is about: a full step (``budget`` over
         ``candidates_per_step`` prompts) with the switches as :meth:`RolloutAllocator._options` passes them
-        (``explore_seed`` even without a skip rule, where the allocator would drop it: the core refuses that), the
-        pool's prior and forgetting, and a step of one prompt (``n_samples_per_prompt`` rollouts: a step
-        at the end of the data has fewer prompts than ``prompts_per_step``, each spending n). Keyed by the
-        core's subject (:data:`~dynamo_openrlhf._core.PROBLEM_SUBJECTS`), in its order."""
+        (``explore_seed`` even without a skip rule, where the allocator would drop it: the core refuses that) and
+        the run policies (``run_policies=True``: the skip rule's rollouts per candidate), the pool's prior and
+        forgetting, and a step of one prompt (``n_samples_per_prompt`` rollouts: a step at the end of the data has
+        fewer prompts than ``prompts_per_step``, each spending n). Keyed by the core's subject
+        (:data:`~dynamo_openrlhf._core.PROBLEM_SUBJECTS`), in its order."""
         n, m, b = self.n_samples_per_prompt, self.candidates_per_step, self.budget
         rule = self.rule if self.rule in RULES else "uniform" if self.rule == "filter" else None
         neyman = self.rule == "neyman"
@@ -383,8 +367,10 @@ class AllocationConfig:
             skip_factor=self.skip_factor or None,
             min_rollouts=self.min_rollouts if self.min_rollouts is not None and self.min_rollouts > 1 else None,
             calibrated=True if self.calibrated else None, explore_seed=self.explore_seed,
+            noise_scale=True if self.noise_scale in NOISE_PROXIES else None,
             skip_price=None if self.skip_price is None else float(self.skip_price),
-            prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget), **reference)
+            prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget), run_policies=True,
+            **reference)
         last = dict(allocation_problems(1, n, self.lo, self.hi)).get("budget")
         if last is not None:  # n outside [lo, hi]: the cause of any full step's infeasibility too
             last = (f"--dynamo.allocation.lo/hi must admit --rollout.n_samples_per_prompt {n} (a step at the end of "
@@ -396,7 +382,9 @@ class AllocationConfig:
                  "calibrated": f"--dynamo.pool.calibrated{rule_note}",
                  "skip_price": (f"--dynamo.allocation.skip_price {self.skip_price} (0 = off) with "
                                 f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator{rule_note}"),
-                 "explore_seed": f"--dynamo.allocation.explore_seed {self.explore_seed} (-1 = off)"}
+                 "explore_seed": f"--dynamo.allocation.explore_seed {self.explore_seed} (-1 = off)",
+                 "noise_scale": f"--dynamo.allocation.noise_scale {self.noise_scale} with --dynamo.allocation.rule "
+                                f"{self.rule}{rule_note}"}
         p = {"budget": last} if last is not None else {}
         for subject, message in step:
             if subject == "budget":
@@ -404,6 +392,13 @@ class AllocationConfig:
                     f"infeasible rollout budget: --rollout.batch_size {self.prompts_per_step} x "
                     f"--rollout.n_samples_per_prompt {n} = {b} rollouts over {m} candidate prompts: {message}; "
                     "change --dynamo.allocation.lo/hi or lower --dynamo.allocation.oversample")
+            elif subject == "noise_scale":
+                p[subject] = f"{flags[subject]}: {message}; use --dynamo.allocation.noise_scale off"
+            elif subject == "skip_budget":
+                # a run policy the core keeps with its rules (rules.rs check_skip_budget): a standalone call skips
+                p[subject] = (f"--dynamo.allocation.skip_factor with --dynamo.allocation.oversample {self.oversample:g} "
+                              f"and --rollout.n_samples_per_prompt {n}: {message}; lower --dynamo.allocation.oversample "
+                              "or set --dynamo.allocation.skip_factor 0")
             else:
                 p[subject] = f"{flags.get(subject, f'--dynamo.allocation.{subject}{rule_note}')}: {message}"
         return p

@@ -570,6 +570,19 @@ pub fn check_uniform_switch(rule: Rule, name: &str, switch: Option<bool>) -> Res
     check_uniform_switches(rule, &[(name, switch == Some(true))])
 }
 
+/// `noise_scale` of [`PassRatePool::allocate`] against the rule: `Some(true)` is refused with
+/// rule "uniform", which spreads the budget evenly whatever the variances (the noise scale
+/// multiplies each prompt's variance, so only the rules that weigh prompts by it can use it).
+pub fn check_noise_scale_switch(rule: Rule, switch: Option<bool>) -> Result<()> {
+    if rule == Rule::Uniform && switch == Some(true) {
+        return Err(Error::invalid(
+            "noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance by its \
+             noise scale: only rules 'neyman' and 'proportional' weigh prompts by variance)",
+        ));
+    }
+    Ok(())
+}
+
 /// The reference's exploration and mastery switches as they apply: given, or the rule's
 /// default (on for "proportional", off otherwise).
 pub fn reference_switches(rule: Rule, o: &PoolAllocateOptions) -> (bool, bool) {
@@ -1159,7 +1172,7 @@ impl PassRatePool {
         let (exploration, mastery) = reference_switches(rule, o);
         check_reference_options(rule, o)?;
         check_uniform_switch(rule, "calibrated", o.calibrated)?;
-        check_uniform_switch(rule, "noise_scale", o.noise_scale)?;
+        check_noise_scale_switch(rule, o.noise_scale)?;
         if let Some(e) = o.estimator {
             check_pool_estimator(e, rule, o)?;
         }
@@ -2232,7 +2245,8 @@ mod tests {
         assert!(err(&both, Rule::Neyman).starts_with("scale and noise_scale cannot be combined"));
         assert_eq!(
             err(&own, Rule::Uniform),
-            "noise_scale does not apply to rule 'uniform' (it takes no options)"
+            "noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance by \
+             its noise scale: only rules 'neyman' and 'proportional' weigh prompts by variance)"
         );
         let short = [1.0];
         let bad = PoolAllocateOptions {

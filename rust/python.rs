@@ -258,7 +258,8 @@ fn allocate_rollouts<'py>(
     prompts, budget, lo, hi, rule = None, *,
     estimator = None, skip_factor = None, min_rollouts = None, exploration = None,
     mastery = None, exploration_rollouts = None, mastery_threshold = None, priority_floor = None,
-    calibrated = None, explore_seed = None, skip_price = None, prior = None, forget = None
+    calibrated = None, noise_scale = None, explore_seed = None, skip_price = None, prior = None,
+    forget = None, run_policies = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocation_problems(
@@ -276,10 +277,12 @@ fn allocation_problems(
     mastery_threshold: Option<f64>,
     priority_floor: Option<f64>,
     calibrated: Option<bool>,
+    noise_scale: Option<bool>,
     explore_seed: Option<u64>,
     skip_price: Option<f64>,
     prior: Option<(f64, f64)>,
     forget: Option<f64>,
+    run_policies: bool,
 ) -> PyResult<Vec<(&'static str, String)>> {
     let settings = rules::Settings {
         prompts,
@@ -296,10 +299,12 @@ fn allocation_problems(
         mastery_threshold,
         priority_floor,
         calibrated,
+        noise_scale,
         explore_seed,
         skip_price,
         prior,
         forget,
+        run_policies,
     };
     Ok(rules::problems(&settings)
         .into_iter()

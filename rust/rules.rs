@@ -9,15 +9,19 @@
 //! `check_prior` and `check_forget`) on settings instead of data, one check family at a time,
 //! and tags each message with the [`Subject`] it is about, so that a caller can name its own
 //! flag for it. No rule is restated here: a message is exactly what the allocation call would
-//! raise.
+//! raise. The one exception is asked for explicitly ([`Settings::run_policies`]): a trainer's
+//! run policy that no allocation call enforces ([`check_skip_budget`]), kept here so that the
+//! launcher and the library read every allocation rule from one place.
 
 use crate::allocate::{
     check_bounds, check_estimator, check_options, check_selection, Options, Rule,
 };
+use crate::error::Error;
 use crate::estimator::Estimator;
 use crate::pool::{
-    check_explore_seed, check_forget, check_pool_estimator, check_prior, check_reference_options,
-    check_skip_price_settings, check_uniform_switch, reference_switches, PoolAllocateOptions,
+    check_explore_seed, check_forget, check_noise_scale_switch, check_pool_estimator, check_prior,
+    check_reference_options, check_skip_price_settings, check_uniform_switch, reference_switches,
+    PoolAllocateOptions,
 };
 use crate::skip::Selection;
 
@@ -32,7 +36,11 @@ pub enum Subject {
     ReferenceOptions,
     /// Allocating on the revisit-calibrated variances.
     Calibrated,
+    /// Weighing each prompt's variance by its learnt noise scale.
+    NoiseScale,
     SkipFactor,
+    /// A run policy ([`Settings::run_policies`]): the skip rule's rollouts per prompt.
+    SkipBudget,
     MinRollouts,
     Estimator,
     /// Priced skipping's price and preconditions.
@@ -43,12 +51,14 @@ pub enum Subject {
 }
 
 impl Subject {
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 13] = [
         "bounds",
         "budget",
         "reference_options",
         "calibrated",
+        "noise_scale",
         "skip_factor",
+        "skip_budget",
         "min_rollouts",
         "estimator",
         "skip_price",
@@ -63,7 +73,9 @@ impl Subject {
             Subject::Budget => "budget",
             Subject::ReferenceOptions => "reference_options",
             Subject::Calibrated => "calibrated",
+            Subject::NoiseScale => "noise_scale",
             Subject::SkipFactor => "skip_factor",
+            Subject::SkipBudget => "skip_budget",
             Subject::MinRollouts => "min_rollouts",
             Subject::Estimator => "estimator",
             Subject::SkipPrice => "skip_price",
@@ -86,6 +98,8 @@ pub struct Problem {
 /// switches as the call would get them (`None` = not given; the reference's switches and
 /// `calibrated`, `explore_seed`, `skip_price` as `PassRatePool::allocate` takes them).
 /// `prior` = (α₀, β₀) and `forget` of the pool the allocation reads, when there is one.
+/// `run_policies`: also judge the trainer's run policies, which no allocation call enforces
+/// ([`check_skip_budget`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Settings {
     pub prompts: usize,
@@ -102,10 +116,12 @@ pub struct Settings {
     pub mastery_threshold: Option<f64>,
     pub priority_floor: Option<f64>,
     pub calibrated: Option<bool>,
+    pub noise_scale: Option<bool>,
     pub explore_seed: Option<u64>,
     pub skip_price: Option<f64>,
     pub prior: Option<(f64, f64)>,
     pub forget: Option<f64>,
+    pub run_policies: bool,
 }
 
 impl Settings {
@@ -120,6 +136,7 @@ impl Settings {
             skip_factor: self.skip_factor,
             min_rollouts: self.min_rollouts,
             calibrated: self.calibrated,
+            noise_scale: self.noise_scale,
             estimator: self.estimator,
             explore_seed: self.explore_seed,
             skip_price: self.skip_price,
@@ -147,12 +164,44 @@ fn check_reference_values(rule: Rule, o: &PoolAllocateOptions) -> crate::Result<
     check_options(0, rule, &options)
 }
 
+/// The fewest rollouts per prompt on average (budget / prompts) a run may give the skip rule.
+pub const SKIP_MIN_MEAN_ROLLOUTS: i64 = 3;
+
+/// A run policy, not an allocation rule (the skip rule is well defined at any budget, and
+/// `allocate` takes it): a run with rule "neyman", `lo = 0` and `skip_factor > 0` needs at least
+/// [`SKIP_MIN_MEAN_ROLLOUTS`] rollouts per prompt on average. Why: at n₀ = B/N rollouts each,
+/// prompts of equal variance v (e.g. all unseen) have the shadow price λ = v/((n₀−1)n₀)
+/// (`skip.rs`), and v < 4λ once n₀ < 2.56, so the default factor 4 would skip among equals,
+/// i.e. at random; 3 leaves a margin. `prompts` = 0 (no step) passes.
+pub fn check_skip_budget(
+    rule: Rule,
+    skip_factor: Option<f64>,
+    prompts: usize,
+    budget: i64,
+    lo: i64,
+) -> crate::Result<()> {
+    let skipping = rule == Rule::Neyman && lo == 0 && skip_factor.is_some_and(|f| f > 0.0);
+    if skipping && prompts > 0 && budget < SKIP_MIN_MEAN_ROLLOUTS * prompts as i64 {
+        // two decimals, trailing zeros dropped: 2.67, 2.5, 2
+        let mean = format!("{:.2}", budget as f64 / prompts as f64);
+        let mean = mean.trim_end_matches('0').trim_end_matches('.');
+        return Err(Error::invalid(format!(
+            "skip_factor {} needs >= {SKIP_MIN_MEAN_ROLLOUTS} rollouts per prompt on average, got \
+             {mean} (budget {budget} over {prompts} prompts): with fewer, prompts of equal variance \
+             fall below the skip cut and are skipped at random",
+            skip_factor.unwrap_or(0.0)
+        )));
+    }
+    Ok(())
+}
+
 /// Every problem of `s`, at most one per [`Subject`], in the order of the subjects (empty:
 /// an allocation call with these settings passes its argument checks for any valid data).
-/// With a rule, the reference options, `calibrated` and `explore_seed` are judged always (the
-/// pool checks them before the bounds); the other rule-dependent checks (skip switches,
-/// estimator, skip price) only when the bounds and budget hold, as in the allocation call,
-/// whose later checks assume them.
+/// With a rule, the reference options, `calibrated`, `noise_scale` and `explore_seed` are judged
+/// always (the pool checks them before the bounds); the other rule-dependent checks (skip
+/// switches, estimator, skip price) only when the bounds and budget hold, as in the allocation
+/// call, whose later checks assume them. With `run_policies`, [`check_skip_budget`] after a
+/// valid `skip_factor`.
 pub fn problems(s: &Settings) -> Vec<Problem> {
     let mut out = Vec::new();
     let mut push = |subject: Subject, r: crate::Result<()>| {
@@ -184,6 +233,10 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
             Subject::Calibrated,
             check_uniform_switch(rule, "calibrated", s.calibrated),
         );
+        push(
+            Subject::NoiseScale,
+            check_noise_scale_switch(rule, s.noise_scale),
+        );
     }
     if let (Some(rule), true) = (s.rule, budget_ok) {
         for (subject, sel) in [
@@ -207,10 +260,15 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
                 min_rollouts: sel.min_rollouts,
                 ..Options::default()
             };
-            push(
-                subject,
-                check_selection(rule, &options, &sel, s.budget, s.lo, s.hi),
-            );
+            let checked = check_selection(rule, &options, &sel, s.budget, s.lo, s.hi);
+            let skip_ok = subject == Subject::SkipFactor && checked.is_ok();
+            push(subject, checked);
+            if skip_ok && s.run_policies {
+                push(
+                    Subject::SkipBudget,
+                    check_skip_budget(rule, s.skip_factor, s.prompts, s.budget, s.lo),
+                );
+            }
         }
         if let Some(e) = s.estimator {
             let options = Options {
@@ -507,6 +565,16 @@ mod tests {
             ),
             (
                 Settings {
+                    rule: Some(Rule::Uniform),
+                    noise_scale: Some(true),
+                    ..settings(8, 32, 2, 8)
+                },
+                "noise_scale",
+                "noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance by \
+                 its noise scale: only rules 'neyman' and 'proportional' weigh prompts by variance)",
+            ),
+            (
+                Settings {
                     estimator: rloo,
                     mastery: Some(true),
                     ..settings(8, 32, 2, 8)
@@ -608,18 +676,97 @@ mod tests {
     }
 
     #[test]
+    fn the_skip_budget_is_a_run_policy_judged_on_request() {
+        // 2x over-sampling of 16 prompts x 8 rollouts: 128 over 48 candidates, 2.67 each
+        let s = Settings {
+            skip_factor: Some(4.0),
+            ..settings(48, 128, 0, 32)
+        };
+        assert!(problems(&s).is_empty(), "the allocation call takes it");
+        assert!(allocate(
+            &[0.25; 48],
+            128,
+            0,
+            32,
+            Rule::Neyman,
+            &Options {
+                skip_factor: Some(4.0),
+                ..Options::default()
+            }
+        )
+        .is_ok());
+        let run = Settings {
+            run_policies: true,
+            ..s
+        };
+        assert_eq!(
+            found(&run),
+            [(
+                "skip_budget",
+                "skip_factor 4 needs >= 3 rollouts per prompt on average, got 2.67 (budget 128 \
+                 over 48 prompts): with fewer, prompts of equal variance fall below the skip cut \
+                 and are skipped at random"
+                    .to_string()
+            )]
+        );
+        // exactly 3 each passes; 2.5 is written as such
+        let three = Settings { budget: 144, ..run };
+        assert!(problems(&three).is_empty());
+        let half = Settings { budget: 120, ..run };
+        assert!(found(&half)[0]
+            .1
+            .contains("got 2.5 (budget 120 over 48 prompts)"));
+        // not skipping (factor 0, or lo > 0, or another rule): no policy
+        for other in [
+            Settings {
+                skip_factor: Some(0.0),
+                ..run
+            },
+            Settings {
+                skip_factor: None,
+                ..run
+            },
+            Settings {
+                rule: Some(Rule::Proportional),
+                skip_factor: None,
+                ..run
+            },
+        ] {
+            assert!(problems(&other).is_empty(), "{other:?}");
+        }
+        // a bad skip_factor is reported as such, the policy is not judged on it
+        let bad = Settings {
+            skip_factor: Some(f64::NAN),
+            ..run
+        };
+        let subjects: Vec<_> = found(&bad).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(subjects, ["skip_factor"]);
+        assert_eq!(
+            check_skip_budget(Rule::Neyman, Some(4.0), 0, 0, 0).map_err(|e| e.to_string()),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn the_pools_switches_are_judged_whatever_the_bounds() {
         let s = Settings {
             rule: Some(Rule::Uniform),
             mastery: Some(true),
             calibrated: Some(true),
+            noise_scale: Some(true),
             explore_seed: Some(1),
             ..settings(8, 32, 9, 8)
         };
         let subjects: Vec<_> = found(&s).into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             subjects,
-            ["bounds", "reference_options", "calibrated", "explore_seed"]
+            [
+                "bounds",
+                "reference_options",
+                "calibrated",
+                "noise_scale",
+                "explore_seed"
+            ]
         );
         // skip_price's preconditions involve lo: judged only with valid bounds and budget
         let s = Settings {

@@ -58,7 +58,14 @@ def test_budget_and_candidates():
         (dict(skip_factor=-1.0, lo=0, hi=16),
          "--dynamo.allocation.skip_factor: skip_factor must be a finite non-negative number, got -1"),
         (dict(skip_factor=4.0, lo=0, hi=16, oversample=2.0),
-         "--dynamo.allocation.skip_factor needs >= 3 rollouts per candidate prompt on average, got 2"),
+         "--dynamo.allocation.skip_factor with --dynamo.allocation.oversample 2 and --rollout.n_samples_per_prompt 4: "
+         "skip_factor 4 needs >= 3 rollouts per prompt on average, got 2 (budget 32 over 16 prompts): with fewer, "
+         "prompts of equal variance fall below the skip cut and are skipped at random; lower "
+         "--dynamo.allocation.oversample or set --dynamo.allocation.skip_factor 0"),
+        (dict(rule="uniform", noise_scale="pisq"),
+         "--dynamo.allocation.noise_scale pisq with --dynamo.allocation.rule uniform: noise_scale does not apply to "
+         "rule 'uniform' (it weighs each prompt's variance by its noise scale: only rules 'neyman' and "
+         "'proportional' weigh prompts by variance); use --dynamo.allocation.noise_scale off"),
         (dict(min_rollouts=2), "--dynamo.allocation.min_rollouts: min_rollouts requires lo = 0 (with lo > 0 no prompt "
                                "gets 0 rollouts; raise lo instead), got lo = 2"),
         (dict(min_rollouts=2, lo=0, rule="proportional"),

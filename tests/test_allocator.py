@@ -670,9 +670,10 @@ def test_scale_gives_the_dp_optimum_of_the_weighted_objective(problem, data):
     if lo == 0 and budget < sum(x > 0 for x in w):
         return
     best = dp_optimum(v, budget, lo, hi, cost=None) if s == [1.0] * len(v) else None
+    # zero tests on the products: a subnormal v times a small scale underflows to 0 (v = 5e-324, s = 0.02)
     weighted = dp_optimum(list(range(len(v))), budget, lo, hi, cost=lambda i, k: (
-        0.0 if v[i] == 0 else (math.inf if k == 0 else s[i] * v[i] / k)))
-    cost = sum(0.0 if x == 0 else y * x / k for x, y, k in zip(v, s, got.tolist()))
+        0.0 if w[i] == 0 else (math.inf if k == 0 else w[i] / k)))
+    cost = sum(0.0 if x == 0 else x / k for x, k in zip(w, got.tolist()))
     assert cost == pytest.approx(weighted, rel=1e-12, abs=1e-300)
     if best is not None:
         assert weighted == best
@@ -765,8 +766,9 @@ def test_large_scale_reports_the_first_bad_index():
 def test_allocation_problems_are_the_allocation_calls_messages():
     from dynamo_openrlhf import PROBLEM_SUBJECTS, allocation_problems
 
-    assert PROBLEM_SUBJECTS == ("bounds", "budget", "reference_options", "calibrated", "skip_factor", "min_rollouts",
-                                "estimator", "skip_price", "explore_seed", "prior", "forget")
+    assert PROBLEM_SUBJECTS == ("bounds", "budget", "reference_options", "calibrated", "noise_scale", "skip_factor",
+                                "skip_budget", "min_rollouts", "estimator", "skip_price", "explore_seed", "prior",
+                                "forget")
     assert allocation_problems(16, 64, 2, 6, "neyman", estimator="rloo", prior=(1.0, 1.0), forget=0.9) == []
     cases = [  # settings, the call that raises for them
         (dict(prompts=2, budget=4, lo=3, hi=1), lambda: allocate_rollouts([0.1, 0.2], 4, 3, 1)),
@@ -800,6 +802,8 @@ def test_allocation_problems_are_the_allocation_calls_messages():
          lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, estimator="group_norm", skip_price=4.0)),
         (dict(prompts=4, budget=8, lo=2, hi=4, rule="neyman", explore_seed=3),
          lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, explore_seed=3)),
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="uniform", noise_scale=True),
+         lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, "uniform", noise_scale=True)),
     ]
     for kw, call in cases:
         with pytest.raises(ValueError) as info:
@@ -815,6 +819,14 @@ def test_allocation_problems_are_the_allocation_calls_messages():
     # every problem at once, in the subjects' order; unknown names raise as in the allocation calls
     found = allocation_problems(8, 32, 0, 8, "neyman", skip_factor=-1.0, min_rollouts=9, forget=2.0)
     assert [s for s, _ in found] == ["skip_factor", "min_rollouts", "forget"]
+    # the run policy (skip_budget) only on request: the allocation call takes the skip rule at 2 rollouts each
+    assert allocate_rollouts(np.full(16, 0.25), 32, 0, 8, skip_factor=4.0).sum() == 32
+    assert allocation_problems(16, 32, 0, 8, "neyman", skip_factor=4.0) == []
+    assert allocation_problems(16, 32, 0, 8, "neyman", skip_factor=4.0, run_policies=True) == [(
+        "skip_budget", "skip_factor 4 needs >= 3 rollouts per prompt on average, got 2 (budget 32 over 16 prompts): "
+                       "with fewer, prompts of equal variance fall below the skip cut and are skipped at random")]
+    assert allocation_problems(16, 48, 0, 8, "neyman", skip_factor=4.0, run_policies=True) == []
+    assert allocation_problems(16, 32, 0, 8, "neyman", skip_factor=0.0, run_policies=True) == []
     with pytest.raises(ValueError, match="^rule must be one of 'neyman', 'proportional', 'uniform', got \"filter\"$"):
         allocation_problems(8, 32, 0, 8, "filter")
     with pytest.raises(ValueError, match="^estimator must be None or one of"):

@@ -205,3 +205,29 @@ def test_cli_and_standalone_api_give_the_same_message_for_the_pools_switches(tmp
     assert line == ("python -m dynamo_openrlhf.train: error: --dynamo.allocation.exploration/mastery options: "
                     f"{uniform}; --dynamo.allocation.skip_price nan (0 = off) with "
                     f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator: {price}")
+
+
+def test_cli_and_standalone_api_give_the_same_message_for_noise_scale_and_the_skip_budget(tmp_path):
+    """noise_scale with a rule that does not weigh prompts by variance, and the skip rule's run policy (>= 3
+    rollouts per candidate prompt on average), are judged by the core too: the launcher reports the very message
+    ``PassRatePool.allocate`` raises / ``allocation_problems(..., run_policies=True)`` lists, after the flags."""
+    from dynamo_openrlhf import PassRatePool, allocate_rollouts, allocation_problems
+
+    noise = _message(lambda: PassRatePool().allocate(np.arange(16), 128, 6, 10, "uniform", noise_scale=True))
+    assert noise == ("noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance by its noise "
+                     "scale: only rules 'neyman' and 'proportional' weigh prompts by variance)")
+    line = _cli_error(tmp_path, "--dynamo.allocation.rule", "uniform", "--dynamo.allocation.noise_scale", "nll")
+    assert line == ("python -m dynamo_openrlhf.train: error: --dynamo.allocation.noise_scale nll with "
+                    f"--dynamo.allocation.rule uniform: {noise}; use --dynamo.allocation.noise_scale off")
+    # over-sampling 3x with the Σ v/n model (reinforce): 48 candidates share 16 x 8 = 128 rollouts at bounds 0..32,
+    # with the default skip_factor 4; a standalone call skips at that budget, a run is refused
+    assert allocate_rollouts(np.full(48, 0.25), 128, 0, 32, skip_factor=4.0).sum() == 128
+    assert allocation_problems(48, 128, 0, 32, "neyman", skip_factor=4.0) == []
+    ((subject, skip),) = allocation_problems(48, 128, 0, 32, "neyman", skip_factor=4.0, run_policies=True)
+    assert (subject, skip) == ("skip_budget", "skip_factor 4 needs >= 3 rollouts per prompt on average, got 2.67 "
+                               "(budget 128 over 48 prompts): with fewer, prompts of equal variance fall below the "
+                               "skip cut and are skipped at random")
+    line = _cli_error(tmp_path, "--algo.advantage.estimator", "reinforce", "--dynamo.allocation.oversample", "3")
+    assert line == ("python -m dynamo_openrlhf.train: error: --dynamo.allocation.skip_factor with "
+                    f"--dynamo.allocation.oversample 3 and --rollout.n_samples_per_prompt 8: {skip}; lower "
+                    "--dynamo.allocation.oversample or set --dynamo.allocation.skip_factor 0")

@@ -381,11 +381,16 @@ def test_flag_resolves_and_is_refused_where_no_rule_uses_it():
     assert AllocationConfig.from_args(_args(rule="proportional", noise="nll", estimator="gae")).noise_scale == "nll"
     assert AllocationConfig.from_args(_args(estimator="group_norm", noise="length")).noise_scale == "length"
     assert _dynamo_problems(_args(noise="nll")) == [] and _dynamo_problems(_args(rule="off")) == []
-    for rule in ("uniform", "filter"):
+    # judged by the core (the pool's own message), rule filter as the core's uniform
+    with pytest.raises(ValueError) as pool_error:
+        PassRatePool().allocate(np.arange(4), 8, 2, 2, "uniform", noise_scale=True)
+    assert str(pool_error.value) == ("noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance "
+                                     "by its noise scale: only rules 'neyman' and 'proportional' weigh prompts by "
+                                     "variance)")
+    for rule, note in (("uniform", ""), ("filter", " (rule filter allocates with the core's rule uniform)")):
         (p,) = _dynamo_problems(_args(rule=rule, noise="nll"))
-        assert p == (f"--dynamo.allocation.noise_scale nll weighs each prompt's variance by its noise scale: only "
-                     f"for --dynamo.allocation.rule neyman or proportional (rule {rule} does not weigh prompts by "
-                     "variance); use --dynamo.allocation.noise_scale off")
+        assert p == (f"--dynamo.allocation.noise_scale nll with --dynamo.allocation.rule {rule}{note}: "
+                     f"{pool_error.value}; use --dynamo.allocation.noise_scale off")
     (p,) = _dynamo_problems(_args(rule="off", noise="pisq"))
     assert p == ("--dynamo.allocation.noise_scale pisq needs the pass-rate pool of an allocation rule (neyman or "
                  "proportional), not --dynamo.allocation.rule off")
