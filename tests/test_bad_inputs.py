@@ -92,14 +92,14 @@ def _resume_auto_L_without_state():
 
 
 def _cpu_engine_without_vllm():
-    from dynamo_openrlhf import cpu_backend
+    from dynamo_openrlhf.cpu_backend import vllm_on_cpu
 
-    real = cpu_backend.vllm_cpu_build
-    cpu_backend.vllm_cpu_build = lambda: None
+    real = vllm_on_cpu.vllm_cpu_build  # where resolve_cpu_engine looks it up
+    vllm_on_cpu.vllm_cpu_build = lambda: None
     try:
-        cpu_backend.resolve_cpu_engine("vllm")
+        vllm_on_cpu.resolve_cpu_engine("vllm")
     finally:
-        cpu_backend.vllm_cpu_build = real
+        vllm_on_cpu.vllm_cpu_build = real
 
 
 def _reward_check():

@@ -13,25 +13,33 @@ LAUNCHER = f"{PACKAGE}.train"
 GROUND_FLOOR = {f"{PACKAGE}.metrics": {"numpy", "typing"}}
 
 
-def _module_name(path: Path) -> str:
-    return PACKAGE if path.name == "__init__.py" else f"{PACKAGE}.{path.stem}"
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    """``root/a/b.py`` -> ``dynamo_openrlhf.a.b``; a package's ``__init__.py`` names the package."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([PACKAGE, *parts])
 
 
 def package_imports(root: Path = ROOT) -> Dict[str, Set[str]]:
-    """module -> the other package modules it imports (``from dynamo_openrlhf import x`` names the submodule
-    x when there is one, else the package itself; relative imports resolved; the compiled ``_core`` is no
-    file here, so importing it counts as importing the package)."""
-    modules = {_module_name(p): p for p in sorted(root.glob("*.py"))}
+    """module -> the other package modules it imports, subpackages included (``from dynamo_openrlhf import x``
+    names the submodule x when there is one, else the package itself; relative imports resolved against the
+    importing module's package; the compiled ``_core`` is no file here, so importing it counts as importing
+    the package)."""
+    modules = {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
     graph: Dict[str, Set[str]] = {}
     for name, path in modules.items():
         edges: Set[str] = set()
+        # the package a relative import starts from: the module itself for an __init__.py, else its parent
+        own_package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = PACKAGE + ("." + base if base else "")
+                    anchor = own_package.rsplit(".", node.level - 1)[0] if node.level > 1 else own_package
+                    base = anchor + ("." + base if base else "")
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                            for alias in node.names]
             else:
@@ -100,9 +108,33 @@ def test_graph_reads_the_import_forms(tmp_path):
     assert import_cycles(g) == [[f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c"]]
 
 
+def test_graph_reads_subpackages(tmp_path):
+    pkg = tmp_path / PACKAGE
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "top.py").write_text("from dynamo_openrlhf.sub import y\n")
+    (pkg / "sub" / "__init__.py").write_text("from .x import f\nfrom . import y\n")
+    (pkg / "sub" / "x.py").write_text("from ..top import g\nfrom .y import h\n")
+    (pkg / "sub" / "y.py").write_text("import dynamo_openrlhf.sub\n")
+    g = package_imports(pkg)
+    sub = f"{PACKAGE}.sub"
+    assert g == {PACKAGE: set(), f"{PACKAGE}.top": {f"{sub}.y"}, sub: {f"{sub}.x", f"{sub}.y"},
+                 f"{sub}.x": {f"{PACKAGE}.top", f"{sub}.y"}, f"{sub}.y": {sub}}
+    assert import_cycles(g) == [[sub, f"{sub}.x", f"{sub}.y", f"{PACKAGE}.top"]]  # sub -> x -> top -> y -> sub
+    del g[f"{sub}.y"]
+    assert import_cycles(g) == []
+
+
 def test_no_import_circle_in_the_package():
     graph = package_imports()
     assert len(graph) >= 15  # the package was read
+    # the CPU backend's modules too (a subpackage, one module per concept)
+    layers = [f"{PACKAGE}.cpu_backend.{m}" for m in ("settings", "import_stand_ins", "process_patches", "vllm_on_cpu",
+                                                     "transformers_engine", "rollout_engines", "activation",
+                                                     "ray_setup")]
+    assert {m for m in graph if m.startswith(f"{PACKAGE}.cpu_backend.")} == set(layers)
+    for i, module in enumerate(layers):  # each imports only the backend modules listed before it (docs/cpu_backend.md)
+        assert graph[module] & set(layers) <= set(layers[:i]), module
     assert import_cycles(graph) == []
 
 

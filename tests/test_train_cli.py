@@ -113,6 +113,7 @@ def test_builtin_reward_name_resolves_to_its_file():
 DTYPE_SCRIPT = r"""
 import json, os, sys
 from dynamo_openrlhf import cpu_backend
+from dynamo_openrlhf.cpu_backend.vllm_on_cpu import _vllm_engine_kwargs
 assert cpu_backend.apply_cpu_patches()
 import openrlhf.utils.deepspeed.deepspeed as ds_strategy
 import openrlhf.utils.utils as openrlhf_utils
@@ -122,8 +123,8 @@ for value in ("fp32", "bf16"):
     os.environ[cpu_backend.DTYPE_ENV] = value
     train = ds_strategy.get_train_ds_config(offload=False, stage=2, param_dtype="bf16", max_norm=1.0)
     ev = ds_strategy.get_eval_ds_config(offload=False, stage=0, param_dtype="bf16")
-    engine = cpu_backend._vllm_engine_kwargs({}, num_gpus=0, full_determinism=False, enable_prefix_caching=False,
-                                             logprobs_mode=None)
+    engine = _vllm_engine_kwargs({}, num_gpus=0, full_determinism=False, enable_prefix_caching=False,
+                                 logprobs_mode=None)
     out[value] = [str(openrlhf_utils.convert_to_torch_dtype("bf16")), train["bf16"]["enabled"],
                   train["fp16"]["enabled"], ev["bf16"]["enabled"], engine["dtype"]]
 os.environ[cpu_backend.DTYPE_ENV] = "fp64"

@@ -18,6 +18,7 @@ import pytest
 from _procs import marked_env, marked_processes, new_marker
 
 from dynamo_openrlhf import cpu_backend
+from dynamo_openrlhf.cpu_backend import vllm_on_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -71,14 +72,14 @@ def test_the_train_extra_pins_setuptools_as_vllms_cpu_build_does():
 
 
 def test_engine_choice(monkeypatch):
-    monkeypatch.setattr(cpu_backend, "vllm_cpu_build", lambda: None)
+    monkeypatch.setattr(vllm_on_cpu, "vllm_cpu_build", lambda: None)  # where resolve_cpu_engine looks it up
     assert cpu_backend.resolve_cpu_engine("auto") == "transformers"
     assert cpu_backend.resolve_cpu_engine("transformers") == "transformers"
     with pytest.raises(ValueError, match=r"--dynamo.cpu_engine vllm: no vLLM CPU build imports here"):
         cpu_backend.resolve_cpu_engine("vllm")
     with pytest.raises(ValueError, match=r"--dynamo.cpu_engine must be one of auto, vllm, transformers, got 'tpu'"):
         cpu_backend.resolve_cpu_engine("tpu")
-    monkeypatch.setattr(cpu_backend, "vllm_cpu_build", lambda: "0.29.0")
+    monkeypatch.setattr(vllm_on_cpu, "vllm_cpu_build", lambda: "0.29.0")
     assert cpu_backend.resolve_cpu_engine("auto") == "vllm"
     assert cpu_backend.resolve_cpu_engine("transformers") == "transformers"
 
