@@ -60,6 +60,7 @@ from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noq
 from dynamo_openrlhf.checkpoint import MODEL_STATES, latest_tag  # noqa: E402
 from dynamo_openrlhf.metrics import default_ks, is_success, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
+from dynamo_openrlhf.ppo_actor import TRAINED_SAMPLES_KEY  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
     RolloutGroups,
@@ -68,10 +69,13 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
     reward_source,
 )
 
-__all__ = ["DynamoPPOTrainer", "STATE_VERSION", "eval_extras_and_row", "pool_from_checkpoint", "pool_to_checkpoint",
-           "restored_pool_digest", "scalars"]
+__all__ = ["DynamoPPOTrainer", "POOL_STALENESS_KEY", "STATE_VERSION", "eval_extras_and_row", "pool_from_checkpoint",
+           "pool_to_checkpoint", "restored_pool_digest", "scalars", "untrained_note"]
 
 STATE_VERSION = 3  # of client_states["dynamo"]; 1 = history only; 2 = + pool; 3 = + running token normaliser
+#: Policy updates by which the pool (and the generating weights) lag the sync schedule: always 0 here, up to
+#: --train.async_queue_size under the async trainer (dynamo_openrlhf.ppo_trainer_async, docs/async.md).
+POOL_STALENESS_KEY = "dynamo/pool_staleness"
 
 
 def pool_to_checkpoint(data: bytes) -> torch.Tensor:
@@ -161,6 +165,23 @@ def eval_extras_and_row(global_step: int, logs: Optional[Dict[str, Any]], sample
     return extra, row
 
 
+def untrained_note(step: int, samples: int, trained: Optional[float], micro_batch_size: int) -> Optional[str]:
+    """The line printed for a step whose batch OpenRLHF's actor did not train in full, else None.
+    ``trained``: the actor's ``dynamo/trained_samples`` (None when it did not report: nothing to say).
+    OpenRLHF reads each rank's replay buffer in micro-batches of ``micro_batch_size`` with ``drop_last``, so a
+    batch with fewer samples than one micro-batch (dynamic filtering's or a short data set's last batch) trains
+    nothing: its row then has no loss and no modulation statistics."""
+    if trained is None or int(trained) >= samples:
+        return None
+    trained = int(trained)
+    if trained == 0:
+        return (f"[dynamo] step {step}: the batch's {samples} samples are fewer than one micro-batch "
+                f"(--train.micro_batch_size {micro_batch_size} per rank): OpenRLHF's actor trained on none of them "
+                "(no loss or modulation statistics this step)")
+    return (f"[dynamo] step {step}: OpenRLHF's actor trained {trained} of the batch's {samples} samples (each rank "
+            f"drops its remainder of --train.micro_batch_size {micro_batch_size})")
+
+
 class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
     """OpenRLHF's ``PPOTrainer`` with DynaMO's allocation loop (see module docstring)."""
 
@@ -235,6 +256,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             if expected is not None and len(rollout_samples) != expected:
                 raise RuntimeError(f"step has {len(rollout_samples)} samples, the allocation's budget is {expected}")
         status, global_step = super().train_step(rollout_samples, global_step)
+        status[POOL_STALENESS_KEY] = 0.0  # each batch is drawn from the pool after every earlier step's update
         status.update(self._generated_since_last_step())
         status.update(self._fault_counts_since_last_step())
         if getattr(self.samples_generator, "filtering", False):  # dynamic filtering with an allocation
@@ -246,6 +268,10 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             t0 = time.time()
             status.update(self.allocator.metrics())
             status["timing/dynamo_pool"] = time.time() - t0  # the pool's metrics (its update: make_experience)
+        note = untrained_note(global_step, len(rollout_samples), status.get(TRAINED_SAMPLES_KEY),
+                              self.args.train.micro_batch_size)
+        if note is not None:
+            print(note, flush=True)
         return status, global_step
 
     def _generated_since_last_step(self) -> Dict[str, float]:

@@ -27,10 +27,12 @@ trainer's step back to the generator. DynaMO subclasses all three (the upstream 
 * :class:`DynamoPPOTrainerAsync` hands a checkpoint's pool back to the generator on resume, tells it the step
   it resumes at, saves ``<run_dir>/pass_rate_pool.bin`` at the end and answers ``get_dynamo_history``.
 
-Checkpoints: the pool saved at step s is the pool after the batches trained in steps 1..s (the state the
-generator attached to batch s), not the generator's pool at save time, which already holds the outcomes of
-the batches waiting in the queue. Those batches are not in the checkpoint: on resume the generator restarts
-from batch s's data-loader state and pool, regenerates them, and each of their rollouts reaches the pool once.
+Checkpoints: a checkpoint at step s holds the pool after the batches trained in steps 1..s (the state the
+generator attached to batch s) and the batches already generated for steps s+1.. (at most q), pickled with the
+generator's state after them (pool, group serials, over-sampling buffer, data-loader state), which the generator
+records in a :class:`QueueLedger` before it puts them in the queue. On resume the generator takes up its state
+after the last of them and puts them back in the queue, in order, before generating: each rollout reaches the
+pool once and no batch is generated twice (docs/async.md, "Checkpoints and resume": what is exact and what not).
 
 Evaluation: ``--dynamo.eval_at_start`` / ``--dynamo.eval_at_end`` run in the generator (it owns the eval
 loader), before the first and after the last step, and their rows go to the history like the sync trainer's.
@@ -42,8 +44,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dynamo_openrlhf import cpu_backend
 
@@ -64,6 +67,7 @@ from dynamo_openrlhf.ppo_trainer import (  # noqa: E402
     pool_from_checkpoint,
     pool_to_checkpoint,
     scalars,
+    untrained_note,
 )
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
@@ -72,8 +76,9 @@ from dynamo_openrlhf.samples_generator import (  # noqa: E402
     reward_source,
 )
 
-__all__ = ["BATCH_KEY", "DynamoGenerateSamplesActor", "DynamoPPOTrainerAsync", "DynamoTrainingActor",
-           "pool_staleness", "untrained_note"]
+__all__ = ["BATCH_KEY", "DynamoGenerateSamplesActor", "DynamoPPOTrainerAsync", "DynamoTrainingActor", "QueueLedger",
+           "checkpoint_queue", "may_save", "pool_staleness", "queued_at_a_save", "restore_queue", "samples_digest",
+           "untrained_note"]
 
 #: Where a batch's DynaMO numbers ride in its ``client_states`` through the async queue (popped by the trainer).
 BATCH_KEY = "dynamo_batch"
@@ -93,21 +98,136 @@ def pool_staleness(generated_batches: int, trained_steps: int) -> int:
     return generated_batches - trained_steps
 
 
-def untrained_note(step: int, samples: int, trained: Optional[float], micro_batch_size: int) -> Optional[str]:
-    """The line printed for a step whose batch OpenRLHF's actor did not train in full, else None.
-    ``trained``: the actor's ``dynamo/trained_samples`` (None when it did not report: nothing to say).
-    OpenRLHF reads each rank's replay buffer in micro-batches of ``micro_batch_size`` with ``drop_last``, so a
-    batch with fewer samples than one micro-batch (dynamic filtering's or a short data set's last batch) trains
-    nothing: its row then has no loss and no modulation statistics."""
-    if trained is None or int(trained) >= samples:
-        return None
-    trained = int(trained)
-    if trained == 0:
-        return (f"[dynamo] step {step}: the batch's {samples} samples are fewer than one micro-batch "
-                f"(--train.micro_batch_size {micro_batch_size} per rank): OpenRLHF's actor trained on none of them "
-                "(no loss or modulation statistics this step)")
-    return (f"[dynamo] step {step}: OpenRLHF's actor trained {trained} of the batch's {samples} samples (each rank "
-            f"drops its remainder of --train.micro_batch_size {micro_batch_size})")
+def may_save(step: int, save_steps: float, eval_steps: float) -> bool:
+    """Whether the trainer's ``step`` may write a checkpoint: a regular one (``--ckpt.save_steps``) or a best one
+    at an evaluation (``--eval.steps``); either may be ``inf`` (never), as OpenRLHF sets -1."""
+    return step % save_steps == 0 or step % eval_steps == 0
+
+
+def queued_at_a_save(step: int, queue_size: int, first_step: int, save_steps: float, eval_steps: float) -> bool:
+    """Whether batch ``step`` can be waiting in the async queue while the trainer writes a checkpoint: the
+    generator runs at most ``queue_size`` (q) batches ahead of the trainer, so batch b can be queued at the save
+    of step s only for b - q <= s <= b - 1; ``first_step``: the first step this run segment trains (a resume's
+    step + 1; a step before it is not saved again)."""
+    if queue_size < 1:
+        raise ValueError(f"queued_at_a_save: queue_size must be >= 1, got {queue_size}")
+    return any(may_save(s, save_steps, eval_steps) for s in range(max(first_step, step - queue_size), step))
+
+
+def samples_digest(samples: Sequence[Any]) -> str:
+    """sha256 (hex) of a batch's rollouts as the trainer receives them, in order: each sample's token ids
+    (``sequences``, int64), rewards and scores (float64; absent ones skipped), prompts and labels. Equal digests:
+    the same rollouts, with the same rewards, in the same order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(np.ascontiguousarray(s.sequences.detach().cpu().numpy(), dtype=np.int64).tobytes())
+        for name in ("rewards", "scores"):
+            v = getattr(s, name, None)
+            h.update(name.encode())
+            if v is not None:
+                h.update(np.ascontiguousarray(v.detach().cpu().double().numpy()).tobytes())
+        h.update("\0".join(list(s.prompts) + ["|"] + [str(x) for x in s.labels]).encode())
+    return h.hexdigest()
+
+
+def restore_queue(queue: Sequence[Tuple[int, bytes]], start_step: int, queue_size: int) -> List[tuple]:
+    """The queued batches of a checkpoint at step ``start_step`` (``(step, pickled payload)`` in queue order, as
+    :class:`DynamoTrainingActor` saves them) back as queue payloads ``(samples, client_states, filter_pass_rate,
+    generation_time)``, each with its ``BATCH_KEY`` entry. ValueError when their steps are not ``start_step + 1``,
+    ``start_step + 2``, ..., when there are more than ``queue_size`` (the queue could not hold them), or when a
+    payload is not a batch of that step."""
+    steps = [int(b) for b, _ in queue]
+    if steps != list(range(start_step + 1, start_step + 1 + len(steps))):
+        raise ValueError(f"the checkpoint of step {start_step} holds queued batches for steps {steps}; expected "
+                         f"{list(range(start_step + 1, start_step + 1 + len(steps)))}")
+    if len(steps) > queue_size:
+        raise ValueError(f"the checkpoint of step {start_step} holds {len(steps)} queued batches but "
+                         f"--train.async_queue_size is {queue_size}: resume with --train.async_queue_size "
+                         f">= {len(steps)}")
+    payloads = []
+    for b, blob in queue:
+        payload = pickle.loads(blob)
+        info = payload[1].get(BATCH_KEY) if _is_batch(payload) else None
+        if not info or info.get("step") != b or "generator_state" not in info:
+            raise ValueError(f"the checkpoint's queued batch for step {b} is not a batch of that step with the "
+                             "generator's state after it")
+        payloads.append(payload)
+    return payloads
+
+
+def checkpoint_queue(entries: Sequence[Dict[str, Any]]) -> List[Tuple[int, bytes]]:
+    """The ``"queue"`` entry of a checkpoint's DynaMO state as ``(step, pickled payload)`` pairs, each payload's
+    sha256 checked against the one saved with it (ValueError naming the step when it differs)."""
+    out = []
+    for e in entries:
+        blob = pool_from_checkpoint(e["payload"])
+        if hashlib.sha256(blob).hexdigest() != e["sha256"]:
+            raise ValueError(f"the checkpoint's queued batch for step {e['step']} does not match its sha256 "
+                             f"{e['sha256']}: the checkpoint file is damaged; resume from an earlier checkpoint")
+        out.append((int(e["step"]), blob))
+    return out
+
+
+class QueueLedger:
+    """The batches that may be waiting in the async queue when the trainer writes a checkpoint (a queue cannot
+    be read without taking from it). The generator announces each such batch as soon as it is generated (under
+    the rollout lock, before the trainer's next weight broadcast can start) and records it, pickled with its
+    ``BATCH_KEY`` entry (which holds the generator's state after it), just before it puts the batch in the queue.
+    At a save of step s the trainer takes the batches of steps > s (:meth:`after`), once every announced one is
+    recorded (:class:`_QueueLedgerActor` waits for that). So the checkpoint holds every batch generated by then
+    and the generator's state after the last of them. Runs as a Ray actor without CPUs, created by
+    :class:`DynamoPPOTrainerAsync`."""
+
+    def __init__(self):
+        self._entries: List[Tuple[int, bytes]] = []
+        self._announced: set = set()
+
+    def announce(self, step: int) -> None:
+        self._announced.add(int(step))
+
+    def record(self, step: int, blob: bytes) -> None:
+        step = int(step)
+        if self._entries and step <= self._entries[-1][0]:
+            raise ValueError(f"QueueLedger.record: batch {step} after batch {self._entries[-1][0]} (steps must rise)")
+        self._entries.append((step, blob))
+        self._announced.discard(step)
+
+    def unrecorded(self, step: int) -> List[int]:
+        """Batches of steps > ``step`` announced but not recorded yet (on their way to the queue)."""
+        return sorted(b for b in self._announced if b > int(step))
+
+    def after(self, step: int) -> List[Tuple[int, bytes]]:
+        """The recorded batches of steps > ``step``, in order; forgets the others (the trainer has taken them)."""
+        self._entries = [e for e in self._entries if e[0] > int(step)]
+        self._announced = {b for b in self._announced if b > int(step)}
+        return list(self._entries)
+
+
+@ray.remote(num_cpus=0)
+class _QueueLedgerActor:
+    """:class:`QueueLedger` as an async Ray actor: :meth:`after` waits for the announced batches' records."""
+
+    def __init__(self):
+        self.ledger = QueueLedger()
+
+    async def announce(self, step: int) -> None:
+        self.ledger.announce(step)
+
+    async def record(self, step: int, blob: bytes) -> None:
+        self.ledger.record(step, blob)
+
+    async def after(self, step: int, timeout_s: float = 600.0) -> List[Tuple[int, bytes]]:
+        import asyncio
+
+        deadline = time.monotonic() + timeout_s
+        while self.ledger.unrecorded(step):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the generator announced batches {self.ledger.unrecorded(step)} but did not "
+                                   f"record them within {timeout_s:g} s (did it stop?)")
+            await asyncio.sleep(0.01)  # the generator records right after releasing the rollout lock
+        return self.ledger.after(step)
 
 
 class _Tap:
@@ -172,7 +292,7 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
     """OpenRLHF's ``GenerateSamplesActor`` with DynaMO's sequence level (module docstring)."""
 
     def __init__(self, pretrain, strategy, vllm_engines, *, vllm_lock, rollout_queue, rollout_slots,
-                 dynamo_pool: Optional[PassRatePool] = None, **generate_kwargs):
+                 dynamo_pool: Optional[PassRatePool] = None, dynamo_ledger=None, **generate_kwargs):
         cpu_backend.apply_if_chosen(strategy.args)
         super().__init__(pretrain, strategy, vllm_engines, vllm_lock=vllm_lock,
                          rollout_queue=_Tap(rollout_queue, on_put=self._attach_batch),
@@ -210,21 +330,68 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
         self.trained = 0  # the trainer's steps of this segment, from the latest slot token
         self._pending: Optional[Dict[str, Any]] = None
         self._counted = (0, 0, 0, 0, 0, 0)
+        self.ledger = dynamo_ledger  # a QueueLedger actor (None: no checkpoint holds the queue)
+        self.queue_size = int(getattr(args.train, "async_queue_size", 1))
+        self._restored_batches: List[tuple] = []
 
     # -- driver calls --------------------------------------------------------------------------
-    def start_dynamo(self, start_step: int, allocator_state: Optional[Dict[str, Any]] = None) -> None:
+    def start_dynamo(self, start_step: int, allocator_state: Optional[Dict[str, Any]] = None,
+                     queue: Optional[Sequence[Tuple[int, bytes]]] = None) -> None:
         """Before ``fit``: the step the run (re)starts at, and on resume the checkpoint's allocator state (the
-        pool after the batches of steps 1..start_step)."""
+        pool after the batches of steps 1..start_step) and the batches that were waiting in the queue at the save
+        (``(step, pickled payload)``, :func:`restore_queue`). With queued batches the generator takes up its
+        state after the last of them (pool, group serials, over-sampling buffer; the data loader in
+        :meth:`load_state_dict`) and :meth:`fit` puts them back in the queue, in order, before it generates."""
         self.start_step = int(start_step)
-        if allocator_state is not None:
-            if self.allocator is None:
-                raise ValueError("the checkpoint holds a DynaMO pass-rate pool but the run has no allocation")
-            self.allocator.load_state_dict(allocator_state)
-            print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
-                  f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()}", flush=True)
-        elif self.allocator is not None and self.start_step > 0:
+        if allocator_state is not None and self.allocator is None:
+            raise ValueError("the checkpoint holds a DynaMO pass-rate pool but the run has no allocation")
+        if allocator_state is None and self.allocator is not None and self.start_step > 0:
             raise ValueError("the checkpoint has no DynaMO pass-rate pool (saved with --dynamo.allocation.rule "
                              "off or by an older version); cannot resume the allocation exactly")
+        payloads = restore_queue(queue or [], self.start_step, self.queue_size)
+        after = "the checkpoint's step"
+        if payloads:
+            last = payloads[-1][1][BATCH_KEY]
+            gen = self.samples_generator
+            gen._next_group = int(last["generator_state"]["next_group"])
+            if last["generator_state"].get("sample_buffer"):
+                gen._sample_buffer = list(last["generator_state"]["sample_buffer"])
+            if self.allocator is not None:
+                allocator_state = last["allocator_state"]  # the pool after the queued batches: each is in it once
+            self._restored_batches = payloads
+            self.batches = len(payloads)
+            after = f"queued batch {last['step']}"
+            print(f"[dynamo] restored {len(payloads)} queued batch(es) of steps "
+                  f"{[p[1][BATCH_KEY]['step'] for p in payloads]}: "
+                  + ", ".join(f"step {p[1][BATCH_KEY]['step']}: {len(p[0])} samples, samples sha256 "
+                              f"{samples_digest(p[0])}" for p in payloads), flush=True)
+        if allocator_state is not None:
+            self.allocator.load_state_dict(allocator_state)
+            print(f"[dynamo] restored pass-rate pool: {len(self.allocator.pool)} prompts, "
+                  f"{self.allocator.steps} updates, sha256 {self.allocator.pool_digest()} (after {after})",
+                  flush=True)
+
+    def load_state_dict(self, state_dict):
+        """The prompt loader's state on resume (OpenRLHF's call): the state after the last restored queued batch
+        when the checkpoint held some (the state OpenRLHF saved is the checkpoint's step's)."""
+        if self._restored_batches:
+            state_dict = self._restored_batches[-1][1]["data_loader_state_dict"]
+        super().load_state_dict(state_dict)
+        if getattr(self.samples_generator, "_sample_buffer", None):
+            # OpenRLHF opens a new loader iterator only once its buffer is empty; this one continues the loader
+            self.samples_generator._dataloader_iter = iter(self.prompts_dataloader)
+
+    def fit(self, episode: int, total_consumed_prompts: int) -> None:
+        """OpenRLHF's generator loop, after putting the restored queued batches back (each takes its slot token,
+        as when it was generated), from the episode and prompt count after the last of them."""
+        restored, self._restored_batches = self._restored_batches, []
+        for payload in restored:
+            self.rollout_slots.get(block=True)
+            self.rollout_queue.put(payload, block=True)
+        if restored:
+            episode = int(restored[-1][1]["episode"])
+            total_consumed_prompts = int(restored[-1][1]["total_consumed_prompts"])
+        return super().fit(episode, total_consumed_prompts)
 
     def save_pool(self, run_dir: Optional[str]) -> Optional[str]:
         """Write the pool to ``<run_dir>/pass_rate_pool.bin`` (after ``fit``); its sha256, or None."""
@@ -267,9 +434,15 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
         return out
 
     def _attach_batch(self, payload):
-        if _is_batch(payload) and self._pending is not None:
+        if not _is_batch(payload):
+            return payload
+        if self._pending is not None:
             payload[1][BATCH_KEY] = self._pending
             self._pending = None
+        info = payload[1].get(BATCH_KEY)
+        if self.ledger is not None and info and "generator_state" in info:
+            # before the queue has it: a checkpoint taken while it waits there finds it in the ledger
+            ray.get(self.ledger.record.remote(info["step"], pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)))
         return payload
 
     def _batch_info(self, samples, staleness: int) -> Dict[str, Any]:
@@ -284,6 +457,15 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
                    "dynamo/nonfinite_dropped": float(d[4]), "dynamo/prompts_truncated": float(d[5]),
                    "dynamo/pool_staleness": float(staleness)}
         info: Dict[str, Any] = {"step": step, "metrics": metrics}
+        a = self.args
+        save = may_save(step, a.ckpt.save_steps, a.eval.steps)
+        queued = self.ledger is not None and queued_at_a_save(step, self.queue_size, self.start_step + 1,
+                                                               a.ckpt.save_steps, a.eval.steps)
+        if queued:  # the generator's state after this batch, for a checkpoint taken while it waits in the queue
+            info["generator_state"] = {"next_group": int(getattr(gen, "_next_group", 0)),
+                                       "sample_buffer": list(getattr(gen, "_sample_buffer", None) or [])}
+            # still under the rollout lock: the trainer's next broadcast, hence its next save, comes after this
+            ray.get(self.ledger.announce.remote(step))
         if gen.filtering:
             metrics.update({"dynamo/filtered_groups": float(d[2]), "dynamo/filtered_rollouts": float(d[3])})
         if self.allocator is None:
@@ -297,8 +479,7 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
         metrics["timing/dynamo_pool"] = time.time() - t0
         info["expected_samples"] = int(self.allocator.last.budget - gen.last_nonfinite_dropped
                                        - gen.last_filtered_rollouts)
-        a = self.args
-        if step % a.ckpt.save_steps == 0 or step % a.eval.steps == 0:  # a step that may write a checkpoint
+        if save or queued:  # a step that may write a checkpoint, or may wait in the queue at one
             state = self.allocator.state_dict()
             info["allocator_state"] = state
             info["pool_sha256"] = hashlib.sha256(state["pool"]).hexdigest()
@@ -314,7 +495,7 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
     """OpenRLHF's ``TrainingActor`` with DynaMO's experience maker, metrics and checkpoint state."""
 
     def __init__(self, pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
-                 reference_model_group, vllm_engines, *, vllm_lock, rollout_queue, rollout_slots):
+                 reference_model_group, vllm_engines, *, vllm_lock, rollout_queue, rollout_slots, dynamo_ledger=None):
         cpu_backend.apply_if_chosen(strategy.args)
         super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                          reference_model_group, vllm_engines, vllm_lock=vllm_lock,
@@ -333,6 +514,9 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
         self._maker_dropped = 0
         self._restored = False
         self._resume_allocator: Optional[Dict[str, Any]] = None
+        self._resume_queue: List[Tuple[int, bytes]] = []
+        self.ledger = dynamo_ledger  # the QueueLedger actor: the batches waiting in the queue at a save
+        self._samples_sha: Optional[str] = None
 
     def _take_batch(self, payload):
         if _is_batch(payload):
@@ -347,6 +531,7 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
         if "step" in info and info["step"] != global_step + 1:
             raise RuntimeError(f"the batch was generated for step {info['step']} but trains at step {global_step + 1}"
                                " (the generator's step count and the trainer's disagree)")
+        self._samples_sha = samples_digest(rollout_samples)  # before the experience maker adds to them
         status, global_step = super().train_step(rollout_samples, global_step)
         status.update(info.get("metrics", {}))
         dropped = getattr(self.experience_maker, "nonfinite_dropped", 0)
@@ -376,9 +561,12 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
         return list(self.history)
 
     def save_logs_and_checkpoints(self, global_step, logs_dict=None, client_states=None):
-        self.record_row({"type": "train", "step": global_step, "time": time.time(), **scalars(logs_dict or {})})
-        if client_states is not None and (global_step % self.args.ckpt.save_steps == 0
-                                          or global_step % self.args.eval.steps == 0):
+        row = {"type": "train", "step": global_step, "time": time.time(), **scalars(logs_dict or {})}
+        sha = getattr(self, "_samples_sha", None)
+        if sha is not None:
+            row["samples_sha256"] = sha  # the batch trained at this step (samples_digest)
+        self.record_row(row)
+        if client_states is not None and may_save(global_step, self.args.ckpt.save_steps, self.args.eval.steps):
             state: Dict[str, Any] = {"version": STATE_VERSION, "history": list(self.history)}
             if self.allocation:
                 alloc = self._batch.get("allocator_state")
@@ -391,8 +579,24 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
             running = getattr(self.experience_maker, "token_normalizer", None)
             if running is not None:
                 state["token_normalizer"] = running.state_dict()
+            if getattr(self, "ledger", None) is not None:
+                state["queue"] = self._queue_state(global_step)
             client_states["dynamo"] = state
         return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+
+    def _queue_state(self, global_step: int) -> List[Dict[str, Any]]:
+        """The batches generated for later steps and recorded by the generator by now (:class:`QueueLedger`):
+        ``[{"step", "payload" (pickled, as a uint8 tensor), "sha256"}]`` in queue order."""
+        queued = ray.get(self.ledger.after.remote(global_step))
+        out = []
+        for b, blob in queued:
+            digest = hashlib.sha256(blob).hexdigest()
+            out.append({"step": int(b), "payload": pool_to_checkpoint(blob), "sha256": digest})
+            print(f"[dynamo] step {global_step}: checkpoint holds queued batch {b} ({len(blob)} bytes, sha256 "
+                  f"{digest})", flush=True)
+        if not out:
+            print(f"[dynamo] step {global_step}: checkpoint holds no queued batch", flush=True)
+        return out
 
     # -- checkpoints ---------------------------------------------------------------------------
     def init_checkpoint_states(self):
@@ -427,12 +631,18 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
                 alloc = dict(dyn["allocator"])
                 alloc["pool"] = pool_from_checkpoint(alloc.get("pool"))
                 self._resume_allocator = alloc
+            self._resume_queue = checkpoint_queue(dyn.get("queue") or [])
         self._checkpoint_states = {k: v for k, v in states.items() if k != "dynamo"}
         return dict(self._checkpoint_states)
 
     def take_resume_allocator_state(self) -> Optional[Dict[str, Any]]:
         alloc, self._resume_allocator = self._resume_allocator, None
         return alloc
+
+    def take_resume_queue(self) -> List[Tuple[int, bytes]]:
+        """The checkpoint's queued batches ``(step, pickled payload)`` for the generator (once)."""
+        queue, self._resume_queue = self._resume_queue, []
+        return queue
 
     def fit(self, global_step: int = 0) -> None:
         # OpenRLHF closes its loggers at the end of fit(); the driver may still log the final eval.
@@ -475,9 +685,12 @@ class DynamoPPOTrainerAsync(_upstream.PPOTrainerAsync.__ray_actor_class__):
                  **generate_kwargs):
         cpu_backend.apply_if_chosen(strategy.args)
         self.args = strategy.args
-        generator = _WithKwargs(DynamoGenerateSamplesActor, dynamo_pool=dynamo_pool)
+        # Each batch that may wait in the queue at a checkpoint is recorded here too (a queue cannot be read in place)
+        self.queue_ledger = _QueueLedgerActor.remote()
+        generator = _WithKwargs(DynamoGenerateSamplesActor, dynamo_pool=dynamo_pool, dynamo_ledger=self.queue_ledger)
+        trainer = _WithKwargs(DynamoTrainingActor, dynamo_ledger=self.queue_ledger)
         upstream_init = super().__init__.__func__
-        with _globals_of(upstream_init, GenerateSamplesActor=generator, TrainingActor=DynamoTrainingActor):
+        with _globals_of(upstream_init, GenerateSamplesActor=generator, TrainingActor=trainer):
             super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                              reference_model_group, vllm_engines, **generate_kwargs)
 
@@ -487,7 +700,8 @@ class DynamoPPOTrainerAsync(_upstream.PPOTrainerAsync.__ray_actor_class__):
         states = ray.get(trainer.init_checkpoint_states.remote())
         start = int(states["global_step"])
         alloc = ray.get(trainer.take_resume_allocator_state.remote())
-        ray.get(generator.start_dynamo.remote(start, alloc))
+        queue = ray.get(trainer.take_resume_queue.remote())
+        ray.get(generator.start_dynamo.remote(start, alloc, queue))
         has_eval = self.args.eval.dataset is not None
         if start == 0:
             ray.get(trainer.fresh_run.remote())

@@ -1,8 +1,8 @@
 """DynaMO under OpenRLHF's async trainer (``--train.async_enable``; issue #25 §1, docs/async.md).
 
 Unit checks of the launcher's refusals, the staleness count and the queue taps, then one end-to-end run of the
-tiny preset with the allocation on and queue size 1 (3 steps, a checkpoint every step), resumed from its step-1
-checkpoint while batch 2 was already generated and in the pool."""
+tiny preset with the allocation on and queue size 1 (3 steps, a checkpoint every step), resumed from its step-2
+checkpoint, which holds batch 3 (queued at the save): the resumed run ends as the uninterrupted one."""
 
 import hashlib
 import json
@@ -155,6 +155,8 @@ def test_upstream_globals_are_rebound_in_the_function_that_reads_them():
 
 from test_dynamic_filtering import GEN_KW, _cfg, _generator, passthrough_ray  # noqa: E402,F401
 
+from dynamo_openrlhf.ppo_trainer_async import _Tap  # noqa: E402
+
 
 def test_generator_actor_writes_the_pool_once_per_batch_and_sends_its_numbers_with_it(passthrough_ray):  # noqa: F811
     from dynamo_openrlhf.allocation import RolloutAllocator
@@ -167,6 +169,7 @@ def test_generator_actor_writes_the_pool_once_per_batch_and_sends_its_numbers_wi
     actor.args = NS(ckpt=NS(save_steps=2), eval=NS(steps=float("inf")))
     actor.allocator, actor.samples_generator, actor._generate = allocator, gen, gen.generate_samples
     actor.start_step, actor.batches, actor.trained, actor._pending, actor._counted = 0, 0, 0, None, (0,) * 6
+    actor.ledger, actor.queue_size, actor._restored_batches = None, 1, []
 
     def trials():
         st = allocator.pool.stats()
@@ -209,6 +212,12 @@ def test_trainer_actor_checks_each_batch_logs_its_numbers_and_checkpoints_its_po
     from dynamo_openrlhf.ppo_trainer import pool_from_checkpoint
     from dynamo_openrlhf.ppo_trainer_async import BATCH_KEY, DynamoTrainingActor
 
+    import torch
+
+    def _samples(k):
+        return [NS(sequences=torch.tensor([[1, 2, i]]), rewards=torch.tensor([0.5]), scores=None, prompts=["p"],
+                   labels=["l"]) for i in range(k)]
+
     saved = []
     monkeypatch.setattr(BasePPOTrainer, "train_step", lambda self, samples, step: ({"x": 1.0}, step + 1))
     monkeypatch.setattr(BasePPOTrainer, "save_logs_and_checkpoints",
@@ -220,7 +229,7 @@ def test_trainer_actor_checks_each_batch_logs_its_numbers_and_checkpoints_its_po
     t._batch, t._maker_dropped = {}, 0
 
     def batch(**info):
-        return t._take_batch((["s"] * 3, {"episode": 0, BATCH_KEY: info}, None, 0.0))
+        return t._take_batch((_samples(3), {"episode": 0, BATCH_KEY: info}, None, 0.0))
 
     payload = batch(step=1, expected_samples=3, metrics={"dynamo/pool_staleness": 0.0})
     assert BATCH_KEY not in payload[1]  # OpenRLHF never sees it (nor saves it)
@@ -230,10 +239,10 @@ def test_trainer_actor_checks_each_batch_logs_its_numbers_and_checkpoints_its_po
     assert saved[-1] == (1, {"episode": 0})  # not a save step: no DynaMO state
     batch(step=2, expected_samples=4, metrics={})
     with pytest.raises(RuntimeError, match="step has 3 samples, the allocation's budget is 4"):
-        t.train_step(["s"] * 3, 1)
+        t.train_step(_samples(3), 1)
     batch(step=3, expected_samples=3, metrics={})
     with pytest.raises(RuntimeError, match="generated for step 3 but trains at step 2"):
-        t.train_step(["s"] * 3, 1)
+        t.train_step(_samples(3), 1)
     # step 2 saves the pool that came with its batch (not the generator's newer one)
     alloc = RolloutAllocator(_cfg())
     alloc.record([5, 6], [1, 0], [4, 3])
@@ -251,6 +260,169 @@ def test_trainer_actor_checks_each_batch_logs_its_numbers_and_checkpoints_its_po
     status, step = t.train_step(payload[0], 3)
     with pytest.raises(RuntimeError, match="step 4 may write a checkpoint but its batch brought no pool state"):
         t.save_logs_and_checkpoints(step, status, payload[1])
+
+
+class _LedgerHandle:
+    """A :class:`QueueLedger` seen as its Ray actor handle (``.record.remote``; ``passthrough_ray``'s ray.get
+    returns the plain value)."""
+
+    def __init__(self):
+        from dynamo_openrlhf.ppo_trainer_async import QueueLedger
+
+        self.ledger = QueueLedger()
+        self.announce, self.record = NS(remote=self.ledger.announce), NS(remote=self.ledger.record)
+        self.after = NS(remote=self.ledger.after)
+
+
+class _ListQueue:
+    def __init__(self, items=()):
+        self.items = list(items)
+
+    def put(self, item, block=True):
+        self.items.append(item)
+
+    def get(self, block=True):
+        return self.items.pop(0)
+
+
+def _generator_actor(allocator, gen, ledger, save_steps=2, queue_size=1):
+    from dynamo_openrlhf.ppo_trainer_async import DynamoGenerateSamplesActor
+
+    actor = object.__new__(DynamoGenerateSamplesActor.__ray_actor_class__)
+    actor.args = NS(ckpt=NS(save_steps=save_steps), eval=NS(steps=float("inf")))
+    actor.allocator, actor.samples_generator, actor._generate = allocator, gen, gen.generate_samples
+    actor.start_step, actor.batches, actor.trained, actor._pending, actor._counted = 0, 0, 0, None, (0,) * 6
+    actor.ledger, actor.queue_size, actor._restored_batches = ledger, queue_size, []
+    return actor
+
+
+def test_which_batches_can_wait_in_the_queue_at_a_save():
+    from dynamo_openrlhf.ppo_trainer_async import may_save, queued_at_a_save
+
+    inf = float("inf")
+    assert may_save(4, 2, inf) and may_save(3, inf, 3) and not may_save(3, 2, inf) and not may_save(1, inf, inf)
+    # q = 1, a save every 2 steps: batch b waits at the save of b - 1
+    assert [b for b in range(1, 8) if queued_at_a_save(b, 1, 1, 2, inf)] == [3, 5, 7]
+    # q = 2: batches b - 2 .. b - 1 ahead of the save
+    assert [b for b in range(1, 8) if queued_at_a_save(b, 2, 1, 2, inf)] == [3, 4, 5, 6, 7]
+    # a resumed segment (first step 5) does not save step 4 again
+    assert not queued_at_a_save(5, 1, 5, 2, inf) and queued_at_a_save(7, 1, 5, 2, inf)
+    assert not any(queued_at_a_save(b, 2, 1, inf, inf) for b in range(1, 8))  # no checkpoints: no ledger
+    with pytest.raises(ValueError, match="queue_size must be >= 1, got 0"):
+        queued_at_a_save(3, 0, 1, 2, inf)
+
+
+def test_queued_batch_is_recorded_and_a_resumed_generator_restores_it_first_with_its_state(
+        passthrough_ray, monkeypatch):  # noqa: F811
+    """The generator of a q = 1 run with a checkpoint every 2 steps: batch 3 can wait in the queue at step 2's save,
+    so it goes to the ledger (pickled, with the generator's state after it) before the queue; the trainer's save
+    of step 2 takes it. A generator resumed from that checkpoint takes up the pool after batch 3 (not step 2's),
+    its group serials and its loader state, puts batch 3 back first (taking its slot) and counts on from step 4."""
+    import pickle
+
+    from openrlhf.trainer import ppo_trainer_async as upstream
+
+    from dynamo_openrlhf.allocation import RolloutAllocator
+    from dynamo_openrlhf.ppo_trainer_async import BATCH_KEY, restore_queue, samples_digest
+
+    labels = ["mixed", "all", "half", "mixed", "none", "mixed", "mixed", "mixed", "mixed", "mixed", "mixed", "all"]
+    allocator = RolloutAllocator(_cfg())
+    gen, _ = _generator(labels, rollout_allocator=allocator.allocate, refill_allocator=allocator.allocate_refill)
+    handle = _LedgerHandle()
+    actor = _generator_actor(allocator, gen, handle)
+    put = []
+    for b in (1, 2, 3):
+        actor._slot_taken(max(0, b - 2))
+        samples, _, _, _ = actor._generate_batch(**GEN_KW)
+        put.append(actor._attach_batch((samples, {"episode": 0, "total_consumed_prompts": 2 * b,
+                                                  "data_loader_state_dict": {"batches": b}}, None, 0.1)))
+    infos = [p[1][BATCH_KEY] for p in put]
+    assert ["generator_state" in i for i in infos] == [False, False, True]  # only batch 3 can wait at a save
+    assert ["allocator_state" in i for i in infos] == [False, True, True]  # step 2 saves; batch 3 may be queued
+    assert infos[2]["allocator_state"]["pool"] == allocator.pool.to_bytes() and allocator.steps == 3
+    assert infos[2]["generator_state"] == {"next_group": gen._next_group, "sample_buffer": []}
+    # the trainer's save of step 2 finds batch 3, byte for byte as it was put
+    (entry,) = handle.ledger.after(2)
+    assert entry[0] == 3 and pickle.loads(entry[1])[1] == put[2][1]
+    assert samples_digest(pickle.loads(entry[1])[0]) == samples_digest(put[2][0])
+    assert handle.ledger.after(3) == [] and handle.ledger.after(2) == []  # taken: forgotten
+
+    # resume at step 2 from that checkpoint: fresh allocator and generator
+    allocator2 = RolloutAllocator(_cfg())
+    gen2, _ = _generator(labels, rollout_allocator=allocator2.allocate, refill_allocator=allocator2.allocate_refill)
+    handle2 = _LedgerHandle()
+    resumed = _generator_actor(allocator2, gen2, handle2)
+    loaded = []
+    resumed.prompts_dataloader = NS(load_state_dict=loaded.append)
+    resumed.rollout_slots = _Tap(_ListQueue([0]), on_get=resumed._slot_taken)
+    raw = _ListQueue()
+    resumed.rollout_queue = _Tap(raw, on_put=resumed._attach_batch)
+    resumed.start_dynamo(2, infos[1]["allocator_state"], [entry])
+    assert allocator2.pool.to_bytes() == allocator.pool.to_bytes() and allocator2.steps == 3
+    assert gen2._next_group == gen._next_group and resumed.batches == 1
+    resumed.load_state_dict({"batches": 2})  # OpenRLHF hands over the checkpoint's (step 2's) loader state
+    assert loaded == [{"batches": 3}]
+    fits = []
+    monkeypatch.setattr(upstream.GenerateSamplesActor.__ray_actor_class__, "fit",
+                        lambda self, episode, total: fits.append((episode, total, list(raw.items))))
+    resumed.fit(episode=0, total_consumed_prompts=4)
+    ((episode, total, queued),) = fits
+    assert (episode, total) == (0, 6) and resumed.rollout_slots.items == []  # batch 3 took the slot
+    assert len(queued) == 1 and queued[0][1][BATCH_KEY]["step"] == 3
+    assert samples_digest(queued[0][0]) == samples_digest(put[2][0])
+    assert [b for b, _ in handle2.ledger.after(2)] == [3]  # recorded again: a save of step 2 would hold it again
+    # the next batch generated is step 4, drawn one step ahead of the trainer (its first step not yet done)
+    resumed._slot_taken(2)
+    resumed._generate_batch(**GEN_KW)
+    assert resumed._pending["step"] == 4 and resumed._pending["metrics"]["dynamo/pool_staleness"] == 1.0
+    assert allocator2.steps == 4
+
+    # a checkpoint whose queue the resumed run cannot hold, or whose steps do not follow its own, is refused
+    with pytest.raises(ValueError, match="holds 2 queued batches but --train.async_queue_size is 1: resume with "
+                                         "--train.async_queue_size >= 2"):
+        restore_queue([(3, entry[1]), (4, entry[1])], 2, 1)
+    with pytest.raises(ValueError, match=r"the checkpoint of step 3 holds queued batches for steps \[3\]; "
+                                         r"expected \[4\]"):
+        restore_queue([entry], 3, 1)
+    with pytest.raises(ValueError, match="queued batch for step 3 is not a batch of that step"):
+        restore_queue([(3, pickle.dumps("done"))], 2, 1)
+
+
+def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damaged_one(passthrough_ray, monkeypatch,
+                                                                                        tmp_path):  # noqa: F811
+    from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+    from dynamo_openrlhf.ppo_trainer_async import DynamoTrainingActor, checkpoint_queue
+
+    saved = []
+    monkeypatch.setattr(BasePPOTrainer, "save_logs_and_checkpoints",
+                        lambda self, step, logs=None, cs=None: saved.append((step, dict(cs or {}))))
+    t = object.__new__(DynamoTrainingActor.__ray_actor_class__)
+    t.args = NS(ckpt=NS(save_steps=2), eval=NS(steps=float("inf")))
+    t.history, t._metrics_path = [], str(tmp_path / "metrics.jsonl")
+    t.allocation, t.experience_maker, t._batch = False, NS(), {}
+    handle = _LedgerHandle()
+    t.ledger = handle
+    handle.ledger.record(2, b"two")
+    handle.ledger.announce(3)
+    handle.ledger.announce(4)
+    assert handle.ledger.unrecorded(2) == [3, 4]  # generated, on their way to the queue: a save waits for them
+    handle.ledger.record(3, b"three")
+    handle.ledger.record(4, b"four")
+    assert handle.ledger.unrecorded(2) == []
+    with pytest.raises(ValueError, match="batch 4 after batch 4"):
+        handle.ledger.record(4, b"again")
+    t.save_logs_and_checkpoints(2, {"x": 1.0}, {"episode": 0})
+    queue = saved[-1][1]["dynamo"]["queue"]
+    assert [q["step"] for q in queue] == [3, 4]
+    assert [q["sha256"] for q in queue] == [hashlib.sha256(b).hexdigest() for b in (b"three", b"four")]
+    assert checkpoint_queue(queue) == [(3, b"three"), (4, b"four")]
+    queue[1]["payload"] = queue[1]["payload"].clone()
+    queue[1]["payload"][0] ^= 1
+    with pytest.raises(ValueError, match="queued batch for step 4 does not match its sha256"):
+        checkpoint_queue(queue)
+    t.save_logs_and_checkpoints(3, {"x": 1.0}, {"episode": 0})  # not a save step: the ledger keeps its batches
+    assert "dynamo" not in saved[-1][1] and [b for b, _ in handle.ledger.after(3)] == [4]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,10 +449,12 @@ def _rows(run_dir, kind="train"):
 
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory):
-    """Transformers stand-in engine (starts faster than vLLM's CPU build). Allocation on (neyman, 4 rollouts per prompt within 2..6, forget 1, no prior refits: the pool's evidence
-    is every rollout once), balanced loss, decay6 modulation, async queue size 1; 24 prompts = 3 steps, a
-    checkpoint every step. Then the run is resumed from its step-1 checkpoint (``latest`` rewritten), as if it had
-    been stopped after saving step 1: at that moment batch 2 was already generated and in the generator's pool."""
+    """Transformers stand-in engine (starts faster than vLLM's CPU build). Allocation on (neyman, 4 rollouts per
+    prompt within 2..6, forget 1, no prior refits: the pool's evidence is every rollout once), balanced loss,
+    decay6 modulation, async queue size 1; 24 prompts = 3 steps, a checkpoint every step. Then the run is resumed
+    from its step-2 checkpoint (``latest`` rewritten), as if it had been stopped after saving step 2: at that
+    moment batch 3 was already generated (with the weights of step 1), in the generator's pool, and waiting in the
+    queue."""
     from dynamo_openrlhf import tiny
 
     tiny.prepare_tiny_assets()
@@ -298,7 +472,7 @@ def async_run(tmp_path_factory):
     rows1 = _rows(run_dir)
     pool1 = (run_dir / "pass_rate_pool.bin").read_bytes()
     (run_dir / "metrics.jsonl").rename(base / "metrics_run1.jsonl")
-    (run_dir / "ckpt" / "_actor" / "latest").write_text("global_step1")
+    (run_dir / "ckpt" / "_actor" / "latest").write_text("global_step2")
     second = _run(common + ["--ckpt.load_enable"])
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-5000:])
     return dict(base=base, run_dir=run_dir, first=first, second=second, rows1=rows1, pool1=pool1)
@@ -329,25 +503,42 @@ def test_e2e_async_every_rollout_updates_the_pool_once_in_step_order(async_run):
     assert [r["dynamo/pool_updates"] for r in rows] == [1.0, 2.0, 3.0]
 
 
-def test_e2e_async_checkpoint_holds_the_pool_of_its_step_not_the_queued_batch(async_run):
+def test_e2e_async_resume_restores_the_queued_batch_and_ends_as_the_uninterrupted_run(async_run):
+    """Exactness of the resume (docs/async.md, "Checkpoints and resume"): the step-2 checkpoint holds batch 3, which
+    waited in the queue, and the generator's pool after it; the resumed run trains step 3 on that very batch (same
+    samples and rewards) and ends with the uninterrupted run's pool (sha256)."""
+    from dynamo_openrlhf._core import PassRatePool
+
     first, second = async_run["first"].stdout, async_run["second"].stdout
     saved = dict(re.findall(r"\[dynamo\] step (\d+): checkpoint pool = the pool after batch \d+ \((\d+) updates\)",
                             first))
     assert saved == {"1": "1", "2": "2", "3": "3"}
     digests = dict(re.findall(r"\[dynamo\] step (\d+): checkpoint pool = .*sha256 ([0-9a-f]{64})", first))
-    # at step 1's save the generator's pool already held batch 2 (staleness 1 at batch 2's draw): the checkpoint
-    # holds the pool after batch 1, and the resumed run restores exactly it
-    restored = re.search(r"\[dynamo\] restored pass-rate pool: 8 prompts, 1 updates, sha256 ([0-9a-f]{64})", second)
+    assert digests["1"] != digests["2"] != digests["3"] == hashlib.sha256(async_run["pool1"]).hexdigest()
+    # q = 1: at the saves of steps 1 and 2 the next batch was already generated and queued; at step 3's, none
+    queued = re.findall(r"\[dynamo\] step (\d+): checkpoint holds queued batch (\d+) \((\d+) bytes", first)
+    assert [(s, b) for s, b, _ in queued] == [("1", "2"), ("2", "3")]
+    assert "[dynamo] step 3: checkpoint holds no queued batch" in first
+    # the resumed generator puts batch 3 back and takes up its pool after batch 3 (not the step-2 pool)
+    rows1 = async_run["rows1"]
+    restored = re.search(r"\[dynamo\] restored 1 queued batch\(es\) of steps \[3\]: step 3: 32 samples, samples "
+                         r"sha256 ([0-9a-f]{64})", second)
     assert restored is not None, second[-3000:]
-    assert restored.group(1) == digests["1"]
-    assert digests["1"] != digests["2"] != digests["3"]
-    assert digests["3"] == hashlib.sha256(async_run["pool1"]).hexdigest()
-    # the resumed run regenerates batches 2 and 3 (the queued one included) and each rollout reaches the pool once
+    assert restored.group(1) == rows1[2]["samples_sha256"]
+    assert (f"[dynamo] restored pass-rate pool: 24 prompts, 3 updates, sha256 {digests['3']} (after queued batch 3)"
+            in second)
+    # step 3 trained on the same rollouts with the same rewards, and nothing was generated again
     rows2 = _rows(async_run["run_dir"])
-    assert [r["step"] for r in rows2 if r["step"] > 1] == [2, 3]
-    from dynamo_openrlhf._core import PassRatePool
-
-    st = PassRatePool.load(str(async_run["run_dir"] / "pass_rate_pool.bin")).stats()
+    assert [r["step"] for r in rows2] == [3]
+    assert rows2[0]["samples_sha256"] == rows1[2]["samples_sha256"]
+    for key in ("rollout/reward_mean", "dynamo/alloc_budget", "dynamo/pool_updates", "dynamo/pool_staleness",
+                "dynamo/generated_rollouts", "dynamo/step_trials", "dynamo/pool_size"):
+        assert rows2[0][key] == rows1[2][key], key
+    assert "dynamo_openrlhf run summary: 3 steps" in second
+    # the pool at the end: sha256-equal to the uninterrupted run's (every rollout once: 96 = 3 x 32)
+    pool2 = (async_run["run_dir"] / "pass_rate_pool.bin").read_bytes()
+    assert hashlib.sha256(pool2).hexdigest() == hashlib.sha256(async_run["pool1"]).hexdigest()
+    st = PassRatePool.from_bytes(pool2).stats()
     assert st["successes"] + st["failures"] == 96 and st["prompts"] == 24
 
 
