@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "allocate_rollouts",
     "allocation_problems",
+    "filter_counts",
     "group_norm_costs",
 ]
 
@@ -34,13 +35,13 @@ ESTIMATORS: tuple[str, str, str, str]
 #: Version of the pool file format written by :meth:`PassRatePool.save`.
 FORMAT_VERSION: int
 #: What a problem of :func:`allocation_problems` is about, in the order problems are listed.
-PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str, str, str, str, str, str, str]
+PROBLEM_SUBJECTS: tuple[str, str, str, str, str, str, str, str, str, str, str, str, str, str]
 
 _Rule = Literal["neyman", "proportional", "uniform"]
 _Estimator = Literal["rloo", "dr_grpo", "reinforce_baseline", "group_norm"]
 _Subject = Literal[
-    "bounds", "budget", "reference_options", "calibrated", "noise_scale", "skip_factor", "skip_budget",
-    "min_rollouts", "estimator", "skip_price", "explore_seed", "prior", "forget",
+    "bounds", "budget", "reference_options", "calibrated", "noise_scale", "filter_band", "skip_factor",
+    "skip_budget", "min_rollouts", "estimator", "skip_price", "explore_seed", "prior", "forget",
 ]
 _FloatArrayLike = npt.ArrayLike
 _IntArrayLike = npt.ArrayLike
@@ -244,6 +245,7 @@ def allocation_problems(
     priority_floor: float | None = None,
     calibrated: bool | None = None,
     noise_scale: bool | None = None,
+    filter_band: float | None = None,
     explore_seed: int | None = None,
     skip_price: float | None = None,
     prior: tuple[float, float] | None = None,
@@ -255,14 +257,16 @@ def allocation_problems(
     bounds, the budget and the pool settings are checked), with the switches as
     :func:`allocate_rollouts` / :meth:`PassRatePool.allocate` would get them (None = not given;
     ``exploration`` ... ``skip_price`` as :meth:`PassRatePool.allocate` takes them), and the
-    pool's ``prior`` (alpha0, beta0) and ``forget``. ``run_policies``: also the trainer's run
+    pool's ``prior`` (alpha0, beta0) and ``forget``, and ``filter_band``, the band of the
+    trainer's rule "filter" (:func:`filter_counts`). ``run_policies``: also the trainer's run
     policies, which no allocation call enforces ("skip_budget" below).
 
     Returns ``(subject, message)`` pairs, at most one per subject, in the order of
     :data:`PROBLEM_SUBJECTS` ("bounds": a negative bound or lo > hi; "budget": the budget outside
     [prompts*lo, prompts*hi] or negative; "reference_options": the reference's exploration and
     mastery switches and their numbers against the rule and each other; "calibrated" and
-    "noise_scale": with rule "uniform"; then "skip_factor"; "skip_budget" (only with
+    "noise_scale": with rule "uniform"; "filter_band": outside [0, 0.5) (judged whenever given,
+    whatever the rule); then "skip_factor"; "skip_budget" (only with
     ``run_policies``, after a valid ``skip_factor``): rule "neyman", lo = 0 and skip_factor > 0
     with fewer than 3 rollouts per prompt on average (budget < 3 * prompts), where prompts of
     equal variance fall below the skip cut, so the rule would skip at random; then
@@ -277,6 +281,30 @@ def allocation_problems(
     bounds and the budget hold. An
     unknown ``rule`` or ``estimator`` name raises ``ValueError`` (as in the allocation calls);
     ``prompts`` must be >= 0, ``explore_seed`` an integer >= 0."""
+    ...
+
+@final
+def filter_counts(
+    means: _FloatArrayLike,
+    variances: _FloatArrayLike,
+    budget: int,
+    lo: int,
+    hi: int,
+    band: float,
+) -> npt.NDArray[np.int64]:
+    """The trainer's rule "filter" (DAPO/GRESO-style filtering without variable n): rollouts per
+    prompt, int64 (N,), summing to ``budget``. ``means`` (N,): each prompt's posterior mean pass
+    rate in [0, 1]; ``variances`` (N,): its expected variance (finite, >= 0), which only orders
+    readmissions. A prompt with ``band < mean < 1 - band`` is kept; if none is, every prompt is.
+    If the kept prompts cannot absorb the budget at ``hi`` each (fewer than ceil(budget / hi)),
+    skipped prompts are readmitted, largest variance first (ties: lower index), until they can.
+    The kept prompts share the budget by rule "uniform" within [``lo``, ``hi``] (``budget // K``
+    each, the remainder one each to the first kept prompts); skipped prompts get 0.
+
+    Raises ``ValueError`` for a ``band`` outside [0, 0.5) ("filter_band must lie in [0, 0.5), got
+    0.6", the message :func:`allocation_problems` lists under "filter_band"), arrays that are not
+    1-D or not of one length, a mean that is NaN or outside [0, 1], a NaN, infinite or negative
+    variance, and the uniform rule's bounds and budget checks over the kept prompts."""
     ...
 
 @final

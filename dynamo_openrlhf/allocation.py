@@ -30,6 +30,7 @@ import numpy as np
 
 from dynamo_openrlhf._core import ESTIMATORS as CORE_ESTIMATORS
 from dynamo_openrlhf._core import RULES, PassRatePool, allocation_problems, group_norm_costs
+from dynamo_openrlhf._core import filter_counts as core_filter_counts
 from dynamo_openrlhf.noise_proxy import NOISE_PROXIES
 
 __all__ = ["AllocationConfig", "RolloutAllocator", "AllocationStep", "predicted_variance_ratio", "prompt_costs",
@@ -53,34 +54,15 @@ NOISE_SCALE_RULES = ("neyman", "proportional")
 
 
 def filter_counts(means, variances, budget: int, lo: int, hi: int, band: float) -> np.ndarray:
-    """The "filter" rule (what DAPO/GRESO-style filtering does without variable n): prompts whose
-    posterior mean pass rate ``means`` (N,) lies outside (``band``, 1 − ``band``) get 0 rollouts, the
-    others share ``budget`` evenly within [``lo``, ``hi``] (the core's uniform rule: ``budget // K``
-    each, the remainder one each to the first kept prompts). If the kept prompts cannot absorb the
-    budget at ``hi`` each, skipped prompts are readmitted, largest expected variance ``variances``
-    first (ties: lower index), until they can; if none are kept, every prompt is. int64 (N,), sums
-    to ``budget``."""
-    from dynamo_openrlhf._core import allocate_rollouts
-
-    m = np.asarray(means, dtype=np.float64)
-    v = np.asarray(variances, dtype=np.float64)
-    if m.shape != v.shape or m.ndim != 1:
-        raise ValueError(f"filter_counts: means and variances must be 1-D of one length, got {m.shape}, {v.shape}")
-    if not (0.0 <= band < 0.5):
-        raise ValueError(f"filter band must lie in [0, 0.5), got {band}")
-    keep = (m > band) & (m < 1.0 - band)
-    if not keep.any():
-        keep[:] = True
-    need = -(-int(budget) // max(int(hi), 1))  # prompts needed to place the budget at hi each
-    if int(keep.sum()) < need:
-        skipped = [i for i in np.argsort(-v, kind="stable") if not keep[i]]
-        for i in skipped[:need - int(keep.sum())]:
-            keep[i] = True
-    counts = np.zeros(m.size, dtype=np.int64)
-    kept = np.flatnonzero(keep)
-    counts[kept] = np.asarray(allocate_rollouts(np.ones(kept.size), int(budget), int(lo), int(hi), rule="uniform"),
-                              dtype=np.int64)
-    return counts
+    """The "filter" rule (what DAPO/GRESO-style filtering does without variable n), computed by the core
+    (:func:`~dynamo_openrlhf._core.filter_counts`): prompts whose posterior mean pass rate ``means`` (N,) lies
+    outside (``band``, 1 − ``band``) get 0 rollouts, the others share ``budget`` evenly within [``lo``, ``hi``]
+    (the core's uniform rule: ``budget // K`` each, the remainder one each to the first kept prompts). If the
+    kept prompts cannot absorb the budget at ``hi`` each, skipped prompts are readmitted, largest expected
+    variance ``variances`` first (ties: lower index), until they can; if none are kept, every prompt is. int64
+    (N,), sums to ``budget``. ValueError (the core's message) for a band outside [0, 0.5), arrays that are not
+    1-D of one length, a mean outside [0, 1], a NaN/infinite/negative variance or an infeasible budget."""
+    return core_filter_counts(means, variances, int(budget), int(lo), int(hi), float(band))
 
 
 def default_bounds(n_samples_per_prompt: int, oversample: float) -> Tuple[int, int]:
@@ -321,9 +303,11 @@ class AllocationConfig:
         p = []
         if self.rule not in ALLOCATION_RULES:
             p.append(f"--dynamo.allocation.rule: unknown rule {self.rule!r}; expected one of {list(ALLOCATION_RULES)}")
-        if self.filter_band is not None and (self.rule != "filter" or not 0.0 <= self.filter_band < 0.5):
-            p.append(f"--dynamo.allocation.filter_band: needs rule filter and a value in [0, 0.5), got "
-                     f"{self.filter_band} with rule {self.rule}")
+        # "filter" is the trainer's rule name (the core's filter_counts in front of its rule uniform): which
+        # rule takes a band is said here; the band's value is judged by the core (_core_problems)
+        if self.filter_band is not None and self.rule != "filter":
+            p.append(f"--dynamo.allocation.filter_band {self.filter_band}: needs --dynamo.allocation.rule filter, "
+                     f"got rule {self.rule} (it has no band)")
         if self.rule == "filter" and self.filter_band is None:
             p.append("rule filter needs filter_band")
         if self.noise_scale is not None and self.noise_scale not in NOISE_PROXIES:
@@ -368,6 +352,7 @@ class AllocationConfig:
             min_rollouts=self.min_rollouts if self.min_rollouts is not None and self.min_rollouts > 1 else None,
             calibrated=True if self.calibrated else None, explore_seed=self.explore_seed,
             noise_scale=True if self.noise_scale in NOISE_PROXIES else None,
+            filter_band=None if self.rule != "filter" or self.filter_band is None else float(self.filter_band),
             skip_price=None if self.skip_price is None else float(self.skip_price),
             prior=(float(self.prior[0]), float(self.prior[1])), forget=float(self.forget), run_policies=True,
             **reference)
@@ -383,6 +368,7 @@ class AllocationConfig:
                  "skip_price": (f"--dynamo.allocation.skip_price {self.skip_price} (0 = off) with "
                                 f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator{rule_note}"),
                  "explore_seed": f"--dynamo.allocation.explore_seed {self.explore_seed} (-1 = off)",
+                 "filter_band": "--dynamo.allocation.filter_band",
                  "noise_scale": f"--dynamo.allocation.noise_scale {self.noise_scale} with --dynamo.allocation.rule "
                                 f"{self.rule}{rule_note}"}
         p = {"budget": last} if last is not None else {}

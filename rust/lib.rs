@@ -7,6 +7,7 @@ pub mod calibration;
 pub mod error;
 pub mod estimator;
 pub mod explore;
+pub mod filter;
 pub mod neyman;
 pub mod parallel;
 pub mod pool;

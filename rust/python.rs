@@ -258,8 +258,8 @@ fn allocate_rollouts<'py>(
     prompts, budget, lo, hi, rule = None, *,
     estimator = None, skip_factor = None, min_rollouts = None, exploration = None,
     mastery = None, exploration_rollouts = None, mastery_threshold = None, priority_floor = None,
-    calibrated = None, noise_scale = None, explore_seed = None, skip_price = None, prior = None,
-    forget = None, run_policies = false
+    calibrated = None, noise_scale = None, filter_band = None, explore_seed = None,
+    skip_price = None, prior = None, forget = None, run_policies = false
 ))]
 #[allow(clippy::too_many_arguments)]
 fn allocation_problems(
@@ -278,6 +278,7 @@ fn allocation_problems(
     priority_floor: Option<f64>,
     calibrated: Option<bool>,
     noise_scale: Option<bool>,
+    filter_band: Option<f64>,
     explore_seed: Option<u64>,
     skip_price: Option<f64>,
     prior: Option<(f64, f64)>,
@@ -300,6 +301,7 @@ fn allocation_problems(
         priority_floor,
         calibrated,
         noise_scale,
+        filter_band,
         explore_seed,
         skip_price,
         prior,
@@ -310,6 +312,27 @@ fn allocation_problems(
         .into_iter()
         .map(|p| (p.subject.name(), p.message))
         .collect())
+}
+
+/// Rule "filter"'s counts (see the type stub).
+#[pyfunction]
+#[pyo3(signature = (means, variances, budget, lo, hi, band))]
+fn filter_counts<'py>(
+    py: Python<'py>,
+    means: &Bound<'py, PyAny>,
+    variances: &Bound<'py, PyAny>,
+    budget: i64,
+    lo: i64,
+    hi: i64,
+    band: f64,
+) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let (m, v) = (
+        float_array(means, "means")?,
+        float_array(variances, "variances")?,
+    );
+    let counts = crate::filter::filter_counts(m.as_slice(), v.as_slice(), budget, lo, hi, band)
+        .map_err(to_py_err)?;
+    Ok(PyArray1::from_vec(py, counts))
 }
 
 /// group_norm's per-prompt cost at given counts (see the type stub).
@@ -690,6 +713,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(allocate_rollouts, m)?)?;
     m.add_function(wrap_pyfunction!(group_norm_costs, m)?)?;
     m.add_function(wrap_pyfunction!(allocation_problems, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_counts, m)?)?;
     m.add(
         "PROBLEM_SUBJECTS",
         PyTuple::new(m.py(), rules::Subject::NAMES)?,

@@ -6,7 +6,8 @@
 //! `allocate::check_estimator` with `Estimator::check`, `allocate::check_options`, the pool's
 //! `check_reference_options`, `check_uniform_switch`, `check_pool_estimator`,
 //! `check_skip_price_settings` (with `priced::check_settings`), `check_explore_seed`,
-//! `check_prior` and `check_forget`) on settings instead of data, one check family at a time,
+//! `check_prior` and `check_forget`, and `filter::check_filter_band` of the trainer's rule
+//! "filter") on settings instead of data, one check family at a time,
 //! and tags each message with the [`Subject`] it is about, so that a caller can name its own
 //! flag for it. No rule is restated here: a message is exactly what the allocation call would
 //! raise. The one exception is asked for explicitly ([`Settings::run_policies`]): a trainer's
@@ -18,6 +19,7 @@ use crate::allocate::{
 };
 use crate::error::Error;
 use crate::estimator::Estimator;
+use crate::filter::check_filter_band;
 use crate::pool::{
     check_explore_seed, check_forget, check_noise_scale_switch, check_pool_estimator, check_prior,
     check_reference_options, check_skip_price_settings, check_uniform_switch, reference_switches,
@@ -38,6 +40,8 @@ pub enum Subject {
     Calibrated,
     /// Weighing each prompt's variance by its learnt noise scale.
     NoiseScale,
+    /// The band of rule "filter" (`filter::filter_counts`).
+    FilterBand,
     SkipFactor,
     /// A run policy ([`Settings::run_policies`]): the skip rule's rollouts per prompt.
     SkipBudget,
@@ -51,12 +55,13 @@ pub enum Subject {
 }
 
 impl Subject {
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "bounds",
         "budget",
         "reference_options",
         "calibrated",
         "noise_scale",
+        "filter_band",
         "skip_factor",
         "skip_budget",
         "min_rollouts",
@@ -74,6 +79,7 @@ impl Subject {
             Subject::ReferenceOptions => "reference_options",
             Subject::Calibrated => "calibrated",
             Subject::NoiseScale => "noise_scale",
+            Subject::FilterBand => "filter_band",
             Subject::SkipFactor => "skip_factor",
             Subject::SkipBudget => "skip_budget",
             Subject::MinRollouts => "min_rollouts",
@@ -98,7 +104,8 @@ pub struct Problem {
 /// switches as the call would get them (`None` = not given; the reference's switches and
 /// `calibrated`, `explore_seed`, `skip_price` as `PassRatePool::allocate` takes them).
 /// `prior` = (α₀, β₀) and `forget` of the pool the allocation reads, when there is one.
-/// `run_policies`: also judge the trainer's run policies, which no allocation call enforces
+/// `filter_band`: the band of rule "filter" when it selects in front of the rule (rule
+/// "uniform"). `run_policies`: also judge the trainer's run policies, which no allocation call enforces
 /// ([`check_skip_budget`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Settings {
@@ -117,6 +124,7 @@ pub struct Settings {
     pub priority_floor: Option<f64>,
     pub calibrated: Option<bool>,
     pub noise_scale: Option<bool>,
+    pub filter_band: Option<f64>,
     pub explore_seed: Option<u64>,
     pub skip_price: Option<f64>,
     pub prior: Option<(f64, f64)>,
@@ -224,6 +232,8 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
         );
     }
     let pool = s.pool_options();
+    // the filter's band is judged when given, whatever the rule (`filter_counts` checks it first)
+    let filter = s.filter_band.map_or(Ok(()), check_filter_band);
     if let Some(rule) = s.rule {
         push(
             Subject::ReferenceOptions,
@@ -238,6 +248,7 @@ pub fn problems(s: &Settings) -> Vec<Problem> {
             check_noise_scale_switch(rule, s.noise_scale),
         );
     }
+    push(Subject::FilterBand, filter);
     if let (Some(rule), true) = (s.rule, budget_ok) {
         for (subject, sel) in [
             (
@@ -673,6 +684,35 @@ mod tests {
             ..settings(16, 64, 2, 8)
         };
         assert!(problems(&s).is_empty());
+    }
+
+    #[test]
+    fn the_filter_band_is_filter_counts_message() {
+        let s = Settings {
+            rule: Some(Rule::Uniform),
+            filter_band: Some(0.6),
+            ..settings(8, 32, 2, 8)
+        };
+        let message = crate::filter::filter_counts(&[0.5; 8], &[0.25; 8], 32, 2, 8, 0.6)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, "filter_band must lie in [0, 0.5), got 0.6");
+        assert_eq!(found(&s), [("filter_band", message)]);
+        // judged whatever the bounds, in the subjects' order
+        let s = Settings {
+            filter_band: Some(f64::NAN),
+            noise_scale: Some(true),
+            ..s
+        };
+        let bad_bounds = Settings { lo: 9, ..s };
+        let subjects: Vec<_> = found(&bad_bounds).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(subjects, ["bounds", "noise_scale", "filter_band"]);
+        let ok = Settings {
+            filter_band: Some(0.0),
+            noise_scale: None,
+            ..s
+        };
+        assert!(problems(&ok).is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ from dynamo_openrlhf.allocation import (
     AllocationConfig,
     RolloutAllocator,
     default_bounds,
+    filter_counts,
     predicted_variance_ratio,
 )
 
@@ -427,8 +428,6 @@ def test_core_group_norm_costs_checks_its_inputs():
 
 
 def test_filter_rule_skips_confident_prompts_and_spreads_the_budget_evenly():
-    from dynamo_openrlhf.allocation import filter_counts
-
     means = np.array([0.02, 0.5, 0.95, 0.3, 0.9, 0.12])
     v = means * (1 - means)
     # band 0.1: 0.02 and 0.95 skipped, 0.9 too (>= 1 - band); 0.5, 0.3, 0.12 share 20 -> 7, 7, 6
@@ -439,10 +438,58 @@ def test_filter_rule_skips_confident_prompts_and_spreads_the_budget_evenly():
     assert filter_counts(means, v, 70, 2, 16, 0.1).tolist() == [0, 14, 14, 14, 14, 14]
     # nothing kept: everybody (the core's uniform split, remainder to the first)
     assert filter_counts(np.array([0.0, 1.0, 0.99]), np.zeros(3), 7, 2, 16, 0.1).tolist() == [3, 2, 2]
-    with pytest.raises(ValueError, match=r"band must lie in \[0, 0.5\)"):
+    with pytest.raises(ValueError, match=r"^filter_band must lie in \[0, 0.5\), got 0.5$"):
         filter_counts(means, v, 20, 2, 16, 0.5)
-    with pytest.raises(ValueError, match="1-D of one length"):
+    with pytest.raises(ValueError, match="^means has length 6 but variances has length 3$"):
         filter_counts(means, v[:3], 20, 2, 16, 0.1)
+    with pytest.raises(ValueError, match=r"^means must be 1-D, got an array of shape \(2, 3\)"):
+        filter_counts(means.reshape(2, 3), v, 20, 2, 16, 0.1)
+    with pytest.raises(ValueError, match=r"^means\[1\] = 1.5 is outside \[0, 1\]$"):
+        filter_counts([0.5, 1.5], [0.25, 0.0], 8, 2, 6, 0.1)
+    with pytest.raises(ValueError, match=r"^variances\[0\] is NaN$"):
+        filter_counts([0.5, 0.5], [np.nan, 0.0], 8, 2, 6, 0.1)
+
+
+def _filter_counts_reference(means, variances, budget, lo, hi, band):
+    """The rule as the trainer computed it in Python before the core took it over (the same documented
+    steps), to show that the core's counts are the same."""
+    m, v = np.asarray(means, dtype=np.float64), np.asarray(variances, dtype=np.float64)
+    keep = (m > band) & (m < 1.0 - band)
+    if not keep.any():
+        keep[:] = True
+    need = -(-int(budget) // max(int(hi), 1))
+    if int(keep.sum()) < need:
+        skipped = [i for i in np.argsort(-v, kind="stable") if not keep[i]]
+        for i in skipped[:need - int(keep.sum())]:
+            keep[i] = True
+    counts = np.zeros(m.size, dtype=np.int64)
+    kept = np.flatnonzero(keep)
+    counts[kept] = allocate_rollouts(np.ones(kept.size), int(budget), int(lo), int(hi), rule="uniform")
+    return counts
+
+
+def test_filter_counts_are_the_python_rules_counts():
+    rng = np.random.default_rng(5)
+    checked = 0
+    for _ in range(400):
+        n = int(rng.integers(1, 12))
+        # means on a coarse grid (ties in the variance, means on the band's edges), some at 0 and 1
+        means = rng.integers(0, 21, n) / 20.0
+        v = means * (1.0 - means)
+        lo, hi = int(rng.integers(0, 3)), int(rng.integers(3, 9))
+        budget = int(rng.integers(n * lo, n * hi + 1))
+        band = float(rng.choice([0.0, 0.1, 0.15, 0.25, 0.45]))
+        try:
+            want = _filter_counts_reference(means, v, budget, lo, hi, band)
+        except ValueError as e:  # too few kept prompts for lo: both refuse, with the uniform rule's message
+            with pytest.raises(ValueError) as info:
+                filter_counts(means, v, budget, lo, hi, band)
+            assert str(info.value) == str(e)
+            continue
+        got = filter_counts(means, v, budget, lo, hi, band)
+        assert got.dtype == np.int64 and got.tolist() == want.tolist(), (means, budget, lo, hi, band)
+        checked += 1
+    assert checked >= 300
 
 
 def test_filter_rule_through_the_allocator_uses_the_pool_posterior_means():
@@ -455,8 +502,15 @@ def test_filter_rule_through_the_allocator_uses_the_pool_posterior_means():
     counts = ra.allocate(ids)  # ids 4..7 unseen: prior mean 0.5, kept
     assert counts.tolist() == [0, 0, 6, 6, 5, 5, 5, 5] and int(counts.sum()) == c.budget == 32
     assert ra.metrics()["dynamo/alloc_skipped"] == 2.0
-    with pytest.raises(ValueError, match="filter_band: needs rule filter"):
+    with pytest.raises(ValueError, match="^--dynamo.allocation.filter_band 0.1: needs --dynamo.allocation.rule filter, "
+                                         "got rule neyman"):
         _cfg(rule="neyman", filter_band=0.1)
+    # the band's value: the core's message (filter_counts raises it too)
+    with pytest.raises(ValueError) as core_error:
+        filter_counts(np.full(8, 0.5), np.full(8, 0.25), 32, 2, 6, 0.6)
+    with pytest.raises(ValueError) as info:
+        _cfg(rule="filter", filter_band=0.6)
+    assert str(info.value) == f"--dynamo.allocation.filter_band: {core_error.value}"
     # rule filter allocates with the core's uniform rule, which refuses calibration (as the pool does for it)
     with pytest.raises(ValueError) as pool_error:
         PassRatePool().allocate(ids, 32, 2, 6, "uniform", calibrated=True)

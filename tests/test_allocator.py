@@ -765,10 +765,11 @@ def test_large_scale_reports_the_first_bad_index():
 
 def test_allocation_problems_are_the_allocation_calls_messages():
     from dynamo_openrlhf import PROBLEM_SUBJECTS, allocation_problems
+    from dynamo_openrlhf._core import filter_counts
 
-    assert PROBLEM_SUBJECTS == ("bounds", "budget", "reference_options", "calibrated", "noise_scale", "skip_factor",
-                                "skip_budget", "min_rollouts", "estimator", "skip_price", "explore_seed", "prior",
-                                "forget")
+    assert PROBLEM_SUBJECTS == ("bounds", "budget", "reference_options", "calibrated", "noise_scale", "filter_band",
+                                "skip_factor", "skip_budget", "min_rollouts", "estimator", "skip_price",
+                                "explore_seed", "prior", "forget")
     assert allocation_problems(16, 64, 2, 6, "neyman", estimator="rloo", prior=(1.0, 1.0), forget=0.9) == []
     cases = [  # settings, the call that raises for them
         (dict(prompts=2, budget=4, lo=3, hi=1), lambda: allocate_rollouts([0.1, 0.2], 4, 3, 1)),
@@ -804,6 +805,9 @@ def test_allocation_problems_are_the_allocation_calls_messages():
          lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, explore_seed=3)),
         (dict(prompts=4, budget=8, lo=2, hi=4, rule="uniform", noise_scale=True),
          lambda: PassRatePool().allocate(np.arange(4), 8, 2, 4, "uniform", noise_scale=True)),
+        # the trainer's rule "filter" (the core's filter_counts in front of rule uniform)
+        (dict(prompts=4, budget=8, lo=2, hi=4, rule="uniform", filter_band=float("nan")),
+         lambda: filter_counts(np.full(4, 0.5), np.full(4, 0.25), 8, 2, 4, float("nan"))),
     ]
     for kw, call in cases:
         with pytest.raises(ValueError) as info:

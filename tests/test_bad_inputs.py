@@ -207,11 +207,19 @@ def test_cli_and_standalone_api_give_the_same_message_for_the_pools_switches(tmp
                     f"--dynamo.allocation.rule/lo/min_rollouts and --algo.advantage.estimator: {price}")
 
 
-def test_cli_and_standalone_api_give_the_same_message_for_noise_scale_and_the_skip_budget(tmp_path):
-    """noise_scale with a rule that does not weigh prompts by variance, and the skip rule's run policy (>= 3
-    rollouts per candidate prompt on average), are judged by the core too: the launcher reports the very message
-    ``PassRatePool.allocate`` raises / ``allocation_problems(..., run_policies=True)`` lists, after the flags."""
+def test_cli_and_standalone_api_give_the_same_message_for_noise_scale_filter_band_and_the_skip_budget(tmp_path):
+    """noise_scale with a rule that does not weigh prompts by variance, rule filter's band, and the skip rule's run
+    policy (>= 3 rollouts per candidate prompt on average) are judged by the core too: the launcher reports the very
+    message ``PassRatePool.allocate`` / ``filter_counts`` raise and ``allocation_problems(..., run_policies=True)``
+    lists, after the flags."""
     from dynamo_openrlhf import PassRatePool, allocate_rollouts, allocation_problems
+    from dynamo_openrlhf.allocation import filter_counts
+
+    band = _message(lambda: filter_counts(np.full(16, 0.5), np.full(16, 0.25), 128, 6, 10, 0.6))
+    assert band == "filter_band must lie in [0, 0.5), got 0.6"
+    assert allocation_problems(16, 128, 6, 10, "uniform", filter_band=0.6) == [("filter_band", band)]
+    line = _cli_error(tmp_path, "--dynamo.allocation.rule", "filter", "--dynamo.allocation.filter_band", "0.6")
+    assert line == f"python -m dynamo_openrlhf.train: error: --dynamo.allocation.filter_band: {band}"
 
     noise = _message(lambda: PassRatePool().allocate(np.arange(16), 128, 6, 10, "uniform", noise_scale=True))
     assert noise == ("noise_scale does not apply to rule 'uniform' (it weighs each prompt's variance by its noise "
