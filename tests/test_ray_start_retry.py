@@ -17,8 +17,13 @@ RAYLET_TIMEOUT = ("The current node timed out during startup. This could happen 
                   "failed to startup or the GCS has become overloaded.")
 
 
+STARTED = []  # every child process a test started (the fixture stops what is left)
+
+
 def _sleeper() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    STARTED.append(proc)
+    return proc
 
 
 class FakeInit:
@@ -41,33 +46,35 @@ class FakeInit:
 
 @pytest.fixture
 def local_ray(monkeypatch):
-    """RAY_ADDRESS=local (ray_init starts a cluster, connects to none) and ray.shutdown counted."""
+    """RAY_ADDRESS=local (ray_init starts a cluster, connects to none) and ray.shutdown counted. Every child
+    process a test starts is gone afterwards, also when it fails."""
     monkeypatch.setenv("RAY_ADDRESS", "local")
     shutdowns = []
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
-    return shutdowns
+    yield shutdowns
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    STARTED.clear()
 
 
 def test_a_start_failure_is_retried_once_after_stopping_what_it_started(monkeypatch, local_ray, capsys):
     fake = FakeInit(Exception(RAYLET_TIMEOUT), None)
     monkeypatch.setattr(ray, "init", fake)
     before = _sleeper()  # a child that was there before: left alone
-    try:
-        ctx = ray_setup.ray_init({"env_vars": {"A": "1"}}, cpu_backend=True, num_gpus=3)
-        assert ctx == "ctx"
-        assert len(fake.calls) == 2 and fake.calls[0] == fake.calls[1]  # the same arguments both times
-        assert fake.calls[0]["num_gpus"] == 3 and fake.calls[0]["include_dashboard"] is False
-        assert fake.calls[0]["runtime_env"]["env_vars"]["A"] == "1"
-        assert local_ray == [1]
-        assert fake.started[0].poll() is not None  # the failed attempt's process was stopped
-        assert before.poll() is None
-        err = capsys.readouterr().err.splitlines()
-        assert err == ["dynamo_openrlhf: Ray failed to start (Exception: The current node timed out during startup. "
-                       "This could happen because some of the raylet failed to startup or the GCS has become "
-                       "overloaded.); shutting down what it started and retrying once"]
-    finally:
-        before.kill()
-        before.wait()
+    ctx = ray_setup.ray_init({"env_vars": {"A": "1"}}, cpu_backend=True, num_gpus=3)
+    assert ctx == "ctx"
+    assert len(fake.calls) == 2 and fake.calls[0] == fake.calls[1]  # the same arguments both times
+    assert fake.calls[0]["num_gpus"] == 3 and fake.calls[0]["include_dashboard"] is False
+    assert fake.calls[0]["runtime_env"]["env_vars"]["A"] == "1"
+    assert local_ray == [1]
+    assert fake.started[0].poll() is not None  # the failed attempt's process was stopped
+    assert before.poll() is None
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["dynamo_openrlhf: Ray failed to start (Exception: The current node timed out during startup. "
+                   "This could happen because some of the raylet failed to startup or the GCS has become "
+                   "overloaded.); shutting down what it started and retrying once"]
 
 
 def test_the_gcs_start_failure_is_retried_too(monkeypatch, local_ray, capsys):
@@ -84,8 +91,6 @@ def test_a_second_start_failure_propagates(monkeypatch, local_ray):
     with pytest.raises(Exception, match="timed out during startup"):
         ray_setup.ray_init(cpu_backend=True, num_gpus=1)
     assert len(fake.calls) == 2 and local_ray == [1]
-    fake.started[1].kill()
-    fake.started[1].wait()
 
 
 @pytest.mark.parametrize("error", [
@@ -103,8 +108,6 @@ def test_other_errors_are_not_retried(monkeypatch, local_ray, capsys, error):
     assert raised.value is error
     assert len(fake.calls) == 1 and local_ray == []
     assert "Ray failed to start" not in capsys.readouterr().err
-    fake.started[0].kill()
-    fake.started[0].wait()
 
 
 def test_connecting_to_a_cluster_is_not_retried(monkeypatch, local_ray):
@@ -114,8 +117,6 @@ def test_connecting_to_a_cluster_is_not_retried(monkeypatch, local_ray):
     with pytest.raises(Exception, match="timed out during startup"):
         ray_setup.ray_init(cpu_backend=True, num_gpus=1)
     assert len(fake.calls) == 1 and local_ray == []
-    fake.started[0].kill()
-    fake.started[0].wait()
 
 
 def test_workers_find_the_setup_hook_by_its_path(monkeypatch, local_ray):
