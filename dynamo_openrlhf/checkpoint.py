@@ -43,7 +43,8 @@ from typing import IO, Callable, Optional
 
 __all__ = ["FAULT_ENV", "FAULT_LOG_ENV", "MODEL_STATES", "atomic_write", "atomic_write_bytes",
            "install_atomic_checkpoints", "atomic_checkpoints_installed", "latest_tag", "resume_problem",
-           "last_complete_checkpoint", "describe_last_checkpoint", "save_point", "save_points_reached"]
+           "last_complete_checkpoint", "describe_last_checkpoint", "save_point", "save_points_reached",
+           "actor_rng_states", "restore_actor_rng_states"]
 
 FAULT_ENV = "DYNAMO_OPENRLHF_SAVE_FAULT"
 FAULT_LOG_ENV = "DYNAMO_OPENRLHF_SAVE_FAULT_LOG"
@@ -258,3 +259,44 @@ def describe_last_checkpoint(ckpt_path: Optional[str]) -> str:
 
 def _tags(ckpt_dir: str):
     return [d for d in os.listdir(ckpt_dir) if os.path.isfile(os.path.join(ckpt_dir, d, MODEL_STATES))]
+
+
+# ------------------------------------------------------------------------------------------------
+# The policy actors' torch generator (OpenRLHF's replay-buffer shuffle), which no checkpoint holds
+# ------------------------------------------------------------------------------------------------
+
+
+def _get_rng_state(_actor):
+    import torch
+
+    return torch.get_rng_state()
+
+
+def _set_rng_state(_actor, state) -> None:
+    import torch
+
+    torch.set_rng_state(state)
+
+
+def actor_rng_states(actor_group) -> list:
+    """The CPU torch generator state (a uint8 tensor) of each rank of OpenRLHF's policy-actor group, in rank
+    order. OpenRLHF's ``ppo_train`` shuffles the replay buffer into micro-batches with a ``DataLoader`` that draws
+    from this generator, seeded once when the actor starts and saved by neither OpenRLHF nor DeepSpeed: without it
+    a resumed run trains its first step on the same samples in another order. Read through each actor's
+    ``__ray_call__`` (runs in the actor's process)."""
+    import ray
+
+    return list(ray.get([h.__ray_call__.remote(_get_rng_state) for h in actor_group._actor_handlers]))
+
+
+def restore_actor_rng_states(actor_group, states) -> bool:
+    """Sets each policy-actor rank's generator to ``states`` (from :func:`actor_rng_states`); False (and nothing
+    set) when the group's size differs from the saved one's (another ``--actor.num_nodes`` / GPUs per node: the
+    shuffle cannot continue as saved)."""
+    import ray
+
+    handles = actor_group._actor_handlers
+    if len(handles) != len(states):
+        return False
+    ray.get([h.__ray_call__.remote(_set_rng_state, st) for h, st in zip(handles, states)])
+    return True

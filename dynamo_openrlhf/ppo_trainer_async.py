@@ -57,6 +57,7 @@ from openrlhf.trainer import ppo_trainer_async as _upstream  # noqa: E402
 from openrlhf.trainer.ppo_trainer import compute_eval_metrics  # noqa: E402
 
 from dynamo_openrlhf._core import PassRatePool  # noqa: E402
+from dynamo_openrlhf.checkpoint import actor_rng_states, restore_actor_rng_states  # noqa: E402
 from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
@@ -581,6 +582,8 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
                 state["token_normalizer"] = running.state_dict()
             if getattr(self, "ledger", None) is not None:
                 state["queue"] = self._queue_state(global_step)
+                # the policy actors' generator after this step: the next step's micro-batch order
+                state["actor_rng"] = actor_rng_states(self.actor_model_group)
             client_states["dynamo"] = state
         return super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
 
@@ -632,6 +635,11 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
                 alloc["pool"] = pool_from_checkpoint(alloc.get("pool"))
                 self._resume_allocator = alloc
             self._resume_queue = checkpoint_queue(dyn.get("queue") or [])
+            if dyn.get("actor_rng") is not None:
+                ok = restore_actor_rng_states(self.actor_model_group, dyn["actor_rng"])
+                print(f"[dynamo] policy actors' torch generator (replay-buffer shuffle): "
+                      f"{'restored' if ok else 'not restored (another number of ranks)'} from the checkpoint",
+                      flush=True)
         self._checkpoint_states = {k: v for k, v in states.items() if k != "dynamo"}
         return dict(self._checkpoint_states)
 

@@ -392,6 +392,8 @@ def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damage
                                                                                         tmp_path):  # noqa: F811
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
+    import torch
+
     from dynamo_openrlhf.ppo_trainer_async import DynamoTrainingActor, checkpoint_queue
 
     saved = []
@@ -403,6 +405,7 @@ def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damage
     t.allocation, t.experience_maker, t._batch = False, NS(), {}
     handle = _LedgerHandle()
     t.ledger = handle
+    t.actor_model_group = NS(_actor_handlers=[NS(__ray_call__=NS(remote=lambda fn, *args: fn(None, *args)))])
     handle.ledger.record(2, b"two")
     handle.ledger.announce(3)
     handle.ledger.announce(4)
@@ -414,6 +417,8 @@ def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damage
         handle.ledger.record(4, b"again")
     t.save_logs_and_checkpoints(2, {"x": 1.0}, {"episode": 0})
     queue = saved[-1][1]["dynamo"]["queue"]
+    (rng,) = saved[-1][1]["dynamo"]["actor_rng"]  # one policy-actor rank (here this process)
+    assert torch.equal(rng, torch.get_rng_state())
     assert [q["step"] for q in queue] == [3, 4]
     assert [q["sha256"] for q in queue] == [hashlib.sha256(b).hexdigest() for b in (b"three", b"four")]
     assert checkpoint_queue(queue) == [(3, b"three"), (4, b"four")]
@@ -423,6 +428,24 @@ def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damage
         checkpoint_queue(queue)
     t.save_logs_and_checkpoints(3, {"x": 1.0}, {"episode": 0})  # not a save step: the ledger keeps its batches
     assert "dynamo" not in saved[-1][1] and [b for b, _ in handle.ledger.after(3)] == [4]
+
+
+def test_policy_actor_rng_states_are_read_and_restored_per_rank(passthrough_ray):  # noqa: F811
+    """The replay buffer's shuffle draws from each policy actor's torch generator: saved per rank and set back, the
+    next draws repeat; a group of another size is left alone (False)."""
+    import torch
+
+    from dynamo_openrlhf.checkpoint import actor_rng_states, restore_actor_rng_states
+
+    handle = NS(__ray_call__=NS(remote=lambda fn, *args: fn(None, *args)))  # the actor runs in this process
+    group = NS(_actor_handlers=[handle])
+    torch.manual_seed(123)
+    (state,) = actor_rng_states(group)
+    first = torch.randperm(32).tolist()
+    torch.manual_seed(7)
+    assert restore_actor_rng_states(group, [state]) is True
+    assert torch.randperm(32).tolist() == first
+    assert restore_actor_rng_states(group, [state, state]) is False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,7 +477,7 @@ def async_run(tmp_path_factory):
     decay6 modulation, async queue size 1; 24 prompts = 3 steps, a checkpoint every step. Then the run is resumed
     from its step-2 checkpoint (``latest`` rewritten), as if it had been stopped after saving step 2: at that
     moment batch 3 was already generated (with the weights of step 1), in the generator's pool, and waiting in the
-    queue."""
+    queue. Run 1's step-3 model states are kept aside (the resumed run writes that checkpoint again)."""
     from dynamo_openrlhf import tiny
 
     tiny.prepare_tiny_assets()
@@ -472,6 +495,8 @@ def async_run(tmp_path_factory):
     rows1 = _rows(run_dir)
     pool1 = (run_dir / "pass_rate_pool.bin").read_bytes()
     (run_dir / "metrics.jsonl").rename(base / "metrics_run1.jsonl")
+    states3 = run_dir / "ckpt" / "_actor" / "global_step3" / "mp_rank_00_model_states.pt"
+    states3.rename(base / "run1_step3_model_states.pt")
     (run_dir / "ckpt" / "_actor" / "latest").write_text("global_step2")
     second = _run(common + ["--ckpt.load_enable"])
     assert second.returncode == 0, (second.stdout[-3000:], second.stderr[-5000:])
@@ -506,7 +531,10 @@ def test_e2e_async_every_rollout_updates_the_pool_once_in_step_order(async_run):
 def test_e2e_async_resume_restores_the_queued_batch_and_ends_as_the_uninterrupted_run(async_run):
     """Exactness of the resume (docs/async.md, "Checkpoints and resume"): the step-2 checkpoint holds batch 3, which
     waited in the queue, and the generator's pool after it; the resumed run trains step 3 on that very batch (same
-    samples and rewards) and ends with the uninterrupted run's pool (sha256)."""
+    samples and rewards, in the same micro-batch order: the policy actors' generator is in the checkpoint) and ends
+    with the uninterrupted run's pool (sha256) and model parameters (bit for bit)."""
+    import torch
+
     from dynamo_openrlhf._core import PassRatePool
 
     first, second = async_run["first"].stdout, async_run["second"].stdout
@@ -540,6 +568,13 @@ def test_e2e_async_resume_restores_the_queued_batch_and_ends_as_the_uninterrupte
     assert hashlib.sha256(pool2).hexdigest() == hashlib.sha256(async_run["pool1"]).hexdigest()
     st = PassRatePool.from_bytes(pool2).stats()
     assert st["successes"] + st["failures"] == 96 and st["prompts"] == 24
+    # and the step-3 parameters, bit for bit
+    assert "[dynamo] policy actors' torch generator (replay-buffer shuffle): restored from the checkpoint" in second
+    a = torch.load(async_run["base"] / "run1_step3_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    b = torch.load(async_run["run_dir"] / "ckpt" / "_actor" / "global_step3" / "mp_rank_00_model_states.pt",
+                   map_location="cpu", weights_only=False)["module"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert rows2[0]["policy_loss"] == rows1[2]["policy_loss"]
 
 
 def _tiny_async_off_args(run_dir, max_samples: int, *extra: str) -> list:
