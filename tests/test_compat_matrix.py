@@ -155,16 +155,18 @@ def _namespace_value(stdout: str, flag: str) -> str:
 @pytest.mark.skipif(os.environ.get("DYNAMO_SKIP_E2E") == "1", reason="DYNAMO_SKIP_E2E=1")
 @pytest.mark.parametrize("name", list(compat.E2E_RUNS))
 def test_e2e_compat_run(name, tmp_path):
-    """One run of the tiny task (arith, transformers stand-in engine): 16 prompts, 8 per step x 4 rollouts, the run's
+    """One run of the tiny task (arith, transformers stand-in engine): 18 prompts, 8 per step x 4 rollouts, the run's
     modes on and DynaMO as its columns say. It trains, OpenRLHF ran with each mode's flags, and each DynaMO part ran
-    when on and did not when off."""
+    when on and did not when off. The last batch (2 prompts x 4 = 8 samples, without dynamic filtering) is smaller
+    than one micro-batch (16): OpenRLHF's actor (drop_last) trains none of it, and every mode's row and console say
+    so (dynamo/trained_samples, dynamo/untrained_samples, the trainer's note)."""
     from dynamo_openrlhf import tiny
 
     tiny.prepare_tiny_assets()  # cached
     modes, columns = compat.E2E_RUNS[name]
     run_dir = tmp_path / "run"
     argv = ["--dynamo.run_dir", str(run_dir), "--dynamo.cpu_engine", "transformers", *compat.BASE_FLAGS,
-            "--data.max_samples", "16", "--train.num_episodes", "1", "--ckpt.save_steps", "1000",
+            "--data.max_samples", "18", "--train.num_episodes", "1", "--ckpt.save_steps", "1000",
             *compat.run_flags(modes, columns)]
     env = dict(ENV, RAY_ADDRESS="local", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0",
                RAY_worker_register_timeout_seconds="900")
@@ -177,8 +179,12 @@ def test_e2e_compat_run(name, tmp_path):
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in rows if x.get("type", "train") == "train"]
-    # 16 prompts at 8 per step: 2 steps (dynamic filtering refills from the same 16 and may leave 1)
-    assert 1 <= len(train) <= 2 and [x["step"] for x in train] == list(range(1, len(train) + 1))
+    # 18 prompts at 8 per step: 3 steps of 8, 8 and 2 prompts (dynamic filtering refills from the same 18: 1 to 3)
+    assert [x["step"] for x in train] == list(range(1, len(train) + 1))
+    if "dynamic_filtering" in modes:
+        assert 1 <= len(train) <= 3
+    else:
+        assert [x["rollout/num_samples"] for x in train] == [32, 32, 8]
     assert f"dynamo_openrlhf run summary: {len(train)} steps" in r.stdout
     # OpenRLHF ran with every mode's flags (its printed argument namespace)
     for m in modes:
@@ -186,8 +192,15 @@ def test_e2e_compat_run(name, tmp_path):
             assert _namespace_value(r.stdout, flag) == str(value), (m, flag)
     on = set(columns) - {"off"}
     for x in train:
+        # OpenRLHF's actor trains micro-batches of --train.micro_batch_size 16 with drop_last
+        n = int(x["rollout/num_samples"])  # metrics.jsonl stores OpenRLHF's counts as floats
+        assert (x["dynamo/trained_samples"], x["dynamo/untrained_samples"]) == (n - n % 16, n % 16), x
+        trained = n >= 16
+        assert ("policy_loss" in x) == trained
+        note = f"[dynamo] step {x['step']}: the batch's {n} samples are fewer than one micro-batch"
+        assert (note in r.stdout) == (not trained), note
         assert ("dynamo/alloc_budget" in x) == ("allocation" in on), x.keys()
-        assert ("dynamo/token_entropy" in x and "dynamo/beta_comp_mean" in x) == ("modulation" in on)
+        assert ("dynamo/token_entropy" in x and "dynamo/beta_comp_mean" in x) == ("modulation" in on and trained)
         assert ("dynamo/token_normalizer" in x) == ("balanced" in on)
         if "dynamic_filtering" in modes:
             assert "dynamic_filtering_pass_rate" in x
@@ -195,6 +208,10 @@ def test_e2e_compat_run(name, tmp_path):
             assert 0 <= x["dynamo/pool_staleness"] <= 2
         if "async_q1" in modes:
             assert 0 <= x["dynamo/pool_staleness"] <= 1
+        if "sync" in modes or not any(m.startswith("async") or m == "partial_rollout" for m in modes):
+            assert x["dynamo/pool_staleness"] == 0
     assert (run_dir / "pass_rate_pool.bin").exists() == ("allocation" in on)
-    if "allocation" in on:  # each step trains on its allocation's budget of 8 x 4
-        assert all(x["dynamo/alloc_budget"] == 32 for x in train if "dynamic_filtering" not in modes)
+    if "allocation" in on:
+        # each step's budget: its prompts x 4 (8 x 4, and 2 x 4 for the last batch)
+        assert all(x["dynamo/alloc_budget"] == x["rollout/num_samples"] == 4 * x["dynamo/alloc_candidates"]
+                   for x in train if "dynamic_filtering" not in modes)
