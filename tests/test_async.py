@@ -430,6 +430,32 @@ def test_trainer_saves_the_queued_batches_with_their_sha256_and_refuses_a_damage
     assert "dynamo" not in saved[-1][1] and [b for b, _ in handle.ledger.after(3)] == [4]
 
 
+def test_ledger_actor_waits_for_an_announced_batch_before_answering_a_save():
+    """A batch announced under the rollout lock but not yet recorded (on its way to the queue) is waited for, so the
+    save of the step before it holds it; one never recorded ends the wait with an error naming it."""
+    import asyncio
+
+    from dynamo_openrlhf.checkpoint import QueueLedgerActor
+
+    async def scenario():
+        actor = QueueLedgerActor()
+        await actor.announce(3)
+
+        async def later():
+            await asyncio.sleep(0.05)
+            await actor.record(3, b"batch 3")
+
+        task = asyncio.ensure_future(later())
+        got = await actor.after(2)
+        await task
+        assert got == [(3, b"batch 3")]
+        await actor.announce(4)
+        with pytest.raises(RuntimeError, match=r"announced batches \[4\] but did not record them within 0.05 s"):
+            await actor.after(3, timeout_s=0.05)
+
+    asyncio.run(scenario())
+
+
 def test_policy_actor_rng_states_are_read_and_restored_per_rank(passthrough_ray):  # noqa: F811
     """The replay buffer's shuffle draws from each policy actor's torch generator: saved per rank and set back, the
     next draws repeat; a group of another size is left alone (False)."""
