@@ -49,12 +49,13 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from openrlhf.trainer.ray import ppo_actor as _openrlhf_ppo_actor  # noqa: E402
 
-from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY, prompt_balancing  # noqa: E402
+from dynamo_openrlhf.advantages import LOSS_WEIGHT_KEY  # noqa: E402
 from dynamo_openrlhf.entropy import response_entropy  # noqa: E402
 from dynamo_openrlhf.loss import DynaMOPolicyLoss, balanced_normalizers  # noqa: E402
-from dynamo_openrlhf.modulation import STAT_KEYS, ModulationConfig  # noqa: E402
+from dynamo_openrlhf.modulation import STAT_KEYS  # noqa: E402
 from dynamo_openrlhf.nonfinite import STEP_INDEX_KEY, NonfiniteError, loss_report  # noqa: E402
 from dynamo_openrlhf.prompt_ids import prompt_ids  # noqa: E402
+from dynamo_openrlhf.run_config import balancing_config, modulation_config  # noqa: E402
 
 __all__ = ["DynamoActorPPOTrainer", "DynamoPolicyModelActor", "EXTREME_STATS", "STAT_PREFIX", "TOKEN_ENTROPY_KEY",
            "TRAINED_SAMPLES_KEY", "UNTRAINED_SAMPLES_KEY", "reduce_extremes"]
@@ -118,10 +119,10 @@ class DynamoActorPPOTrainer(_openrlhf_ppo_actor.ActorPPOTrainer):
             is_correction_mode=a.algo.advantage.is_correction_mode,
             is_correction_gating=a.algo.advantage.is_correction_gating,
             is_correction_threshold=a.algo.advantage.is_correction_threshold,
-            modulation=ModulationConfig.from_args(a),
+            modulation=modulation_config(a),
         )
         self.actor_loss_fn = self._policy_loss
-        self.balancing = prompt_balancing(a)
+        self.balancing = balancing_config(a)
         self._entropy: Optional[torch.Tensor] = None
         self._info: Optional[Dict] = None
         self._sample_weight: Optional[torch.Tensor] = None

@@ -480,19 +480,21 @@ def async_allocation_problems(args) -> List[str]:
 
 def _dynamo_problems(args) -> List[str]:
     """DynaMO settings that cannot work with the rest of the run, found before Ray starts."""
-    from dynamo_openrlhf.allocation import AllocationConfig
-    from dynamo_openrlhf.modulation import ModulationConfig
+    return _checked_run_config(args)[0]
 
+
+def _checked_run_config(args):
+    """``(problems, run_config)``: the run's DynaMO configs built once (``run_config.build_run_config``; None when
+    a part's flags are invalid) and every DynaMO setting that cannot work with the rest of the run."""
+    from dynamo_openrlhf.run_config import DynamoRunConfig, build_run_config
+
+    parts, part_problems = build_run_config(args)
     problems = []
-    try:
-        AllocationConfig.from_args(args)
-    except ValueError as e:
-        problems.append(str(e))
-    try:
-        mod = ModulationConfig.from_args(args)
-    except ValueError as e:
-        problems.append(f"--dynamo.modulation.*: {e}")
-        mod = None
+    if "allocation" in part_problems:
+        problems.append(part_problems["allocation"])
+    if "modulation" in part_problems:
+        problems.append(f"--dynamo.modulation.*: {part_problems['modulation']}")
+    mod = parts.get("modulation")
     ks = args.dynamo.eval_pass_k
     if ks and not all(k.strip().isdigit() and int(k) >= 1 for k in str(ks).split(",")):
         problems.append(f"--dynamo.eval_pass_k: expected comma-separated integers >= 1, got {ks!r}")
@@ -507,17 +509,15 @@ def _dynamo_problems(args) -> List[str]:
         if args.dynamo.pool.load and not os.path.isfile(args.dynamo.pool.load):
             # Only found here; the trainer loads it, once (allocation.load_pool).
             problems.append(f"--dynamo.pool.load: pool file not found: {args.dynamo.pool.load}")
-    from dynamo_openrlhf.advantages import ESTIMATORS, prompt_balancing
+    from dynamo_openrlhf.advantages import ESTIMATORS
 
-    try:
-        prompt_balancing(args)
-    except ValueError as e:
+    if "balancing" in part_problems:
         if args.dynamo.allocation.rule == "off" or args.algo.advantage.estimator in ESTIMATORS:
-            problems.append(str(e))  # (else the allocation's estimator problem above says it)
+            problems.append(part_problems["balancing"])  # (else the allocation's estimator problem above says it)
     if mod is not None and not mod.is_identity and args.actor.policy_loss_type != "ppo":
         problems.append(f"--dynamo.modulation.preset {args.dynamo.modulation.preset} needs the token-level ratio of "
                         f"--actor.policy_loss_type ppo, got {args.actor.policy_loss_type}")
-    return problems
+    return problems, (DynamoRunConfig(**parts) if not problems and not part_problems else None)
 
 
 def _initial_pool(args):
@@ -534,22 +534,20 @@ def _initial_pool(args):
 def _apply_dynamo_to_openrlhf_args(args) -> None:
     """The OpenRLHF setting DynaMO flags imply (the clip range), and where the modulation's entropy
     comes from, stated on the console (never silent)."""
+    from dynamo_openrlhf.run_config import balancing_config, modulation_config
+
     if args.dynamo.clip_higher is not None:
         low = args.actor.eps_clip if args.actor.eps_clip_low_high is None else args.actor.eps_clip_low_high[0]
         args.actor.eps_clip_low_high = (low, args.dynamo.clip_higher)
         print(f"[dynamo] --dynamo.clip_higher: PPO clip range (low, high) = {args.actor.eps_clip_low_high}")
-    from dynamo_openrlhf.modulation import ModulationConfig
-
-    if not ModulationConfig.from_args(args).is_identity:
+    if not modulation_config(args).is_identity:
         if args.actor.entropy_coef is None:
             print("[dynamo] modulation: token entropy computed from the actor's logits without autograd, chunked "
                   "(logged as dynamo/token_entropy); --actor.entropy_coef stays unset")
         else:
             print(f"[dynamo] modulation: reuses OpenRLHF's token entropy (--actor.entropy_coef "
                   f"{args.actor.entropy_coef}, detached; also logged as dynamo/token_entropy)")
-    from dynamo_openrlhf.advantages import prompt_balancing
-
-    balancing = prompt_balancing(args)
+    balancing = balancing_config(args)
     if balancing is not None:
         print(f"[dynamo] policy loss: prompt-balanced (--dynamo.loss.prompt_weighting), each prompt weighs the same: "
               f"mean over prompts of the mean over its rollouts of ({balancing.describe()}); estimator "
@@ -558,10 +556,10 @@ def _apply_dynamo_to_openrlhf_args(args) -> None:
 
 def _skip_priced(args) -> bool:
     """Whether the run's allocation prices skipped prompts (``AllocationConfig.skip_price``)."""
-    from dynamo_openrlhf.allocation import AllocationConfig
+    from dynamo_openrlhf.run_config import allocation_config
 
     try:
-        cfg = AllocationConfig.from_args(args)
+        cfg = allocation_config(args)
     except (ValueError, AttributeError):
         return False
     return cfg is not None and cfg.skip_price is not None
@@ -918,7 +916,8 @@ class _Hooks:
                 args.dynamo.cpu_engine = cpu_backend.resolve_cpu_engine(args.dynamo.cpu_engine)
             except ValueError as e:
                 problems.append(str(e))
-        problems += _preflight(args) + _dynamo_problems(args)
+        dynamo_problems, run_config = _checked_run_config(args)
+        problems += _preflight(args) + dynamo_problems
         from dynamo_openrlhf.dataset_keys import dataset_key_problems
 
         problems += dataset_key_problems([("--data.prompt_dataset", args.data.prompt_dataset),
@@ -931,6 +930,9 @@ class _Hooks:
                 problems.append(str(e))
         if problems:
             self.parser.error("; ".join(problems))
+        from dynamo_openrlhf.run_config import ATTR
+
+        setattr(args.dynamo, ATTR, run_config)  # built once here; OpenRLHF pickles args into every actor
         _apply_dynamo_to_openrlhf_args(args)
         if args.dynamo.run_dir:
             os.makedirs(args.dynamo.run_dir, exist_ok=True)
@@ -1036,10 +1038,10 @@ def format_summary(history: List[Dict[str, Any]], args, wall_s: float) -> str:
             f"the candidates {noise[0]['dynamo/noise_scale_mean']:.4g} at the first step, "
             f"{noise[-1]['dynamo/noise_scale_mean']:.4g} at the last; spread (90th/10th percentile) mean "
             f"{sum(spreads) / len(spreads):.3f}, max {max(spreads):.3f}")
-    from dynamo_openrlhf.advantages import prompt_balancing
+    from dynamo_openrlhf.run_config import balancing_config
 
     try:
-        balancing = prompt_balancing(args)
+        balancing = balancing_config(args)
     except ValueError:
         balancing = None
     if balancing is not None:
