@@ -54,13 +54,13 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from openrlhf.trainer import ppo_trainer as _openrlhf_ppo_trainer  # noqa: E402
 
-from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
 from dynamo_openrlhf._core import FORMAT_VERSION, PassRatePool  # noqa: E402
-from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
+from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.checkpoint import MODEL_STATES, latest_tag  # noqa: E402
 from dynamo_openrlhf.metrics import default_ks, is_success, train_eval_logs  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.ppo_actor import TRAINED_SAMPLES_KEY  # noqa: E402
+from dynamo_openrlhf.run_config import allocation_config, balancing_config  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
     RolloutGroups,
@@ -200,7 +200,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
         super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                          reference_model_group, vllm_engines, **generate_kwargs)
         self.allocator: Optional[RolloutAllocator] = None
-        config = AllocationConfig.from_args(self.args)
+        config = allocation_config(self.args)
         if config is not None:
             if dynamo_pool is not None and dynamo_pool.forget != config.forget:
                 raise ValueError(f"dynamo_pool: forget {dynamo_pool.forget} != --dynamo.pool.forget {config.forget} "
@@ -222,7 +222,7 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             refill_allocator=self.allocator.allocate_refill if config is not None else None,
             success_threshold=self.args.dynamo.pool.success_threshold,
         )
-        self.balancing = prompt_balancing(self.args)
+        self.balancing = balancing_config(self.args)
         if config is not None or self.balancing is not None:
             # With allocation off (OpenRLHF's sampler, untagged samples) only for the balanced loss's weights.
             self.experience_maker = DynamoExperienceMaker(
@@ -268,10 +268,11 @@ class DynamoPPOTrainer(_openrlhf_ppo_trainer.PPOTrainer.__ray_actor_class__):
             t0 = time.time()
             status.update(self.allocator.metrics())
             status["timing/dynamo_pool"] = time.time() - t0  # the pool's metrics (its update: make_experience)
-        note = untrained_note(global_step, len(rollout_samples), status.get(TRAINED_SAMPLES_KEY),
-                              self.args.train.micro_batch_size)
-        if note is not None:
-            print(note, flush=True)
+        if TRAINED_SAMPLES_KEY in status:  # the policy actor reported what it trained
+            note = untrained_note(global_step, len(rollout_samples), status[TRAINED_SAMPLES_KEY],
+                                  self.args.train.micro_batch_size)
+            if note is not None:
+                print(note, flush=True)
         return status, global_step
 
     def _generated_since_last_step(self) -> Dict[str, float]:

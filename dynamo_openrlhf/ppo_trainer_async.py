@@ -63,8 +63,7 @@ from dynamo_openrlhf.checkpoint import (  # noqa: E402
     actor_rng_states,
     restore_actor_rng_states,
 )
-from dynamo_openrlhf.advantages import prompt_balancing  # noqa: E402
-from dynamo_openrlhf.allocation import AllocationConfig, RolloutAllocator  # noqa: E402
+from dynamo_openrlhf.allocation import RolloutAllocator  # noqa: E402
 from dynamo_openrlhf.experience_maker import DynamoExperienceMaker  # noqa: E402
 from dynamo_openrlhf.ppo_actor import TRAINED_SAMPLES_KEY  # noqa: E402
 from dynamo_openrlhf.ppo_trainer import (  # noqa: E402
@@ -75,6 +74,7 @@ from dynamo_openrlhf.ppo_trainer import (  # noqa: E402
     scalars,
     untrained_note,
 )
+from dynamo_openrlhf.run_config import allocation_config, balancing_config  # noqa: E402
 from dynamo_openrlhf.samples_generator import (  # noqa: E402
     DynamoSamplesGenerator,
     RolloutGroups,
@@ -246,7 +246,7 @@ class DynamoGenerateSamplesActor(_upstream.GenerateSamplesActor.__ray_actor_clas
                          rollout_queue=_Tap(rollout_queue, on_put=self._attach_batch),
                          rollout_slots=_Tap(rollout_slots, on_get=self._slot_taken), **generate_kwargs)
         args = self.args
-        config = AllocationConfig.from_args(args)
+        config = allocation_config(args)
         self.allocator: Optional[RolloutAllocator] = None
         if config is not None:
             if dynamo_pool is not None and dynamo_pool.forget != config.forget:
@@ -451,8 +451,8 @@ class DynamoTrainingActor(_upstream.TrainingActor.__ray_actor_class__):
         self.history: List[Dict[str, Any]] = []
         run_dir = self.args.dynamo.run_dir
         self._metrics_path = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
-        self.allocation = AllocationConfig.from_args(self.args) is not None
-        self.balancing = prompt_balancing(self.args)
+        self.allocation = allocation_config(self.args) is not None
+        self.balancing = balancing_config(self.args)
         if self.allocation or self.balancing is not None:
             self.experience_maker = DynamoExperienceMaker(
                 actor_model_group, critic_model_group, reward_model_group, reference_model_group, self.kl_ctl,
