@@ -14,7 +14,8 @@ optimizer step per rollout step; default B = 16, n = 8 as the preset), ``--data.
 --train.num_episodes E`` (default 32 prompts x 4 episodes = 8 steps; every prompt is seen E times, so from the
 second episode on the pool predicts from evidence), ``--train.seed`` = the pair's seed (default seeds 1..5),
 no evaluation, no checkpoints, ``RAY_ADDRESS=local``. ``--quick``: one seed, B = 8, n = 4, 8 prompts x 3
-episodes (3 steps).
+episodes (3 steps), its two runs at the same time (``--jobs 2``: a smoke run; runs that share the CPUs are not
+timed meaningfully, so the measured run keeps the default of one at a time).
 The 1-minute load average is recorded at the start and the end of every run.
 
 Per-step values, from ``<run_dir>/metrics.jsonl`` (``type == "train"`` rows, written by DynaMO's trainers):
@@ -55,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -276,7 +278,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "quick 4)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_async"))
     ap.add_argument("--timeout", type=float, default=1200.0, help="per run (s)")
+    ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default 1; quick 2: a smoke run's two "
+                    "runs share the CPUs, so its timings measure nothing)")
     a = ap.parse_args(argv)
+    jobs = a.jobs or (2 if a.quick else 1)
+    if jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {jobs}")
     seeds = a.seeds or ([1] if a.quick else [1, 2, 3, 4, 5])
     prompts = a.prompts or (8 if a.quick else 32)
     a.episodes = a.episodes or (3 if a.quick else 4)
@@ -287,11 +294,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dynamo_openrlhf import tiny
 
     tiny.prepare_tiny_assets()
-    machine = {"cpus": os.cpu_count(), "loadavg_start": list(os.getloadavg()),
+    machine = {"cpus": os.cpu_count(), "jobs": jobs, "loadavg_start": list(os.getloadavg()),
                "RAY_worker_niceness": os.environ.get("RAY_worker_niceness"), "niceness": os.nice(0),
                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t0 = time.time()
-    runs = [run_one(a.out, s, m, prompts, a.episodes, a.timeout, batch, n) for s, m in run_order(seeds)]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # map keeps run_order's order
+        runs = list(pool.map(lambda sm: run_one(a.out, sm[0], sm[1], prompts, a.episodes, a.timeout, batch, n),
+                             run_order(seeds)))
     machine.update({"loadavg_end": list(os.getloadavg()), "total_wall_s": time.time() - t0})
     summary = summarise(runs, steps_per_episode)
     result = {"config": {"seeds": seeds, "prompts": prompts, "episodes": a.episodes, "batch": batch, "n": n,

@@ -92,7 +92,8 @@ def test_summarise_and_table_on_fixed_runs():
 
 
 def test_e2e_quick_mode_writes_the_paired_table(tmp_path):
-    """One sync and one async (q = 1) run of the tiny task, 8 prompts x 3 episodes, 8 x 4 rollouts per step (3 steps each)."""
+    """One sync and one async (q = 1) run of the tiny task, 8 prompts x 3 episodes, 8 x 4 rollouts per step (3 steps
+    each), side by side (the quick mode's --jobs 2)."""
     pytest.importorskip("openrlhf")
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -108,8 +109,9 @@ def test_e2e_quick_mode_writes_the_paired_table(tmp_path):
         assert all(v["wall_s"] > 0 and v["tokens_per_s"] > 0 for v in x["steps"])
         assert 0.0 <= x["brier"] <= 1.0 and 0.0 <= x["brier_revisit"] <= 1.0
         assert x["loadavg_1min_start"] >= 0 and x["loadavg_1min_end"] >= 0
-    # q = 1: the first batch is drawn before any step, the later ones one step ahead (sync rows: no staleness key)
-    assert res["runs"][0]["staleness"] == [None, None, None] and res["runs"][1]["staleness"] == [0.0, 1.0, 1.0]
+    # q = 1: the first batch is drawn before any step, the later ones one step ahead (sync: 0 on every step)
+    assert res["runs"][0]["staleness"] == [0.0, 0.0, 0.0] and res["runs"][1]["staleness"] == [0.0, 1.0, 1.0]
+    assert res["machine"]["jobs"] == 2  # quick: both runs at the same time (a smoke run, not a measurement)
     s = res["summary"]
     for k in b.STEP_KEYS:
         assert s[k]["n_pairs"] == 2 and s[k]["n_seeds"] == 1 and s[k]["ratio_ci95"] is None
