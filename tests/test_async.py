@@ -647,28 +647,6 @@ def test_e2e_async_allocation_off_with_dynamic_filtering_and_partial_rollouts_ke
     assert not (run_dir / "pass_rate_pool.bin").exists()  # no allocation, no pool
 
 
-def test_e2e_async_a_batch_smaller_than_a_micro_batch_is_logged_as_untrained(tmp_path):
-    """The flake's cause, made deterministic: 18 prompts in batches of 8 leave a last batch of 2 prompts x 4 = 8
-    samples, fewer than one micro-batch (16): OpenRLHF's actor (drop_last) trains none of them. The step's row says
-    so (trained 0, untrained 8, no loss, no modulation statistics) and the trainer prints why."""
-    from dynamo_openrlhf import tiny
-
-    tiny.prepare_tiny_assets()
-    run_dir = tmp_path / "run"
-    r = _run(_tiny_async_off_args(run_dir, 18))
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
-    rows = _rows(run_dir)
-    assert [row["rollout/num_samples"] for row in rows] == [32, 32, 8]
-    assert [(row["dynamo/trained_samples"], row["dynamo/untrained_samples"]) for row in rows] == [(32, 0), (32, 0),
-                                                                                                   (0, 8)]
-    assert ["dynamo/token_entropy" in row for row in rows] == [True, True, False]
-    assert ["policy_loss" in row for row in rows] == [True, True, False]
-    assert ("[dynamo] step 3: the batch's 8 samples are fewer than one micro-batch (--train.micro_batch_size 16 "
-            "per rank): OpenRLHF's actor trained on none of them") in r.stdout
-    assert "[dynamo] step 1:" not in r.stdout and "[dynamo] step 2:" not in r.stdout
-    assert "dynamo_openrlhf run summary: 3 steps" in r.stdout
-
-
 def test_untrained_note_names_the_step_and_the_micro_batch():
     from dynamo_openrlhf.ppo_trainer_async import untrained_note
 
