@@ -455,9 +455,9 @@ def tiny_assets():
     tiny.prepare_tiny_assets()
 
 
-def test_stand_in_engine_killed_mid_step_stops_the_run_and_resume_completes_it(tmp_path, tiny_assets):
+def test_stand_in_engine_killed_mid_step_stops_the_run(tmp_path, tiny_assets):
+    # the resume after a kill does not depend on the engine: the vLLM actor case below runs it (CI time)
     _check_killed_run(tmp_path, "transformers", "actor")
-    _check_resume(tmp_path, "transformers")
 
 
 def test_vllm_engine_actor_killed_mid_step_stops_the_run_and_resume_completes_it(tmp_path, tiny_assets):
