@@ -2,7 +2,6 @@
 flags) and travel with OpenRLHF's ``args`` to the actors, which read them instead of re-deriving them."""
 import copy
 import pickle
-from types import SimpleNamespace as NS
 
 import pytest
 
@@ -12,29 +11,7 @@ from dynamo_openrlhf.modulation import ModulationConfig
 from dynamo_openrlhf.run_config import (ATTR, DynamoRunConfig, allocation_config, balancing_config,
                                         build_run_config, modulation_config)
 
-
-def _args(**over):
-    """OpenRLHF's nested args as the launcher hands them on: the tiny task's sizes, DynaMO's defaults."""
-    a = NS(
-        rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None, max_new_tokens=12),
-        algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="group_norm")),
-        train=NS(async_enable=False, batch_size=32, dynamic_batch_enable=False),
-        actor=NS(policy_loss_type="ppo", loss_agg_mode="token-mean"),
-        dynamo=NS(eval_pass_k=None, loss=NS(prompt_weighting="auto", token_normalizer=None),
-                  allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None, exploration=None,
-                                exploration_rollouts=None, mastery=None, mastery_threshold=None, priority_floor=None,
-                                min_rollouts=None),
-                  pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
-                          calibrated=True),
-                  modulation=NS(preset="decay6", mu_max=None, lambda_min=None, gamma=None, tau=None)),
-    )
-    for path, value in over.items():
-        obj = a
-        *parents, leaf = path.split(".")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, value)
-    return a
+from _trainer_args import trainer_args as _args
 
 
 def test_each_part_is_built_from_its_flags():

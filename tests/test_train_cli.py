@@ -489,35 +489,14 @@ def test_infeasible_budget_and_bad_names_are_one_clear_error(tmp_path):
 
 
 def test_dynamo_settings_are_checked_against_the_run(tmp_path):
-    from types import SimpleNamespace as NS
-
     from dynamo_openrlhf import PassRatePool
 
     from dynamo_openrlhf import cpu_backend
     from dynamo_openrlhf.train import _dynamo_problems, _initial_pool
 
-    cpu_backend.install_import_stand_ins()  # the launcher has done this before it checks
+    from _trainer_args import trainer_args as args
 
-    def args(**over):
-        a = NS(
-            rollout=NS(n_samples_per_prompt=4, batch_size=8, vllm_generate_batch_size=None, max_new_tokens=12),
-            algo=NS(dynamic_filtering_enable=False, advantage=NS(estimator="group_norm")),
-            train=NS(async_enable=False, batch_size=32, dynamic_batch_enable=False),
-            actor=NS(policy_loss_type="ppo", loss_agg_mode="token-mean"),
-            dynamo=NS(eval_pass_k=None, loss=NS(prompt_weighting="auto", token_normalizer=None), allocation=NS(rule="neyman", lo=None, hi=None, oversample=1.0, skip_factor=None,
-                                    exploration=None, exploration_rollouts=None, mastery=None,
-                                    mastery_threshold=None, priority_floor=None, min_rollouts=None),
-                      pool=NS(prior=(1.0, 1.0), forget=0.999, fit_prior_every=10, success_threshold=0.5, load=None,
-                              calibrated=True),
-                      modulation=NS(preset="decay6", mu_max=None, lambda_min=None, gamma=None, tau=None)),
-        )
-        for path, value in over.items():
-            obj = a
-            *parents, leaf = path.split(".")
-            for p in parents:
-                obj = getattr(obj, p)
-            setattr(obj, leaf, value)
-        return a
+    cpu_backend.install_import_stand_ins()  # the launcher has done this before it checks
 
     assert _dynamo_problems(args()) == []
     assert _dynamo_problems(args(**{"dynamo.allocation.rule": "off", "algo.dynamic_filtering_enable": True})) == []
